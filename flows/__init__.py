@@ -1,0 +1,1 @@
+"""flows: Prefect flows that chain the pipelines, and the `sora` command line (the top layer)."""
