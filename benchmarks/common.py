@@ -1,0 +1,91 @@
+"""The benchmark convention: a baseline and ours, measured side by side in one run.
+
+Every benchmark script calls `report(...)` once per comparison; it prints one JSON line:
+
+    {"benchmark": "video_decode", "metric": "frames/s", "higher_is_better": true,
+     "baseline": {"name": "PyAV decode + PIL resize", "value": 812.0},
+     "ours": {"name": "sora.video_io.read_frames", "value": 1430.0},
+     "ratio": 1.76, ...}
+
+`ratio` is always ours/baseline of the metric, so >1 is better when higher_is_better and
+<1 is better otherwise. `side_by_side` interleaves the two (A B A B ...) so drifting load
+on a shared machine hits both equally, and reports medians.
+`python -m benchmarks.run_all` runs every `bench_*.py` and writes BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.machine()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def side_by_side(
+    baseline: Callable[[], Any], ours: Callable[[], Any], *, repeats: int = 3, warmup: int = 1
+) -> tuple[list[float], list[float]]:
+    """Run baseline and ours alternately; return their wall-clock seconds per repeat."""
+    for _ in range(warmup):
+        baseline()
+        ours()
+    tb, to = [], []
+    for _ in range(repeats):
+        tb.append(timed(baseline)[0])
+        to.append(timed(ours)[0])
+    return tb, to
+
+
+def report(
+    benchmark: str,
+    metric: str,
+    baseline: tuple[str, float],
+    ours: tuple[str, float],
+    *,
+    higher_is_better: bool,
+    unit: str = "",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Print (and return) one benchmark result as a JSON line on stdout."""
+    b_name, b_val = baseline
+    o_name, o_val = ours
+    row = {
+        "benchmark": benchmark,
+        "metric": metric,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "baseline": {"name": b_name, "value": round(float(b_val), 6)},
+        "ours": {"name": o_name, "value": round(float(o_val), 6)},
+        "ratio": round(float(o_val) / float(b_val), 4) if b_val else None,
+        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": machine(),
+        "extra": extra or {},
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

@@ -1,0 +1,34 @@
+"""The CLI: every subcommand explains itself with an example, and bad input is a clear error."""
+
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import build_parser
+
+
+def subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_top_level_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in subcommands():
+        assert name in out
+
+
+@pytest.mark.parametrize("name", subcommands())
+def test_each_subcommand_has_help_with_an_example(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([name, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out and f"sora {name}" in out, out
+
+
+def test_unknown_command_fails_cleanly():
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
