@@ -1,0 +1,458 @@
+"""Ingest: raw video of any size and container -> native-aspect clips, bad input quarantined.
+
+One streaming Ray Data pipeline, one row per source file flowing through every stage:
+
+    list -> probe (deadline) -> split (scene cuts, max length, drop short) -> filter -> bucket -> write
+
+Every stage is a plain function of a row (Ray's guide: stateless transforms stay functions),
+so the same functions run in `run_sequential` (the benchmark's baseline) and on Ray. A row
+carries its source's whole state as one JSON string, so no frames cross stage boundaries and
+Arrow never has to guess a schema for nested, optional fields.
+
+Outputs (DATA may be any fsspec URL):
+- DATA/clips/<source-id>.parquet        one row per clip (contract in DESIGN.md)
+- DATA/quarantine/<source-id>.parquet   one row per rejected input or clip: source, reason, stage
+- DATA/_done/<source-id>.json           written last: the source is finished
+- DATA/_summary.json                    per-stage counts, throughput, bucket histogram
+
+Exactly-once: a source's files have deterministic names and are moved into place whole, so a
+Ray retry or a re-run rewrites the same rows; a re-run skips sources that have a _done marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import storage
+from sora.buckets import assign_bucket
+from sora.video_io import VideoError, probe, read_frames
+
+CLIPS_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("source", pa.string()),
+        ("start_frame", pa.int64()),
+        ("num_frames", pa.int64()),
+        ("fps", pa.float64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("bucket", pa.string()),
+        ("bucket_width", pa.int64()),
+        ("bucket_height", pa.int64()),
+        ("bucket_frames", pa.int64()),
+        ("resolution", pa.string()),
+        ("motion_score", pa.float64()),
+        ("codec", pa.string()),
+        ("container", pa.string()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("reason", pa.string()),
+        ("stage", pa.string()),
+        ("clip_id", pa.string()),
+        ("start_frame", pa.int64()),
+        ("num_frames", pa.int64()),
+    ]
+)
+
+# Files a directory listing skips: sidecars and metadata that travel with videos. A file named
+# explicitly on the command line is always ingested (and quarantined if it is not a video).
+SIDECAR_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".md", ".srt", ".vtt", ".parquet", ".yaml", ".yml")
+
+
+@dataclass
+class IngestConfig:
+    """Knobs of the ingest pipeline. Defaults suit real footage; the shapes world sets
+    `min_motion=0` because it contains deliberately still objects."""
+
+    max_clip_seconds: float = 8.0  # long shots are cut into pieces of at most this length
+    max_clip_frames: int = 257  # ... and at most this many frames
+    min_clip_frames: int = 9  # shorter pieces are dropped (quarantined as "too short")
+    min_side: int = 32  # pixels; smaller videos are rejected
+    max_aspect: float = 3.0  # reject wider than 3:1 or taller than 1:3
+    min_motion: float = 0.0005  # mean |frame diff| in [0, 1]; below is a near-static clip
+    scene_threshold: float = 0.12  # mean |frame diff| that marks a hard cut
+    analysis_short_side: int = 48  # frames are analysed at this small size
+    max_analysis_frames: int = 2048  # longer videos are analysed at a frame stride
+    resolution: str | None = None  # force a bucket resolution class (e.g. "144p")
+    probe_timeout: float = 20.0  # seconds before a probe is killed
+    decode_timeout: float = 120.0  # seconds before an analysis decode is killed
+    # Test hook, off by default: sources whose path contains this string make the decoder
+    # hang (in its child process), which proves the deadline kills it and quarantines the file.
+    debug_hang_pattern: str | None = None
+
+
+# --------------------------------------------------------------------------- listing
+def list_sources(srcs: Iterable[str]) -> list[str]:
+    """Expand files, directories (recursive), globs and fsspec URLs to a sorted list of URIs."""
+    out: set[str] = set()
+    for src in srcs:
+        fs, path = storage.fs_and_path(src)
+        proto = src.split("://", 1)[0] + "://" if "://" in src else ""
+        if proto == "file://":
+            proto = ""
+
+        def uri(p: str) -> str:
+            return f"{proto}{p}" if proto else p
+
+        if any(ch in src for ch in "*?["):
+            matches = fs.glob(path)
+            for m in matches:
+                if fs.isdir(m):
+                    out.update(uri(p) for p in _walk(fs, m))
+                else:
+                    out.add(uri(m))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {src!r}")
+        elif fs.isdir(path):
+            out.update(uri(p) for p in _walk(fs, path))
+        elif fs.exists(path):
+            out.add(uri(path))
+        else:
+            raise FileNotFoundError(f"no such file or directory: {src!r}")
+    return sorted(out)
+
+
+def _walk(fs, path: str) -> Iterator[str]:
+    for p in fs.find(path):
+        name = p.rsplit("/", 1)[-1]
+        if name.startswith((".", "_")) or name.lower().endswith(SIDECAR_SUFFIXES):
+            continue
+        yield p
+
+
+def source_id(source: str) -> str:
+    return storage.stable_id("source", source)
+
+
+def clip_id(source: str, start: int, num_frames: int) -> str:
+    """Deterministic from source + span (DESIGN.md): re-runs give the same ids."""
+    return storage.stable_id(source, start, num_frames)
+
+
+# --------------------------------------------------------------------------- row state
+def _load(row: dict) -> dict:
+    return json.loads(row["state"])
+
+
+def _dump(state: dict) -> dict:
+    return {"state": json.dumps(state)}
+
+
+def _reject(state: dict, stage: str, reason: str, clip: dict | None = None) -> None:
+    state["quarantine"].append(
+        {
+            "source": state["source"],
+            "reason": reason,
+            "stage": stage,
+            "clip_id": clip["clip_id"] if clip else None,
+            "start_frame": clip["start_frame"] if clip else None,
+            "num_frames": clip["num_frames"] if clip else None,
+        }
+    )
+
+
+@contextmanager
+def _local_copy(uri: str) -> Iterator[str]:
+    """decord and PyAV need a real file: remote sources are fetched once per source."""
+    if "://" not in uri or uri.startswith("file://"):
+        yield uri.removeprefix("file://")
+        return
+    fs, path = storage.fs_and_path(uri)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="sora-ingest-")
+    os.close(fd)
+    try:
+        fs.get(path, tmp)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def _timed(stage: str):
+    def wrap(fn: Callable[[dict, IngestConfig], None]):
+        def run(row: dict, cfg: IngestConfig | dict) -> dict:
+            cfg = cfg if isinstance(cfg, IngestConfig) else IngestConfig(**cfg)
+            state = _load(row)
+            t0 = time.perf_counter()
+            if not state["failed"]:
+                try:
+                    fn(state, cfg)
+                except VideoError as e:
+                    state["failed"] = True
+                    _reject(state, stage, e.reason)
+                except Exception as e:  # never let one file stop the run
+                    state["failed"] = True
+                    _reject(state, stage, f"{type(e).__name__}: {e}")
+            state["seconds"][stage] = time.perf_counter() - t0
+            return _dump(state)
+
+        run.__name__ = f"{stage}_stage"
+        return run
+
+    return wrap
+
+
+# --------------------------------------------------------------------------- stages
+def start_row(source: str) -> dict:
+    return _dump({"source": source, "failed": False, "info": None, "clips": [], "quarantine": [], "seconds": {}})
+
+
+@_timed("probe")
+def probe_stage(state: dict, cfg: IngestConfig) -> None:
+    hang = cfg.probe_timeout + 30 if cfg.debug_hang_pattern and cfg.debug_hang_pattern in state["source"] else 0.0
+    with _local_copy(state["source"]) as local:
+        info = probe(local, timeout=cfg.probe_timeout, _simulate_hang_seconds=hang)
+    if info.num_frames < 1 or info.width < 1 or info.height < 1:
+        raise VideoError(state["source"], f"no decodable frames ({info.width}x{info.height}, {info.num_frames} frames)")
+    state["info"] = asdict(info)
+
+
+def frame_differences(frames: np.ndarray) -> np.ndarray:
+    """Mean absolute difference of consecutive frames in [0, 1]: (T, H, W, 3) -> (T-1,)."""
+    f = frames.astype(np.float32) / 255.0
+    return np.abs(f[1:] - f[:-1]).mean(axis=(1, 2, 3)) if len(f) > 1 else np.zeros(0, np.float32)
+
+
+def find_shots(diffs: np.ndarray, indices: np.ndarray, num_frames: int, threshold: float) -> list[tuple[int, int]]:
+    """Shots [start, end) in source frames, cut where the analysed difference jumps.
+
+    `indices` are the source frames that were analysed (a stride on long videos); a cut
+    between analysed frames i and i+1 starts the new shot at source frame indices[i+1]."""
+    starts = [0] + [int(indices[i + 1]) for i in np.nonzero(diffs >= threshold)[0]]
+    ends = starts[1:] + [num_frames]
+    return [(s, e) for s, e in zip(starts, ends) if e > s]
+
+
+@_timed("split")
+def split_stage(state: dict, cfg: IngestConfig) -> None:
+    info = state["info"]
+    n, w, h, fps = info["num_frames"], info["width"], info["height"], info["fps"]
+    stride = max(1, int(np.ceil(n / cfg.max_analysis_frames)))
+    indices = np.arange(0, n, stride)
+    scale = cfg.analysis_short_side / min(w, h)
+    size = (max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2))
+    with _local_copy(state["source"]) as local:
+        frames = read_frames(local, indices.tolist(), size=size, timeout=cfg.decode_timeout)
+    diffs = frame_differences(frames)
+    max_len = max(1, min(cfg.max_clip_frames, int(cfg.max_clip_seconds * fps) if fps > 0 else cfg.max_clip_frames))
+    for shot_start, shot_end in find_shots(diffs, indices, n, cfg.scene_threshold):
+        for start in range(shot_start, shot_end, max_len):
+            length = min(max_len, shot_end - start)
+            clip = {"clip_id": clip_id(state["source"], start, length), "start_frame": start, "num_frames": length}
+            if length < cfg.min_clip_frames:
+                _reject(state, "split", f"too short: {length} frames < {cfg.min_clip_frames}", clip)
+                continue
+            # motion: mean analysed difference inside the clip, excluding the cut into it
+            inside = (indices[1:] > start) & (indices[1:] < start + length) & (indices[:-1] >= start)
+            clip["motion_score"] = float(diffs[inside].mean()) if inside.any() else 0.0
+            state["clips"].append(clip)
+    if not state["clips"] and not state["quarantine"]:
+        _reject(state, "split", "no clips found")
+
+
+@_timed("filter")
+def filter_stage(state: dict, cfg: IngestConfig) -> None:
+    info = state["info"]
+    w, h = info["width"], info["height"]
+    source_problem = None
+    if min(w, h) < cfg.min_side:
+        source_problem = f"too small: {w}x{h} (minimum side {cfg.min_side})"
+    elif max(w / h, h / w) > cfg.max_aspect:
+        source_problem = f"extreme aspect ratio {w}x{h} ({max(w / h, h / w):.2f}:1 > {cfg.max_aspect}:1)"
+    kept = []
+    for clip in state["clips"]:
+        if source_problem:
+            _reject(state, "filter", source_problem, clip)
+        elif clip["num_frames"] < cfg.min_clip_frames:
+            _reject(state, "filter", f"too few frames: {clip['num_frames']} < {cfg.min_clip_frames}", clip)
+        elif clip["motion_score"] < cfg.min_motion:
+            _reject(state, "filter", f"near-static: motion score {clip['motion_score']:.5f} < {cfg.min_motion}", clip)
+        else:
+            kept.append(clip)
+    state["clips"] = kept
+
+
+@_timed("bucket")
+def bucket_stage(state: dict, cfg: IngestConfig) -> None:
+    info = state["info"]
+    for clip in state["clips"]:
+        b = assign_bucket(info["width"], info["height"], clip["num_frames"], resolution=cfg.resolution)
+        clip.update(
+            bucket=b.key, bucket_width=b.width, bucket_height=b.height, bucket_frames=b.num_frames, resolution=b.resolution
+        )
+
+
+def write_stage(row: dict, out: str) -> dict:
+    """Write the source's clips and quarantine rows, then its _done marker. Returns a small
+    summary row (the only thing that travels back to the driver)."""
+    state = _load(row)
+    t0 = time.perf_counter()
+    sid = source_id(state["source"])
+    info = state["info"] or {}
+    clips = [
+        {
+            **{k: c[k] for k in ("clip_id", "start_frame", "num_frames", "motion_score")},
+            "source": state["source"],
+            "fps": info.get("fps"),
+            "width": info.get("width"),
+            "height": info.get("height"),
+            "codec": info.get("codec"),
+            "container": info.get("container"),
+            **{k: c[k] for k in ("bucket", "bucket_width", "bucket_height", "bucket_frames", "resolution")},
+        }
+        for c in state["clips"]
+    ]
+    # A clip that failed in a later stage is quarantined, never also kept.
+    bad = {q["clip_id"] for q in state["quarantine"] if q["clip_id"]}
+    clips = [c for c in clips if c["clip_id"] not in bad] if not state["failed"] else []
+    clips_url = storage.join(out, "clips", f"{sid}.parquet")
+    quarantine_url = storage.join(out, "quarantine", f"{sid}.parquet")
+    if clips:
+        storage.write_parquet_atomic(pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA), clips_url)
+    if state["quarantine"]:
+        storage.write_parquet_atomic(pa.Table.from_pylist(state["quarantine"], schema=QUARANTINE_SCHEMA), quarantine_url)
+    summary = {
+        "source": state["source"],
+        "clips": len(clips),
+        "quarantined": len(state["quarantine"]),
+        "source_failed": bool(state["failed"]),
+        "stages": {q["stage"] for q in state["quarantine"]},
+        "buckets": [c["bucket"] for c in clips],
+        "seconds": state["seconds"],
+    }
+    summary["stages"] = sorted(summary["stages"])
+    state["seconds"]["write"] = time.perf_counter() - t0
+    storage.write_json_atomic(summary, storage.join(out, "_done", f"{sid}.json"))
+    return {"summary": json.dumps(summary)}
+
+
+STAGES = (probe_stage, split_stage, filter_stage, bucket_stage)
+
+
+def process_source(source: str, out: str, cfg: IngestConfig) -> dict:
+    """All stages for one source in this process (the sequential baseline)."""
+    row = start_row(source)
+    for stage in STAGES:
+        row = stage(row, cfg)
+    return json.loads(write_stage(row, out)["summary"])
+
+
+def read_clips(data: str) -> pa.Table:
+    """DATA/clips as one table (empty, with the contract's columns, if there are none)."""
+    return storage.read_table(storage.join(data, "clips"), schema=CLIPS_SCHEMA)
+
+
+def read_quarantine(data: str) -> pa.Table:
+    return storage.read_table(storage.join(data, "quarantine"), schema=QUARANTINE_SCHEMA)
+
+
+# --------------------------------------------------------------------------- drivers
+def _pending(sources: list[str], out: str, overwrite: bool) -> tuple[list[str], list[dict]]:
+    """Sources still to do, and the summaries of those a previous run finished."""
+    if overwrite:
+        return sources, []
+    done_names = storage.list_names(storage.join(out, "_done"))
+    todo, done = [], []
+    for s in sources:
+        name = f"{source_id(s)}.json"
+        if name in done_names:
+            done.append(storage.read_json(storage.join(out, "_done", name)))
+        else:
+            todo.append(s)
+    return todo, done
+
+
+def summarize(summaries: list[dict], listed: int, skipped: int, wall: float) -> dict:
+    """Per-stage counts and throughput for DATA/_summary.json."""
+    stage_seconds: dict[str, float] = {}
+    quarantine_by_stage: dict[str, int] = {}
+    buckets: dict[str, int] = {}
+    for s in summaries:
+        for k, v in s["seconds"].items():
+            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+        for b in s["buckets"]:
+            buckets[b] = buckets.get(b, 0) + 1
+        for st in s["stages"]:
+            quarantine_by_stage[st] = quarantine_by_stage.get(st, 0) + 1
+    n = len(summaries)
+    processed = n - skipped
+    return {
+        "sources_listed": listed,
+        "sources_skipped_already_done": skipped,
+        "sources_processed": processed,
+        "sources_with_clips": sum(1 for s in summaries if s["clips"]),
+        "sources_rejected": sum(1 for s in summaries if s["source_failed"] or not s["clips"]),
+        "clips": sum(s["clips"] for s in summaries),
+        "quarantine_rows": sum(s["quarantined"] for s in summaries),
+        "sources_with_quarantine_by_stage": quarantine_by_stage,
+        "stage_cpu_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
+        "stage_throughput_sources_per_cpu_second": {
+            k: round(n / v, 2) for k, v in stage_seconds.items() if v > 0
+        },
+        "wall_seconds": round(wall, 3),
+        "sources_per_second": round(processed / wall, 3) if wall > 0 else None,
+        "buckets": dict(sorted(buckets.items())),
+    }
+
+
+def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = None, overwrite: bool = False) -> dict:
+    """The same stages in a plain loop in this process (the benchmark's baseline)."""
+    cfg = cfg or IngestConfig()
+    t0 = time.perf_counter()
+    sources = list_sources(srcs)
+    todo, done = _pending(sources, out, overwrite)
+    summaries = done + [process_source(s, out, cfg) for s in todo]
+    return summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+
+
+def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):
+    """The streaming Ray Data pipeline: one row per source through every stage."""
+    import ray
+
+    cfg_dict = asdict(cfg)
+    ds = ray.data.from_items([start_row(s) for s in sources], override_num_blocks=max(1, len(sources)))
+    for stage in STAGES:
+        # num_cpus=1: decode work is CPU-bound. Ray Data retries a task whose worker died
+        # (max_retries=-1 by default for its tasks); idempotent writes keep that exactly-once.
+        ds = ds.map(stage, fn_kwargs={"cfg": cfg_dict}, num_cpus=1)
+    return ds.map(write_stage, fn_kwargs={"out": out}, num_cpus=1)
+
+
+def run_ingest(
+    srcs: Iterable[str],
+    out: str,
+    cfg: IngestConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[dict, int, int], None] | None = None,
+) -> dict:
+    """Ingest on Ray (local or the cluster at RAY_ADDRESS); writes DATA/_summary.json.
+
+    `progress(summary_of_one_source, done, total)` is called as each source finishes."""
+    cfg = cfg or IngestConfig()
+    t0 = time.perf_counter()
+    sources = list_sources(srcs)
+    todo, done = _pending(sources, out, overwrite)
+    summaries = list(done)
+    if todo:
+        for i, row in enumerate(build_ingest_dataset(todo, out, cfg).iter_rows()):
+            s = json.loads(row["summary"])
+            summaries.append(s)
+            if progress:
+                progress(s, i + 1, len(todo))
+    summary = summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    summary["config"] = asdict(cfg)
+    storage.write_json_atomic(summary, storage.join(out, "_summary.json"))
+    return summary

@@ -1,0 +1,26 @@
+"""Connecting to Ray: the cluster at RAY_ADDRESS when set, else a local instance."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start (or join) Ray once per process. With RAY_ADDRESS set, join that cluster;
+    otherwise start a local one without the dashboard (the embedded default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def has_gpus() -> bool:
+    """Whether the Ray cluster has GPUs (stages then ask for `num_gpus`)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
