@@ -1,0 +1,526 @@
+"""The diffusion transformer (DiT) over packed spacetime patch tokens.
+
+Reads top to bottom like facebookresearch/DiT ``models.py``: helpers, attention, embedders,
+the block, the final layer, the model, then the size presets. What differs from image DiT:
+
+- **Packed sequences (NaViT, Dehghani et al. 2023).** The input is a flat list of tokens
+  from several videos of any size and duration; ``seq_ids`` says which video each token
+  belongs to, and attention is block-diagonal over videos. No padding, no learned position
+  table.
+- **3D rotary position embedding** (RoPE, Su et al. 2021, split over t/h/w as in video DiTs
+  such as HunyuanVideo/Wan): q and k of every head are rotated by angles from the token's
+  integer (t, h, w) grid position, so attention depends only on *relative* positions and any
+  size or duration works.
+- **Per-token timesteps with adaLN-Zero.** Each token carries its own t: clean conditioning
+  frames have t = 0 inside a noisy video (image-to-video, extension, interpolation all use
+  this). The timestep embedding drives a per-token shift/scale/gate (Peebles & Xie 2023);
+  the modulation and the final layer start at zero, so the untrained model outputs exactly 0.
+- **Text by cross-attention** (PixArt-alpha, Chen et al. 2023): each video attends to its own
+  text tokens only, plus one learned "null" key every video always sees. The null key makes
+  an empty prompt (all-False text mask: classifier-free-guidance dropout) well defined.
+- **QK-norm** (RMSNorm on q and k, Dehghani et al. 2023 "ViT-22B"): keeps attention logits
+  bounded, which matters for stable bf16 training at scale.
+
+The model knows nothing about parallelism (torchtitan style): blocks live in an
+``nn.ModuleList`` named ``blocks`` so FSDP / activation checkpointing can wrap them one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------
+# Config and presets
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiTConfig:
+    """Size and behaviour of a :class:`DiT`. Production defaults are the ``base`` preset."""
+
+    in_channels: int = 16  # latent channels C of the VAE
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) latent cells per token
+    hidden_size: int = 768  # D
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    text_dim: int = 384  # width of the text encoder's hidden states (384 for MiniLM-L6)
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    # Head dim given to the (t, h, w) rotary axes; must sum to head_dim, each even.
+    # None: a quarter (rounded to even) to time, the rest split between h and w.
+    rope_dims: tuple[int, int, int] | None = None
+    # Timesteps t in [0, 1] are multiplied by this before the sinusoidal embedding, so the
+    # frequencies see the same range as DiT's integer steps 0..999.
+    timestep_scale: float = 1000.0
+    frequency_embedding_size: int = 256
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(self.patch_size)
+        if self.rope_dims is not None:
+            self.rope_dims = tuple(self.rope_dims)
+        assert self.hidden_size % self.num_heads == 0, (
+            f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+        )
+        dims = self.axes_dims
+        assert sum(dims) == self.head_dim and all(d % 2 == 0 for d in dims), (
+            f"rope_dims {dims} must be even and sum to head_dim {self.head_dim}"
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def in_dim(self) -> int:
+        """Width of one input token: C * pt * ph * pw."""
+        pt, ph, pw = self.patch_size
+        return self.in_channels * pt * ph * pw
+
+    @property
+    def axes_dims(self) -> tuple[int, int, int]:
+        """Head dims of the rotary (t, h, w) axes."""
+        if self.rope_dims is not None:
+            return self.rope_dims
+        d = self.head_dim
+        dt = 2 * max(1, round(d / 8))  # ~d/4, even
+        dh = 2 * ((d - dt) // 4)
+        return (dt, dh, d - dt - dh)
+
+    @staticmethod
+    def preset(name: str, **overrides) -> "DiTConfig":
+        """A named size (see ``PRESETS``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; known: {list(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+# Parameter counts with in_channels=16, text_dim=384 (checked by tests/test_dit.py).
+# Each block holds ~22 D^2 weights: self-attn 4, cross-attn 4, MLP 8, adaLN 6.
+PRESETS: dict[str, DiTConfig] = {
+    # ~1.6M params. Sized for the shapes world on a 2-core CPU: one fwd+bwd of a
+    # ~1k-token pack costs ~0.1 s, so 20 min trains on a few million tokens.
+    "tiny": DiTConfig(hidden_size=128, depth=4, num_heads=4),
+    "small": DiTConfig(hidden_size=384, depth=12, num_heads=6),  # ~39M
+    "base": DiTConfig(hidden_size=768, depth=12, num_heads=12),  # ~156M
+    "large": DiTConfig(hidden_size=1024, depth=24, num_heads=16),  # ~554M
+    "xl": DiTConfig(hidden_size=1536, depth=24, num_heads=24),  # ~1.25B
+}
+
+
+def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0, training: bool = True) -> float:
+    """Matmul FLOPs per video token, for MFU reporting.
+
+    ``seq_len`` is the length of the token's *own video* (attention is block-diagonal, so
+    a pack's cost depends on its videos' lengths, not on the pack length); ``text_len`` is
+    the number of text keys. Counts 2 FLOPs per multiply-add; training = 3x forward
+    (backward is ~2x forward), as in the PaLM / Chinchilla accounting. Not counted: the
+    adaLN modulation (computed once per distinct timestep, not per token), the text
+    projections (per text token), norms and elementwise ops.
+    """
+    D, L = config.hidden_size, config.depth
+    linear = 2 * (L * 14 * D * D + 2 * D * config.in_dim)  # qkv+o 4, cross q+o 2, mlp 8 (D^2 each)
+    attn = 2 * L * 2 * D * (seq_len + text_len + 1)  # QK^T and AV against own video + text + null
+    return float((3 if training else 1) * (linear + attn))
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers: modulation, rotary embedding, attention
+# ----------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation. x, shift, scale: (N, D) -> (N, D)."""
+    return x * (1 + scale) + shift
+
+
+def rope_angles(positions: torch.Tensor, axes_dims: tuple[int, int, int], theta: float) -> torch.Tensor:
+    """Rotary angles for integer (t, h, w) positions.
+
+    positions: (N, 3) int -> angles (N, head_dim / 2) float32. Axis a with d_a dims gets
+    d_a / 2 frequencies theta^(-2i / d_a), i = 0 .. d_a/2 - 1 (Su et al. 2021, per axis).
+    Computed in float32: bf16 angles would lose the position at a few hundred tokens.
+    """
+    assert positions.dim() == 2 and positions.shape[1] == 3, f"positions must be (N, 3), got {tuple(positions.shape)}"
+    parts = []
+    for axis, d in enumerate(axes_dims):
+        inv_freq = theta ** (-torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d)  # (d/2,)
+        parts.append(positions[:, axis, None].float() * inv_freq)  # (N, d/2)
+    return torch.cat(parts, dim=-1)  # (N, head_dim/2)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim by ``angles[..., i]``.
+
+    x: (..., N, head_dim), angles: (N, head_dim/2) -> (..., N, head_dim), same dtype as x.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (..., N, hd/2, 2)
+    x1, x2 = xf[..., 0], xf[..., 1]  # (..., N, hd/2)
+    cos, sin = angles.cos(), angles.sin()  # (N, hd/2)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., N, hd/2, 2)
+    return out.flatten(-2).type_as(x)  # (..., N, hd)
+
+
+_compiled_flex = None
+
+
+def _flex_attention(compiled: bool):
+    """flex_attention, compiled once per process on CUDA. Footgun: eager flex materialises
+    the full score matrix (slow, warns); it is used on CPU only so tests can check the mask
+    logic, because compiled CPU flex fails in inductor's C++ template (torch 2.13)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+def build_attention_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor, backend: str = "auto"):
+    """Mask letting query i see key j iff ``q_ids[i] == kv_ids[j]`` (same video).
+
+    q_ids: (Nq,) int, kv_ids: (Nk,) int. Keys with a negative id (padding) are seen by
+    nobody. Built once per forward and shared by every block (not once per layer).
+    backend: "sdpa" -> dense bool (Nq, Nk), fine on CPU for a few thousand tokens;
+    "flex" -> a ``BlockMask`` for ``flex_attention`` (CUDA), which skips the empty
+    off-diagonal blocks entirely; "auto" -> flex on CUDA, else sdpa.
+    A varlen/flash kernel would take ``cu_seqlens`` here instead; only this function and
+    :func:`attention` would change.
+    """
+    if backend == "auto":
+        backend = "flex" if q_ids.is_cuda else "sdpa"
+    if backend == "sdpa":
+        return (q_ids[:, None] == kv_ids[None, :]) & (kv_ids >= 0)[None, :]  # (Nq, Nk)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_video(b, h, q_idx, kv_idx):
+            return (q_ids[q_idx] == kv_ids[kv_idx]) & (kv_ids[kv_idx] >= 0)
+
+        # _compile avoids materialising the dense (Nq, Nk) mask while building the block mask
+        return create_block_mask(
+            same_video, None, None, q_ids.numel(), kv_ids.numel(), device=q_ids.device, _compile=q_ids.is_cuda
+        )
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Masked multi-head attention over packed tokens.
+
+    q: (heads, Nq, hd), k, v: (heads, Nk, hd), mask from :func:`build_attention_mask`
+    -> (heads, Nq, hd). Every query must see at least one key (else SDPA returns NaN);
+    the model guarantees it (a token always sees itself / the null text key).
+    """
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]  # (heads, Nq, hd)
+    return _flex_attention(q.is_cuda)(q[None], k[None], v[None], block_mask=mask)[0]  # (heads, Nq, hd)
+
+
+# ----------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (U, D) via sinusoids + MLP (DiT, as in ADM / "Attention is all you need")."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, scale: float = 1000.0):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.scale = scale
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """t: (U,) float -> (U, dim) [cos | sin] features."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]  # (U, dim/2)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (U, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.sinusoid(t * self.scale, self.frequency_embedding_size)  # (U, F)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (U, D)
+
+
+class TextEmbedder(nn.Module):
+    """Text encoder states (B, L, text_dim) -> (B, L, D) (PixArt-alpha's caption projection)."""
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Linear(text_dim, hidden_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.proj(text)  # (B, L, D)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention modules and the block
+# ----------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with QK-norm and 3D RoPE, over packed tokens."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, mask) -> torch.Tensor:
+        N, D = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)  # 3 x (heads, N, hd)
+        q, k = self.q_norm(q), self.k_norm(k)  # (heads, N, hd)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)  # (heads, N, hd)
+        out = attention(q, k, v, mask)  # (heads, N, hd)
+        return self.proj(out.transpose(0, 1).reshape(N, D))  # (N, D)
+
+
+class CrossAttention(nn.Module):
+    """Video tokens (queries) attend to their own video's text tokens (keys/values). No RoPE:
+    text order is already encoded by the text encoder."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask) -> torch.Tensor:
+        N, D = x.shape
+        M = text.shape[0]
+        q = self.q(x).view(N, self.num_heads, -1).transpose(0, 1)  # (heads, N, hd)
+        k, v = self.kv(text).view(M, 2, self.num_heads, -1).permute(1, 2, 0, 3)  # 2 x (heads, M, hd)
+        q, k = self.q_norm(q), self.k_norm(k)  # (heads, N, hd), (heads, M, hd)
+        out = attention(q, k, v, mask)  # (heads, N, hd)
+        return self.proj(out.transpose(0, 1).reshape(N, D))  # (N, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: self-attn (gated), cross-attn to text (ungated, as PixArt), MLP (gated)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=True, eps=1e-6)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm3 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        hidden = int(D * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c_unique, inverse, angles, self_mask, text, cross_mask):
+        """x: (N, D); c_unique: (U, D) embeddings of the U distinct timesteps, inverse: (N,)
+        index of each token's timestep in c_unique; angles: (N, hd/2); text: (M, D)."""
+        # The modulation depends only on t, which takes a handful of distinct values in a
+        # pack (one per video, plus 0 for clean frames): compute it per distinct t, then
+        # gather. Per token it would cost 6 D^2 per token per block, as much as attention.
+        mod = self.adaLN_modulation(c_unique)[inverse]  # (N, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (N, D)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), angles, self_mask)  # (N, D)
+        x = x + self.cross_attn(self.norm2(x), text, cross_mask)  # (N, D)
+        x = x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))  # (N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm + linear back to the token width D_in."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(cfg.hidden_size, cfg.in_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
+
+    def forward(self, x, c_unique, inverse):
+        shift, scale = self.adaLN_modulation(c_unique)[inverse].chunk(2, dim=-1)  # 2 x (N, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, D_in)
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Text-conditioned diffusion transformer predicting the rectified-flow velocity."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
+        self.attention_backend = "auto"  # see build_attention_mask
+        self.x_embedder = nn.Linear(config.in_dim, D)  # tokens are already patchified
+        self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size, config.timestep_scale)
+        self.text_embedder = TextEmbedder(config.text_dim, D)
+        # One learned key/value every video sees besides its text: makes the empty prompt
+        # (CFG's unconditional branch) well defined and acts as an attention sink.
+        self.null_text = nn.Parameter(torch.zeros(D))
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(config)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT init: xavier linears, N(0, 0.02) timestep MLP, adaLN-Zero (modulation,
+        cross-attn output and final layer all zero: every block is the identity and the
+        output is exactly 0 at step 0)."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.null_text, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        timesteps: torch.Tensor,
+        seq_ids: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity for a pack of B videos.
+
+        x: (N, D_in) noisy tokens; positions: (N, 3) int (t, h, w); timesteps: (N,) float
+        in [0, 1] per token (0 = clean conditioning token); seq_ids: (N,) int in [0, B);
+        text: (B, L, text_dim); text_mask: (B, L) bool (all False = unconditional);
+        valid: optional (N,) bool, False for padding tokens, which no token attends to
+        (their outputs are garbage and must be ignored). Returns (N, D_in).
+        """
+        N = x.shape[0]
+        B, L, _ = text.shape
+        assert positions.shape == (N, 3) and timesteps.shape == (N,) and seq_ids.shape == (N,), (
+            f"per-token inputs disagree: x {tuple(x.shape)}, positions {tuple(positions.shape)}, "
+            f"timesteps {tuple(timesteps.shape)}, seq_ids {tuple(seq_ids.shape)}"
+        )
+        assert text_mask.shape == (B, L), f"text_mask {tuple(text_mask.shape)} != text {(B, L)}"
+        assert text_mask.dtype == torch.bool, f"text_mask must be bool, got {text_mask.dtype}"
+        seq_ids = seq_ids.long()  # (N,)
+        kv_ids = seq_ids if valid is None else torch.where(valid, seq_ids, -1)  # (N,) padding keys: -1
+        self_mask = build_attention_mask(seq_ids, kv_ids, self.attention_backend)  # (N, N) or BlockMask
+
+        # Text keys of the whole pack, flattened: the valid text tokens, then one null key per video.
+        batch_of_text = torch.arange(B, device=x.device)[:, None].expand(B, L)  # (B, L)
+        text_ids = torch.cat([batch_of_text[text_mask], torch.arange(B, device=x.device)])  # (M,)
+        text_emb = self.text_embedder(text)[text_mask]  # (M - B, D)
+        text_emb = torch.cat([text_emb, self.null_text.expand(B, -1).to(text_emb.dtype)])  # (M, D)
+        cross_mask = build_attention_mask(seq_ids, text_ids, self.attention_backend)  # (N, M)
+
+        angles = rope_angles(positions, self.config.axes_dims, self.config.rope_theta)  # (N, hd/2)
+        # footgun: unique() syncs with the host on CUDA and breaks torch.compile graphs here;
+        # fine, since only the blocks need compiling (they take c_unique/inverse as inputs).
+        t_unique, inverse = torch.unique(timesteps, return_inverse=True)  # (U,), (N,)
+        c_unique = self.t_embedder(t_unique)  # (U, D)
+
+        h = self.x_embedder(x)  # (N, D)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(block, h, c_unique, inverse, angles, self_mask, text_emb, cross_mask, use_reentrant=False)
+            else:
+                h = block(h, c_unique, inverse, angles, self_mask, text_emb, cross_mask)  # (N, D)
+        return self.final_layer(h, c_unique, inverse)  # (N, D_in)
+
+    def forward_padded(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        timesteps: torch.Tensor,
+        token_mask: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The pad-to-longest baseline: x (B, N, D_in), positions (B, N, 3), timesteps (B, N)
+        or (B,), token_mask (B, N) bool (False = padding) -> (B, N, D_in), zero at padding.
+
+        Design: the padded batch is flattened into one pack whose padding tokens are keys
+        nobody sees (``valid``). Padding still costs full compute - that is what the
+        baseline measures - and valid tokens get exactly the packed result."""
+        B, N, _ = x.shape
+        if timesteps.dim() == 1:
+            timesteps = timesteps[:, None].expand(B, N)  # (B, N)
+        seq_ids = torch.arange(B, device=x.device)[:, None].expand(B, N)  # (B, N)
+        out = self.forward(
+            x.reshape(B * N, -1),
+            positions.reshape(B * N, 3),
+            timesteps.reshape(B * N),
+            seq_ids.reshape(B * N),
+            text,
+            text_mask,
+            valid=token_mask.reshape(B * N),
+        )  # (B*N, D_in)
+        return out.view(B, N, -1) * token_mask[..., None]  # (B, N, D_in)
+
+    # -- checkpoints: a directory with config.json + model.safetensors (never pickle) --
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({"model_type": "sora-dit", **asdict(self.config)}, f, indent=2)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> "DiT":
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as f:
+            raw = json.load(f)
+        model_type = raw.pop("model_type", "sora-dit")
+        assert model_type == "sora-dit", f"{directory} holds a {model_type!r}, not a sora-dit"
+        known = {f.name for f in fields(DiTConfig)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"config.json has fields this DiTConfig does not know: {sorted(unknown)}")
+        model = cls(DiTConfig(**raw))
+        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=True)
+        return model.to(device=device, dtype=dtype)
