@@ -1,0 +1,1 @@
+"""One module per `sora` subcommand: `add(subparsers)` and `run(args)`."""
