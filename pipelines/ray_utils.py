@@ -16,6 +16,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
+        # a private local instance: no token auth to set up (ENV.md), no dashboard
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 

@@ -19,15 +19,21 @@ class Progress:
     def __call__(self, n: int = 1, note: str = "") -> None:
         self.done += n
         now = time.monotonic()
-        if now - self._last < 0.25 and (self.total is None or self.done < self.total):
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        # a live line on a terminal; in logs (CI, Ray jobs) a fresh line every few seconds
+        if now - self._last < (0.25 if tty else 5.0) and (self.total is None or self.done < self.total):
             return
         self._last = now
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total}" if self.total else ""
         eta = f" eta {(self.total - self.done) / rate:.0f}s" if self.total and rate > 0 else ""
-        self.stream.write(f"\r{self.label}: {self.done}{of} ({rate:.1f}/s{eta}) {note}".ljust(78))
-        if self.total is not None and self.done >= self.total:
-            self.stream.write("\n")
+        line = f"{self.label}: {self.done}{of} ({rate:.1f}/s{eta}) {note}"
+        if tty:
+            self.stream.write("\r" + line.ljust(78))
+            if self.total is not None and self.done >= self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
         self.stream.flush()
 
 

@@ -1,0 +1,266 @@
+"""Train the video compression network (causal 3D VAE) on Ray Train.
+
+    DATA/clips -> each worker decodes its shard of clips at their native-aspect bucket sizes
+    -> random windows (images = 1 frame, videos = 4k+1 frames) and random spatial crops
+    -> DDP (gloo on CPU, NCCL on GPU) -> checkpoints -> held-out PSNR -> OUT/ (config.json +
+    model.safetensors, latent statistics fitted on the training clips)
+
+Resume: re-running with the same output (same Ray Train storage path and name) continues from
+the last checkpoint; a worker that dies is replaced and training continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class VAETrainConfig:
+    data: str = ""
+    out: str = ""
+    preset: str = "tiny"
+    workers: int = 2
+    max_minutes: float = 10.0  # wall-clock budget of the training loop (decode time included)
+    max_steps: int | None = None
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05  # cosine decay to lr * this over the time/step budget
+    batch_size: int = 4  # crops per worker per step
+    window_frames: int = 9  # 4k+1 frames per video crop
+    crop: int = 64  # square-ish spatial crops of at most this many pixels per side (multiple of 8)
+    image_prob: float = 0.25  # fraction of steps that train on single images (1-frame videos)
+    holdout: int = 100  # clips held out for the PSNR evaluation (never trained on)
+    max_train_clips: int = 2000  # clips decoded per run (in memory) - enough for the shapes world
+    kl_weight: float = 1e-6
+    grad_weight: float = 0.5
+    checkpoint_every: int = 200  # steps
+    seed: int = 0
+    use_gpu: bool = False
+    storage: str | None = None  # Ray Train storage path (default OUT/_train); local or s3://
+    name: str = "vae"
+
+
+def split_clips(clip_ids: list[str], holdout: int) -> tuple[set[str], set[str]]:
+    """Deterministic train / held-out split by a hash of the clip id (stable across runs)."""
+    import hashlib
+
+    ranked = sorted(clip_ids, key=lambda c: hashlib.sha1(f"holdout:{c}".encode()).hexdigest())
+    held = set(ranked[: min(holdout, max(0, len(ranked) - 1))])
+    return set(clip_ids) - held, held
+
+
+def load_clip_frames(rows: list[dict], timeout: float = 60.0) -> list[np.ndarray]:
+    """Decode each clip at its bucket size: list of (T, H, W, 3) uint8 (failures skipped)."""
+    from sora.video_io import VideoError, read_frames
+
+    out = []
+    for r in rows:
+        idx = list(range(int(r["start_frame"]), int(r["start_frame"]) + int(r["bucket_frames"])))
+        try:
+            out.append(read_frames(r["source"], idx, size=(int(r["bucket_width"]), int(r["bucket_height"])), timeout=timeout))
+        except VideoError:
+            continue
+    return out
+
+
+def random_batch(clips: list[np.ndarray], cfg: VAETrainConfig, rng: np.random.Generator):
+    """A (B, 3, T, h, w) float batch in [-1, 1] of random windows and crops (one shape per batch)."""
+    import torch
+
+    image = rng.random() < cfg.image_prob
+    t = 1 if image else cfg.window_frames
+    pool = [c for c in clips if c.shape[0] >= t]
+    hs = min(min(c.shape[1] for c in pool), cfg.crop) // 8 * 8
+    ws = min(min(c.shape[2] for c in pool), cfg.crop) // 8 * 8
+    out = []
+    for _ in range(cfg.batch_size):
+        c = pool[rng.integers(len(pool))]
+        t0 = rng.integers(c.shape[0] - t + 1)
+        y0 = rng.integers(c.shape[1] - hs + 1)
+        x0 = rng.integers(c.shape[2] - ws + 1)
+        out.append(c[t0 : t0 + t, y0 : y0 + hs, x0 : x0 + ws])
+    x = torch.from_numpy(np.stack(out)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (B, 3, T, h, w)
+    return x
+
+
+def _cosine_lr(cfg: VAETrainConfig, progress: float) -> float:
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.ingest import read_clips
+    from sora.vae import CausalVideoVAE, VAEConfig
+    from sora.vae_train import VAELossConfig, vae_loss
+
+    cfg = VAETrainConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    rng = np.random.default_rng(cfg.seed * 1000 + rank)
+    t_start = time.monotonic()
+
+    clips = read_clips(cfg.data).to_pylist()
+    train_ids, _ = split_clips([c["clip_id"] for c in clips], cfg.holdout)
+    mine = [c for c in sorted(clips, key=lambda c: c["clip_id"]) if c["clip_id"] in train_ids][: cfg.max_train_clips]
+    frames = load_clip_frames(mine[rank::world])
+    assert frames, f"worker {rank}: no decodable training clips in {cfg.data}"
+
+    model = CausalVideoVAE(VAEConfig.preset(cfg.preset))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step, elapsed_before = 0, 0.0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+            opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+            state = json.load(open(os.path.join(d, "state.json")))
+            step, elapsed_before = state["step"], state["elapsed_minutes"]
+    ddp = ray.train.torch.prepare_model(model)
+    loss_cfg = VAELossConfig(kl_weight=cfg.kl_weight, grad_weight=cfg.grad_weight)
+    budget = cfg.max_minutes
+    t_loop = time.monotonic()
+    history: list[float] = []
+
+    def minutes_used() -> float:
+        return elapsed_before + (time.monotonic() - t_start) / 60
+
+    while True:
+        done = minutes_used() >= budget or (cfg.max_steps is not None and step >= cfg.max_steps)
+        flag = torch.tensor(float(done))
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops on the same step
+        if flag.item() > 0:
+            break
+        progress = max(minutes_used() / budget, step / cfg.max_steps if cfg.max_steps else 0.0)
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(cfg, progress)
+        x = random_batch(frames, cfg, rng)
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss, metrics = vae_loss(ddp, x, loss_cfg)  # through DDP: gradients are all-reduced
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        history.append(metrics["loss"])
+        if step % cfg.checkpoint_every == 0:
+            _report(step, metrics, model, opt, minutes_used(), rank, save_file)
+        elif step % 25 == 0:
+            ray.train.report({"step": step, **metrics, "minutes": minutes_used()})
+            if rank == 0:
+                print(f"[train-vae] step {step} loss {metrics['loss']:.4f} psnr {metrics['psnr']:.2f} dB "
+                      f"({minutes_used():.1f}/{budget} min)", flush=True)
+    # final checkpoint + metrics (rank 0 writes the model; everyone reports)
+    _report(step, {"loss": history[-1] if history else float("nan"), "final": 1.0,
+                   "train_seconds": time.monotonic() - t_loop}, model, opt, minutes_used(), rank, save_file)
+
+
+def _report(step, metrics, model, opt, minutes, rank, save_file) -> None:
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                      os.path.join(d, "model.safetensors"))
+            torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
+            json.dump({"step": step, "elapsed_minutes": minutes, "config": asdict(model.config)},
+                      open(os.path.join(d, "state.json"), "w"))
+            ray.train.report({"step": step, **metrics, "minutes": minutes}, checkpoint=Checkpoint.from_directory(d))
+    else:
+        ray.train.report({"step": step, **metrics, "minutes": minutes})
+
+
+# --------------------------------------------------------------------------- driver
+def heldout_psnr(vae, data: str, holdout: int, max_clips: int | None = None) -> tuple[float, int]:
+    """Mean PSNR (dB) of encode -> decode over the held-out clips at their bucket sizes."""
+    import torch
+
+    from pipelines.ingest import read_clips
+    from sora.vae_train import psnr
+
+    clips = read_clips(data).to_pylist()
+    _, held = split_clips([c["clip_id"] for c in clips], holdout)
+    rows = sorted((c for c in clips if c["clip_id"] in held), key=lambda c: c["clip_id"])[:max_clips]
+    scores = []
+    vae.eval()
+    with torch.no_grad():
+        for frames in load_clip_frames(rows):
+            x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+            x_hat = vae.decode(vae.encode(x, chunk_latent_frames=4).mode(), chunk_latent_frames=4)
+            scores.append(float(psnr(x_hat, x)[0]))
+    return (float(np.mean(scores)) if scores else float("nan")), len(scores)
+
+
+def fit_stats(vae, data: str, holdout: int, n: int = 64) -> tuple[float, float]:
+    """Latent scale/shift from training clips (so diffusion sees ~unit-variance latents)."""
+    import torch
+
+    from pipelines.ingest import read_clips
+
+    clips = read_clips(data).to_pylist()
+    train, _ = split_clips([c["clip_id"] for c in clips], holdout)
+    rows = sorted((c for c in clips if c["clip_id"] in train), key=lambda c: c["clip_id"])[:n]
+    zs = []
+    with torch.no_grad():
+        for frames in load_clip_frames(rows):
+            x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+            zs.append(vae.encode(x, chunk_latent_frames=4).mode().flatten())
+    return vae.fit_latent_stats(torch.cat(zs))
+
+
+def run_train_vae(cfg: VAETrainConfig) -> dict:
+    """Train on Ray Train, then evaluate held-out PSNR and write OUT (a loadable VAE dir)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    from pipelines import storage
+    from sora.vae import CausalVideoVAE, VAEConfig
+
+    storage_path = cfg.storage or os.path.join(os.path.abspath(cfg.out), "_train")
+    if "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.monotonic()
+    result = trainer.fit()
+    train_seconds = time.monotonic() - t0
+    assert result.checkpoint is not None, "training finished without a checkpoint"
+    vae = CausalVideoVAE(VAEConfig.preset(cfg.preset))
+    with result.checkpoint.as_directory() as d:
+        vae.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+        state = json.load(open(os.path.join(d, "state.json")))
+    score, n_held = heldout_psnr(vae, cfg.data, cfg.holdout)
+    shift, scale = fit_stats(vae, cfg.data, cfg.holdout)
+    vae.save_pretrained(cfg.out)
+    summary = {"steps": state["step"], "train_minutes": round(state["elapsed_minutes"], 2),
+               "wall_seconds": round(train_seconds, 1), "heldout_psnr_db": round(score, 2), "heldout_clips": n_held,
+               "shift_factor": shift, "scaling_factor": scale, "preset": cfg.preset, "workers": cfg.workers,
+               "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
+    storage.write_json_atomic(summary, os.path.join(os.path.abspath(cfg.out), "train_summary.json"))
+    return summary
