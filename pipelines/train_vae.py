@@ -90,7 +90,8 @@ def random_batch(clips: list[np.ndarray], cfg: VAETrainConfig, rng: np.random.Ge
 
 def _cosine_lr(cfg: VAETrainConfig, progress: float) -> float:
     progress = min(max(progress, 0.0), 1.0)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress)))
+    # a plain float: numpy scalars in the optimizer state would not load with weights_only=True
+    return float(cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress))))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -120,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = CausalVideoVAE(VAEConfig.preset(cfg.preset))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, resumed_from = 0, 0.0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -128,6 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
             state = json.load(open(os.path.join(d, "state.json")))
             step, elapsed_before = state["step"], state["elapsed_minutes"]
+            resumed_from = step
     ddp = ray.train.torch.prepare_model(model)
     loss_cfg = VAELossConfig(kl_weight=cfg.kl_weight, grad_weight=cfg.grad_weight)
     budget = cfg.max_minutes
@@ -157,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         history.append(metrics["loss"])
         if step % cfg.checkpoint_every == 0:
-            _report(step, metrics, model, opt, minutes_used(), rank, save_file)
+            _report(step, metrics, model, opt, minutes_used(), rank, save_file, resumed_from)
         elif step % 25 == 0:
             ray.train.report({"step": step, **metrics, "minutes": minutes_used()})
             if rank == 0:
@@ -165,10 +167,10 @@ def train_loop_per_worker(config: dict) -> None:
                       f"({minutes_used():.1f}/{budget} min)", flush=True)
     # final checkpoint + metrics (rank 0 writes the model; everyone reports)
     _report(step, {"loss": history[-1] if history else float("nan"), "final": 1.0,
-                   "train_seconds": time.monotonic() - t_loop}, model, opt, minutes_used(), rank, save_file)
+                   "train_seconds": time.monotonic() - t_loop}, model, opt, minutes_used(), rank, save_file, resumed_from)
 
 
-def _report(step, metrics, model, opt, minutes, rank, save_file) -> None:
+def _report(step, metrics, model, opt, minutes, rank, save_file, resumed_from=None) -> None:
     import ray.train
     import torch
     from ray.train import Checkpoint
@@ -178,7 +180,8 @@ def _report(step, metrics, model, opt, minutes, rank, save_file) -> None:
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                       os.path.join(d, "model.safetensors"))
             torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
-            json.dump({"step": step, "elapsed_minutes": minutes, "config": asdict(model.config)},
+            json.dump({"step": step, "elapsed_minutes": minutes, "resumed_from": resumed_from,
+                       "config": asdict(model.config)},
                       open(os.path.join(d, "state.json"), "w"))
             ray.train.report({"step": step, **metrics, "minutes": minutes}, checkpoint=Checkpoint.from_directory(d))
     else:
@@ -258,7 +261,7 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
     score, n_held = heldout_psnr(vae, cfg.data, cfg.holdout)
     shift, scale = fit_stats(vae, cfg.data, cfg.holdout)
     vae.save_pretrained(cfg.out)
-    summary = {"steps": state["step"], "train_minutes": round(state["elapsed_minutes"], 2),
+    summary = {"steps": state["step"], "resumed_from_step": state.get("resumed_from"), "train_minutes": round(state["elapsed_minutes"], 2),
                "wall_seconds": round(train_seconds, 1), "heldout_psnr_db": round(score, 2), "heldout_clips": n_held,
                "shift_factor": shift, "scaling_factor": scale, "preset": cfg.preset, "workers": cfg.workers,
                "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}

@@ -59,3 +59,33 @@ def ray_session():
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shapes_ds(tmp_path_factory):
+    """A small ingested + captioned shapes-world dataset (24 tiny clips, sidecar captions).
+
+    Built with the sequential ingest (no Ray needed); tests must not modify it: copy it first."""
+    from pipelines.caption import CaptionConfig, run_caption
+    from pipelines.ingest import IngestConfig, run_sequential
+    from sora.shapes import TINY, synth_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    raw, data = str(root / "raw"), str(root / "ds")
+    synth_dataset(raw, 24, seed=3, ranges=TINY)
+    run_sequential([raw], data, IngestConfig(min_motion=0.0))
+    run_caption(data, CaptionConfig(model=None))
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A tiny random-init CausalVideoVAE saved with save_pretrained."""
+    import torch
+
+    from sora.vae import CausalVideoVAE, VAEConfig
+
+    torch.manual_seed(0)
+    d = str(tmp_path_factory.mktemp("vae") / "vae")
+    CausalVideoVAE(VAEConfig.preset("tiny")).save_pretrained(d)
+    return d
