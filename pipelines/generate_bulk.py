@@ -34,7 +34,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -104,7 +104,6 @@ class Request:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     image: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def shape_key(self) -> tuple:
         return (self.width, self.height, self.num_frames, self.seconds, self.fps, self.steps, self.guidance_scale)
@@ -239,7 +238,7 @@ def read_manifest(out: str) -> pa.Table:
 def _row(req: Request | None, *, rid: str, row: int, unit: str, status: str, path: str | None = None,
          error: str | None = None, seconds: float = 0.0, resolved: dict | None = None) -> dict:
     r = resolved or {}
-    params = {} if req is None else {k: v for k, v in asdict(req).items() if k not in ("id", "row", "prompt", "extra")}
+    params = {} if req is None else {k: v for k, v in asdict(req).items() if k not in ("id", "row", "prompt")}
     params.update({k: v for k, v in r.items() if v is not None})
     return {
         "id": rid, "row": row, "prompt": None if req is None else req.prompt,
