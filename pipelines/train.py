@@ -50,6 +50,9 @@ from sora.patches import position_ids
 # Text encoder names the encode stage writes for the offline default (path None in the index).
 DEFAULT_TEXT_ENCODERS = ("minilm", "", None)
 
+# The loss curve kept in state.json (every step; the oldest are dropped past this many).
+HISTORY_STEPS = 100_000
+
 # Peak dense bf16 FLOP/s per device, for the MFU estimate when `peak_flops` is not given.
 # (H100/H200 SXM: 989 TFLOP/s dense; A100: 312.) Matched on the CUDA device name.
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -316,6 +319,51 @@ def _peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
     return None  # CPU: no meaningful peak; tflops_per_worker is still reported
 
 
+@dataclass
+class Window:
+    """Sums over the steps since the last report (global over workers)."""
+
+    tokens: float = 0.0  # real tokens
+    slots: float = 0.0  # token budget offered (tokens_per_step per worker per step)
+    flops: float = 0.0
+    loss: float = 0.0  # sum of finite step losses
+    finite_steps: int = 0
+    start: float = field(default_factory=time.monotonic)
+
+    def metrics(self, world: int, peak: float | None) -> dict[str, Any]:
+        dt = max(time.monotonic() - self.start, 1e-9)
+        return {"loss_window": self.loss / max(self.finite_steps, 1), "tokens_per_s": self.tokens / dt,
+                "padding_fraction": 1.0 - self.tokens / max(self.slots, 1.0),
+                "tflops_per_worker": self.flops / dt / world / 1e12,
+                "mfu": (self.flops / dt / world / peak) if peak else None}
+
+
+def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer, cfg: TrainConfig, flow: FlowConfig,
+               dit_config: DiTConfig, device: torch.device, rank: int, world: int, autocast) -> dict[str, float]:
+    """One synchronous step on one pack per worker. Returns global figures: loss (NaN when
+    skipped), grad_norm, real tokens, flops, rows, skipped (1.0 when the loss or the gradient
+    was not finite on any worker: then no optimizer update happens anywhere)."""
+    batch = pack(samples).to(device)
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)  # stateless per step
+    with autocast:
+        loss, stats = flow_matching_loss(model, batch, flow, generator)
+    if rank == 0 and step in cfg.debug_nonfinite_steps:
+        loss = loss * float("nan")
+    loss_sum, loss_n, real, flops, rows, bad = _all_reduce(
+        [loss.item() * stats["loss_tokens"], stats["loss_tokens"], batch.num_tokens, pack_flops(samples, dit_config),
+         len(samples), not math.isfinite(loss.item())], device, world)
+    loss.backward()  # always, on every rank: DDP/FSDP collectives must match across ranks
+    norm = float(_full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))))
+    skipped = bool(bad) or not math.isfinite(norm)  # norm is global: grads are already reduced
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float("nan") if skipped else loss_sum / max(loss_n, 1.0), "grad_norm": norm, "tokens": real,
+            "flops": flops, "rows": rows, "skipped": float(skipped)}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config = {"train": asdict(TrainConfig), "dit": asdict(DiTConfig)}``."""
     import ray.train
@@ -330,11 +378,12 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP/FSDP also sync it)
     core = DiT(dit_config)
-    model = parallelize(core, cfg, device, world)
-    decay = [p for n, p in core.named_parameters() if p.dim() >= 2 and "null_text" not in n]
-    no_decay = [p for n, p in core.named_parameters() if not (p.dim() >= 2 and "null_text" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+    model = parallelize(core, cfg, device, world)  # the optimizer must see the (sharded) params after this
+    decays = {n: p.dim() >= 2 and "null_text" not in n for n, p in core.named_parameters()}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in core.named_parameters() if decays[n]], "weight_decay": cfg.weight_decay},
+         {"params": [p for n, p in core.named_parameters() if not decays[n]], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas)
     ema = EMA(core, cfg.ema_decay)
     flow = cfg.flow()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
@@ -342,7 +391,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = {"step": 0, "epoch": 0, "epoch_rows": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite": 0,
              "ema_updates": 0, "seed": cfg.seed, "resumed_from": [], "history": [], "dit_config": config["dit"]}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # set on a restart after a failure and on a re-run
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer, ema)
@@ -352,14 +401,13 @@ def train_loop_per_worker(config: dict) -> None:
               f"{'resuming at step ' + str(state['step']) if checkpoint else 'from scratch'}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
-    t_start = t_ckpt = t_window = time.monotonic()
-    window = {"tokens": 0.0, "slots": 0.0, "flops": 0.0, "loss": 0.0, "loss_n": 0.0, "steps": 0}
-    last_ckpt_step, done, metrics = state["step"], False, {}
-    if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
-        done = True
+    t_start = t_ckpt = time.monotonic()
+    window, metrics = Window(), {}
+    last_ckpt_step, reported_checkpoint = state["step"], False
+    done = cfg.max_steps is not None and state["step"] >= cfg.max_steps
 
-    def report(with_checkpoint: bool) -> None:
-        nonlocal t_ckpt, last_ckpt_step
+    def report(with_checkpoint: bool) -> None:  # every rank, at the same steps (a barrier)
+        nonlocal t_ckpt, last_ckpt_step, reported_checkpoint
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -367,91 +415,64 @@ def train_loop_per_worker(config: dict) -> None:
             save_checkpoint(d if rank == 0 else None, model, optimizer, ema, state)
             ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
             ray.train.report({**metrics, "checkpoint_step": state["step"]}, checkpoint=ckpt)
-        t_ckpt, last_ckpt_step = time.monotonic(), state["step"]
+        t_ckpt, last_ckpt_step, reported_checkpoint = time.monotonic(), state["step"], True
 
     while not done:
-        skip = state["epoch_rows"] // world  # resume inside an epoch (see iter_packs)
-        packs = iter_packs(shard, cfg, state["epoch"], rank, skip_rows=skip)
+        packs = iter_packs(shard, cfg, state["epoch"], rank, skip_rows=state["epoch_rows"] // world)
         steps_this_epoch = 0
-        while True:
+        while not done:
             samples = next(packs, None)
             now = time.monotonic()
             # One collective decides for everyone (clocks and shards differ between workers):
             # [workers with a pack, time is up (rank 0's clock), time to checkpoint (rank 0's clock)]
-            out_of_time = rank == 0 and cfg.max_minutes is not None and now - t_start >= 60 * cfg.max_minutes
-            ckpt_due = rank == 0 and cfg.checkpoint_every_minutes is not None and now - t_ckpt >= 60 * cfg.checkpoint_every_minutes
-            have, out_of_time, ckpt_due = _all_reduce([samples is not None, out_of_time, ckpt_due], device, world)
+            have, out_of_time, ckpt_due = _all_reduce([
+                samples is not None,
+                rank == 0 and cfg.max_minutes is not None and now - t_start >= 60 * cfg.max_minutes,
+                rank == 0 and cfg.checkpoint_every_minutes is not None and now - t_ckpt >= 60 * cfg.checkpoint_every_minutes,
+            ], device, world)
             if have < world:
                 break  # a worker's shard is exhausted: the epoch ends for all (lockstep DDP)
             step = state["step"] + 1
-            batch = pack(samples).to(device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)  # stateless per step
-            with autocast:
-                loss, stats = flow_matching_loss(model, batch, flow, generator)
-            if rank == 0 and step in cfg.debug_nonfinite_steps:
-                loss = loss * float("nan")
-            real = float(batch.num_tokens)
-            flops = pack_flops(samples, dit_config)
-            loss_sum, loss_n, real_sum, flops_sum, rows_sum, bad = _all_reduce(
-                [loss.item() * stats["loss_tokens"], stats["loss_tokens"], real, flops, len(samples),
-                 not math.isfinite(loss.item())], device, world)
-            loss.backward()  # always, on every rank: DDP/FSDP collectives must match across ranks
-            norm = float(_full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))))
-            if bad or not math.isfinite(norm):
-                state["nonfinite"] += 1  # skipped: no update, no EMA; grads thrown away
+            out = train_step(model, samples, step, optimizer, cfg, flow, dit_config, device, rank, world, autocast)
+            if out["skipped"]:
+                state["nonfinite"] += 1  # no update, no EMA; its data still counts as seen
             else:
-                optimizer.step()
                 ema.update(core)
-            optimizer.zero_grad(set_to_none=True)
-            global_loss = loss_sum / max(loss_n, 1.0) if not bad else float("nan")
-            state.update(step=step, samples_seen=state["samples_seen"] + int(rows_sum),
-                         epoch_rows=state["epoch_rows"] + int(rows_sum), tokens_seen=state["tokens_seen"] + int(real_sum),
-                         ema_updates=ema.updates)
-            state["history"].append([step, global_loss])
+                window.loss += out["loss"]
+                window.finite_steps += 1
+            window.tokens += out["tokens"]
+            window.slots += cfg.tokens_per_step * world
+            window.flops += out["flops"]
+            state.update(step=step, samples_seen=state["samples_seen"] + int(out["rows"]),
+                         epoch_rows=state["epoch_rows"] + int(out["rows"]),
+                         tokens_seen=state["tokens_seen"] + int(out["tokens"]), ema_updates=ema.updates)
+            state["history"].append([step, out["loss"]])
+            del state["history"][:-HISTORY_STEPS]
             steps_this_epoch += 1
-            w = window
-            w["tokens"] += real_sum
-            w["slots"] += cfg.tokens_per_step * world
-            w["flops"] += flops_sum
-            w["steps"] += 1
-            if not bad:
-                w["loss"] += global_loss
-                w["loss_n"] += 1
             done = bool(out_of_time) or (cfg.max_steps is not None and step >= cfg.max_steps)
             log_now = step % cfg.log_every_steps == 0 or done
             ckpt_now = bool(ckpt_due) or step % cfg.checkpoint_every_steps == 0 or done
             if log_now or ckpt_now:
-                dt = max(time.monotonic() - t_window, 1e-9)
-                metrics = {
-                    "step": step, "epoch": state["epoch"], "loss": global_loss,
-                    "loss_window": w["loss"] / max(w["loss_n"], 1), "lr": lr_at(step, cfg), "grad_norm": norm,
-                    "tokens_per_s": w["tokens"] / dt, "padding_fraction": 1.0 - w["tokens"] / max(w["slots"], 1.0),
-                    "tflops_per_worker": w["flops"] / dt / world / 1e12,
-                    "mfu": (w["flops"] / dt / world / peak) if peak else None,
-                    "nonfinite": state["nonfinite"], "samples_seen": state["samples_seen"],
-                }
+                metrics = {"step": step, "epoch": state["epoch"], "loss": out["loss"], "lr": lr_at(step, cfg),
+                           "grad_norm": out["grad_norm"], "nonfinite": state["nonfinite"],
+                           "samples_seen": state["samples_seen"], **window.metrics(world, peak)}
                 if rank == 0 and log_now:
                     mfu = f" | mfu {100 * metrics['mfu']:.1f}%" if peak else ""
                     print(f"[train] step {step}{'/' + str(cfg.max_steps) if cfg.max_steps else ''} | epoch "
                           f"{state['epoch']} | loss {metrics['loss_window']:.4f} | {metrics['tokens_per_s']:.0f} tok/s"
-                          f" | pad {100 * metrics['padding_fraction']:.1f}% | grad {norm:.3f} | lr {metrics['lr']:.2e}"
-                          f"{mfu} | nonfinite {state['nonfinite']}", flush=True)
+                          f" | pad {100 * metrics['padding_fraction']:.1f}% | grad {out['grad_norm']:.3f} | lr "
+                          f"{metrics['lr']:.2e}{mfu} | nonfinite {state['nonfinite']}", flush=True)
                 report(with_checkpoint=ckpt_now)
-                window = {"tokens": 0.0, "slots": 0.0, "flops": 0.0, "loss": 0.0, "loss_n": 0.0, "steps": 0}
-                t_window = time.monotonic()
-            if done:
-                break
-        if done:
-            break
-        assert steps_this_epoch > 0 or state["epoch_rows"] > 0, (
-            "an epoch produced no step: some worker got no data (fewer latents rows than workers?)"
-        )
-        state["epoch"] += 1
-        state["epoch_rows"] = 0
-    if state["step"] != last_ckpt_step or checkpoint is None:
-        report(with_checkpoint=True)  # the final state is always the latest checkpoint
+                window = Window()
+        if not done:
+            assert steps_this_epoch > 0 or state["epoch_rows"] > 0, (
+                "an epoch produced no step: some worker got no data (fewer latents rows than workers?)")
+            state["epoch"] += 1
+            state["epoch_rows"] = 0
+    if state["step"] != last_ckpt_step or not reported_checkpoint:
+        # the final state is always this run's latest checkpoint (also when a re-run had
+        # nothing left to do), so the driver exports exactly what training ended with
+        report(with_checkpoint=True)
 
 
 # ----------------------------------------------------------------------------------------

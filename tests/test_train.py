@@ -1,0 +1,238 @@
+"""DiT training on Ray Train, for real: 2 CPU workers (gloo DDP), a shapes-world-like latents
+table, checkpoints on local storage, a worker killed mid-run, a stopped run re-run.
+
+The dataset: 48 tiny clips of moving coloured boxes at 4 aspect ratios (1:1, 3:2, 2:3, 2:1)
+and 2 lengths (5 and 9 frames, 8-24 tokens each: small so the VAE encode stays cheap), encoded by a random-init tiny CausalVideoVAE (its latents still carry the
+boxes' structure; latent stats fitted so they are unit-variance), captions embedded by the
+real offline MiniLM TextEncoder, rows written with `pipelines.latents.make_row`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.latents import LATENTS_SCHEMA, make_row
+from pipelines.train import TrainConfig, lr_at, run_training
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0), "white": (255, 255, 255)}
+BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128)}
+SIZES = [(32, 32), (48, 32), (32, 48), (64, 32)]  # (W, H): 1:1, 3:2, 2:3, 2:1
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def render_boxes(w: int, h: int, t: int, colour: str, bg: str, motion: str, rng: np.random.Generator) -> np.ndarray:
+    """(T, H, W, 3) uint8: one box of side h/3 crossing the frame in `motion`."""
+    side = h // 3
+    frames = np.empty((t, h, w, 3), np.uint8)
+    frames[:] = BACKGROUNDS[bg]
+    dx, dy = MOTIONS[motion]
+    x0, y0 = rng.integers(0, w - side), rng.integers(0, h - side)
+    for i in range(t):
+        f = i / max(t - 1, 1)
+        x = int(np.clip(x0 + dx * f * (w - side) * 0.6, 0, w - side))
+        y = int(np.clip(y0 + dy * f * (h - side) * 0.6, 0, h - side))
+        frames[i, y : y + side, x : x + side] = COLOURS[colour]
+    return frames
+
+
+def build_latents(root: str, n: int = 48, seed: int = 0) -> tuple[str, str]:
+    """Write DATA/latents (4 parquet files) and a VAE dir; returns (data, vae_dir)."""
+    from sora.patches import grid_for, patchify
+    from sora.text_encoder import TextEncoder
+    from sora.vae import CausalVideoVAE, VAEConfig
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    vae = CausalVideoVAE(VAEConfig.preset("tiny")).eval()
+    clips, videos = [], []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        t = (5, 9)[(i // len(SIZES)) % 2]
+        colour, bg, motion = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS)), rng.choice(list(MOTIONS))
+        videos.append(torch.from_numpy(render_boxes(w, h, t, colour, bg, motion, rng)).permute(3, 0, 1, 2))  # (3, T, H, W)
+        clips.append({"clip_id": f"clip{i:03d}", "bucket": f"{w}x{h}x{t}", "fps": 8.0, "bucket_width": w,
+                      "bucket_height": h, "bucket_frames": t, "source": f"synthetic://{i}", "start_frame": 0,
+                      "caption": f"A {colour} square moves {motion} across a {bg} background."})
+    raw: list = [None] * n
+    for shape in {tuple(v.shape) for v in videos}:  # one VAE call per clip size
+        idx = [i for i, v in enumerate(videos) if tuple(v.shape) == shape]
+        with torch.no_grad():
+            z = vae.encode(torch.stack([videos[i] for i in idx]).float() / 127.5 - 1).mode()  # (B, C, T', H', W')
+        for i, zi in zip(idx, z):
+            raw[i] = zi
+    vae.fit_latent_stats(torch.cat([z.flatten() for z in raw]))
+    vae_dir = os.path.join(root, "vae")
+    vae.save_pretrained(vae_dir)
+    encoder = TextEncoder.from_pretrained(None, max_length=32)
+    states, mask = encoder.encode([c["caption"] for c in clips])
+    rows = []
+    for i, (z, clip) in enumerate(zip(raw, clips)):
+        zn = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        rows.append(make_row(tokens=patchify(zn).numpy().astype(np.float16), grid=grid_for(tuple(zn.shape)),
+                             patch_size=(1, 2, 2), latent_shape=tuple(zn.shape),
+                             text=states[i][mask[i]].numpy().astype(np.float16), text_encoder="minilm",
+                             clip=clip, caption=clip["caption"], vae="vae@test"))
+    data = os.path.join(root, "data")
+    os.makedirs(os.path.join(data, "latents"))
+    for k in range(4):
+        pq.write_table(pa.Table.from_pylist(rows[k::4], schema=LATENTS_SCHEMA), os.path.join(data, "latents", f"part-{k}.parquet"))
+    return data, vae_dir
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    t0 = time.perf_counter()
+    out = build_latents(str(tmp_path_factory.mktemp("train-data")))
+    print(f"\nlatents dataset built in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def small_config(**overrides) -> TrainConfig:
+    """2 workers of half a CPU each (the test Ray has 2 CPUs; Ray Data's reads need some)."""
+    base = dict(preset="tiny", workers=2, cpus_per_worker=0.5, max_steps=20, tokens_per_step=64, lr=2e-3,
+                warmup_steps=5, ema_decay=0.99, checkpoint_every_steps=10, checkpoint_every_minutes=None,
+                log_every_steps=5, shuffle_buffer_rows=16, seed=0, max_failures=2, cache_data=True)
+    return TrainConfig(**{**base, **overrides})
+
+
+def committed_step(run_dir: str) -> int:
+    """Step of the latest checkpoint Ray Train has *registered* (its manager snapshot). Files
+    of a checkpoint appear in storage before the controller registers it; a worker killed in
+    between restarts from the previous one, so the test waits for the registration."""
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            latest = json.load(f).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):  # not there yet, or being rewritten
+        return -1
+    return int(latest.get("metrics", {}).get("checkpoint_step", -1))
+
+
+def kill_a_worker_after_checkpoint(run_dir: str, after_step: int, thread: threading.Thread) -> int:
+    """SIGKILL one Ray Train worker process of this test's Ray right after a checkpoint past
+    ``after_step`` is registered. The PIDs come from Ray's actor table (GCS) beforehand, so the
+    kill lands within ~0.1 s, well before the run's last step. Returns that checkpoint's step."""
+    import ray
+
+    deadline = time.monotonic() + 180
+    workers: list = []
+    while len(workers) != 2:
+        assert time.monotonic() < deadline and thread.is_alive(), "the training workers did not start"
+        workers = [a for a in ray._private.state.actors().values()
+                   if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
+        time.sleep(0.2)
+    while (step := committed_step(run_dir)) <= after_step:
+        assert time.monotonic() < deadline and thread.is_alive(), "no new checkpoint was registered"
+        time.sleep(0.05)
+    os.kill(int(workers[-1]["Pid"]), signal.SIGKILL)
+    return step
+
+
+@pytest.fixture(scope="module")
+def two_runs(ray_session, latents, tmp_path_factory):
+    """Run 1: 20 steps with a NaN loss injected at step 7. Run 2: the same command (same
+    storage and name) with max_steps 80; a worker is SIGKILLed after its first checkpoint."""
+    data, vae = latents
+    root = str(tmp_path_factory.mktemp("train-runs"))
+    store = os.path.join(root, "store")
+    t0 = time.perf_counter()
+    first = run_training(data, os.path.join(root, "out1"), vae, small_config(max_steps=20, debug_nonfinite_steps=(7,)),
+                         storage_path=store, name="run")
+    t1 = time.perf_counter()
+    # AdamW's own per-parameter step counters after run 1 (run 2 rotates this checkpoint away)
+    optim = torch.load(os.path.join(first["checkpoint"], "optimizer.pt"), weights_only=True)
+    first["adam_steps"] = {float(s["step"]) for s in optim["state"].values()}
+    second: dict = {}
+    cfg2 = small_config(max_steps=80)
+    thread = threading.Thread(target=lambda: second.update(
+        run_training(data, os.path.join(root, "out2"), vae, cfg2, storage_path=store, name="run")))
+    thread.start()
+    killed_after = kill_a_worker_after_checkpoint(os.path.join(store, "run"), 20, thread)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and second, "run 2 did not finish after its worker was killed"
+    print(f"\nrun 1: {t1 - t0:.1f}s, run 2 (with a restart): {time.perf_counter() - t1:.1f}s")
+    return {"first": first, "second": second, "root": root, "killed_after": killed_after}
+
+
+def test_lr_schedule_is_stateless():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, schedule="cosine", max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(5, cfg) == pytest.approx(0.5)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_loss_falls(two_runs):
+    losses = np.array([l for _, l in two_runs["second"]["history"]], dtype=float)
+    finite = losses[np.isfinite(losses)]
+    first, last = finite[:5].mean(), finite[-5:].mean()
+    print(f"\nloss: mean of the first 5 steps {first:.4f}, of the last 5 steps {last:.4f}")
+    assert last < 0.7 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
+
+
+def test_rerun_continues_from_the_last_step(two_runs):
+    first, second = two_runs["first"], two_runs["second"]
+    assert first["steps"] == 20 and first["resumed_from"] == []
+    assert second["steps"] == 80 and second["resumed_from"][0] == 20, second["resumed_from"]
+    # one history over both runs and the restart: every step exactly once, in order
+    assert [s for s, _ in second["history"]] == list(range(1, 81))
+    np.testing.assert_array_equal(np.array(second["history"][:20]), np.array(first["history"]))  # NaN == NaN here
+
+
+def test_killed_worker_is_replaced_and_resumes_from_the_last_checkpoint(two_runs):
+    resumed = two_runs["second"]["resumed_from"]
+    assert len(resumed) == 2, f"expected the re-run and one restart, got resumes at {resumed}"
+    assert two_runs["killed_after"] <= resumed[1] < 80, (two_runs["killed_after"], resumed)
+    assert resumed[1] % 10 == 0  # a checkpoint step (every 10), never 0
+
+
+def test_nonfinite_loss_is_skipped_and_counted(two_runs):
+    first, second = two_runs["first"], two_runs["second"]
+    assert first["nonfinite"] == 1 and second["nonfinite"] == 1
+    assert first["history"][6][0] == 7 and np.isnan(first["history"][6][1])
+    # no optimizer update on the skipped step: AdamW's own step counter is steps - 1
+    assert first["adam_steps"] == {19.0}
+
+
+def test_output_dir_is_a_complete_model(two_runs):
+    from safetensors.torch import load_file
+
+    from sora.dit import DiT
+    from sora.model_dir import read_index
+    from sora.vae import load_vae
+
+    out = os.path.join(two_runs["root"], "out2")
+    index = read_index(out)
+    assert index["text_encoder"]["path"] is None  # "minilm" -> the offline default
+    assert index["training"]["steps"] == 80 and np.isfinite(index["training"]["final_loss"])
+    assert index["patch_size"] == [1, 2, 2] and index["dit"] == "dit" and index["vae"] == "vae"
+    assert load_vae(os.path.join(out, index["vae"])).latent_channels == 8
+    dit = DiT.from_pretrained(os.path.join(out, "dit")).eval()
+    ema = DiT(dit.config).eval()
+    ema.load_state_dict(load_file(os.path.join(two_runs["second"]["checkpoint"], "ema.safetensors")))
+    g = torch.Generator().manual_seed(0)
+    N, L = 24, 5
+    args = (torch.randn(N, dit.config.in_dim, generator=g), torch.randint(0, 4, (N, 3)), torch.rand(N, generator=g),
+            torch.zeros(N, dtype=torch.long), torch.randn(1, L, dit.config.text_dim, generator=g),
+            torch.ones(1, L, dtype=torch.bool))
+    with torch.no_grad():
+        a, b = dit(*args), ema(*args)
+    assert torch.equal(a, b)
+    assert a.abs().mean() > 1e-3  # trained: no longer the adaLN-Zero all-zero output
+
+
+def test_cli_train_without_latents_is_a_clear_error(tmp_path, capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path / "nothing"), "--vae", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert "holds no rows" in str(exc.value) and "sora encode" in str(exc.value)
