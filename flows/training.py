@@ -21,12 +21,14 @@ from flows.data import encode_task
 
 
 @task(retries=1, retry_delay_seconds=2, log_prints=True)
-def train_vae_task(data: str, out: str, max_minutes: float = 10.0, workers: int = 2, preset: str = "tiny") -> dict:
+def train_vae_task(data: str, out: str, max_minutes: float = 10.0, workers: int = 2, preset: str = "tiny",
+                   holdout: int = 100) -> dict:
     from pipelines.ray_utils import ensure_ray
     from pipelines.train_vae import VAETrainConfig, run_train_vae
 
     ensure_ray()
-    summary = run_train_vae(VAETrainConfig(data=data, out=out, preset=preset, workers=workers, max_minutes=max_minutes))
+    summary = run_train_vae(VAETrainConfig(data=data, out=out, preset=preset, workers=workers, max_minutes=max_minutes,
+                                           holdout=holdout))
     print(f"train-vae: held-out PSNR {summary['heldout_psnr_db']:.2f} dB after {summary['steps']} steps")
     return summary
 

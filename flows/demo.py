@@ -1,0 +1,228 @@
+"""`sora demo`: the whole system on the embedded default, end to end, with a report.
+
+    shapes world -> data flow (ingest -> caption) -> train VAE -> encode -> train captioner
+    -> train DiT -> samples (6 aspect ratios, image-to-video, extension, join, draft -> full)
+    -> eval on held-out prompts -> DIR/report.html + DIR/metrics.json
+
+Everything runs on the local machine (Ray local, Prefect's temporary server) with no network.
+The default run fits in ~45 minutes on 2 cores; `--quick` in ~3 minutes (tests use it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from prefect import flow
+
+from flows.data import caption_task, encode_task, ingest_task
+
+
+@dataclass
+class DemoPlan:
+    clips: int  # shapes-world training clips
+    tiny_clips: bool  # TINY clip ranges (fast) instead of the default ranges
+    vae_minutes: float
+    vae_holdout: int
+    captioner_minutes: float
+    captioner_eval: int
+    dit_minutes: float
+    dit_steps: int | None
+    eval_prompts: int
+    steps: int  # sampling steps for samples and eval
+    sample_size: tuple[int, int]  # (width, height) at the 16:9 sample; others keep its pixel count
+    sample_frames: int
+    dit_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields
+
+    def estimate_minutes(self) -> float:
+        return (self.vae_minutes + self.captioner_minutes + self.dit_minutes + 1.0
+                + self.clips * 0.02 + self.eval_prompts * 0.03 + (0.5 if self.tiny_clips else 3.0))
+
+
+PLANS = {
+    "default": DemoPlan(clips=480, tiny_clips=False, vae_minutes=8.0, vae_holdout=48, captioner_minutes=4.0,
+                        captioner_eval=100, dit_minutes=20.0, dit_steps=None, eval_prompts=100, steps=20,
+                        sample_size=(112, 64), sample_frames=17),
+    "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
+                      captioner_eval=8, dit_minutes=0.3, dit_steps=30, eval_prompts=6, steps=4,
+                      sample_size=(64, 32), sample_frames=9),
+}
+
+ASPECTS = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "2.39:1": 2.39}
+
+
+def say(msg: str, t0: float, plan_minutes: float) -> None:
+    print(f"[demo {(time.monotonic() - t0) / 60:5.1f}/{plan_minutes:.0f} min] {msg}", flush=True)
+
+
+def _size_for(aspect: float, base: tuple[int, int]) -> tuple[int, int]:
+    from sora.buckets import fit_size
+
+    return fit_size(aspect, base[0] * base[1], 16)
+
+
+def train_captioner_step(data: str, out: str, plan: DemoPlan) -> dict:
+    """The DALL-E 3 / Sora recipe on the shapes world: train a captioner on clips with good
+    (ground-truth) captions, score it on held-out clips it never saw."""
+    from pipelines.caption import read_captions
+    from pipelines.ingest import read_clips
+    from pipelines.train_vae import split_clips
+    from sora.captioner import Captioner, train_captioner
+    from sora.shapes import parse_prompt
+    from sora.video_io import read_frames
+
+    clips = read_clips(data).to_pylist()
+    caps = dict(zip(read_captions(data)["clip_id"].to_pylist(), read_captions(data)["caption"].to_pylist()))
+    train_ids, held = split_clips([c["clip_id"] for c in clips], plan.captioner_eval)
+
+    def frames_of(c):
+        n = c["num_frames"]
+        return read_frames(c["source"], [c["start_frame"] + int(i * (n - 1) / 3) for i in range(4)], size=(96, 64) if
+                           c["width"] >= c["height"] else (64, 96))
+
+    examples = [(frames_of(c), caps[c["clip_id"]]) for c in clips if c["clip_id"] in train_ids and c["clip_id"] in caps]
+    stats = train_captioner(examples, out, preset="tiny", max_minutes=plan.captioner_minutes)
+    cap = Captioner.from_pretrained(out)
+    held_rows = [c for c in clips if c["clip_id"] in held and c["clip_id"] in caps]
+    predicted = cap.caption([frames_of(c) for c in held_rows]) if held_rows else []
+    correct = {k: [] for k in ("color", "shape", "motion")}
+    for c, text in zip(held_rows, predicted):
+        want, got = parse_prompt(caps[c["clip_id"]]), parse_prompt(text)
+        for k in correct:
+            correct[k].append(want[k] == got[k])
+    acc = {k: float(np.mean(v)) if v else None for k, v in correct.items()}
+    return {"train": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}, "heldout_clips": len(held_rows),
+            "accuracy": acc, "examples": [{"truth": caps[c["clip_id"]], "caption": t} for c, t in
+                                          list(zip(held_rows, predicted))[:5]]}
+
+
+def make_samples(model: str, out: str, plan: DemoPlan) -> list[dict]:
+    """Samples of every mode; returns rows for the report (file names relative to out)."""
+    import torch
+
+    from sora.pipeline import SoraPipeline, export_to_video
+    from sora.video_io import write_webp
+
+    pipe = SoraPipeline.from_pretrained(model)
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    rows = []
+
+    def save(name: str, frames: np.ndarray, title: str, prompt: str, **info) -> np.ndarray:
+        export_to_video(frames, os.path.join(out, "samples", f"{name}.mp4"), fps=8)
+        write_webp(os.path.join(out, "samples", f"{name}.webp"), frames, fps=8)
+        rows.append({"name": name, "title": title, "prompt": prompt, "video": f"samples/{name}.mp4",
+                     "preview": f"samples/{name}.webp", "shape": list(frames.shape), **info})
+        return frames
+
+    common = dict(num_inference_steps=plan.steps, num_frames=plan.sample_frames)
+    prompts = ["A large red circle moves from left to right across a black background.",
+               "A large yellow square moves up across a navy background.",
+               "A large cyan triangle moves from right to left across a gray background.",
+               "A large magenta circle moves down across a black background.",
+               "A large green square moves from left to right across a gray background.",
+               "A large white triangle moves up across a navy background."]
+    videos = {}
+    for (label, aspect), prompt in zip(ASPECTS.items(), prompts):
+        w, h = _size_for(aspect, plan.sample_size)
+        frames = pipe(prompt, width=w, height=h, generator=torch.Generator().manual_seed(1), **common).frames
+        videos[label] = save(f"t2v_{label.replace(':', 'x').replace('.', '_')}", frames, f"text-to-video {label} ({w}x{h})",
+                             prompt)
+    w, h = plan.sample_size
+    first = videos["16:9"]
+    img = first[0]
+    prompt = prompts[0]
+    save("i2v", pipe.image_to_video(prompt, img, width=w, height=h, generator=torch.Generator().manual_seed(2),
+                                    **common).frames, "image-to-video (first frame given)", prompt)
+    save("extend_forward", pipe.extend(prompt, first, direction="forward", width=w, height=h,
+                                       generator=torch.Generator().manual_seed(3), **common).frames,
+         "extend forward", prompt)
+    save("extend_backward", pipe.extend(prompt, first, direction="backward", width=w, height=h,
+                                        generator=torch.Generator().manual_seed(4), **common).frames,
+         "extend backward", prompt)
+    second = pipe(prompts[4], width=w, height=h, generator=torch.Generator().manual_seed(5), **common).frames
+    save("join", pipe.join(first, second, prompt, width=w, height=h, generator=torch.Generator().manual_seed(6),
+                           **common).frames, "join (end of A -> start of B)", prompt)
+    out_draft = pipe.draft_and_refine(prompt, width=w, height=h, generator=torch.Generator().manual_seed(7), **common)
+    save("draft", out_draft.draft_frames, "draft (low resolution)", prompt)
+    save("refined", out_draft.frames, "draft refined at full resolution", prompt)
+    return rows
+
+
+@flow(name="sora-demo", log_prints=True)
+def demo_flow(out: str = "demo", quick: bool = False) -> dict:
+    from flows.report import write_report
+    from flows.training import eval_task, train_dit_task, train_vae_task
+    from sora.shapes import DEFAULT_RANGES, TINY, synth_dataset
+
+    plan = PLANS["quick" if quick else "default"]
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.monotonic()
+    est = plan.estimate_minutes()
+    say(f"starting the {'quick' if quick else 'default'} demo: about {est:.0f} minutes on 2 cores; output in {out}", t0, est)
+    metrics: dict = {"plan": asdict(plan), "timings_s": {}}
+
+    def phase(name: str, start: float) -> None:
+        metrics["timings_s"][name] = round(time.monotonic() - start, 1)
+
+    s = time.monotonic()
+    raw, data = os.path.join(out, "raw"), os.path.join(out, "data")
+    say(f"1/8 synth: {plan.clips} shapes-world clips", t0, est)
+    synth_dataset(raw, plan.clips, seed=1, ranges=TINY if plan.tiny_clips else DEFAULT_RANGES)
+    phase("synth", s)
+
+    s = time.monotonic()
+    say("2/8 data flow: ingest -> caption (ground-truth sidecars)", t0, est)
+    ingest = ingest_task(sources=[raw], data=data, min_motion=0.0, resolution="64p")
+    caption_task(data)
+    metrics["ingest"] = {k: ingest[k] for k in ("clips", "quarantine_rows", "wall_seconds", "buckets")}
+    phase("data", s)
+
+    s = time.monotonic()
+    say(f"3/8 train the VAE ({plan.vae_minutes} min)", t0, est)
+    vae_dir = os.path.join(out, "vae")
+    vae = train_vae_task(data, vae_dir, plan.vae_minutes, holdout=plan.vae_holdout)
+    metrics["vae"] = {k: vae[k] for k in ("heldout_psnr_db", "heldout_clips", "steps", "train_minutes")}
+    phase("train_vae", s)
+
+    s = time.monotonic()
+    say("4/8 encode clips to latent patches", t0, est)
+    metrics["encode"] = encode_task(data, vae_dir)
+    phase("encode", s)
+
+    s = time.monotonic()
+    say(f"5/8 train the captioner ({plan.captioner_minutes} min) and score it on held-out clips", t0, est)
+    metrics["captioner"] = train_captioner_step(data, os.path.join(out, "captioner"), plan)
+    phase("train_captioner", s)
+
+    s = time.monotonic()
+    say(f"6/8 train the DiT ({plan.dit_minutes} min)", t0, est)
+    model = os.path.join(out, "model")
+    # cache_data: materialise the (small) latents before the 2 workers take both CPUs, so the
+    # streaming read never waits for a CPU that the trainer holds (a deadlock on 2 cores).
+    dit = train_dit_task(data, model, vae_dir, "tiny", 2, plan.dit_minutes, plan.dit_steps,
+                         overrides={"cache_data": True, **plan.dit_overrides})
+    metrics["dit"] = {k: v for k, v in dit.items() if k != "history"}
+    losses = [loss for _, loss in dit.get("history", [])]
+    phase("train_dit", s)
+
+    s = time.monotonic()
+    say("7/8 samples: 6 aspect ratios, image-to-video, extension, join, draft -> full", t0, est)
+    samples = make_samples(model, out, plan)
+    phase("samples", s)
+
+    s = time.monotonic()
+    say(f"8/8 eval on {plan.eval_prompts} held-out prompts", t0, est)
+    report = eval_task(model, plan.eval_prompts, plan.steps)
+    metrics["eval"] = {k: v for k, v in report.items() if k != "rows"}
+    phase("eval", s)
+
+    metrics["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    write_report(os.path.join(out, "report.html"), metrics, samples, losses)
+    say(f"done in {metrics['total_minutes']} min: {out}/report.html, {out}/metrics.json", t0, est)
+    return metrics
