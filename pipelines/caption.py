@@ -33,6 +33,23 @@ def read_captions(data: str) -> pa.Table:
     return storage.read_table(storage.join(data, "captions"), schema=CAPTIONS_SCHEMA)
 
 
+def is_sidecar(captioner: str) -> bool:
+    return captioner.startswith("sidecar:")
+
+
+def best_captions(data: str) -> dict[str, str]:
+    """One caption per clip: a model's recaption wins over a sidecar caption (the Sora /
+    DALL-E 3 recipe trains on recaptions); among model captions the lexically last captioner
+    name wins, so the choice never depends on file order."""
+    t = read_captions(data)
+    best: dict[str, tuple[tuple[int, str], str]] = {}
+    for cid, text, who in zip(t["clip_id"].to_pylist(), t["caption"].to_pylist(), t["captioner"].to_pylist()):
+        rank = (0 if is_sidecar(who) else 1, who)
+        if cid not in best or rank > best[cid][0]:
+            best[cid] = (rank, text)
+    return {cid: text for cid, (_, text) in best.items()}
+
+
 @dataclass
 class CaptionConfig:
     model: str | None = None  # a local Hugging Face model dir; None = use sidecar captions
@@ -42,6 +59,7 @@ class CaptionConfig:
     actors: int = 1  # actor pool size (one model copy each)
     num_gpus: float | None = None  # per actor; None = 1 if the cluster has GPUs, else 0
     decode_timeout: float = 60.0
+    recaption: bool = False  # with a model: also caption clips that only have a sidecar caption
 
 
 def sample_indices(start: int, num_frames: int, k: int) -> list[int]:
@@ -139,7 +157,9 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
     """Caption every clip of DATA that has no caption yet. Returns counts."""
     t0 = time.perf_counter()
     clips = read_clips(data)
-    done = set(read_captions(data)["clip_id"].to_pylist())
+    caps = read_captions(data)
+    done = {c for c, who in zip(caps["clip_id"].to_pylist(), caps["captioner"].to_pylist())
+            if not (cfg.recaption and cfg.model is not None and is_sidecar(who))}
     todo = clips.filter(pc.invert(pc.is_in(clips["clip_id"], pa.array(sorted(done), pa.string()))))
     result = {"clips": clips.num_rows, "already_captioned": len(done & set(clips["clip_id"].to_pylist())),
               "captioned": 0, "failed": 0, "actors": [], "model_loads_per_actor": {}}

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import storage
-from pipelines.caption import read_captions
+from pipelines.caption import best_captions
 from pipelines.ingest import QUARANTINE_SCHEMA, read_clips
 from pipelines.latents import LATENTS_SCHEMA, make_row, read_latents
 
@@ -134,9 +134,7 @@ class EncodeStage:
 def pending_clips(data: str) -> tuple[pa.Table, int, int]:
     """Captioned clips without latents yet, plus (clips without a caption, already encoded)."""
     clips = read_clips(data)
-    caps = read_captions(data)
-    # one caption per clip: the last written wins (a recaption replaces, never duplicates)
-    latest: dict[str, str] = dict(zip(caps["clip_id"].to_pylist(), caps["caption"].to_pylist()))
+    latest = best_captions(data)  # one caption per clip; a model recaption beats a sidecar
     done = set(read_latents(data, columns=["clip_id"])["clip_id"].to_pylist())
     ids = clips["clip_id"].to_pylist()
     has_caption = pa.array([c in latest for c in ids])

@@ -18,7 +18,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # a private local instance: no token auth to set up (ENV.md), no dashboard
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False)  # worker prints (training progress) reach the console
 
 
 def has_gpus() -> bool:
