@@ -30,7 +30,7 @@ def build_tiny_model(directory: str, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     vae = CausalVideoVAE(VAEConfig(latent_channels=4, base_channels=8, channel_multipliers=(1, 2, 2),
-                                   num_res_blocks=1, patch_size=2)).eval()
+                                   num_res_blocks=1, patch_size=2, norm_groups=4)).eval()
     text_encoder = TextEncoder.from_pretrained(None, max_length=32)
     dit = DiT(DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=text_encoder.dim)).eval()
     # adaLN-Zero makes an untrained DiT output exactly 0 (then every prompt gives the same

@@ -1,0 +1,515 @@
+"""The recaptioner: descriptive captions for clips from any Hugging Face vision-language model.
+
+Sora (and DALL-E 3 before it, Betker et al. 2023) trains on *descriptive* captions written by a
+captioner model rather than on whatever short text came with the data. Two halves live here:
+
+1. `Captioner` - inference. `Captioner.from_pretrained(dir)` loads ANY image-text-to-text model
+   from a local directory through `AutoModelForImageTextToText` + `AutoProcessor` (offline),
+   asks it for a caption through the processor's chat template, and decodes greedily. Processors
+   with a video processor get the sampled frames as a video; image-only ones get a *frame grid*
+   (k frames tiled into one image, time order left to right then top to bottom) so that motion
+   is visible in a single picture. Processors with no chat template (BLIP, ViT+GPT2) caption the
+   image unconditionally, as they were trained to.
+
+2. Our own small captioner, built from stock Hugging Face classes so it loads back through the
+   very same `Captioner.from_pretrained`: a LLaVA (`LlavaForConditionalGeneration`: a CLIP vision
+   tower, a 2-layer projector, a Llama decoder) sized in kilobytes-to-megabytes, with a
+   word-level tokenizer trained on the caption vocabulary and a `CLIPImageProcessorPil` (no
+   torchvision on the target machines). `train_captioner` is a plain torch loop on (clip, caption)
+   pairs that saves a normal HF model dir.
+
+Why LLaVA: of the classes `AutoModelForImageTextToText` maps in transformers 5, it is the
+simplest one whose processor has a chat template and a PIL image processor, so our model goes
+through exactly the code path a real VLM (SmolVLM, Qwen2-VL, LLaVA-1.5) does. BLIP loads too (no
+chat template); `vision-encoder-decoder` (ViT + GPT2) has a model mapping but no processor class,
+so `_load_processor` pairs its image processor and tokenizer by hand.
+
+Tiny CPU run (seconds; see `benchmarks/bench_captioner.py` for the 8-minute run):
+
+    from sora import shapes
+    specs = [shapes.sample_clip(0, i, ranges=shapes.TINY) for i in range(64)]
+    train_captioner(((shapes.render(s), s.caption()) for s in specs), "cap", preset="debug",
+                    max_minutes=0.5)
+    Captioner.from_pretrained("cap").caption([shapes.render(specs[0])])   # -> ["A large ..."]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+# Asked of every model. Short on purpose: our own model reads it on every example, and it is a
+# plain instruction any instruction-tuned VLM follows.
+DEFAULT_PROMPT = "Describe this video in one sentence."
+# Prepended in grid mode so a general VLM knows how to read the picture.
+GRID_NOTE = "The image shows {k} frames in time order, left to right, top to bottom."
+SIDECAR = "captioner.json"  # how a model dir wants to be asked: num_frames and prompt
+
+# ----------------------------------------------------------------------------------------
+# Frames
+# ----------------------------------------------------------------------------------------
+
+
+def sample_frame_indices(num_frames: int, k: int) -> np.ndarray:
+    """k frame indices spread evenly over a clip of num_frames, first and last included (so the
+    whole motion is seen). k == 1 takes the middle frame; k > num_frames repeats frames.
+
+    Returns (k,) int64, non-decreasing, in [0, num_frames)."""
+    assert num_frames >= 1, f"a clip needs at least one frame, got {num_frames}"
+    assert k >= 1, f"k must be >= 1, got {k}"
+    if k == 1:
+        return np.array([(num_frames - 1) // 2], dtype=np.int64)
+    return np.rint(np.linspace(0, num_frames - 1, k)).astype(np.int64)
+
+
+def grid_shape(k: int) -> tuple[int, int]:
+    """(rows, cols) of the grid holding k frames: as square as possible, cols >= rows."""
+    cols = math.ceil(math.sqrt(k))
+    return math.ceil(k / cols), cols
+
+
+def frame_grid(frames: np.ndarray, k: int = 4, max_tile: int | None = 224) -> np.ndarray:
+    """Tile k evenly sampled frames of a clip into one image.
+
+    Args:
+        frames: (T, H, W, 3) uint8.
+        k: frames to show; the grid is `grid_shape(k)`, filled in time order left to right then
+            top to bottom; unused cells are black.
+        max_tile: frames whose longer side exceeds this are first shrunk (aspect kept) so a 4K
+            clip does not make a 4K grid; None keeps them as they are.
+    Returns:
+        (rows * h, cols * w, 3) uint8 where (h, w) is the (possibly shrunk) frame size.
+    """
+    assert frames.ndim == 4 and frames.shape[-1] == 3, f"frames must be (T, H, W, 3), got {frames.shape}"
+    assert frames.dtype == np.uint8, f"frames must be uint8, got {frames.dtype}"
+    picked = frames[sample_frame_indices(frames.shape[0], k)]  # (k, H, W, 3)
+    h, w = picked.shape[1:3]
+    if max_tile is not None and max(h, w) > max_tile:
+        from PIL import Image
+
+        s = max_tile / max(h, w)
+        h, w = max(1, round(h * s)), max(1, round(w * s))
+        picked = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in picked])
+    rows, cols = grid_shape(k)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, f in enumerate(picked):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = f
+    return grid
+
+
+# ----------------------------------------------------------------------------------------
+# Loading any HF image-text-to-text model
+# ----------------------------------------------------------------------------------------
+
+
+class _ImageTextProcessor:
+    """An image processor and a tokenizer glued together, for model types with no processor
+    class (`vision-encoder-decoder`). Mimics the two calls `Captioner` makes."""
+
+    chat_template = None
+    video_processor = None
+
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+    def __call__(self, images=None, return_tensors="pt", **_):
+        return self.image_processor(images=images, return_tensors=return_tensors)
+
+    def batch_decode(self, ids, **kw):
+        return self.tokenizer.batch_decode(ids, **kw)
+
+
+def _load_processor(path: str):
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        proc = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        proc = None
+    if proc is not None and hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+        return proc
+    # No processor class for this model type (AutoProcessor then returns a bare tokenizer or
+    # image processor): pair the two by hand.
+    return _ImageTextProcessor(AutoImageProcessor.from_pretrained(path, local_files_only=True),
+                               AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _user_message(mode: str, k: int, prompt: str) -> list[dict]:
+    if mode == "video":
+        return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    note = GRID_NOTE.format(k=k)
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{note} {prompt}"}]}]
+
+
+def prompt_text(processor, mode: str, k: int, prompt: str) -> str | None:
+    """The full chat-formatted prompt string, or None for a processor with no chat template."""
+    if getattr(processor, "chat_template", None) is None:
+        return None
+    return processor.apply_chat_template(_user_message(mode, k, prompt), add_generation_prompt=True,
+                                         tokenize=False)
+
+
+class Captioner:
+    """Descriptive captions for clips from a Hugging Face image-text-to-text model.
+
+    `mode` is "video" (processor has a video processor: the k sampled frames go in as a video)
+    or "grid" (one frame-grid image per clip); "auto" picks by the processor. Greedy decoding,
+    so the same clip always gets the same caption.
+    """
+
+    def __init__(self, model, processor, *, name: str, prompt: str = DEFAULT_PROMPT, num_frames: int = 4,
+                 max_new_tokens: int = 64, batch_size: int = 16, mode: str = "auto",
+                 max_tile: int | None = 224):
+        if mode == "auto":
+            mode = "video" if getattr(processor, "video_processor", None) is not None else "grid"
+        assert mode in ("video", "grid"), f"mode must be 'auto', 'video' or 'grid', got {mode!r}"
+        self.model, self.processor, self.name, self.prompt = model.eval(), processor, name, prompt
+        self.num_frames, self.max_new_tokens, self.batch_size = num_frames, max_new_tokens, batch_size
+        self.mode, self.max_tile = mode, max_tile
+        tok = getattr(processor, "tokenizer", None)
+        if tok is not None and not model.config.is_encoder_decoder:
+            # Decoder-only models continue the LAST token of each row: pad on the left.
+            tok.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu", max_new_tokens: int = 64,
+                        dtype: torch.dtype | None = None, **kw) -> "Captioner":
+        """Load a local HF model dir (offline). kw go to `Captioner(...)`; `num_frames` and
+        `prompt` default to the dir's captioner.json (written by `train_captioner`) if any."""
+        from transformers import AutoModelForImageTextToText
+
+        assert os.path.isdir(path), f"captioner path {path!r} is not a directory"
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
+        sidecar = os.path.join(path, SIDECAR)
+        if os.path.isfile(sidecar):
+            with open(sidecar) as f:
+                saved = json.load(f)
+            for key in ("num_frames", "prompt"):
+                if key in saved:
+                    kw.setdefault(key, saved[key])
+        name = f"{model.config.model_type}:{os.path.basename(os.path.normpath(path))}"
+        return cls(model.to(device), _load_processor(path), name=name, max_new_tokens=max_new_tokens, **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def inputs(self, clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Processor outputs for a batch of (T, H, W, 3) uint8 clips, on the model's device."""
+        from PIL import Image
+
+        text = prompt_text(self.processor, self.mode, self.num_frames, self.prompt)
+        kw: dict[str, Any] = {"return_tensors": "pt"}
+        if text is not None:
+            kw.update(text=[text] * len(clips), padding=True)
+        if self.mode == "video":
+            kw["videos"] = [c[sample_frame_indices(c.shape[0], self.num_frames)] for c in clips]
+        else:
+            kw["images"] = [Image.fromarray(frame_grid(c, self.num_frames, self.max_tile)) for c in clips]
+        enc = self.processor(**kw)
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    @torch.no_grad()
+    def caption(self, clips: list[np.ndarray]) -> list[str]:
+        """One caption per clip. clips: list of (T, H, W, 3) uint8 arrays (any sizes)."""
+        out: list[str] = []
+        for i in range(0, len(clips), self.batch_size):
+            enc = self.inputs(clips[i:i + self.batch_size])
+            ids = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
+            prompt_ids = enc.get("input_ids")
+            if (prompt_ids is not None and not self.model.config.is_encoder_decoder
+                    and ids.shape[1] >= prompt_ids.shape[1]
+                    and torch.equal(ids[:, :prompt_ids.shape[1]], prompt_ids)):
+                ids = ids[:, prompt_ids.shape[1]:]  # decoder-only models echo the prompt
+            out += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        return out
+
+
+# ----------------------------------------------------------------------------------------
+# Our own captioner: a tiny LLaVA
+# ----------------------------------------------------------------------------------------
+
+# A plain-text chat format: "user: <image> ... \nassistant: ". Word-level tokens, no BOS.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+
+
+@dataclass
+class CaptionerConfig:
+    """Size of our LLaVA captioner and of its training run."""
+
+    num_frames: int = 4  # frames in the grid (2x2)
+    image_size: int = 64  # the grid is resized to image_size^2, so each frame to image_size/2
+    # The vision tower. "swin" (Liu et al. 2021): patch 4, windowed attention, a patch merge per
+    # stage; its locality lets it learn small shapes from a few thousand clips, where a plain
+    # ViT ("clip") of the same cost was still at ~60% shape accuracy after 8 cpu-minutes.
+    vision: str = "swin"
+    patch_size: int = 4  # first patch; swin then halves the grid per extra stage
+    vision_dim: int = 48  # swin: first-stage width, doubled per stage; clip: the width
+    vision_depths: tuple[int, ...] = (2, 2)  # swin: blocks per stage; clip: sum() layers
+    vision_heads: tuple[int, ...] = (3, 6)  # per stage (clip uses the first)
+    window_size: int = 8  # swin attention window, in patches (a whole frame at stage 1)
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_steps: int = 4000  # the cosine schedule's length; the time budget may stop it earlier
+
+    @property
+    def feature_stride(self) -> int:
+        """Pixels per image token handed to the language model."""
+        if self.vision == "swin":
+            return self.patch_size * 2 ** (len(self.vision_depths) - 1)
+        return self.patch_size
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per clip: a grid of (image_size / feature_stride)^2 (+1 CLS for clip)."""
+        return (self.image_size // self.feature_stride) ** 2 + (self.vision == "clip")
+
+    @staticmethod
+    def preset(name: str) -> "CaptionerConfig":
+        assert name in PRESETS, f"unknown captioner preset {name!r}, have {sorted(PRESETS)}"
+        return replace(PRESETS[name])
+
+
+PRESETS: dict[str, CaptionerConfig] = {
+    # Unit tests: trains in seconds, learns only the caption template.
+    "debug": CaptionerConfig(image_size=32, patch_size=4, vision_dim=16, vision_depths=(1, 1), vision_heads=(2, 2),
+                             window_size=4, text_dim=64, text_layers=1, text_heads=2, batch_size=16, lr=3e-3,
+                             warmup_steps=5, max_steps=200),
+    # The shapes world on a CPU in minutes (benchmarks/bench_captioner.py, `sora demo`).
+    "tiny": CaptionerConfig(),
+    # A start for natural video: a 224 px grid of 8 frames (3x3), a Swin-T-sized tower.
+    "base": CaptionerConfig(num_frames=8, image_size=224, patch_size=4, vision_dim=96, vision_depths=(2, 2, 6, 2),
+                            vision_heads=(3, 6, 12, 24), window_size=7, text_dim=512, text_layers=6, text_heads=8,
+                            batch_size=64, lr=3e-4, warmup_steps=500, max_steps=50000),
+}
+
+
+def build_tokenizer(texts: Iterable[str]):
+    """A word-level tokenizer whose vocabulary is every whitespace-separated word of `texts`
+    (punctuation stays attached: "background." is one token, so decoding is an exact inverse of
+    single-spaced text) plus the special tokens. Returns a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.WhitespaceSplit()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} - set(SPECIALS))
+    vocab = {w: i for i, w in enumerate(list(SPECIALS) + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # join with single spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"}, chat_template=CHAT_TEMPLATE)
+
+
+def make_image_processor(cfg: CaptionerConfig):
+    """The PIL (torchvision-free) CLIP image processor: grid -> (3, S, S) in [-1, 1]."""
+    from transformers import CLIPImageProcessorPil
+
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    # Stretch to a square, no crop: a centre crop would cut off the first and last frames.
+    return CLIPImageProcessorPil(size=size, crop_size=size, do_center_crop=False,
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def build_captioner(cfg: CaptionerConfig, texts: Iterable[str]):
+    """A randomly initialised LLaVA captioner and its processor; the tokenizer's vocabulary
+    comes from `texts` (the training captions; the prompt words are added here).
+    Returns (LlavaForConditionalGeneration, LlavaProcessor)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, SwinConfig)
+
+    assert cfg.vision in ("swin", "clip"), f"vision must be 'swin' or 'clip', got {cfg.vision!r}"
+    assert cfg.image_size % cfg.feature_stride == 0, "image_size must be a multiple of the feature stride"
+    fixed = [GRID_NOTE.format(k=cfg.num_frames), DEFAULT_PROMPT, "user: assistant:"]  # the chat words
+    tok = build_tokenizer(list(texts) + fixed)
+    # The processor expands <image> into (image_size / patch_size)^2 + extra placeholders; for
+    # Swin its "patch" is the stride of the LAST stage, and there is no CLS token.
+    processor = LlavaProcessor(image_processor=make_image_processor(cfg), tokenizer=tok,
+                               patch_size=cfg.feature_stride, vision_feature_select_strategy="full",
+                               num_additional_image_tokens=int(cfg.vision == "clip"), image_token="<image>",
+                               chat_template=CHAT_TEMPLATE)
+    if cfg.vision == "swin":
+        assert len(cfg.vision_heads) == len(cfg.vision_depths), "one head count per Swin stage"
+        # hidden_states[-1] of SwinModel is the last stage, (B, N, vision_dim * 2^(stages-1)):
+        # LLaVA's projector reads config.hidden_size, which Swin sets to exactly that width.
+        vision = SwinConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vision_dim,
+                            depths=list(cfg.vision_depths), num_heads=list(cfg.vision_heads),
+                            window_size=cfg.window_size, mlp_ratio=4.0)
+    else:
+        vision = CLIPVisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_dim,
+                                  intermediate_size=4 * cfg.vision_dim, num_hidden_layers=sum(cfg.vision_depths),
+                                  num_attention_heads=cfg.vision_heads[0])
+    ids = {k: tok.convert_tokens_to_ids(k) for k in SPECIALS}
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.text_dim, intermediate_size=4 * cfg.text_dim,
+                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                       num_key_value_heads=cfg.text_heads, max_position_embeddings=512,
+                       pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                       tie_word_embeddings=True)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
+                         vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(config)
+    assert config.vision_config.hidden_size == model.model.multi_modal_projector.linear_1.in_features
+    g = model.generation_config
+    g.eos_token_id, g.pad_token_id, g.bos_token_id = ids["</s>"], ids["<pad>"], ids["<s>"]
+    g.do_sample, g.max_new_tokens = False, 64
+    return model, processor
+
+
+def encode_clips(examples: Iterable[tuple[np.ndarray, str]], cfg: CaptionerConfig,
+                 chunk: int = 256) -> tuple[torch.Tensor, list[str]]:
+    """Stream (clip (T, H, W, 3) uint8, caption) pairs into training inputs, keeping only each
+    clip's frame grid (a few thousand full clips would not fit in memory).
+
+    Returns pixel_values (N, 3, S, S) float32 (S = cfg.image_size) and the N captions."""
+    from PIL import Image
+
+    image_processor = make_image_processor(cfg)
+    pixels: list[torch.Tensor] = []
+    captions: list[str] = []
+    grids: list = []
+    for frames, caption in examples:
+        grids.append(Image.fromarray(frame_grid(frames, cfg.num_frames)))
+        captions.append(caption)
+        if len(grids) >= chunk:
+            pixels.append(image_processor(images=grids, return_tensors="pt")["pixel_values"])
+            grids = []
+    if grids:
+        pixels.append(image_processor(images=grids, return_tensors="pt")["pixel_values"])
+    assert captions, "no training examples"
+    return torch.cat(pixels), captions
+
+
+def _token_batches(processor, captions: list[str], cfg: CaptionerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels (N, L), right padded; labels are -100 on the prompt and padding.
+    The prompt is the same for every example: the processor expands its <image> into
+    (image_size / patch_size)^2 + 1 placeholders that the vision features replace."""
+    from PIL import Image
+
+    tok = processor.tokenizer
+    text = prompt_text(processor, "grid", cfg.num_frames, DEFAULT_PROMPT)
+    prompt_ids = processor(text=[text], images=[Image.new("RGB", (cfg.image_size,) * 2)],
+                           return_tensors="pt")["input_ids"][0].tolist()
+    cap_ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in captions]
+    L = len(prompt_ids) + max(len(c) for c in cap_ids)
+    input_ids = torch.full((len(cap_ids), L), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(cap_ids), L), -100, dtype=torch.long)
+    for i, c in enumerate(cap_ids):
+        row = prompt_ids + c
+        input_ids[i, :len(row)] = torch.tensor(row)
+        labels[i, len(prompt_ids):len(row)] = torch.tensor(c)
+    return input_ids, labels
+
+
+def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], cfg: CaptionerConfig, *,
+                  max_minutes: float = 8.0, seed: int = 0, clock: str = "wall",
+                  progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """Train `model` in place on pixel_values (N, 3, S, S) and their N captions (teacher
+    forcing, loss on the caption tokens only). Returns stats (see `train_captioner`).
+
+    The learning rate follows warmup + cosine over progress = max(step / max_steps,
+    elapsed / budget), so it anneals even when the time budget, not the step count, ends the
+    run (the usual case on a shared CPU); when max_steps ends it, the run is deterministic.
+    clock: what `max_minutes` measures: "wall" time, or "cpu" time of this process (all its
+    threads). On a shared machine "cpu" with `torch.set_num_threads(1)` is the honest budget:
+    N cpu-minutes single-threaded is N wall-minutes on one idle core, however busy the
+    machine is while it runs.
+    """
+    assert clock in ("wall", "cpu"), f"clock must be 'wall' or 'cpu', got {clock!r}"
+    assert len(pixels) == len(captions), f"{len(pixels)} grids but {len(captions)} captions"
+    input_ids, labels = _token_batches(processor, captions, cfg)
+    pad = processor.tokenizer.pad_token_id
+    n = len(input_ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(seed)
+    budget_s = max_minutes * 60.0
+    now = time.perf_counter if clock == "wall" else time.process_time
+    order, pos, step, losses = torch.randperm(n, generator=gen), 0, 0, []
+    model.train()
+    t0, c0, tb = time.perf_counter(), time.process_time(), now()
+    while step < cfg.max_steps and now() - tb < budget_s:
+        frac = max(step / cfg.max_steps, (now() - tb) / budget_s)
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        for grp in opt.param_groups:
+            grp["lr"] = cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        if pos + cfg.batch_size > n:  # a new epoch
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        ids, lab = input_ids[idx], labels[idx]
+        width = int((ids != pad).sum(1).max())  # drop the columns that are padding in every row
+        ids, lab = ids[:, :width], lab[:, :width]
+        out = model(input_ids=ids, attention_mask=(ids != pad).long(), pixel_values=pixels[idx], labels=lab)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(out.loss.item())
+        step += 1
+        if progress is not None and step % 10 == 0:
+            progress(step, cfg.max_steps, losses[-1])
+    assert losses, "the time budget ended training before the first step"
+    model.eval()
+    return {"steps": step, "examples": n, "params": sum(p.numel() for p in model.parameters()),
+            "first_loss": losses[0], "final_loss": float(np.mean(losses[-20:])), "loss_history": losses[::10],
+            "train_minutes": (time.perf_counter() - t0) / 60, "train_cpu_minutes": (time.process_time() - c0) / 60,
+            "clock": clock, "threads": torch.get_num_threads(), "seed": seed}
+
+
+def save_captioner(model, processor, out_dir: str, cfg: CaptionerConfig, stats: dict[str, Any]) -> None:
+    """Write a normal HF model dir plus captioner.json (how to prompt it, and the stats)."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, SIDECAR), "w") as f:
+        json.dump({"num_frames": cfg.num_frames, "prompt": DEFAULT_PROMPT, "config": asdict(cfg),
+                   "training": {k: v for k, v in stats.items() if k != "loss_history"}}, f, indent=2)
+
+
+def train_captioner(examples: Iterable[tuple[np.ndarray, str]], out_dir: str, preset: str = "tiny",
+                    max_minutes: float = 8.0, seed: int = 0,
+                    progress: Callable[[int, int, float], None] | None = None,
+                    config: CaptionerConfig | None = None, clock: str = "wall") -> dict[str, Any]:
+    """Train our LLaVA captioner on (clip (T, H, W, 3) uint8, caption) pairs and save it to
+    `out_dir` as a normal HF model dir (config.json, model.safetensors, tokenizer, processor,
+    chat template) plus captioner.json. `examples` may be a generator: it is read once.
+
+    max_minutes / clock / progress: see `fit_captioner` (progress(step, max_steps, loss) every
+    10 steps). Returns stats: steps, examples, params, first_loss, final_loss (mean of the last
+    20 steps), loss_history (every 10th step), prep_minutes (grids + tokenizer),
+    train_minutes, train_cpu_minutes, preset.
+    """
+    cfg = config if config is not None else CaptionerConfig.preset(preset)
+    t0 = time.perf_counter()
+    pixels, captions = encode_clips(examples, cfg)
+    torch.manual_seed(seed)
+    model, processor = build_captioner(cfg, captions)
+    prep_s = time.perf_counter() - t0
+    stats = fit_captioner(model, processor, pixels, captions, cfg, max_minutes=max_minutes, seed=seed,
+                          clock=clock, progress=progress)
+    stats.update(preset=preset if config is None else "custom", prep_minutes=prep_s / 60,
+                 vocab_size=len(processor.tokenizer))
+    save_captioner(model, processor, out_dir, cfg, stats)
+    return stats

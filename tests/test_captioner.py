@@ -1,0 +1,236 @@
+"""The recaptioner: frame sampling and grids, loading any HF image-text-to-text model from a
+local dir, and our own LLaVA captioner's train -> save -> load round trip.
+
+The 8-minute accuracy run on the shapes world is `benchmarks/bench_captioner.py`, not a test.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from sora import shapes
+from sora.captioner import (Captioner, CaptionerConfig, build_captioner, build_tokenizer, encode_clips,
+                            fit_captioner, frame_grid, grid_shape, sample_frame_indices, save_captioner,
+                            train_captioner)
+
+
+def _clips(n: int, seed: int = 3) -> list[tuple[np.ndarray, str]]:
+    specs = [shapes.sample_clip(seed, i, ranges=shapes.TINY) for i in range(n)]
+    return [(shapes.render(s), s.caption()) for s in specs]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared machine two
+    OpenMP threads wait on each other: 60 steps took 200 s with 2 threads, 5 s with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return _clips(48)
+
+
+# ----------------------------------------------------------------------------------------
+# Frames
+# ----------------------------------------------------------------------------------------
+
+
+def test_sample_frame_indices_spread_evenly():
+    assert sample_frame_indices(9, 4).tolist() == [0, 3, 5, 8]  # rint(0, 8/3, 16/3, 8)
+    assert sample_frame_indices(17, 2).tolist() == [0, 16]  # first and last: the whole motion
+    assert sample_frame_indices(9, 1).tolist() == [4]  # one frame: the middle one
+    short = sample_frame_indices(3, 5)  # more frames asked than exist: repeats, stays in range
+    assert short[0] == 0 and short[-1] == 2 and (np.diff(short) >= 0).all() and len(short) == 5
+    with pytest.raises(AssertionError):
+        sample_frame_indices(0, 4)
+
+
+def test_frame_grid_layout():
+    T, H, W = 9, 6, 10
+    frames = np.zeros((T, H, W, 3), np.uint8)
+    frames[..., 0] = np.arange(T, dtype=np.uint8)[:, None, None] * 20  # frame t is 20 t in red
+    frames[:, 0, 0, 1] = 255  # a marker in the top-left corner of every frame
+    grid = frame_grid(frames, k=4)
+    assert grid.shape == (2 * H, 2 * W, 3)
+    for cell, t in enumerate([0, 3, 5, 8]):  # time order: left to right, then top to bottom
+        r, c = divmod(cell, 2)
+        np.testing.assert_array_equal(grid[r * H:(r + 1) * H, c * W:(c + 1) * W], frames[t])
+    # k = 3 in a 2x2 grid: the last cell is black.
+    assert grid_shape(3) == (2, 2) and grid_shape(2) == (1, 2) and grid_shape(9) == (3, 3)
+    g3 = frame_grid(frames, k=3)
+    assert (g3[H:, W:] == 0).all() and (g3[H:, :W] == frames[8]).all()
+    # Big frames are shrunk with their aspect kept before tiling.
+    big = np.zeros((2, 300, 600, 3), np.uint8)
+    assert frame_grid(big, k=2, max_tile=224).shape == (112, 448, 3)
+    assert frame_grid(big, k=2, max_tile=None).shape == (300, 1200, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# Any HF VLM from a local dir
+# ----------------------------------------------------------------------------------------
+
+
+def _save_llava(path, vision: str = "swin") -> set[str]:
+    torch.manual_seed(0)
+    cfg = CaptionerConfig.preset("debug")
+    cfg.vision = vision
+    model, processor = build_captioner(cfg, ["A red circle moves up."])
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return set(processor.tokenizer.get_vocab())
+
+
+def _bert_style_tokenizer(words):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[CLS]",
+                                   eos_token="[SEP]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+WORDS = ["a", "red", "circle", "square", "moves", "left", "right", "up"]
+
+
+def _save_blip(path) -> set[str]:
+    """BLIP: a processor with no chat template, so it captions unconditionally."""
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor,
+                              BlipTextConfig, BlipVisionConfig)
+
+    torch.manual_seed(0)
+    tok = _bert_style_tokenizer(WORDS)
+    vision = BlipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2)
+    text = BlipTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, encoder_hidden_size=32, pad_token_id=0, bos_token_id=2,
+                          eos_token_id=3, sep_token_id=3)
+    BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())).save_pretrained(path)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(path)
+    return set(tok.get_vocab())
+
+
+def _save_vit_gpt2(path) -> set[str]:
+    """ViT + GPT2: AutoModelForImageTextToText maps it, but it has no processor class."""
+    from transformers import (GPT2Config, ViTConfig, ViTImageProcessorPil, VisionEncoderDecoderConfig,
+                              VisionEncoderDecoderModel)
+
+    torch.manual_seed(0)
+    tok = _bert_style_tokenizer(WORDS)
+    enc = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2)
+    dec = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=2,
+                     eos_token_id=3, pad_token_id=0)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 2, 0, 3
+    VisionEncoderDecoderModel(cfg).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+    tok.save_pretrained(path)
+    return set(tok.get_vocab())
+
+
+def _save_llava_vit(path) -> set[str]:
+    return _save_llava(path, vision="clip")
+
+
+@pytest.mark.parametrize("build,model_type", [(_save_llava, "llava"), (_save_llava_vit, "llava"), (_save_blip, "blip"),
+                                              (_save_vit_gpt2, "vision-encoder-decoder")])
+def test_random_vlm_from_dir_captions_a_batch(tmp_path, clips, build, model_type):
+    vocab = build(tmp_path / "m")
+    cap = Captioner.from_pretrained(str(tmp_path / "m"), max_new_tokens=6)
+    assert cap.name == f"{model_type}:m" and cap.mode == "grid"  # no video processor: frame grids
+    batch = [c for c, _ in clips[:3]] + [np.zeros((5, 40, 90, 3), np.uint8)]  # mixed sizes
+    out = cap.caption(batch)
+    assert len(out) == 4 and all(isinstance(t, str) for t in out)
+    # Every word decodes from the model's own vocabulary, and no prompt words leak in.
+    assert all(w in vocab for t in out for w in t.split()), out
+    assert not any("Describe" in t for t in out)
+    # Greedy: the same clip gets the same caption alone or inside a batch.
+    assert cap.caption(batch[1:2]) == out[1:2]
+
+
+class _RecordingProcessor:
+    """Stands in for a video-capable processor (those need torchvision, absent here)."""
+
+    video_processor = object()
+    chat_template = "x"
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_chat_template(self, messages, **kw):
+        self.calls.append(("template", messages))
+        return "PROMPT"
+
+    def __call__(self, **kw):
+        self.calls.append(("call", kw))
+        return {"input_ids": torch.ones(len(kw["text"]), 3, dtype=torch.long)}
+
+
+def test_video_capable_processor_gets_the_frames_as_video():
+    model = torch.nn.Linear(1, 1)
+    model.config = types.SimpleNamespace(is_encoder_decoder=False)
+    proc = _RecordingProcessor()
+    cap = Captioner(model, proc, name="stub", num_frames=3)
+    assert cap.mode == "video"
+    clip = np.arange(9, dtype=np.uint8)[:, None, None, None] * np.ones((9, 4, 6, 3), np.uint8)
+    enc = cap.inputs([clip, clip[:5]])
+    assert enc["input_ids"].shape == (2, 3)
+    (_, messages), (_, kw) = proc.calls
+    assert messages[0]["content"][0] == {"type": "video"}
+    assert kw["text"] == ["PROMPT", "PROMPT"] and "images" not in kw
+    assert [v[:, 0, 0, 0].tolist() for v in kw["videos"]] == [[0, 4, 8], [0, 2, 4]]
+
+
+# ----------------------------------------------------------------------------------------
+# Our captioner: train, save, load back through the generic path
+# ----------------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_captions(clips):
+    tok = build_tokenizer([c for _, c in clips])
+    for _, c in clips[:10]:
+        ids = tok(c, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == c  # exact: punctuation stays attached to its word
+
+
+def test_train_save_load_round_trip(tmp_path, clips):
+    cfg = CaptionerConfig.preset("debug")
+    cfg.max_steps = 60
+    pixels, captions = encode_clips(iter(clips), cfg)  # a generator is fine: read once
+    assert pixels.shape == (48, 3, cfg.image_size, cfg.image_size) and captions == [c for _, c in clips]
+    assert -1.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
+    torch.manual_seed(0)
+    model, processor = build_captioner(cfg, captions)
+    stats = fit_captioner(model, processor, pixels, captions, cfg, max_minutes=10.0, seed=0)
+    assert stats["steps"] == 60
+    # The loss falls well below its start (about ln(vocab) ~ 4.5 at init).
+    assert stats["final_loss"] < 0.6 * stats["first_loss"], stats
+    frames = [c for c, _ in clips[:6]]
+    in_memory = Captioner(model, processor, name="mem", max_new_tokens=40).caption(frames)
+    save_captioner(model, processor, str(tmp_path / "cap"), cfg, stats)
+    loaded = Captioner.from_pretrained(str(tmp_path / "cap"), max_new_tokens=40)
+    assert loaded.name == "llava:cap" and loaded.num_frames == cfg.num_frames
+    assert loaded.caption(frames) == in_memory
+    assert all(t for t in in_memory), in_memory
+
+
+def test_train_captioner_writes_a_model_dir(tmp_path, clips):
+    cfg = CaptionerConfig.preset("debug")
+    cfg.max_steps = 5
+    stats = train_captioner(iter(clips[:16]), str(tmp_path / "c"), config=cfg, max_minutes=5.0)
+    assert stats["steps"] == 5 and stats["examples"] == 16 and stats["preset"] == "custom"
+    names = {p.name for p in (tmp_path / "c").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "captioner.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # nothing pickled
