@@ -376,14 +376,15 @@ def test_s3_round_trip_on_loopback(tmp_path, monkeypatch):
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("videos")
+        # moto keeps buckets per process, so the name must not clash with other test modules
+        fs.mkdir("video-io-test")
         frames = moving_box(96, 72)
-        write_video("s3://videos/in/clip ñ.mp4", frames, 24)
-        info = probe("s3://videos/in/clip ñ.mp4")
+        write_video("s3://video-io-test/in/clip ñ.mp4", frames, 24)
+        info = probe("s3://video-io-test/in/clip ñ.mp4")
         assert (info.width, info.height, info.num_frames, info.codec) == (96, 72, T, "h264")
-        assert psnr(read_frames("s3://videos/in/clip ñ.mp4", [4])[0], frames[4]) > 35
+        assert psnr(read_frames("s3://video-io-test/in/clip ñ.mp4", [4])[0], frames[4]) > 35
         with pytest.raises(VideoError, match="no such file"):
-            probe("s3://videos/in/missing.mp4")
+            probe("s3://video-io-test/in/missing.mp4")
     finally:
         server.stop()
 
