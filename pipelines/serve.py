@@ -1,0 +1,678 @@
+"""The OpenAI-style videos API on Ray Serve: an HTTP ingress and an autoscaled generator.
+
+    HTTP client (e.g. openai.OpenAI(base_url=".../v1").videos)
+        |  POST /v1/videos  GET /v1/videos[/{id}[/content]]  DELETE /v1/videos/{id}  POST .../remix
+        v
+    VideoAPI (ingress, FastAPI, 1 replica, 0 CPUs)       the only writer of new jobs
+        |  validates (pipelines.video_requests), writes the job record (pipelines.video_jobs),
+        |  answers at once; one asyncio task per accepted job dispatches it and watches it
+        v
+    VideoGenerator (autoscaled min..max replicas, a GPU each where the cluster has them)
+           @serve.batch gathers requests; `JobRunner` generates each same-shape group as one
+           packed SoraPipeline call, heartbeats its jobs, writes outputs + the final record
+
+    serve run pipelines.serve:build_app model=MODEL storage=STORE      # or: sora serve --model MODEL
+
+Durable jobs. Records and outputs live in STORE (a directory or fsspec URL), never only in
+memory: a restarted ingress resumes every job still marked active; a replica that dies mid-job
+makes the dispatching call fail at once (or, if it only hangs, its heartbeat goes stale), and the
+ingress re-queues the job, up to `max_attempts` times, then fails it with a clear error. So a job
+ends completed or failed; it is never lost and never left in progress. The queue is bounded:
+beyond `max_queue` unfinished jobs, POST answers 429 with Retry-After.
+
+Autoscaling. Each dispatched job is one request to the generator; Serve counts the ones queued
+at the ingress's handle and running on replicas, and adds replicas while there are more than
+`target_ongoing_requests` per replica. One ingress replica is the design (it owns dispatch);
+Serve restarts it if it dies, and the restart resumes from STORE.
+"""
+
+# NOTE: no `from __future__ import annotations` here. Serve cloudpickles the FastAPI app, and
+# cloudpickle keeps only the globals a function's code uses: a route's string annotation
+# "Request" could then not be resolved in the replica, and FastAPI would read `request` as a
+# query parameter (every call a 400).
+import asyncio
+import hmac
+import io
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
+from pipelines.video_requests import (APIError, Limits, ModelInfo, parse_body, parse_create, parse_list_query,
+                                      parse_remix, parse_variant)
+
+logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
+
+
+@dataclass
+class ServeConfig:
+    """Everything `build_app` takes (serveConfigV2 `args`, `sora serve` flags)."""
+
+    model: str  # model directory (sora.model_dir), readable where the replicas run
+    storage: str = "sora-videos"  # job records + outputs: a directory or fsspec URL shared by all replicas
+    api_key: str | None = None  # None: $SORA_API_KEY in the ingress's environment; neither: no auth (local use)
+    model_name: str = "sora-ray"  # the `model` the API reports; OpenAI's sora-2 names are accepted as aliases
+    # autoscaling of the generator (Ray Serve autoscaling_config)
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 4.0  # jobs queued + running per replica before Serve adds one
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 300.0
+    metrics_interval_s: float = 2.0
+    look_back_period_s: float = 10.0
+    # batching: same-shape jobs that arrive together run as one packed pipeline call
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.2
+    # durability
+    max_queue: int = 64  # unfinished jobs accepted; beyond: 429
+    max_attempts: int = 3  # a job whose replica dies is re-run this many times in all, then failed
+    heartbeat_s: float = 2.0  # how often a replica stamps its running jobs
+    stale_after_s: float = 60.0  # a running job unstamped for this long is presumed lost
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    # resources
+    num_cpus: float = 1.0  # per generator replica
+    num_gpus: float | None = None  # per generator replica; None: 1 if the Ray cluster has GPUs
+    torch_threads: int = 0  # 0: torch's default
+    ingress_max_ongoing: int = 512  # concurrent HTTP requests per ingress replica
+    poll_after_ms: int = 1000  # openai-poll-after-ms hint on unfinished jobs
+    remix_strength: float = 0.7  # SDEdit noise level of a remix (sora.pipeline DEFAULT_STRENGTH["edit"])
+    debug_step_delay_s: float = 0.0  # TEST HOOK: sleep after each denoising step (to kill a replica mid-job)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "ServeConfig":
+        """From a flat dict whose values may be strings (`serve run ... key=value`, YAML);
+        `limits` may be a dict of `Limits` fields. Unknown keys raise ValueError."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(args) - set(known)
+        if unknown:
+            raise ValueError(f"unknown serve options {sorted(unknown)}; known: {sorted(known)}")
+        if "model" not in args:
+            raise ValueError("serve needs model=MODEL_DIR")
+        values = {k: _coerce(k, known[k].type, v) for k, v in args.items() if k != "limits"}
+        lim = args.get("limits") or {}
+        if not isinstance(lim, Limits):
+            lknown = {f.name: f for f in fields(Limits)}
+            bad = set(lim) - set(lknown)
+            if bad:
+                raise ValueError(f"unknown limits {sorted(bad)}; known: {sorted(lknown)}")
+            lim = Limits(**{k: _coerce(k, lknown[k].type, v) for k, v in lim.items()})
+        cfg = cls(**values, limits=lim)
+        assert 0 <= cfg.min_replicas <= cfg.max_replicas and cfg.max_replicas >= 1, (
+            f"need 0 <= min_replicas <= max_replicas >= 1, got {cfg.min_replicas}..{cfg.max_replicas}")
+        assert cfg.max_queue >= 1 and cfg.max_attempts >= 1 and cfg.max_batch_size >= 1, "queue/attempts/batch >= 1"
+        assert cfg.stale_after_s > 2 * cfg.heartbeat_s, "stale_after_s must exceed two heartbeats"
+        return cfg
+
+    def to_args(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """A config value from text (serve run key=value, YAML) to its field's type."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in kind):
+        return None
+    if kind.startswith("int"):
+        return int(value)
+    if kind.startswith("float"):
+        return float(value)
+    if kind.startswith("bool"):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------
+# The generator: a plain class (testable without Serve) and its deployment
+# ----------------------------------------------------------------------------------------
+
+
+def thumbnail_webp(frame) -> bytes:
+    """(H, W, 3) uint8 -> WebP bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="WEBP", quality=90)
+    return buf.getvalue()
+
+
+def spritesheet_jpeg(frames, max_tiles: int = 16) -> bytes:
+    """(T, H, W, 3) uint8 -> a JPEG grid of up to ``max_tiles`` evenly spaced frames, row-major."""
+    import numpy as np
+    from PIL import Image
+
+    T, H, W, _ = frames.shape
+    n = min(T, max_tiles)
+    idx = np.linspace(0, T - 1, n).round().astype(int)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    sheet = np.zeros((rows * H, cols * W, 3), dtype=np.uint8)
+    for k, t in enumerate(idx):
+        r, c = divmod(k, cols)
+        sheet[r * H:(r + 1) * H, c * W:(c + 1) * W] = frames[t]
+    buf = io.BytesIO()
+    Image.fromarray(sheet).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def shape_key(job: dict[str, Any]) -> tuple:
+    """Jobs with equal keys run as one packed pipeline call (an edit also needs one source)."""
+    return (job["mode"], job["width"], job["height"], job["num_frames"], job["fps"], job["steps"],
+            job["guidance_scale"], job["strength"], job["source"])
+
+
+class JobRunner:
+    """One SoraPipeline; runs job ids from the store, heartbeats them, writes their results.
+    `run_jobs` returns, per id: "completed", "failed", "deleted" or "busy" (running elsewhere)."""
+
+    def __init__(self, cfg: ServeConfig, worker: str = "local"):
+        import torch
+
+        from sora.pipeline import SoraPipeline
+
+        self.cfg = cfg
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        device = "cuda" if torch.cuda.is_available() and cfg.num_gpus != 0 else "cpu"
+        self.pipe = SoraPipeline.from_pretrained(cfg.model, device=device)
+        self.store = JobStore(cfg.storage)
+        self.worker = {"pid": os.getpid(), "replica": worker}
+        self._lock = threading.Lock()  # guards _running and every record write of this replica
+        self._running: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="sora-heartbeat", daemon=True)
+        self._beat.start()
+
+    def check(self) -> None:
+        if not self._beat.is_alive():
+            raise RuntimeError("the heartbeat thread died")
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- the job lifecycle ---------------------------------------------------------------
+
+    def run_jobs(self, ids: list[str]) -> list[str]:
+        outcome: dict[str, str] = {}
+        claimed: list[dict[str, Any]] = []
+        for vid in ids:
+            rec = self.store.get(vid)
+            if rec is None:
+                outcome[vid] = "deleted"
+            elif rec["status"] in FINAL:
+                outcome[vid] = rec["status"]
+            else:
+                with self._lock:
+                    fresh = rec["status"] == "in_progress" and heartbeat_age(rec) < self.cfg.stale_after_s
+                    if vid in self._running or fresh:
+                        outcome[vid] = "busy"
+                        continue
+                    now = time.time()
+                    rec.update(status="in_progress", progress=0, attempts=int(rec.get("attempts", 0)) + 1,
+                               worker=self.worker, started_at=now, heartbeat_at=now, error=None)
+                    self._running[vid] = rec
+                    self.store.put(rec)
+                claimed.append(rec)
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for rec in claimed:
+            groups.setdefault(shape_key(rec["job"]), []).append(rec)
+        for group in groups.values():
+            outcome.update(self._run_group(group))
+        return [outcome[v] for v in ids]
+
+    def _run_group(self, recs: list[dict[str, Any]]) -> dict[str, str]:
+        try:
+            frames = self._generate(recs)
+        except Exception as e:  # noqa: BLE001
+            if len(recs) > 1:  # find the job at fault: one by one
+                out: dict[str, str] = {}
+                for rec in recs:
+                    out.update(self._run_group([rec]))
+                return out
+            logger.warning("job %s failed: %s: %s", recs[0]["id"], type(e).__name__, e)
+            return {recs[0]["id"]: self._fail(recs[0], "generation_failed", f"{type(e).__name__}: {e}"[:500])}
+        out = {}
+        for rec, f in zip(recs, frames):
+            try:
+                out[rec["id"]] = self._finish(rec, f)
+            except Exception as e:  # noqa: BLE001 - e.g. the store refused the write
+                out[rec["id"]] = self._fail(rec, "output_failed", f"{type(e).__name__}: {e}"[:500])
+        return out
+
+    def _generate(self, recs: list[dict[str, Any]]) -> list:
+        """One packed pipeline call for a same-shape group -> per job (T, H, W, 3) uint8."""
+        import torch
+
+        from sora.pipeline import to_frames
+        from sora.video_io import read_frames
+
+        job = recs[0]["job"]
+        kwargs: dict[str, Any] = {}
+        if job["mode"] == "image-to-video":
+            kwargs["image"] = [to_frames(self.store.input_url(r["id"]), "input_reference")[:1] for r in recs]
+        if job["mode"] == "edit":
+            src = self.store.get(job["source"])
+            if src is None or src.get("status") != "completed":
+                raise RuntimeError(f"the source video {job['source']} no longer exists")
+            kwargs["video"] = read_frames(self.store.output_url(job["source"], "video"))
+            kwargs["strength"] = job["strength"]
+
+        def on_step(step: int, steps: int, stage: str) -> None:
+            with self._lock:
+                for r in recs:
+                    r["progress"] = min(95, 5 + int(90 * step / max(steps, 1)))
+            if self.cfg.debug_step_delay_s:
+                time.sleep(self.cfg.debug_step_delay_s)
+
+        out = self.pipe([r["prompt"] for r in recs], width=job["width"], height=job["height"],
+                        num_frames=job["num_frames"], fps=job["fps"], num_inference_steps=job["steps"],
+                        guidance_scale=job["guidance_scale"], mode=job["mode"], callback=on_step,
+                        generator=[torch.Generator().manual_seed(int(r["job"]["seed"])) for r in recs], **kwargs)
+        return list(out.frames)
+
+    def _finish(self, rec: dict[str, Any], frames) -> str:
+        from sora.video_io import write_video
+
+        vid = rec["id"]
+        write_video(self.store.output_url(vid, "video"), frames, rec["job"]["fps"])
+        self.store.write_output(vid, "thumbnail", thumbnail_webp(frames[0]))
+        self.store.write_output(vid, "spritesheet", spritesheet_jpeg(frames))
+        return self._final(rec, status="completed", progress=100, completed_at=int(time.time()))
+
+    def _fail(self, rec: dict[str, Any], code: str, message: str) -> str:
+        return self._final(rec, status="failed", error={"code": code, "message": message})
+
+    def _final(self, rec: dict[str, Any], **changes) -> str:
+        vid = rec["id"]
+        with self._lock:
+            self._running.pop(vid, None)
+            if self.store.is_deleted(vid):  # deleted while running: leave nothing behind
+                self.store.remove_files(vid)
+                return "deleted"
+            rec.update(changes, heartbeat_at=time.time())
+            self.store.put(rec)
+        return rec["status"]
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.cfg.heartbeat_s):
+            with self._lock:
+                for vid, rec in list(self._running.items()):
+                    try:
+                        if not self.store.is_deleted(vid):
+                            rec["heartbeat_at"] = time.time()
+                            self.store.put(rec)
+                    except Exception as e:  # noqa: BLE001 - a storage hiccup must not kill the thread
+                        logger.warning("heartbeat of %s failed: %s", vid, e)
+
+
+@serve.deployment(name="VideoGenerator")
+class VideoGenerator:
+    """A generator replica. Its calls are batched by `@serve.batch`, then grouped by shape."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        config = ServeConfig.from_args(cfg)
+        try:
+            worker = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (unit tests)
+            worker = "local"
+        self.runner = JobRunner(config, worker)
+        self.generate_batch.set_max_batch_size(config.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    async def generate(self, video_id: str) -> str:
+        return await self.generate_batch(video_id)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.2)
+    async def generate_batch(self, ids: list[str]) -> list[str]:
+        # the pipeline is CPU/GPU-bound: run it off the event loop, so health checks and new
+        # requests (the next batch) are still answered while it works
+        return await asyncio.to_thread(self.runner.run_jobs, ids)
+
+    def check_health(self) -> None:
+        self.runner.check()
+
+    def __del__(self):
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The ingress
+# ----------------------------------------------------------------------------------------
+
+api = FastAPI(title="sora videos API", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request")
+    message = {404: "no such route", 405: "method not allowed on this route"}.get(e.status_code, str(e.detail))
+    err = APIError(e.status_code if 400 <= e.status_code < 500 else 400, message, code=code)
+    return JSONResponse(err.body(), status_code=err.status, headers=getattr(e, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(APIError(400, "invalid request").body(), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    body = {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=500)
+
+
+def _not_found(video_id: str) -> APIError:
+    return APIError(404, f"no video with id {video_id[:80]!r}", param="video_id", code="not_found")
+
+
+async def _await(response) -> Any:
+    return await response
+
+
+@serve.deployment(name="VideoAPI", num_replicas=1)
+@serve.ingress(api)
+class VideoAPI:
+    async def __init__(self, generator, cfg: dict[str, Any]):
+        from sora.model_dir import read_index
+
+        self.cfg = ServeConfig.from_args(cfg)
+        key = self.cfg.api_key if self.cfg.api_key is not None else os.environ.get("SORA_API_KEY")
+        self._key = key.encode("utf-8") if key else None
+        if self._key is None:
+            logger.warning("sora serve: no API key set (api_key / $SORA_API_KEY): the API is open to anyone")
+        self.model = ModelInfo.from_index(read_index(self.cfg.model), self.cfg.model_name)
+        self.store = JobStore(self.cfg.storage)
+        await asyncio.to_thread(self.store.check)
+        self.generator = generator
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._reserved = 0  # accepted requests still writing their record (counted against max_queue)
+        self._service_s: deque[float] = deque(maxlen=64)  # recent started -> completed times
+        for vid in await asyncio.to_thread(self.store.active_ids):  # resume after a restart
+            self._start(vid)
+
+    def check_health(self) -> None:
+        self.store.check()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if self._key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not depend on how much of the key matched
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1", "replace"), self._key)
+        if not ok:
+            raise APIError(401, "missing or incorrect API key; send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise APIError(400, "invalid Content-Length", code="invalid_request")
+            if int(declared) > limit:
+                raise APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _queue_full(self) -> APIError:
+        service = statistics.median(self._service_s) if self._service_s else 5.0
+        # within about one service time a running batch finishes and frees its slots
+        retry = max(1, min(60, math.ceil(service)))
+        return APIError(429, f"the queue is full ({self.cfg.max_queue} unfinished jobs); retry in {retry} s",
+                        type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
+
+    async def _get(self, video_id: str) -> dict[str, Any]:
+        rec = await asyncio.to_thread(self.store.get, video_id) if is_id(video_id) else None
+        if rec is None:
+            raise _not_found(video_id)
+        return rec
+
+    async def _accept(self, spec: dict[str, Any], image: bytes | None) -> JSONResponse:
+        if len(self.tasks) + self._reserved >= self.cfg.max_queue:
+            raise self._queue_full()
+        self._reserved += 1  # no await between the check and this: the bound is exact
+        try:
+            vid = new_id()
+            if image is not None:
+                spec["job"]["input"] = self.store.input_url(vid)
+                await asyncio.to_thread(self.store.write_input, vid, image)
+            rec = new_record(vid, model=spec["model"], prompt=spec["prompt"], size=spec["size"],
+                             seconds=spec["seconds"], output_size=spec["output_size"], job=spec["job"],
+                             remixed_from=spec.get("remixed_from"))
+            await asyncio.to_thread(self.store.create, rec)
+            self._start(vid)
+        finally:
+            self._reserved -= 1
+        return JSONResponse(public_view(rec))
+
+    # -- dispatch: one task per unfinished job ---------------------------------------------
+
+    def _start(self, video_id: str) -> None:
+        task = self.tasks.get(video_id)
+        if task is None or task.done():
+            self.tasks[video_id] = asyncio.get_running_loop().create_task(self._drive(video_id))
+
+    async def _drive(self, vid: str) -> None:
+        """Dispatch a job until it is final: re-queue it when its replica dies or hangs (up to
+        max_attempts runs in all), then fail it with the reason."""
+        failures = 0
+        try:
+            while True:
+                outcome, error = await self._dispatch(vid)
+                rec = await asyncio.to_thread(self.store.get, vid)
+                if rec is None or rec["status"] in FINAL:
+                    return
+                if outcome == "busy":  # another replica holds it (e.g. after our restart): watch it
+                    error = await self._watch(vid)
+                    if error is None:
+                        continue
+                    rec = await asyncio.to_thread(self.store.get, vid)
+                    if rec is None or rec["status"] in FINAL:
+                        return
+                failures += 1
+                error = error or f"the replica returned {outcome!r}"
+                attempts = max(failures, int(rec.get("attempts", 0)))
+                rec.setdefault("history", []).append({"attempt": attempts, "error": error, "at": time.time()})
+                if attempts >= self.cfg.max_attempts:
+                    rec.update(status="failed", error={
+                        "code": "replica_failed",
+                        "message": f"generation was attempted {attempts} times and did not finish; "
+                                   f"last error: {error}"[:500]})
+                    logger.warning("job %s failed after %d attempts: %s", vid, attempts, error)
+                else:
+                    rec.update(status="queued", progress=0, worker=None, heartbeat_at=None)
+                    logger.warning("job %s re-queued (attempt %d failed: %s)", vid, attempts, error)
+                await asyncio.to_thread(self.store.put, rec)
+                if rec["status"] == "failed":
+                    return
+                await asyncio.sleep(min(5.0, 0.5 * failures))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - never leave a job behind without a verdict
+            logger.exception("dispatch of %s crashed", vid)
+            rec = await asyncio.to_thread(self.store.get, vid)
+            if rec is not None and rec["status"] not in FINAL:
+                rec.update(status="failed", error={"code": "internal_error", "message": f"{type(e).__name__}"})
+                await asyncio.to_thread(self.store.put, rec)
+        finally:
+            self.tasks.pop(vid, None)
+            rec = await asyncio.to_thread(self.store.get, vid)
+            if rec is None or rec["status"] in FINAL:
+                await asyncio.to_thread(self.store.clear_active, vid)
+            if rec is not None and rec["status"] == "completed" and rec.get("started_at"):
+                self._service_s.append(max(0.0, time.time() - float(rec["started_at"])))
+
+    @property
+    def _watch_every_s(self) -> float:
+        return max(self.cfg.heartbeat_s, self.cfg.stale_after_s / 4)
+
+    async def _dispatch(self, vid: str) -> tuple[str | None, str | None]:
+        """One generator call, watched: -> (outcome, None), or (None, why it failed)."""
+        response = self.generator.generate.remote(vid)
+        fut = asyncio.ensure_future(_await(response))
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=self._watch_every_s)
+                if done:
+                    try:
+                        return fut.result(), None
+                    except Exception as e:  # noqa: BLE001 - ActorDiedError, cancellation, a bug...
+                        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rec = await asyncio.to_thread(self.store.get, vid)
+                if rec is None:
+                    return "deleted", None
+                age = heartbeat_age(rec)
+                if rec["status"] == "in_progress" and age > self.cfg.stale_after_s:
+                    return None, f"no heartbeat for {age:.0f} s (the replica hung or was lost)"
+        finally:
+            if not fut.done():
+                response.cancel()
+                fut.cancel()
+
+    async def _watch(self, vid: str) -> str | None:
+        """Wait for a job another replica runs: None once it is final, gone or re-queued;
+        the reason when its heartbeat goes stale."""
+        while True:
+            await asyncio.sleep(self._watch_every_s)
+            rec = await asyncio.to_thread(self.store.get, vid)
+            if rec is None or rec["status"] in FINAL or rec["status"] == "queued":
+                return None
+            age = heartbeat_age(rec)
+            if age > self.cfg.stale_after_s:
+                return f"no heartbeat for {age:.0f} s (the replica hung or was lost)"
+
+    # -- routes --------------------------------------------------------------------------
+
+    @api.post("/v1/videos")
+    async def create(self, request: Request):
+        self._auth(request)
+        if len(self.tasks) + self._reserved >= self.cfg.max_queue:  # before reading a body we would drop
+            raise self._queue_full()
+        body = await self._body(request)
+        fields_, files = await asyncio.to_thread(parse_body, request.headers.get("content-type"), body)
+        spec, image = await asyncio.to_thread(parse_create, fields_, files, self.cfg.limits, self.model)
+        return await self._accept(spec, image)
+
+    @api.get("/v1/videos")
+    async def list_videos(self, request: Request):
+        self._auth(request)
+        after, limit, order = parse_list_query(dict(request.query_params))
+        recs, has_more = await asyncio.to_thread(self.store.page, after, limit, order)
+        data = [public_view(r) for r in recs]
+        return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None, "has_more": has_more})
+
+    @api.get("/v1/videos/{video_id}")
+    async def retrieve(self, video_id: str, request: Request):
+        self._auth(request)
+        rec = await self._get(video_id)
+        headers = {} if rec["status"] in FINAL else {"openai-poll-after-ms": str(self.cfg.poll_after_ms)}
+        return JSONResponse(public_view(rec), headers=headers)
+
+    @api.delete("/v1/videos/{video_id}")
+    async def delete(self, video_id: str, request: Request):
+        self._auth(request)
+        await self._get(video_id)
+        if not await asyncio.to_thread(self.store.delete, video_id):
+            raise _not_found(video_id)
+        task = self.tasks.pop(video_id, None)
+        if task is not None:
+            task.cancel()
+        return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
+
+    @api.get("/v1/videos/{video_id}/content")
+    async def content(self, video_id: str, request: Request):
+        self._auth(request)
+        variant = parse_variant(dict(request.query_params))
+        rec = await self._get(video_id)
+        if rec["status"] != "completed":
+            raise APIError(400, f"video {video_id} is {rec['status']}; content exists once it is completed",
+                           param="video_id", code="video_not_ready")
+        try:
+            data = await asyncio.to_thread(self.store.read_bytes, self.store.output_url(video_id, variant))
+        except FileNotFoundError:
+            raise _not_found(video_id) from None
+        return Response(content=data, media_type=VARIANTS[variant][1])
+
+    @api.post("/v1/videos/{video_id}/remix")
+    async def remix(self, video_id: str, request: Request):
+        self._auth(request)
+        source = await self._get(video_id)
+        body = await self._body(request)
+        fields_, files = await asyncio.to_thread(parse_body, request.headers.get("content-type"), body)
+        spec = parse_remix(fields_, files, self.cfg.limits, self.model, source, self.cfg.remix_strength)
+        return await self._accept(spec, None)
+
+
+# ----------------------------------------------------------------------------------------
+# The application
+# ----------------------------------------------------------------------------------------
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def build_app(args: dict[str, Any]):
+    """The Serve application (`serve run pipelines.serve:build_app model=DIR storage=URL`, or a
+    RayService serveConfigV2 with import_path + args). Keys: `ServeConfig` fields."""
+    cfg = ServeConfig.from_args(dict(args))
+    gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if _cluster_gpus() > 0 else 0.0)
+    generator = VideoGenerator.options(
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+            "initial_replicas": max(cfg.min_replicas, 1),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+            "metrics_interval_s": cfg.metrics_interval_s, "look_back_period_s": cfg.look_back_period_s,
+        },
+        # two batches' worth per replica: the next batch gathers while one runs; the rest wait
+        # at the ingress's handle, where Serve counts them for autoscaling
+        max_ongoing_requests=2 * cfg.max_batch_size,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus},
+        health_check_period_s=cfg.health_check_period_s,
+        health_check_timeout_s=cfg.health_check_timeout_s,
+    ).bind(cfg.to_args())
+    return VideoAPI.options(
+        max_ongoing_requests=cfg.ingress_max_ongoing,
+        ray_actor_options={"num_cpus": 0},
+        health_check_period_s=cfg.health_check_period_s,
+        health_check_timeout_s=cfg.health_check_timeout_s,
+    ).bind(generator, cfg.to_args())
+
+
+def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, app_name: str = "sora"):
+    """Start Serve's HTTP proxy on host:port and deploy the app (non-blocking); returns the
+    ingress handle. The caller keeps the process alive and calls `serve.shutdown()`."""
+    serve.start(http_options={"host": host, "port": int(port)})
+    return serve.run(build_app(args), name=app_name, route_prefix="/", blocking=False)

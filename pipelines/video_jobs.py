@@ -1,0 +1,225 @@
+"""Durable video jobs: one JSON record per job plus its outputs, in a storage dir or fsspec URL.
+
+The HTTP ingress and the generator replicas of `pipelines.serve` share nothing but this store,
+so a restarted ingress or replica finds every job where it left it:
+
+    STORE/jobs/<id>.json                  the record (the OpenAI video object + the job's plan)
+    STORE/active/<id>                     marker: accepted and not finished (what a restarted
+                                          ingress resumes, without reading every record)
+    STORE/deleted/<id>                    tombstone: a replica still running a deleted job must
+                                          not write it back
+    STORE/inputs/<id>/reference.png       the decoded, re-encoded input_reference image
+    STORE/videos/<id>/video.mp4 | thumbnail.webp | spritesheet.jpg
+
+A record is always written whole (temp file + rename, `pipelines.storage`), so a reader never
+sees half a record. There is no cross-process lock: the ingress writes a record when it accepts,
+re-queues or fails a job, a generator replica while it owns the job (claim, heartbeats, result).
+Outputs are deterministic (the seed is chosen once, at creation, and stored), so when a job runs
+twice - a replica presumed dead that was only slow - both runs write the same bytes.
+
+Ids are `video_` + 12 hex digits of the creation time in ms + 20 random hex digits, so sorting
+ids sorts by creation time (cursor pagination needs no index) and an id is never a path: every
+path below is built from an id that matched `ID_RE`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import Any
+
+from pipelines import storage
+
+STATUSES = ("queued", "in_progress", "completed", "failed")
+FINAL = frozenset({"completed", "failed"})
+ID_RE = re.compile(r"video_[0-9a-f]{32}")
+
+# The keys of OpenAI's `Video` object (openai.types.Video); everything else in a record is ours.
+PUBLIC_KEYS = ("id", "object", "model", "status", "progress", "created_at", "completed_at", "expires_at",
+               "error", "size", "seconds", "prompt", "remixed_from_video_id")
+# Our additions to the public object (extra keys are allowed by the openai client's models).
+EXTRA_PUBLIC_KEYS = ("output_size",)
+
+# variant -> (file name, media type) of GET /v1/videos/{id}/content?variant=...
+VARIANTS = {
+    "video": ("video.mp4", "video/mp4"),
+    "thumbnail": ("thumbnail.webp", "image/webp"),
+    "spritesheet": ("spritesheet.jpg", "image/jpeg"),
+}
+
+
+def new_id(now: float | None = None) -> str:
+    """A fresh job id: time-ordered (ms) and unguessable (80 random bits)."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"video_{ms:012x}{secrets.token_hex(10)}"
+
+
+def is_id(text: object) -> bool:
+    return isinstance(text, str) and ID_RE.fullmatch(text) is not None
+
+
+def check_id(text: str) -> str:
+    # FOOTGUN: this assert is the last line of defence against path traversal; callers
+    # validate ids from requests first and answer 404, this only catches our own bugs.
+    assert is_id(text), f"not a video id: {text!r}"
+    return text
+
+
+def public_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI video object of a record (what GET /v1/videos/{id} returns)."""
+    out = {k: record.get(k) for k in PUBLIC_KEYS}
+    out["object"] = "video"
+    out["progress"] = int(record.get("progress") or 0)
+    for k in EXTRA_PUBLIC_KEYS:
+        if record.get(k) is not None:
+            out[k] = record[k]
+    return out
+
+
+def new_record(video_id: str, *, model: str, prompt: str, size: str, seconds: str, output_size: str,
+               job: dict[str, Any], remixed_from: str | None = None, now: float | None = None) -> dict[str, Any]:
+    """A queued job. ``job`` is the generation plan the replica runs (mode, width, height,
+    num_frames, fps, steps, guidance_scale, seed, strength, input, source)."""
+    now = time.time() if now is None else now
+    return {
+        "id": check_id(video_id), "object": "video", "model": model, "status": "queued", "progress": 0,
+        "created_at": int(now), "completed_at": None, "expires_at": None, "error": None,
+        "size": size, "seconds": seconds, "prompt": prompt, "remixed_from_video_id": remixed_from,
+        "output_size": output_size,
+        # ours, not public
+        "job": job, "attempts": 0, "history": [], "heartbeat_at": None, "worker": None,
+        "started_at": None, "updated_at": now,
+    }
+
+
+def heartbeat_age(record: dict[str, Any], now: float | None = None) -> float:
+    """Seconds since the owning replica last wrote this in-progress record (inf if never)."""
+    beat = record.get("heartbeat_at")
+    return float("inf") if beat is None else (time.time() if now is None else now) - float(beat)
+
+
+class JobStore:
+    """Job records and outputs under one storage root (local dir or fsspec URL)."""
+
+    def __init__(self, root: str):
+        if "://" not in root:
+            import os
+
+            root = os.path.abspath(root)
+        self.root = root.rstrip("/")
+
+    # -- paths (every one built from a checked id) ---------------------------------------
+
+    def record_url(self, video_id: str) -> str:
+        return storage.join(self.root, "jobs", f"{check_id(video_id)}.json")
+
+    def output_url(self, video_id: str, variant: str) -> str:
+        assert variant in VARIANTS, f"unknown variant {variant!r}"
+        return storage.join(self.root, "videos", check_id(video_id), VARIANTS[variant][0])
+
+    def input_url(self, video_id: str) -> str:
+        return storage.join(self.root, "inputs", check_id(video_id), "reference.png")
+
+    def _marker(self, kind: str, video_id: str) -> str:
+        return storage.join(self.root, kind, check_id(video_id))
+
+    # -- records -------------------------------------------------------------------------
+
+    def create(self, record: dict[str, Any]) -> None:
+        """Store a new record and mark it active (the marker first: a crash in between leaves
+        an active marker without a record, which `resume` simply drops)."""
+        storage.write_bytes_atomic(self._marker("active", record["id"]), b"")
+        self.put(record)
+
+    def put(self, record: dict[str, Any]) -> None:
+        record["updated_at"] = time.time()
+        storage.write_json_atomic(record, self.record_url(record["id"]))
+
+    def get(self, video_id: str) -> dict[str, Any] | None:
+        """The record, or None when the id is unknown, deleted, or its record unreadable."""
+        if not is_id(video_id) or self.is_deleted(video_id):
+            return None
+        try:
+            rec = storage.read_json(self.record_url(video_id))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return rec if isinstance(rec, dict) and rec.get("id") == video_id else None
+
+    def is_deleted(self, video_id: str) -> bool:
+        return storage.exists(self._marker("deleted", video_id))
+
+    def delete(self, video_id: str) -> bool:
+        """Tombstone the job, then remove its record, outputs and input. False if unknown."""
+        if self.get(video_id) is None:
+            return False
+        storage.write_bytes_atomic(self._marker("deleted", video_id), b"")
+        self.remove_files(video_id)
+        return True
+
+    def remove_files(self, video_id: str) -> None:
+        for url in (self.record_url(video_id), self._marker("active", video_id)):
+            fs, path = storage.fs_and_path(url)
+            if fs.exists(path):
+                fs.rm(path)
+        for sub in ("videos", "inputs"):
+            fs, path = storage.fs_and_path(storage.join(self.root, sub, check_id(video_id)))
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+    # -- active set (what a restarted ingress resumes) -----------------------------------
+
+    def active_ids(self) -> list[str]:
+        return sorted(n for n in storage.list_names(storage.join(self.root, "active")) if is_id(n))
+
+    def clear_active(self, video_id: str) -> None:
+        fs, path = storage.fs_and_path(self._marker("active", video_id))
+        if fs.exists(path):
+            fs.rm(path)
+
+    # -- listing -------------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        """All job ids, oldest first (ids sort by creation time)."""
+        names = storage.list_names(storage.join(self.root, "jobs"))
+        return sorted(n[:-5] for n in names if n.endswith(".json") and is_id(n[:-5]))
+
+    def page(self, after: str | None, limit: int, order: str) -> tuple[list[dict[str, Any]], bool]:
+        """One page of records for cursor pagination: the ``limit`` jobs that come after the
+        id ``after`` in ``order`` ("asc" oldest first, "desc" newest first), and whether more
+        follow. ``after`` need not exist any more (ids compare by time)."""
+        assert order in ("asc", "desc") and limit >= 1, (order, limit)
+        ids = self.ids()
+        if order == "desc":
+            ids.reverse()
+        if after is not None:
+            ids = [i for i in ids if (i > after if order == "asc" else i < after)]
+        out: list[dict[str, Any]] = []
+        for i, vid in enumerate(ids):
+            rec = self.get(vid)  # None when deleted meanwhile
+            if rec is not None:
+                out.append(rec)
+            if len(out) == limit:
+                # deleted jobs leave jobs/ at once, so a listed id is (almost always) a record
+                return out, i + 1 < len(ids)
+        return out, False
+
+    # -- outputs -------------------------------------------------------------------------
+
+    def write_output(self, video_id: str, variant: str, data: bytes) -> None:
+        storage.write_bytes_atomic(self.output_url(video_id, variant), data)
+
+    def write_input(self, video_id: str, png: bytes) -> None:
+        storage.write_bytes_atomic(self.input_url(video_id), png)
+
+    def read_bytes(self, url: str) -> bytes:
+        fs, path = storage.fs_and_path(url)
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    def check(self) -> None:
+        """Raise if the store cannot be listed (the ingress's health check)."""
+        fs, path = storage.fs_and_path(self.root)
+        fs.makedirs(path, exist_ok=True)
+        fs.ls(path)
