@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -540,6 +540,13 @@ def run_training(data: str, out: str, vae: str, cfg: TrainConfig, *, storage_pat
     data_fs, data_path = _pyarrow_fs(storage.join(data, "latents"))
     ds = ray.data.read_parquet(data_path, filesystem=data_fs, file_extensions=["parquet"],
                                num_cpus=cfg.read_cpus)
+    spare = ray.cluster_resources().get("CPU", 0.0) - cfg.workers * cfg.cpus_per_worker
+    if not cfg.cache_data and spare < cfg.read_cpus:
+        # The workers would hold every CPU while the streaming read still needs one: Ray Data
+        # and Ray Train then wait on each other forever. Read everything up front instead.
+        print(f"[train] only {spare:g} CPUs left beside the {cfg.workers} workers: caching the latents "
+              f"in the object store before training (as --cache-data)", flush=True)
+        cfg = replace(cfg, cache_data=True)
     if cfg.cache_data:
         ds = ds.materialize()
     store_fs, store_path = _pyarrow_fs(storage_path or os.path.join(out, "checkpoints"))

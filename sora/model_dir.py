@@ -15,7 +15,7 @@
                                                           # a relative path = inside MODEL/;
                                                           # an absolute path = installed elsewhere
      "patch_size": [1, 2, 2],
-     "flow": {"base_shift": 1.0, "max_shift": 3.0, "base_tokens": 256, "max_tokens": 4096},
+     "flow": {"base_shift": 1.0, "max_shift": 8.0, "base_tokens": 256, "max_tokens": 4096},
      "defaults": {"fps": 12, "width": 128, "height": 72, "num_frames": 17,
                   "num_inference_steps": 30, "guidance_scale": 4.0},
      "training": {...free-form provenance: data, steps, loss...}}
@@ -41,7 +41,7 @@ def default_index() -> dict[str, Any]:
         "upsampler": None,
         "text_encoder": {"path": None, "max_length": 64},
         "patch_size": [1, 2, 2],
-        "flow": {"base_shift": 1.0, "max_shift": 3.0, "base_tokens": 256, "max_tokens": 4096},
+        "flow": {"base_shift": 1.0, "max_shift": 8.0, "base_tokens": 256, "max_tokens": 4096},
         "defaults": {"fps": 12, "width": 128, "height": 72, "num_frames": 17, "num_inference_steps": 30,
                      "guidance_scale": 4.0},
         "training": {},

@@ -257,3 +257,14 @@ def test_cli_train_without_latents_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", str(tmp_path / "nothing"), "--vae", str(tmp_path), "--out", str(tmp_path / "m")])
     assert "holds no rows" in str(exc.value) and "sora encode" in str(exc.value)
+
+
+def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, capsys):
+    """2 workers x 1 CPU on the 2-CPU test Ray leave nothing for Ray Data's streaming read,
+    which used to deadlock; run_training now caches the latents first and says so."""
+    data, vae = latents
+    summary = run_training(data, str(tmp_path / "out"), vae,
+                           small_config(max_steps=3, cpus_per_worker=1.0, cache_data=False, checkpoint_every_steps=3),
+                           storage_path=str(tmp_path / "store"), name="full")
+    assert summary["steps"] == 3
+    assert "caching the latents" in capsys.readouterr().out

@@ -119,15 +119,39 @@ def test_tile_blending_is_exact_for_local_functions():
     assert torch.allclose(tiled_apply(z, dec, tile=4, overlap=2, scale=8.0), dec(z), atol=1e-6)
 
 
+def _lively(vae: CausalVideoVAE) -> CausalVideoVAE:
+    """Variance-preserving random weights (He init, residual branches at half weight). With
+    PyTorch's default init and no normalisation the untrained VAE's convolutions output a
+    near-constant (std ~0.02), so a tiling check on it would prove little."""
+    from torch import nn
+
+    from sora.vae import ResBlock
+
+    for m in vae.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.normal_(m.bias, std=0.1)
+        if isinstance(m, ResBlock):
+            m.conv2.conv.weight.data.mul_(0.5)
+    for conv in (vae.encoder.conv_out.conv, vae.decoder.conv_out.conv):
+        nn.init.kaiming_uniform_(conv.weight, a=5**0.5)
+    return vae
+
+
 @pytest.mark.parametrize("norm,tol", [("none", 0.01), ("group", 0.12)])
 def test_tiled_encode_decode_close_to_untiled(norm, tol):
     # Stated tolerance (mean abs difference, values in [-1, 1]): convolutions alone tile almost
-    # exactly (0.01); GroupNorm's per-frame statistics differ per tile, so tiles are within 0.12 (measured 0.07 on this smooth clip, random weights).
+    # exactly (0.01); GroupNorm's per-frame statistics differ per tile, so tiles are within 0.12
+    # (measured 0.07 on this smooth clip, random weights). The shortcut is off here (it tiles
+    # exactly and would dilute the difference) and norm "none" gets lively weights.
     torch.manual_seed(0)
-    vae = CausalVideoVAE(VAEConfig(**{**asdict(VAEConfig.preset("tiny")), "norm": norm})).eval()
+    vae = CausalVideoVAE(VAEConfig(**{**asdict(VAEConfig.preset("tiny")), "norm": norm, "norm_groups": 8, "shortcut": False})).eval()
+    if norm == "none":
+        _lively(vae)
     x = _smooth_clip()
     with torch.no_grad():
         z = vae.encode(x).mean
+        assert z.std() > 0.05 and vae.decode(z).std() > 0.05  # a live signal, not a constant
         zt = vae.encode(x, tile_size=64, tile_overlap=32).mean
         assert zt.shape == z.shape
         assert (zt - z).abs().mean() < tol, (zt - z).abs().mean()
@@ -137,6 +161,42 @@ def test_tiled_encode_decode_close_to_untiled(norm, tol):
         # tiles and temporal chunks compose: chunking inside tiles changes nothing
         ytc = vae.decode(z, tile_size=64, tile_overlap=32, chunk_latent_frames=1)
         assert (ytc - yt).abs().max() < 1e-4
+
+
+def test_block_mean_shortcut_is_an_exact_codec_of_cell_constant_video():
+    """BlockMean -> BlockRepeat reproduces any video that is constant on every latent cell
+    (frame 0 alone, then 4 frames x 8 x 8 pixels), all at once and in chunks."""
+    from sora.vae import BlockMean, BlockRepeat
+
+    g = torch.Generator().manual_seed(0)
+    cells = torch.rand(2, 3, 5, 3, 4, generator=g) * 2 - 1  # (B, 3, T', h, w)
+    x = torch.cat([cells[:, :, :1], cells[:, :, 1:].repeat_interleave(4, dim=2)], dim=2)  # (B, 3, 17, 3, 4)
+    x = x.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)  # (B, 3, 17, 24, 32)
+    mean, rep = BlockMean(4, 8), BlockRepeat(4, 8)
+    assert torch.allclose(mean(x, {}), cells, atol=1e-6)
+    assert torch.allclose(rep(cells, {}), x)
+    cache: dict = {}
+    chunked = torch.cat([mean(x[:, :, :1], cache), mean(x[:, :, 1:9], cache), mean(x[:, :, 9:], cache)], dim=2)
+    assert torch.allclose(chunked, cells, atol=1e-6)
+
+
+def test_shortcut_vae_at_init_is_the_block_mean_codec():
+    """With the shortcut, the tiny preset starts as a colour codec: its reconstruction of a
+    shapes-like clip at initialisation is already far better than a plain VAE's."""
+    from sora.vae import BlockMean, BlockRepeat
+
+    x = torch.full((1, 3, 9, 32, 48), -1.0)
+    for t in range(9):
+        x[:, 1:, t, 5:21, 7 + t : 30 + t] = 0.8  # a cyan box moving right on black, off the 8x8 grid
+    torch.manual_seed(0)
+    with torch.no_grad():
+        shortcut = CausalVideoVAE(VAEConfig.preset("tiny")).eval()
+        plain = CausalVideoVAE(VAEConfig(**{**asdict(VAEConfig.preset("tiny")), "shortcut": False})).eval()
+        ideal = float(psnr(BlockRepeat(4, 8)(BlockMean(4, 8)(x, {}), {}), x)[0])
+        got = float(psnr(shortcut.decode(shortcut.encode(x).mode()), x)[0])
+        base = float(psnr(plain.decode(plain.encode(x).mode()), x)[0])
+    assert shortcut.config.shortcut and got > base + 5, (got, base)  # we see 13.7 vs 6.4 dB
+    assert got > ideal - 1.0, (got, ideal)  # the learned parts start near zero
 
 
 # ----------------------------------------------------------------------------- latents and checkpoints
