@@ -36,23 +36,24 @@ class DemoPlan:
     sample_size: tuple[int, int]  # (width, height) at the 16:9 sample; others keep its pixel count
     sample_frames: int
     dit_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields
+    draft_prompts: int = 0  # held-out prompts generated as draft -> refined, to check they agree
 
     def estimate_minutes(self) -> float:
         return (self.vae_minutes + self.captioner_minutes + self.dit_minutes + 1.0
-                + self.clips * 0.02 + self.eval_prompts * 0.03 + (0.5 if self.tiny_clips else 3.0))
+                + self.clips * 0.02 + (self.eval_prompts + 2 * self.draft_prompts) * 0.03 + (0.5 if self.tiny_clips else 3.0))
 
 
 PLANS = {
-    "default": DemoPlan(clips=480, tiny_clips=False, vae_minutes=8.0, vae_holdout=48, captioner_minutes=4.0,
+    "default": DemoPlan(clips=480, tiny_clips=False, vae_minutes=7.0, vae_holdout=48, captioner_minutes=3.0,
                         captioner_eval=100, dit_minutes=20.0, dit_steps=None, eval_prompts=100, steps=20,
                         sample_size=(112, 64), sample_frames=17,
                         # a tiny model and ~3k steps: a higher lr than the 1e-4 preset default,
                         # and an EMA short enough to follow the weights within the budget
                         dit_overrides={"lr": 5e-4, "warmup_steps": 100, "ema_decay": 0.995,
-                                       "checkpoint_every_minutes": 5.0}),
+                                       "checkpoint_every_minutes": 5.0}, draft_prompts=24),
     "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
                       captioner_eval=8, dit_minutes=0.3, dit_steps=30, eval_prompts=6, steps=4,
-                      sample_size=(64, 32), sample_frames=9, dit_overrides={"ema_decay": 0.9}),
+                      sample_size=(64, 32), sample_frames=9, dit_overrides={"ema_decay": 0.9}, draft_prompts=2),
 }
 
 ASPECTS = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "2.39:1": 2.39}
@@ -190,6 +191,9 @@ def demo_flow(out: str = "demo", quick: bool = False) -> dict:
     say(f"8/8 eval on {plan.eval_prompts} held-out prompts", t0, est)
     report = eval_task(model, plan.eval_prompts, plan.steps)
     metrics["eval"] = {k: v for k, v in report.items() if k != "rows"}
+    if plan.draft_prompts:
+        draft = eval_task(model, plan.draft_prompts, plan.steps, draft=True)
+        metrics["eval_draft"] = {k: v for k, v in draft.items() if k != "rows"}
     phase("eval", s)
 
     metrics["total_minutes"] = round((time.monotonic() - t0) / 60, 2)

@@ -36,8 +36,14 @@ def write_report(path: str, metrics: dict, samples: list[dict], losses: list[flo
         "<h2>Prompt adherence on held-out attribute combinations</h2>",
         _table({**{f"{k} accuracy": v for k, v in acc.items()}, "size correct": ev.get("size_correct"),
                 "frame count correct": ev.get("frames_correct"), "prompts": ev.get("n")}),
-        "<h2>Samples</h2><div class='grid'>",
     ]
+    drafts = metrics.get("eval_draft", {})
+    if drafts:
+        parts += ["<h3>Drafts refined at full resolution: does the refined video keep the draft's attributes?</h3>",
+                  _table({**{f"{k} same as the draft": v for k, v in drafts.get("draft_agreement", {}).items()},
+                          **{f"refined {k} accuracy": v for k, v in drafts.get("accuracy", {}).items()},
+                          "prompts": drafts.get("n")})]
+    parts.append("<h2>Samples</h2><div class='grid'>")
     for s in samples:
         parts.append(
             f"<div class='card'><b>{html.escape(s['title'])}</b><br><small>{html.escape(s['prompt'])}</small>"

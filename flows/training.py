@@ -47,14 +47,19 @@ def train_dit_task(data: str, out: str, vae: str, preset: str = "tiny", workers:
 
 
 @task(retries=1, retry_delay_seconds=2, log_prints=True)
-def eval_task(model: str, n_prompts: int = 100, steps: int | None = None, seed: int = 0, resolution: str = "64p") -> dict:
+def eval_task(model: str, n_prompts: int = 100, steps: int | None = None, seed: int = 0, resolution: str = "64p",
+              draft: bool = False) -> dict:
+    """Score the model on held-out prompts (MODEL/eval.json); with draft=True every prompt is
+    a low-resolution draft refined at full size and the report adds draft_agreement
+    (MODEL/eval_draft.json)."""
     from sora.eval_suite import evaluate
     from sora.pipeline import SoraPipeline
     from sora.shapes import make_eval_prompts
 
     pipe = SoraPipeline.from_pretrained(model)
-    report = evaluate(pipe, make_eval_prompts(n_prompts, seed=seed, resolution=resolution), num_inference_steps=steps)
-    with open(os.path.join(model, "eval.json"), "w") as f:
+    report = evaluate(pipe, make_eval_prompts(n_prompts, seed=seed, resolution=resolution), num_inference_steps=steps,
+                      draft=draft)
+    with open(os.path.join(model, "eval_draft.json" if draft else "eval.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     print("eval:", json.dumps(report.get("accuracy", {})))
     return report

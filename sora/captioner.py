@@ -264,6 +264,9 @@ class CaptionerConfig:
     vision_depths: tuple[int, ...] = (2, 2)  # swin: blocks per stage; clip: sum() layers
     vision_heads: tuple[int, ...] = (3, 6)  # per stage (clip uses the first)
     window_size: int = 8  # swin attention window, in patches (a whole frame at stage 1)
+    # Swin's learned absolute position embeddings (off in stock Swin, which relies on relative
+    # biases): the language model needs each image token to say WHERE it is to read motion.
+    absolute_positions: bool = True
     text_dim: int = 128
     text_layers: int = 2
     text_heads: int = 4
@@ -356,7 +359,8 @@ def build_captioner(cfg: CaptionerConfig, texts: Iterable[str]):
         # LLaVA's projector reads config.hidden_size, which Swin sets to exactly that width.
         vision = SwinConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vision_dim,
                             depths=list(cfg.vision_depths), num_heads=list(cfg.vision_heads),
-                            window_size=cfg.window_size, mlp_ratio=4.0)
+                            window_size=cfg.window_size, mlp_ratio=4.0,
+                            use_absolute_embeddings=cfg.absolute_positions)
     else:
         vision = CLIPVisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_dim,
                                   intermediate_size=4 * cfg.vision_dim, num_hidden_layers=sum(cfg.vision_depths),

@@ -23,8 +23,14 @@ held-out PSNR over 16 whole clips; `.tmp`-style script, not kept):
     + shortcut, 16 latent channels instead of 8                  22.2 dB
     + shortcut, lr 2e-3 with 50 warm-up steps                    15.3 dB   (unstable)
     the block-mean codec alone, no learning                      22.0 dB
-So the shortcut buys ~4 dB at once, and in ~500 steps the networks add little on top of it:
-edge detail is what takes long. Adam above 1e-3 diverges on these flat-coloured frames.
+    (the next four ran beside a third single-thread job, so with less CPU than the above)
+    + shortcut, 32x32 crops (1260 steps in the same 4 minutes)   24.6 dB
+    + shortcut, 32x32 crops of 5 frames (1500 steps)             24.4 dB
+    + shortcut, 16x16 crops (1300 steps)                         17.1 dB   (latent 2x2: all border)
+    + shortcut, 32x32 crops, batch 16 (370 steps)                22.7 dB
+So the shortcut buys ~4 dB at once; past it, the number of steps is what counts (edge
+detail takes long), so small crops and small batches win. Adam above 1e-3 diverges on these
+flat-coloured frames. `pipelines.train_vae` defaults follow this table (crop 32, lr 1e-3).
 
 Tiny CPU run (see `VAEConfig.preset("tiny")`):
     vae = CausalVideoVAE(VAEConfig.preset("tiny"))

@@ -38,7 +38,10 @@ def test_demo_quick_writes_metrics_samples_and_report(demo_dir):
     assert ev["size_correct"] == 1.0 and ev["frames_correct"] == 1.0
     assert metrics["vae"]["steps"] > 0 and metrics["dit"]["steps"] > 0
     assert set(metrics["captioner"]["accuracy"]) == {"color", "shape", "motion"}
+    drafts = metrics["eval_draft"]  # drafts refined at full size, compared with their own drafts
+    assert drafts["n"] == 2 and set(drafts["draft_agreement"]) >= {"color", "shape", "motion"}
     html = open(os.path.join(out, "report.html")).read()
+    assert "same as the draft" in html
     for name in ("t2v_16x9", "t2v_9x16", "t2v_2_39x1", "i2v", "extend_forward", "extend_backward", "join", "refined"):
         assert f"samples/{name}.mp4" in html and os.path.getsize(os.path.join(out, "samples", f"{name}.mp4")) > 0
 
