@@ -15,7 +15,7 @@ quality (the usual choice for latent-diffusion VAEs, Rombach et al. 2022).
 
 What we measured (2026-11-24, one thread each, two runs side by side on an idle 2-core box,
 4 minutes = ~500 steps of 4 crops of 64x64x9 from 240 default-range shapes-world clips;
-held-out PSNR over 16 whole clips; `.tmp`-style script, not kept):
+held-out PSNR over 16 whole clips; `python -m benchmarks.vae_recipes`):
     plain VAE, GroupNorm, L1, lr 2e-3, random crops (old)        17.2 dB on its training crops at step 400
     plain VAE, no norm, L2, lr 1e-3, random crops                18.1 dB on its training crops at step 400
     plain VAE, no norm, L2, lr 1e-3, content-aware crops         18.2 dB

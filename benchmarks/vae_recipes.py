@@ -1,0 +1,119 @@
+"""Side-by-side VAE training recipes on the shapes world: which settings learn fastest on a CPU.
+
+Not a pass/fail benchmark: a small harness for the comparisons recorded in sora/vae_train.py.
+One process, one thread, a fixed wall-clock budget; run two at once on a 2-core box to compare
+two recipes under the same conditions. Each run prints one JSON line (and appends it to
+--results): steps done and held-out PSNR over 16 whole clips (cropped to multiples of 8).
+
+    python -m benchmarks.vae_recipes --name plain --shortcut 0 --crop 64 &
+    python -m benchmarks.vae_recipes --name shortcut32 --shortcut 1 --crop 32 &
+
+Clips are rendered (not encoded to video) from sora.shapes with the default ranges: 240 for
+training (seed 11), 16 held out (seed 12), cached in --cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+
+def load_clips(cache: str, n_train: int = 240, n_test: int = 16) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    from sora.shapes import render, sample_clip
+
+    if not os.path.exists(cache):
+        arrays = [render(sample_clip(11, i)) for i in range(n_train)] + [render(sample_clip(12, i)) for i in range(n_test)]
+        np.savez(cache, *arrays)
+    z = np.load(cache)
+    arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
+    return arrays[:n_train], arrays[n_train:]
+
+
+def main() -> None:
+    from sora.vae import CausalVideoVAE, VAEConfig
+    from sora.vae_train import VAELossConfig, psnr, vae_loss
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--minutes", type=float, default=4.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    ap.add_argument("--norm", default="none", choices=("none", "group"))
+    ap.add_argument("--shortcut", type=int, default=1, help="block-mean shortcut (VAEConfig.shortcut)")
+    ap.add_argument("--latent", type=int, default=8, help="latent channels")
+    ap.add_argument("--recon", default="l2", choices=("l1", "l2"))
+    ap.add_argument("--grad", type=float, default=0.5, help="edge (finite difference) loss weight")
+    ap.add_argument("--crop", type=int, default=32)
+    ap.add_argument("--bs", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--image-prob", type=float, default=0.25)
+    ap.add_argument("--candidates", type=int, default=4, help="content-aware crops: keep the most varied of N")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "vae_recipes_clips.npz"))
+    ap.add_argument("--results", default="vae_recipes.jsonl")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    train, test = load_clips(a.cache)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cfg = VAEConfig(**{**asdict(VAEConfig.preset("tiny")), "norm": a.norm, "norm_groups": 8,
+                       "shortcut": bool(a.shortcut), "latent_channels": a.latent})
+    vae = CausalVideoVAE(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
+    loss_cfg = VAELossConfig(recon=a.recon, grad_weight=a.grad)
+
+    def batch() -> torch.Tensor:
+        t = 1 if rng.random() < a.image_prob else a.frames
+        out = []
+        for _ in range(a.bs):
+            best, best_var = None, -1.0
+            for _ in range(max(1, a.candidates)):
+                c = train[rng.integers(len(train))]
+                t0, y0, x0 = (rng.integers(c.shape[0] - t + 1), rng.integers(c.shape[1] - a.crop + 1),
+                              rng.integers(c.shape[2] - a.crop + 1))
+                w = c[t0 : t0 + t, y0 : y0 + a.crop, x0 : x0 + a.crop]
+                v = float(w.reshape(-1, 3).std(axis=0).sum())
+                if v > best_var:
+                    best, best_var = w, v
+            out.append(best)
+        return torch.from_numpy(np.stack(out)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, T, h, w)
+
+    t_start, step, budget = time.monotonic(), 0, a.minutes * 60
+    while time.monotonic() - t_start < budget:
+        progress = (time.monotonic() - t_start) / budget
+        lr = a.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress))) * min(1.0, (step + 1) / max(1, a.warmup))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        vae.train()
+        opt.zero_grad(set_to_none=True)
+        loss, metrics = vae_loss(vae, batch(), loss_cfg)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 200 == 0:
+            print(f"{a.name} step {step} train-crop PSNR {metrics['psnr']:.2f} dB", flush=True)
+    vae.eval()
+    scores = []
+    with torch.no_grad():
+        for f in test:
+            f = np.ascontiguousarray(f[:, : f.shape[1] // 8 * 8, : f.shape[2] // 8 * 8])
+            x = torch.from_numpy(f).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            y = vae.decode(vae.encode(x, chunk_latent_frames=4).mode(), chunk_latent_frames=4)
+            scores.append(float(psnr(y, x)[0]))
+    result = {"name": a.name, "steps": step, "heldout_psnr_db": round(float(np.mean(scores)), 2),
+              "worst_clip_db": round(min(scores), 2), "load_average": round(os.getloadavg()[0], 2), **vars(a)}
+    print(json.dumps(result), flush=True)
+    with open(a.results, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
