@@ -39,8 +39,10 @@ class DemoPlan:
     draft_prompts: int = 0  # held-out prompts generated as draft -> refined, to check they agree
 
     def estimate_minutes(self) -> float:
+        # per-clip and per-prompt costs from the default run of 2026-11-24 on 2 cores (34.4 min):
+        # synth + ingest + encode 143 s for 480 clips, eval 100 + 2 x 24 prompts in ~60 s
         return (self.vae_minutes + self.captioner_minutes + self.dit_minutes + 1.0
-                + self.clips * 0.02 + (self.eval_prompts + 2 * self.draft_prompts) * 0.03 + (0.5 if self.tiny_clips else 3.0))
+                + self.clips * 0.005 + (self.eval_prompts + 2 * self.draft_prompts) * 0.01 + (0.5 if self.tiny_clips else 3.0))
 
 
 PLANS = {

@@ -73,6 +73,20 @@ def test_frame_grid_layout():
     assert frame_grid(big, k=2, max_tile=None).shape == (300, 1200, 3)
 
 
+def test_frame_interleave_layout_puts_each_place_of_every_frame_side_by_side():
+    T, H, W = 9, 6, 10
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (T, H, W, 3), dtype=np.uint8)
+    img = frame_grid(frames, k=4, layout="interleave")
+    assert img.shape == (2 * H, 2 * W, 3)
+    for cell, t in enumerate([0, 3, 5, 8]):  # frame i at offset (i // 2, i % 2) of every 2x2 block
+        r, c = divmod(cell, 2)
+        np.testing.assert_array_equal(img[r::2, c::2], frames[t])
+    # the same frames as the grid layout, only rearranged; `tile` sizes the frames first
+    assert sorted(img.ravel()) == sorted(frame_grid(frames, k=4).ravel())
+    assert frame_grid(frames, k=4, layout="interleave", tile=(16, 16)).shape == (32, 32, 3)
+
+
 # ----------------------------------------------------------------------------------------
 # Any HF VLM from a local dir
 # ----------------------------------------------------------------------------------------
