@@ -259,6 +259,18 @@ def test_cli_train_without_latents_is_a_clear_error(tmp_path, capsys):
     assert "holds no rows" in str(exc.value) and "sora encode" in str(exc.value)
 
 
+def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
+    import pipelines.train
+    from flows.cli import main
+
+    seen = {}
+    monkeypatch.setattr(pipelines.train, "run_training", lambda data, out, vae, cfg, **kw: seen.update(cfg=cfg) or {})
+    main(["train", "--data", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "m"), "--ema-decay", "0.995",
+          "--tokens-per-step", "1024", "--lr", "5e-4", "--max-minutes", "3"])
+    cfg = seen["cfg"]
+    assert (cfg.ema_decay, cfg.tokens_per_step, cfg.lr, cfg.max_minutes, cfg.max_steps) == (0.995, 1024, 5e-4, 3.0, None)
+
+
 def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, capsys):
     """2 workers x 1 CPU on the 2-CPU test Ray leave nothing for Ray Data's streaming read,
     which used to deadlock; run_training now caches the latents first and says so."""

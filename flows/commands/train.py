@@ -37,6 +37,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-step", type=int, default=4096, help="token budget of a pack per worker (default 4096)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (default 100)")
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA of the weights (the exported model); for runs of a few thousand steps use "
+                        "~0.995, or the EMA stays near the initial weights (default 0.9999)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker: FSDP2, bf16")
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     max_steps = args.max_steps if args.max_steps is not None or args.max_minutes is not None else 2000
     cfg = TrainConfig(
         preset=args.preset, workers=args.workers, max_minutes=args.max_minutes, max_steps=max_steps,
-        tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=args.warmup_steps,
+        tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
         checkpoint_every_steps=args.checkpoint_every, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         compile=args.compile, activation_checkpointing=args.activation_checkpointing, peak_flops=args.peak_flops,
         cache_data=args.cache_data, seed=args.seed,
