@@ -12,6 +12,7 @@ from sora.dit import (
     DiTConfig,
     PRESETS,
     apply_rope,
+    SegmentMask,
     build_attention_mask,
     flops_per_token,
     rope_angles,
@@ -276,6 +277,33 @@ def test_tiny_forward_backward_time_for_1k_tokens():
         times.append(time.perf_counter() - t0)
     print(f"tiny DiT ({m.num_params():,} params) fwd+bwd of {x.shape[0]} tokens: {1000 * min(times):.0f} ms")
     assert min(times) < 5.0
+
+
+def test_segment_attention_matches_the_dense_mask_forward_and_backward():
+    """The CPU default (one SDPA per video) gives the dense-mask result and gradients, packed
+    (with padding keys) and padded; queries of a video that are not contiguous fall back to
+    the dense mask."""
+    cfg = tiny_config()
+    videos = [make_video(g, L, lv, s, cfg, cf) for s, (g, L, lv, cf) in enumerate(VIDEOS)]
+    x, pos, t, seq, text, mask = pack_videos(videos)
+    valid = torch.ones_like(seq, dtype=torch.bool)
+    valid[-3:] = False  # padding keys at the end of the last video
+    results = {}
+    for backend in ("sdpa", "segments"):
+        m = randomize(DiT(cfg))  # same seed inside: identical weights
+        m.attention_backend = backend
+        out = m(x, pos, t, seq, text, mask, valid=valid)
+        (out[valid] ** 2).sum().backward()
+        results[backend] = (out[valid].detach(), [p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(results["segments"][0], results["sdpa"][0], atol=1e-5, rtol=1e-4)
+    for g_seg, g_dense in zip(results["segments"][1], results["sdpa"][1]):
+        torch.testing.assert_close(g_seg, g_dense, atol=1e-4, rtol=1e-3)
+    seg = build_attention_mask(seq, torch.where(valid, seq, -1), "segments")
+    assert isinstance(seg, SegmentMask) and len(seg.q_slices) == len(VIDEOS)
+    assert seg.q_slices[-1][1] == seq.numel() and isinstance(seg.k_index[0], slice)
+    interleaved = torch.tensor([0, 0, 1, 1, 0])
+    dense = build_attention_mask(interleaved, interleaved, "segments")
+    assert torch.equal(dense, interleaved[:, None] == interleaved[None, :])
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex warns that it is slow
