@@ -42,6 +42,10 @@ class VAETrainConfig:
     holdout: int = 100  # clips held out for the PSNR evaluation (never trained on)
     max_train_clips: int = 2000  # clips decoded per run (in memory) - enough for the shapes world
     kl_weight: float = 1e-6
+    # latent normalisation fitted after training: "channel" (a mean/std per latent channel) or
+    # "scalar" (one shift/scale). The shortcut's detail channels spread 4x less than its colour
+    # channels, so one scalar hides shape under the diffusion noise (see VAEConfig.latents_std)
+    latent_stats: str = "channel"
     grad_weight: float = 0.5
     checkpoint_every: int = 200  # steps
     seed: int = 0
@@ -220,8 +224,9 @@ def heldout_psnr(vae, data: str, holdout: int, max_clips: int | None = None) -> 
     return (float(np.mean(scores)) if scores else float("nan")), len(scores)
 
 
-def fit_stats(vae, data: str, holdout: int, n: int = 64) -> tuple[float, float]:
-    """Latent scale/shift from training clips (so diffusion sees ~unit-variance latents)."""
+def fit_stats(vae, data: str, holdout: int, n: int = 64, per_channel: bool = True) -> tuple[float, float]:
+    """Latent normalisation from training clips (so diffusion sees ~unit-variance latents):
+    per latent channel, or one scalar pair. Returns the scalar (shift, scale) either way."""
     import torch
 
     from pipelines.ingest import read_clips
@@ -233,8 +238,9 @@ def fit_stats(vae, data: str, holdout: int, n: int = 64) -> tuple[float, float]:
     with torch.no_grad():
         for frames in load_clip_frames(rows):
             x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-            zs.append(vae.encode(x, chunk_latent_frames=4).mode().flatten())
-    return vae.fit_latent_stats(torch.cat(zs))
+            z = vae.encode(x, chunk_latent_frames=4).mode()[0]  # (C, T', H', W'), sizes vary
+            zs.append(z.reshape(z.shape[0], 1, 1, -1))  # (C, 1, 1, n_i)
+    return vae.fit_latent_stats(torch.cat(zs, dim=-1), per_channel=per_channel)
 
 
 def run_train_vae(cfg: VAETrainConfig) -> dict:
@@ -270,7 +276,8 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
         vae.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
         state = json.load(open(os.path.join(d, "state.json")))
     score, n_held = heldout_psnr(vae, cfg.data, cfg.holdout)
-    shift, scale = fit_stats(vae, cfg.data, cfg.holdout)
+    assert cfg.latent_stats in ("channel", "scalar"), f"latent_stats must be 'channel' or 'scalar', got {cfg.latent_stats!r}"
+    shift, scale = fit_stats(vae, cfg.data, cfg.holdout, per_channel=cfg.latent_stats == "channel")
     vae.save_pretrained(cfg.out)
     summary = {"steps": state["step"], "resumed_from_step": state.get("resumed_from"), "train_minutes": round(state["elapsed_minutes"], 2),
                "wall_seconds": round(train_seconds, 1), "heldout_psnr_db": round(score, 2), "heldout_clips": n_held,

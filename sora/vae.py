@@ -86,8 +86,22 @@ class VAEConfig:
     # diffusion model sees roughly unit variance. Set from data with `fit_latent_stats`.
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    # Per-channel statistics (diffusers' AutoencoderKLWan naming). When set they replace the
+    # scalar pair: normalised latents are (z - latents_mean[c]) / latents_std[c]. Channels of
+    # one VAE can differ 4x in spread (the shortcut's colour channels vs its detail channels);
+    # with one scalar the detail channels, which carry shape, drown in the diffusion noise at
+    # a quarter of the noise level the colour channels survive.
+    latents_mean: list[float] | None = None
+    latents_std: list[float] | None = None
 
     def __post_init__(self):
+        if self.latents_mean is not None or self.latents_std is not None:
+            assert self.latents_mean is not None and self.latents_std is not None, "set both latents_mean and latents_std"
+            self.latents_mean = [float(v) for v in self.latents_mean]
+            self.latents_std = [float(v) for v in self.latents_std]
+            assert len(self.latents_mean) == len(self.latents_std) == self.latent_channels, (
+                f"per-channel stats need {self.latent_channels} values, got {len(self.latents_mean)}/{len(self.latents_std)}")
+            assert all(v > 0 for v in self.latents_std), f"latents_std must be positive, got {self.latents_std}"
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
         levels = len(self.channel_multipliers)
         assert levels >= 1, "channel_multipliers needs at least one level"
@@ -581,27 +595,63 @@ class CausalVideoVAE(nn.Module):
         """(B, 3, T, H, W) -> normalised latents (z - shift) * scale, (B, C, T', h, w)."""
         posterior = self.encode(x, **kwargs)
         z = posterior.sample(generator) if sample else posterior.mode()
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+        return self.normalize_latents(z)
 
     def decode_latents(self, zn: torch.Tensor, **kwargs) -> torch.Tensor:
         """Inverse of `encode_latents`: normalised latents -> pixels (B, 3, T, H, W)."""
-        return self.decode(zn / self.config.scaling_factor + self.config.shift_factor, **kwargs)
+        return self.decode(self.denormalize_latents(zn), **kwargs)
+
+    def _channel_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) shaped to broadcast over raw latents (B, C, T, H, W) or (C, T, H, W)."""
+        shape = [1] * z.dim()
+        shape[z.dim() - 4] = -1  # the channel axis: 1 for batched, 0 for one video
+        mean = torch.tensor(self.config.latents_mean, dtype=z.dtype, device=z.device).view(shape)
+        std = torch.tensor(self.config.latents_std, dtype=z.dtype, device=z.device).view(shape)
+        return mean, std
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, C, T, H, W) or (C, T, H, W) -> what the diffusion model sees."""
+        if self.config.latents_mean is not None:
+            mean, std = self._channel_stats(z)
+            return (z - mean) / std
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def denormalize_latents(self, zn: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_latents`."""
+        if self.config.latents_mean is not None:
+            mean, std = self._channel_stats(zn)
+            return zn * std + mean
+        return zn / self.config.scaling_factor + self.config.shift_factor
 
     @torch.no_grad()
-    def fit_latent_stats(self, latents: torch.Tensor) -> tuple[float, float]:
-        """Set shift/scale so that these raw latents become zero-mean, unit-std.
+    def fit_latent_stats(self, latents: torch.Tensor, per_channel: bool = False) -> tuple[float, float]:
+        """Set the normalisation so that these raw latents become zero-mean, unit-std.
 
         Args:
-            latents: raw (un-normalised) latents of any shape, e.g. a stack of
-                `encode(x).mode()` over a sample of the training set.
+            latents: raw (un-normalised) latents, e.g. `encode(x).mode()` over a sample of the
+                training set: (..., C, T, H, W) with the channel axis 4th from the end (any
+                leading dims), or, with ``per_channel=False`` only, any shape (flattened).
+            per_channel: also fit `latents_mean`/`latents_std` per channel (then they are
+                what `normalize_latents` uses); otherwise clear them.
         Returns:
-            (shift_factor, scaling_factor), also stored in the config (and so in config.json).
+            (shift_factor, scaling_factor), the scalar fit, always stored in the config (and so
+            in config.json) for reporting and for readers that know only the scalar pair.
         """
         z = latents.detach().double()
         std = z.std().item()
         assert std > 0, "latents have zero variance; cannot fit a scaling factor"
         self.config.shift_factor = float(z.mean().item())
         self.config.scaling_factor = float(1.0 / std)
+        if per_channel:
+            C = self.config.latent_channels
+            assert z.dim() >= 4 and z.shape[-4] == C, f"per-channel fit needs (..., {C}, T, H, W), got {tuple(z.shape)}"
+            zc = z.movedim(-4, 0).reshape(C, -1)  # (C, n)
+            stds = zc.std(dim=1)
+            assert bool((stds > 0).all()), f"a latent channel has zero variance: {stds.tolist()}"
+            self.config.latents_mean = zc.mean(dim=1).tolist()
+            self.config.latents_std = stds.tolist()
+        else:
+            self.config.latents_mean = self.config.latents_std = None
         return self.config.shift_factor, self.config.scaling_factor
 
     # -- checkpoints

@@ -217,6 +217,32 @@ def test_fit_latent_stats_normalises_and_round_trips(vae, tmp_path):
     assert (cfg["shift_factor"], cfg["scaling_factor"]) == (shift, scale)
 
 
+def test_per_channel_latent_stats_normalise_each_channel_and_round_trip(vae, tmp_path):
+    model = CausalVideoVAE(VAEConfig.preset("tiny")).eval()
+    model.load_state_dict(vae.state_dict())
+    x = _clip(T=5, H=32, W=48, B=2)
+    with torch.no_grad():
+        raw = model.encode(x).mode()  # (B, C, T', H', W')
+        raw = raw * torch.linspace(0.2, 3.0, raw.shape[1]).view(1, -1, 1, 1, 1)  # channels of unequal spread
+        model.fit_latent_stats(raw, per_channel=True)
+        zn = model.normalize_latents(raw)
+        per_channel = zn.transpose(0, 1).reshape(raw.shape[1], -1)
+        assert per_channel.mean(dim=1).abs().max() < 1e-4 and (per_channel.std(dim=1) - 1).abs().max() < 1e-4
+        # one video (C, T, H, W) normalises like its batched form, and the inverse is exact
+        assert torch.allclose(model.normalize_latents(raw[1]), zn[1], atol=1e-6)
+        assert torch.allclose(model.denormalize_latents(zn), raw, atol=1e-5)
+        assert torch.allclose(model.decode_latents(zn), model.decode(raw), atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = CausalVideoVAE.from_pretrained(tmp_path)
+    assert loaded.config.latents_std == model.config.latents_std and len(loaded.config.latents_std) == raw.shape[1]
+    with torch.no_grad():
+        assert torch.allclose(loaded.normalize_latents(raw), zn, atol=1e-6)
+        model.fit_latent_stats(raw)  # a scalar fit clears the per-channel one
+    assert model.config.latents_mean is None and model.config.latents_std is None
+    with pytest.raises(AssertionError, match="per-channel stats need"):
+        VAEConfig(latent_channels=4, latents_mean=[0.0] * 3, latents_std=[1.0] * 3)
+
+
 def test_save_and_from_pretrained_give_identical_outputs(vae, tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", "model.safetensors"]
