@@ -149,6 +149,8 @@ def largest_components(mask: np.ndarray, min_pixels: int = 1) -> tuple[np.ndarra
     area = np.bincount(label, weights=length, minlength=len(length))
     roots = np.unique(label)
     roots = roots[area[roots] >= min_pixels]
+    if len(roots) == 0:  # foreground, but only specks smaller than min_pixels
+        return np.zeros(0, dtype=np.int64), keep.reshape(T, H, W)
     roots = roots[np.lexsort((-area[roots], frame_of[roots]))]  # by frame, largest first
     main_roots = roots[np.r_[True, frame_of[roots][1:] != frame_of[roots][:-1]]]
     on = np.isin(label, main_roots)

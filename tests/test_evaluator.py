@@ -132,3 +132,16 @@ def test_connected_components_match_a_flood_fill(density):
         sizes = np.bincount(ref[ref >= 0])
         assert keep[t].sum() == sizes.max()
         assert len(np.unique(ref[keep[t]])) == 1
+
+
+def test_only_specks_below_min_pixels_mean_no_object_not_a_crash():
+    """A generated video with a few stray foreground pixels and no real object (seen from an
+    undertrained DiT) is 'nothing found', as an empty frame is."""
+    mask = np.zeros((2, 16, 16), dtype=bool)
+    mask[0, 3, 3] = mask[1, 8, 9] = mask[1, 8, 10] = True  # components of 1 and 2 pixels
+    frames, keep = largest_components(mask, min_pixels=4)
+    assert len(frames) == 0 and not keep.any()
+    video = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    video[mask] = 255
+    a = analyze(video)
+    assert a.shape is None and a.motion is None and a.found_frames == 0
