@@ -62,9 +62,25 @@ class DiTConfig:
     # frequencies see the same range as DiT's integer steps 0..999.
     timestep_scale: float = 1000.0
     frequency_embedding_size: int = 256
+    # What the last layer's output F means. "velocity": F is v itself (SD3, Open-Sora).
+    # "edm": EDM-style preconditioning (Karras et al. 2022, Sec. 5) carried over to the straight
+    # path: x0_hat = c_skip(t) x_t + c_out(t) F with c_skip, c_out chosen so F's target has unit
+    # variance at every t for unit-variance data; the model still returns the velocity
+    # v = (x_t - x0_hat) / t = ((2t - 1) x_t - sqrt(n) F) / n, n = (1 - t)^2 + t^2 (finite at
+    # t = 0). Near pure noise a plain velocity net must copy its noisy input almost exactly
+    # (v = eps - x0, eps ~ x_t), and a small net trained briefly cannot: its x0 estimate at
+    # t = 0.9 was noise-like, and sampling from pure noise scattered blobs over every frame.
+    # With "edm" the copy is analytic and F is a smooth x0 estimate there. Measured on the
+    # shapes world (64 clips, 800 steps, each clip's own caption regenerated and scored):
+    # no better than "velocity" (colour 0.79 vs 0.90, shape 0.31 both, motion 0.15 vs 0.21),
+    # so the presets keep "velocity"; the option stays for larger models and longer runs.
+    parameterization: str = "velocity"
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
+        assert self.parameterization in ("velocity", "edm"), (
+            f"parameterization must be 'velocity' or 'edm', got {self.parameterization!r}"
+        )
         if self.rope_dims is not None:
             self.rope_dims = tuple(self.rope_dims)
         assert self.hidden_size % self.num_heads == 0, (
@@ -133,8 +149,20 @@ def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0, training
 
 
 # ----------------------------------------------------------------------------------------
-# Helpers: modulation, rotary embedding, attention
+# Helpers: output parameterization, modulation, rotary embedding, attention
 # ----------------------------------------------------------------------------------------
+
+
+def edm_velocity(x_t: torch.Tensor, f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Velocity from the network output F under the "edm" parameterization (see DiTConfig).
+
+    x_t, f: (N, D_in); t: (N,) in [0, 1]. x0_hat = c_skip x_t + c_out F with
+    c_skip = (1 - t) / n, c_out = t / sqrt(n), n = (1 - t)^2 + t^2, and v = (x_t - x0_hat) / t
+    simplifies to ((2t - 1) x_t - sqrt(n) F) / n: no division by t."""
+    t = t.to(f.dtype)[:, None]  # (N, 1)
+    n = (1 - t) ** 2 + t**2  # (N, 1) in [0.5, 1]
+    return ((2 * t - 1) * x_t.to(f.dtype) - n.sqrt() * f) / n
+
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -508,7 +536,10 @@ class DiT(nn.Module):
                 h = checkpoint(block, h, c_unique, inverse, angles, self_mask, text_emb, cross_mask, use_reentrant=False)
             else:
                 h = block(h, c_unique, inverse, angles, self_mask, text_emb, cross_mask)  # (N, D)
-        return self.final_layer(h, c_unique, inverse)  # (N, D_in)
+        out = self.final_layer(h, c_unique, inverse)  # (N, D_in)
+        if self.config.parameterization == "edm":
+            out = edm_velocity(x, out, timesteps)
+        return out  # (N, D_in) velocity
 
     def forward_padded(
         self,

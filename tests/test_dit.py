@@ -13,6 +13,7 @@ from sora.dit import (
     PRESETS,
     apply_rope,
     SegmentMask,
+    edm_velocity,
     build_attention_mask,
     flops_per_token,
     rope_angles,
@@ -179,13 +180,17 @@ def test_model_output_invariant_to_shifting_all_positions(model):
 
 @torch.no_grad()
 def test_adaln_zero_init_outputs_exactly_zero():
-    cfg = tiny_config()
+    cfg = tiny_config(parameterization="velocity")
     m = DiT(cfg).eval()
     x, pos, t, seq, text, mask = pack_videos(
         [make_video(g, L, lv, s, cfg, cf) for s, (g, L, lv, cf) in enumerate(VIDEOS)]
     )
     out = m(x, pos, t, seq, text, mask)
     assert torch.equal(out, torch.zeros_like(out))
+    # "edm": the network output F is 0, so the velocity is the skip term alone, x0_hat = c_skip(t) x_t
+    m_edm = DiT(tiny_config(parameterization="edm")).eval()
+    n = ((1 - t) ** 2 + t**2)[:, None]
+    torch.testing.assert_close(m_edm(x, pos, t, seq, text, mask), (2 * t[:, None] - 1) * x / n)
     # every block starts as the identity: modulation gates and cross-attn output are zero
     h = torch.randn(x.shape[0], cfg.hidden_size)
     c = m.t_embedder(torch.tensor([0.0, 0.5]))
@@ -277,6 +282,22 @@ def test_tiny_forward_backward_time_for_1k_tokens():
         times.append(time.perf_counter() - t0)
     print(f"tiny DiT ({m.num_params():,} params) fwd+bwd of {x.shape[0]} tokens: {1000 * min(times):.0f} ms")
     assert min(times) < 5.0
+
+
+def test_edm_parameterization_is_exact_and_gives_unit_variance_targets():
+    """The velocity from F is exact for F's ideal target at every t, F's target has unit
+    variance for unit-variance data and noise, and x0_hat at t = 1 is F itself."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(20000, 8, generator=g), torch.randn(20000, 8, generator=g)
+    for t in (0.05, 0.3, 0.5, 0.8, 1.0):
+        tt = torch.full((x0.shape[0],), t)
+        xt = (1 - t) * x0 + t * eps
+        n = (1 - t) ** 2 + t**2
+        target = (x0 - (1 - t) / n * xt) / (t / n**0.5)  # solve x0 = c_skip x_t + c_out F for F
+        torch.testing.assert_close(edm_velocity(xt, target, tt), eps - x0, atol=1e-4, rtol=1e-4)
+        assert abs(target.std().item() - 1.0) < 0.03, (t, target.std().item())
+    ones = torch.ones(4)
+    torch.testing.assert_close(edm_velocity(eps[:4], x0[:4], ones), eps[:4] - x0[:4])  # t = 1: F is x0_hat
 
 
 def test_segment_attention_matches_the_dense_mask_forward_and_backward():
