@@ -171,6 +171,26 @@ def test_lr_schedule_is_stateless():
     assert lr_at(110, cfg) == pytest.approx(0.1)
 
 
+def test_cached_epochs_reshuffle_deterministically_and_resume_inside_an_epoch():
+    from pipelines.train import iter_cached_packs
+    from sora.packing import Sample
+    from sora.patches import position_ids
+
+    cached = [Sample(tokens=torch.full((4, 2), float(i)), positions=position_ids((1, 2, 2)), grid=(1, 2, 2))
+              for i in range(10)]
+    cfg = TrainConfig(tokens_per_step=8, seed=3)
+
+    def order(epoch, rank=0, skip=0):
+        packs = list(iter_cached_packs(cached, cfg, epoch, rank, skip_rows=skip))
+        assert all(sum(s.num_tokens for s in p) <= 8 for p in packs)
+        return [int(s.tokens[0, 0]) for p in packs for s in p]
+
+    first = order(0)
+    assert sorted(first) == list(range(10))  # every sample once per epoch
+    assert order(0) == first and order(1) != first and order(0, rank=1) != first
+    assert order(0, skip=4) == first[4:]  # a resumed epoch continues where it stopped
+
+
 def fixed_flow_loss(model, data: str, seeds=(0, 1, 2, 3)) -> float:
     """Flow-matching loss of `model` on every latents row, with the noise and timesteps fixed
     by `seeds` and no text dropout: the same number for the same weights, unlike the per-step
