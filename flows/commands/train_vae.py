@@ -30,6 +30,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", type=int, default=100, help="held-out clips for PSNR (default 100)")
     p.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
     p.add_argument("--storage", default=None, help="Ray Train storage path/URL for checkpoints (default OUT/_train)")
+    p.add_argument("--latent-stats", default="scalar", choices=["scalar", "channel"],
+                   help="latent normalisation fitted after training: one shift/scale (default) or a "
+                        "mean/std per latent channel")
     p.set_defaults(func=run)
 
 
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     ensure_ray()
     cfg = VAETrainConfig(data=args.data, out=args.out, preset=args.preset, workers=args.workers,
                          max_minutes=args.max_minutes, max_steps=args.max_steps, batch_size=args.batch_size,
-                         holdout=args.holdout, use_gpu=args.gpu, storage=args.storage)
+                         holdout=args.holdout, use_gpu=args.gpu, storage=args.storage,
+                         latent_stats=args.latent_stats)
     summary = run_train_vae(cfg)
     print(f"held-out PSNR: {summary['heldout_psnr_db']:.2f} dB on {summary['heldout_clips']} clips "
           f"after {summary['steps']} steps ({summary['train_minutes']:.1f} min)")
