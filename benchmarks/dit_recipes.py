@@ -1,0 +1,114 @@
+"""Side-by-side DiT training recipes on the shapes world: does the model learn a coherent object?
+
+Not a pass/fail benchmark: a small controlled harness for the comparisons recorded in
+BENCHMARKS.md and in `DiTConfig.parameterization` / `VAETrainConfig.latent_stats`. One process,
+one thread, a fixed number of optimizer steps (not a time budget, so a busy machine changes
+only how long it takes, never the result). It trains a bare tiny DiT on the first N clips of
+a `DATA/latents` table (sorted by clip id), then regenerates each of the first 48 of those clips
+from its OWN caption at its own size and scores the video with `sora.evaluator`. That is a
+memorisation test: it asks whether training makes coherent, prompt-following objects at all,
+before any question of generalising to unseen combinations.
+
+    python -m benchmarks.dit_recipes --data runs/demo/data --vae runs/demo/vae
+    python -m benchmarks.dit_recipes --data runs/demo/data --vae runs/demo/vae --parameterization edm
+
+Prints one JSON line (and appends it to --results when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="a dataset dir with latents (from `sora encode`)")
+    ap.add_argument("--vae", required=True, help="the VAE dir those latents came from (to decode samples)")
+    ap.add_argument("--clips", type=int, default=64, help="training clips (default 64)")
+    ap.add_argument("--steps", type=int, default=800, help="optimizer steps (default 800)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per pack (default 2048)")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--parameterization", default="velocity", choices=["velocity", "edm"])
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--results", default=None, help="append the JSON line to this file")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from pipelines.latents import read_latents
+    from pipelines.train import sample_from_row
+    from sora.dit import DiT, DiTConfig
+    from sora.evaluator import score
+    from sora.flow import FlowConfig, flow_matching_loss, time_grid
+    from sora.packing import batch_by_token_budget, pack
+    from sora.patches import unpatchify
+    from sora.samplers import euler, guided_velocity
+    from sora.shapes import parse_prompt
+    from sora.vae import load_vae
+
+    torch.set_num_threads(1)
+    vae = load_vae(args.vae).eval()
+    rows = sorted(read_latents(args.data).to_pylist(), key=lambda r: r["clip_id"])[: args.clips]
+    assert rows, f"no latents rows in {args.data}"
+    samples = [sample_from_row(r) for r in rows]
+    channels = int(rows[0]["latent_channels"])
+    patch = (int(rows[0]["patch_t"]), int(rows[0]["patch_h"]), int(rows[0]["patch_w"]))
+    cfg = DiTConfig.preset(args.preset, in_channels=channels, patch_size=patch, text_dim=samples[0].text.shape[-1],
+                           parameterization=args.parameterization)
+    torch.manual_seed(0)
+    model = DiT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    flow = FlowConfig(cond_mode_probs={"none": 0.7, "first": 0.15, "first_k": 0.05, "last_k": 0.05, "first_last": 0.05},
+                      base_tokens=256)  # as pipelines.train.TrainConfig's defaults
+    g = torch.Generator().manual_seed(0)
+    t0, step, losses = time.time(), 0, []
+    while step < args.steps:
+        order = torch.randperm(len(samples), generator=g).tolist()
+        for batch in batch_by_token_budget([samples[i] for i in order], args.tokens):
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / 100)  # 100 warmup steps
+            loss, _ = flow_matching_loss(model, pack(batch), flow, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if step % 100 == 0:
+                print(f"step {step}/{args.steps} loss {np.mean(losses[-100:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
+            if step >= args.steps:
+                break
+    train_s = time.time() - t0
+
+    model.eval()
+    right = {k: 0 for k in ("color", "shape", "size", "motion")}
+    scored = rows[:48]
+    for i, (row, s) in enumerate(zip(scored, samples)):
+        seq = torch.zeros(s.num_tokens, dtype=torch.long)
+        velocity = guided_velocity(model, s.positions, seq, s.text[None], s.text_mask[None], args.guidance)
+        noise = torch.randn(s.tokens.shape, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            x = euler(velocity, noise, time_grid(args.sample_steps))
+            z = unpatchify(x, s.grid, patch, channels)  # (C, T, H, W)
+            video = vae.decode_latents(z[None])[0]  # (3, T, H, W) in [-1, 1]
+        frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+        result = score(frames, parse_prompt(row["caption"]))
+        for k in right:
+            right[k] += bool(result[f"{k}_ok"])
+    line = {"benchmark": "dit_recipes", "data": args.data, "clips": len(rows), "steps": args.steps, "lr": args.lr,
+            "tokens": args.tokens, "preset": args.preset, "parameterization": args.parameterization,
+            "loss_last100": round(float(np.mean(losses[-100:])), 4), "train_seconds": round(train_s),
+            "scored_clips": len(scored), **{k: round(v / len(scored), 3) for k, v in right.items()}}
+    print(json.dumps(line), flush=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
