@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sora import shapes
-from sora.captioner import (Captioner, CaptionerConfig, build_captioner, build_tokenizer, encode_clips,
-                            fit_captioner, frame_grid, grid_shape, sample_frame_indices, save_captioner,
-                            train_captioner)
+from sora.captioner import (Captioner, CaptionerConfig, bag_of_words_loss, bag_of_words_targets,
+                            build_captioner, build_tokenizer, encode_clips, fit_captioner, frame_grid, grid_shape,
+                            sample_frame_indices, save_captioner, train_captioner)
 
 
 def _clips(n: int, seed: int = 3) -> list[tuple[np.ndarray, str]]:
@@ -218,6 +218,26 @@ def test_tokenizer_round_trips_captions(clips):
         assert tok.decode(ids) == c  # exact: punctuation stays attached to its word
 
 
+def test_bag_of_words_loss_rewards_the_token_that_shows_each_word():
+    """Targets are exactly the caption's words; the loss is the closed form of BCE, and an image
+    whose tokens point at its words scores far lower than one pointing at other words."""
+    caps = ["A large red circle rises.", "A small blue square falls."]
+    model, processor = build_captioner(CaptionerConfig.preset("debug"), caps)
+    tok = processor.tokenizer
+    targets = bag_of_words_targets(processor, caps)  # (2, V)
+    for i, c in enumerate(caps):
+        assert set(tok.convert_ids_to_tokens(targets[i].nonzero()[:, 0].tolist())) == set(c.split())
+    emb = torch.eye(len(tok))  # (V, V): word v's embedding is the unit vector e_v
+    # One image token per word of the caption, 10 * e_w: that word's logit is 10, the rest 0.
+    right = torch.stack([10 * emb[targets[i].bool()][:5] for i in range(2)])  # (2, 5, V)
+    wrong = right.flip(0)
+    got = bag_of_words_loss(right, emb, targets)
+    expect = (5 * np.log1p(np.exp(-10.0)) + (len(tok) - 5) * np.log(2.0))  # BCE per image, summed over words
+    assert abs(float(got) - expect) < 1e-4, (float(got), expect)
+    # wrong: 4 of 5 words missed (ln 2 each, as if unseen) and 4 absent words claimed (~10 each)
+    assert float(bag_of_words_loss(wrong, emb, targets)) > float(got) + 35
+
+
 def test_train_save_load_round_trip(tmp_path, clips):
     cfg = CaptionerConfig.preset("debug")
     cfg.max_steps = 60
@@ -231,10 +251,11 @@ def test_train_save_load_round_trip(tmp_path, clips):
     # The loss falls well below its start (about ln(vocab) ~ 4.5 at init).
     assert stats["final_loss"] < 0.6 * stats["first_loss"], stats
     frames = [c for c, _ in clips[:6]]
-    in_memory = Captioner(model, processor, name="mem", max_new_tokens=40).caption(frames)
+    in_memory = Captioner(model, processor, name="mem", max_new_tokens=40, grid_note=cfg.grid_note).caption(frames)
     save_captioner(model, processor, str(tmp_path / "cap"), cfg, stats)
     loaded = Captioner.from_pretrained(str(tmp_path / "cap"), max_new_tokens=40)
     assert loaded.name == "llava:cap" and loaded.num_frames == cfg.num_frames
+    assert loaded.grid_note is cfg.grid_note  # asked the way it was trained (captioner.json)
     assert loaded.caption(frames) == in_memory
     assert all(t for t in in_memory), in_memory
 
