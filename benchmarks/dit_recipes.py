@@ -41,10 +41,10 @@ def main() -> None:
     import torch
 
     from pipelines.latents import read_latents
-    from pipelines.train import sample_from_row
+    from pipelines.train import TrainConfig, sample_from_row
     from sora.dit import DiT, DiTConfig
     from sora.evaluator import score
-    from sora.flow import FlowConfig, flow_matching_loss, time_grid
+    from sora.flow import flow_matching_loss, time_grid
     from sora.packing import batch_by_token_budget, pack
     from sora.patches import unpatchify
     from sora.samplers import euler, guided_velocity
@@ -63,8 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = DiT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    flow = FlowConfig(cond_mode_probs={"none": 0.7, "first": 0.15, "first_k": 0.05, "last_k": 0.05, "first_last": 0.05},
-                      base_tokens=256)  # as pipelines.train.TrainConfig's defaults
+    flow = TrainConfig().flow()  # the timestep/conditioning/dropout settings `sora train` uses
     g = torch.Generator().manual_seed(0)
     t0, step, losses = time.time(), 0, []
     while step < args.steps:

@@ -440,10 +440,10 @@ def train_loop_per_worker(config: dict) -> None:
     cached: list[Sample] | None = None  # this worker's samples, once a whole epoch was read (cache_data)
     while not done:
         skip = state["epoch_rows"] // world
+        collected: list[Sample] | None = [] if cached is None and cfg.cache_data and skip == 0 else None
         if cached is not None:
             packs = iter_cached_packs(cached, cfg, state["epoch"], rank, skip_rows=skip)
-        elif cfg.cache_data and skip == 0:
-            collected: list[Sample] = []
+        elif collected is not None:  # a whole epoch from the shard: keep it
             packs = _collecting(iter_packs(shard, cfg, state["epoch"], rank), collected)
         else:
             packs = iter_packs(shard, cfg, state["epoch"], rank, skip_rows=skip)
@@ -495,7 +495,7 @@ def train_loop_per_worker(config: dict) -> None:
         if not done:
             assert steps_this_epoch > 0 or state["epoch_rows"] > 0, (
                 "an epoch produced no step: some worker got no data (fewer latents rows than workers?)")
-            if cached is None and cfg.cache_data and skip == 0:
+            if collected is not None:
                 for _ in packs:  # read what the lockstep stop left unread (_collecting keeps it)
                     pass
                 cached = collected

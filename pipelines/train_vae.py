@@ -56,6 +56,11 @@ class VAETrainConfig:
     storage: str | None = None  # Ray Train storage path (default OUT/_train); local or s3://
     name: str = "vae"
 
+    def __post_init__(self) -> None:
+        # checked here, not after training: a typo must not cost a whole training run
+        assert self.latent_stats in ("channel", "scalar"), (
+            f"latent_stats must be 'channel' or 'scalar', got {self.latent_stats!r}")
+
 
 def split_clips(clip_ids: list[str], holdout: int) -> tuple[set[str], set[str]]:
     """Deterministic train / held-out split by a hash of the clip id (stable across runs)."""
@@ -227,7 +232,7 @@ def heldout_psnr(vae, data: str, holdout: int, max_clips: int | None = None) -> 
     return (float(np.mean(scores)) if scores else float("nan")), len(scores)
 
 
-def fit_stats(vae, data: str, holdout: int, n: int = 64, per_channel: bool = True) -> tuple[float, float]:
+def fit_stats(vae, data: str, holdout: int, n: int = 64, per_channel: bool = False) -> tuple[float, float]:
     """Latent normalisation from training clips (so diffusion sees ~unit-variance latents):
     per latent channel, or one scalar pair. Returns the scalar (shift, scale) either way."""
     import torch
@@ -279,7 +284,6 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
         vae.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
         state = json.load(open(os.path.join(d, "state.json")))
     score, n_held = heldout_psnr(vae, cfg.data, cfg.holdout)
-    assert cfg.latent_stats in ("channel", "scalar"), f"latent_stats must be 'channel' or 'scalar', got {cfg.latent_stats!r}"
     shift, scale = fit_stats(vae, cfg.data, cfg.holdout, per_channel=cfg.latent_stats == "channel")
     vae.save_pretrained(cfg.out)
     summary = {"steps": state["step"], "resumed_from_step": state.get("resumed_from"), "train_minutes": round(state["elapsed_minutes"], 2),

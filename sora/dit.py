@@ -164,7 +164,6 @@ def edm_velocity(x_t: torch.Tensor, f: torch.Tensor, t: torch.Tensor) -> torch.T
     return ((2 * t - 1) * x_t.to(f.dtype) - n.sqrt() * f) / n
 
 
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation. x, shift, scale: (N, D) -> (N, D)."""
     return x * (1 + scale) + shift
