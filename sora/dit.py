@@ -75,9 +75,20 @@ class DiTConfig:
     # no better than "velocity" (colour 0.79 vs 0.90, shape 0.31 both, motion 0.15 vs 0.21),
     # so the presets keep "velocity"; the option stays for larger models and longer runs.
     parameterization: str = "velocity"
+    # Also condition the adaLN modulation on the masked mean of the text states (the pooled
+    # prompt, as SD3 / Open-Sora add a pooled text vector to the timestep embedding), besides
+    # cross-attention. A global, per-video path: the prompt's attributes reach every token's
+    # shift/scale/gate directly instead of only through learnt query-key matches. An empty
+    # prompt (CFG's unconditional branch) gets a learnt null vector. "none" (off), "mean" or
+    # "attention" (see PooledTextEmbedder). Off in configs saved before it existed, so old
+    # checkpoints load unchanged.
+    pooled_text: str = "none"
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
+        assert self.pooled_text in ("none", "mean", "attention"), (
+            f"pooled_text must be 'none', 'mean' or 'attention', got {self.pooled_text!r}"
+        )
         assert self.parameterization in ("velocity", "edm"), (
             f"parameterization must be 'velocity' or 'edm', got {self.parameterization!r}"
         )
@@ -124,7 +135,7 @@ class DiTConfig:
 PRESETS: dict[str, DiTConfig] = {
     # ~1.6M params. Sized for the shapes world on a 2-core CPU: one fwd+bwd of a
     # ~1k-token pack costs ~0.1 s, so 20 min trains on a few million tokens.
-    "tiny": DiTConfig(hidden_size=128, depth=4, num_heads=4),
+    "tiny": DiTConfig(hidden_size=128, depth=4, num_heads=4, pooled_text="mean"),
     "small": DiTConfig(hidden_size=384, depth=12, num_heads=6),  # ~39M
     "base": DiTConfig(hidden_size=768, depth=12, num_heads=12),  # ~156M
     "large": DiTConfig(hidden_size=1024, depth=24, num_heads=16),  # ~554M
@@ -343,6 +354,42 @@ class TextEmbedder(nn.Module):
         return self.proj(text)  # (B, L, D)
 
 
+class PooledTextEmbedder(nn.Module):
+    """One vector per video from its text states (B, L, text_dim) -> (B, D), added to the
+    timestep embedding of every token of that video.
+
+    mode "mean": the masked mean of the states. "attention": ``heads`` learnt queries each
+    take a softmax-weighted sum of the projected states (attention pooling), so single words
+    can dominate: MiniLM's mean-pooled states of two captions that differ only in "leftward"
+    / "rightward" have cosine 0.996 (0.90 for circle / square), so a mean barely carries the
+    direction. Videos with no text token (the unconditional branch of CFG) get the learnt
+    ``null`` vector."""
+
+    def __init__(self, text_dim: int, hidden_size: int, mode: str = "mean", heads: int = 4):
+        super().__init__()
+        assert mode in ("mean", "attention"), f"pooled text mode must be 'mean' or 'attention', got {mode!r}"
+        self.mode, self.heads = mode, heads
+        if mode == "mean":
+            self.proj = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        else:
+            self.value = nn.Linear(text_dim, hidden_size)
+            self.score = nn.Linear(text_dim, heads)  # one logit per head per text token
+            self.proj = nn.Sequential(nn.SiLU(), nn.Linear(heads * hidden_size, hidden_size))
+        self.null = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        has_text = text_mask.any(dim=1, keepdim=True)  # (B, 1)
+        if self.mode == "mean":
+            m = text_mask[..., None].to(text.dtype)  # (B, L, 1)
+            out = self.proj((text * m).sum(1) / m.sum(1).clamp(min=1.0))  # (B, D)
+        else:
+            logits = self.score(text).masked_fill(~text_mask[..., None], float("-inf"))  # (B, L, heads)
+            weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # (B, L, heads); empty prompt: 0
+            pooled = torch.einsum("blh,bld->bhd", weights, self.value(text))  # (B, heads, D)
+            out = self.proj(pooled.flatten(1))  # (B, D)
+        return torch.where(has_text, out, self.null.to(out.dtype))  # (B, D)
+
+
 # ----------------------------------------------------------------------------------------
 # Attention modules and the block
 # ----------------------------------------------------------------------------------------
@@ -451,6 +498,8 @@ class DiT(nn.Module):
         self.x_embedder = nn.Linear(config.in_dim, D)  # tokens are already patchified
         self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size, config.timestep_scale)
         self.text_embedder = TextEmbedder(config.text_dim, D)
+        self.pooled_embedder = (PooledTextEmbedder(config.text_dim, D, config.pooled_text)
+                                if config.pooled_text != "none" else None)
         # One learned key/value every video sees besides its text: makes the empty prompt
         # (CFG's unconditional branch) well defined and acts as an attention sink.
         self.null_text = nn.Parameter(torch.zeros(D))
@@ -473,6 +522,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.null_text, std=0.02)
+        if self.pooled_embedder is not None:
+            nn.init.normal_(self.pooled_embedder.null, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -526,8 +577,14 @@ class DiT(nn.Module):
         angles = rope_angles(positions, self.config.axes_dims, self.config.rope_theta)  # (N, hd/2)
         # footgun: unique() syncs with the host on CUDA and breaks torch.compile graphs here;
         # fine, since only the blocks need compiling (they take c_unique/inverse as inputs).
-        t_unique, inverse = torch.unique(timesteps, return_inverse=True)  # (U,), (N,)
-        c_unique = self.t_embedder(t_unique)  # (U, D)
+        if self.pooled_embedder is None:
+            t_unique, inverse = torch.unique(timesteps, return_inverse=True)  # (U,), (N,)
+            c_unique = self.t_embedder(t_unique)  # (U, D)
+        else:  # the conditioning differs per (video, t) pair: embed each distinct pair once
+            key = torch.stack([seq_ids.double(), timesteps.double()], dim=1)  # (N, 2), exact for both
+            pairs, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2), (N,)
+            pooled = self.pooled_embedder(text, text_mask)  # (B, D)
+            c_unique = self.t_embedder(pairs[:, 1].to(timesteps.dtype)) + pooled[pairs[:, 0].long()]  # (U, D)
 
         h = self.x_embedder(x)  # (N, D)
         for block in self.blocks:

@@ -245,7 +245,7 @@ def test_preset_parameter_counts():
     for name in ("tiny", "xl"):
         with torch.device("meta"):
             counts[name] = DiT(DiTConfig.preset(name)).num_params()
-    assert counts["tiny"] == 1_617_984
+    assert counts["tiny"] == 1_617_984 + (384 * 128 + 128) + (128 * 128 + 128) + 128  # + the pooled-text MLP and null
     assert counts["xl"] == 1_257_117_760
     for name, cfg in PRESETS.items():
         assert sum(cfg.axes_dims) == cfg.head_dim, name
@@ -359,3 +359,50 @@ def test_flex_attention_matches_sdpa_on_cuda():
         m.attention_backend = "flex"
         out = m(*inputs)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pooled_text", ["none", "mean", "attention"])
+def test_packing_and_text_isolation_hold_with_and_without_pooled_text(pooled_text):
+    torch.manual_seed(0)
+    model = randomize(DiT(tiny_config(pooled_text=pooled_text)))
+    cfg = model.config
+    videos = [make_video(g, L, lv, seed, cfg, cf) for seed, (g, L, lv, cf) in enumerate(VIDEOS)]
+    x, pos, t, seq, text, mask = pack_videos(videos)
+    packed = model(x, pos, t, seq, text, mask)
+    start = 0
+    for v in videos:
+        n = v[0].shape[0]
+        alone = model(v[0], v[1], v[2], torch.zeros(n, dtype=torch.long), v[3][None], v[4][None])
+        torch.testing.assert_close(packed[start: start + n], alone, atol=2e-5, rtol=1e-4)
+        start += n
+    # masked-out text slots (padding, and every slot of the empty prompt) change nothing
+    junk = text.clone()
+    junk[~mask] = 100.0
+    assert torch.equal(model(x, pos, t, seq, junk, mask), packed)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["mean", "attention"])
+def test_pooled_text_reaches_the_modulation_of_its_own_video_only(mode):
+    """With cross-attention switched off (zero output projection), the prompt can reach the
+    tokens only through the pooled adaLN path: it must, and only within its own video."""
+    torch.manual_seed(0)
+    model = randomize(DiT(tiny_config(pooled_text=mode)))
+    for block in model.blocks:
+        block.cross_attn.proj.weight.zero_()
+        block.cross_attn.proj.bias.zero_()
+    cfg = model.config
+    videos = [make_video(g, L, lv, seed, cfg) for seed, (g, L, lv, _) in enumerate(VIDEOS[:2])]
+    x, pos, t, seq, text, mask = pack_videos(videos)
+    base = model(x, pos, t, seq, text, mask)
+    text2 = text.clone()
+    text2[1] += 1.0
+    out = model(x, pos, t, seq, text2, mask)
+    assert torch.equal(out[seq == 0], base[seq == 0])
+    assert (out[seq == 1] - base[seq == 1]).abs().max() > 1e-3
+    # the unconditional branch (no valid token) uses the learnt null vector, not the zeros
+    empty = torch.zeros_like(mask)
+    uncond = model(x, pos, t, seq, text, empty)
+    model.pooled_embedder.null += 1.0
+    assert (model(x, pos, t, seq, text, empty) - uncond).abs().max() > 1e-3
