@@ -32,6 +32,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per pack (default 2048)")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--parameterization", default="velocity", choices=["velocity", "edm"])
+    ap.add_argument("--pooled-text", default=None, choices=["none", "mean", "attention"],
+                    help="DiTConfig.pooled_text (pooled prompt in adaLN; default: the preset's)")
+    ap.add_argument("--base-shift", type=float, default=None, help="TrainConfig.base_shift (timestep shift)")
+    ap.add_argument("--t-mean", type=float, default=None, help="logit-normal location of training timesteps")
+    ap.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--results", default=None, help="append the JSON line to this file")
@@ -44,7 +49,7 @@ def main() -> None:
     from pipelines.train import TrainConfig, sample_from_row
     from sora.dit import DiT, DiTConfig
     from sora.evaluator import score
-    from sora.flow import flow_matching_loss, time_grid
+    from sora.flow import flow_matching_loss, resolution_shift, time_grid
     from sora.packing import batch_by_token_budget, pack
     from sora.patches import unpatchify
     from sora.samplers import euler, guided_velocity
@@ -59,12 +64,17 @@ def main() -> None:
     channels = int(rows[0]["latent_channels"])
     patch = (int(rows[0]["patch_t"]), int(rows[0]["patch_h"]), int(rows[0]["patch_w"]))
     cfg = DiTConfig.preset(args.preset, in_channels=channels, patch_size=patch, text_dim=samples[0].text.shape[-1],
-                           parameterization=args.parameterization)
-    torch.manual_seed(0)
+                           parameterization=args.parameterization,
+                           **({} if args.pooled_text is None else {"pooled_text": args.pooled_text}))
+    torch.manual_seed(args.seed)
     model = DiT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     flow = TrainConfig().flow()  # the timestep/conditioning/dropout settings `sora train` uses
-    g = torch.Generator().manual_seed(0)
+    if args.base_shift is not None:
+        flow.shift = args.base_shift
+    if args.t_mean is not None:
+        flow.t_mean = args.t_mean
+    g = torch.Generator().manual_seed(args.seed)
     t0, step, losses = time.time(), 0, []
     while step < args.steps:
         order = torch.randperm(len(samples), generator=g).tolist()
@@ -92,7 +102,10 @@ def main() -> None:
         velocity = guided_velocity(model, s.positions, seq, s.text[None], s.text_mask[None], args.guidance)
         noise = torch.randn(s.tokens.shape, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
-            x = euler(velocity, noise, time_grid(args.sample_steps))
+            # the sampling shift `SoraPipeline` would use for a model trained with this flow
+            shift = (resolution_shift(s.num_tokens, flow.base_tokens, flow.shift) if flow.base_tokens
+                     else flow.shift)
+            x = euler(velocity, noise, time_grid(args.sample_steps, shift))
             z = unpatchify(x, s.grid, patch, channels)  # (C, T, H, W)
             video = vae.decode_latents(z[None])[0]  # (3, T, H, W) in [-1, 1]
         frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
@@ -101,6 +114,7 @@ def main() -> None:
             right[k] += bool(result[f"{k}_ok"])
     line = {"benchmark": "dit_recipes", "data": args.data, "clips": len(rows), "steps": args.steps, "lr": args.lr,
             "tokens": args.tokens, "preset": args.preset, "parameterization": args.parameterization,
+            "pooled_text": cfg.pooled_text, "seed": args.seed, "shift": flow.shift, "t_mean": flow.t_mean,
             "loss_last100": round(float(np.mean(losses[-100:])), 4), "train_seconds": round(train_s),
             "scored_clips": len(scored), **{k: round(v / len(scored), 3) for k, v in right.items()}}
     print(json.dumps(line), flush=True)
