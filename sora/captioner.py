@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable
@@ -278,6 +279,18 @@ class CaptionerConfig:
     bag-of-words loss, grid note) got 1.00 / 0.60 / 0.26 in ~1300 steps: its tower cost 0.22 s of a 0.37 s step (256
     stage-1 tokens), and the caption loss alone never taught the tower motion direction.
     Shape is the open problem (small 0.49, large 0.60; a 128 px grid with patch 16 gave 0.59).
+    Diagnosis (scratch probe: this tower + linear max-pooled heads trained directly on shape /
+    motion / colour, 1000 held-out clips): 1.5 cpu-min (2000 steps) held-out shape 0.45 (train
+    0.64); 4 cpu-min 0.49 (train 0.95): the tower memorises the 4000 clips rather than learn
+    shape. No cheap change moved it at 1.5 cpu-min: "grid" layout 0.49, patch 4 0.51 (627
+    steps), a 128 px grid 0.48 (610 steps), a LeViT conv stem 0.50 (64 px) / 0.44 (128 px),
+    random shifts of +-4 or +-8 px with or without mirroring 0.45 (motion 0.975 -> 0.995). A
+    hand rule (area / bounding box of the first frame) reads shape 1.00 at native size, 1.00 /
+    0.85 (large / small) in a 64 px stretched tile, 0.98 / 0.70 at 48 px, 0.93 / 0.57 at 32 px:
+    small shapes are ~6 x 2.5-6 px in ours, below legibility. So 0.95 needs more pixels per
+    frame AND a tower that learns shape from 4000 clips; bigger inputs cost too many steps at 3
+    cpu-min: image 128 with a third Swin stage 654 steps, colour 0.37 / shape 0.42 / motion
+    0.20; image 96 with patch 12 1422 steps, 0.995 / 0.525 / 0.37.
     """
 
     num_frames: int = 4  # frames in the grid (2x2)
@@ -321,6 +334,12 @@ class CaptionerConfig:
     # `bag_of_words_loss`); 0 trains on the captions alone. Training-only: the saved model is a
     # plain LLaVA. At 3 cpu-minutes motion was 0.36 / 0.67 / 0.38 with 0.3 / 1 / 3 (noisy).
     bow_weight: float = 1.0
+    # Chance that a training example is mirrored left-right, its caption's "left"/"right" words
+    # swapped to match (see `flip_grid`, `mirror_word_ids`); training-only, 0 turns it off.
+    # Off: at 0.5 the bench gave colour 0.995 / shape 0.55 / motion 0.94 (seed 0) and 1.00 /
+    # 0.54 / 0.75 (seed 1; off, the same seed: 0.98 / 0.60 / 0.98): no help to shape, and
+    # motion worse (half the batch with the opposite word pairs may slow its learning).
+    flip_prob: float = 0.0
 
     @property
     def tile(self) -> tuple[int, int]:
@@ -360,15 +379,29 @@ PRESETS: dict[str, CaptionerConfig] = {
 }
 
 
+_LEFT_RIGHT = re.compile(r"^(left|right)(wards?)?([.,;:!?]*)$")
+
+
+def _mirror_word(word: str) -> str:
+    """"left" <-> "right", "leftward." <-> "rightward." (lower case, punctuation kept); any
+    other word is its own mirror."""
+    m = _LEFT_RIGHT.match(word)
+    if m is None:
+        return word
+    return ("right" if m.group(1) == "left" else "left") + (m.group(2) or "") + m.group(3)
+
+
 def build_tokenizer(texts: Iterable[str]):
     """A word-level tokenizer whose vocabulary is every whitespace-separated word of `texts`
     (punctuation stays attached: "background." is one token, so decoding is an exact inverse of
-    single-spaced text) plus the special tokens. Returns a `PreTrainedTokenizerFast`."""
+    single-spaced text) plus the special tokens, plus the left/right mirror of every direction
+    word (see `mirror_word_ids`). Returns a `PreTrainedTokenizerFast`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.WhitespaceSplit()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} - set(SPECIALS))
+    words = {w for t in texts for w, _ in pre.pre_tokenize_str(t)}
+    words = sorted((words | {_mirror_word(w) for w in words}) - set(SPECIALS))  # a mirrored caption stays in vocabulary
     vocab = {w: i for i, w in enumerate(list(SPECIALS) + words)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre
@@ -508,6 +541,36 @@ def bag_of_words_loss(image_tokens: torch.Tensor, word_embeddings: torch.Tensor,
     return bce.sum(1).mean()
 
 
+def flip_grid(pixels: torch.Tensor, k: int, layout: str) -> torch.Tensor:
+    """Mirror every frame of frame-grid images left-right, keeping the layout and time order.
+
+    A plain flip of the whole image would also reverse the frame order along each row: in
+    "grid" the tiles of a row, in "interleave" the column phase of each pixel block (frame 0
+    would land where frame 1 belongs, so motion would run backwards). Flipping back that one
+    axis undoes it. pixels (..., S, S) with S = rows * h = cols * w; returns the same shape."""
+    rows, cols = grid_shape(k)
+    W = pixels.shape[-1]
+    assert W % cols == 0, f"width {W} is not a multiple of the grid's {cols} columns"
+    x = pixels.flip(-1)
+    if layout == "interleave":  # (..., W/cols, cols): flip the phase back
+        return x.unflatten(-1, (W // cols, cols)).flip(-1).flatten(-2)
+    assert layout == "grid", f"unknown layout {layout!r}"
+    return x.unflatten(-1, (cols, W // cols)).flip(-2).flatten(-2)  # (..., cols, w): tiles back in order
+
+
+def mirror_word_ids(tokenizer) -> torch.Tensor:
+    """(V,) long permutation of the vocabulary that a left-right mirror applies to a caption:
+    "left" <-> "right", "leftward." <-> "rightward." etc. (lower case, punctuation kept); every
+    other word maps to itself. An involution. `build_tokenizer` puts every mirror word in the
+    vocabulary; with another tokenizer a word whose mirror is missing would stay unswapped."""
+    vocab = tokenizer.get_vocab()
+    perm = torch.arange(len(tokenizer))
+    for word, i in vocab.items():
+        perm[i] = vocab.get(_mirror_word(word), i)
+    assert torch.equal(perm[perm], torch.arange(len(perm))), "the left/right swap must be an involution"
+    return perm
+
+
 def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], cfg: CaptionerConfig, *,
                   max_minutes: float = 8.0, seed: int = 0, clock: str = "wall",
                   progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
@@ -526,6 +589,7 @@ def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], c
     assert len(pixels) == len(captions), f"{len(pixels)} grids but {len(captions)} captions"
     input_ids, labels = _token_batches(processor, captions, cfg)
     pad = processor.tokenizer.pad_token_id
+    mirror = mirror_word_ids(processor.tokenizer) if cfg.flip_prob > 0 else None
     bow = bag_of_words_targets(processor, captions) if cfg.bow_weight > 0 else None
     seen: list[torch.Tensor] = []  # the projector's output of the current step, (B, N, D)
     hook = (model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: seen.append(o))
@@ -550,10 +614,20 @@ def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], c
         ids, lab = input_ids[idx], labels[idx]
         width = int((ids != pad).sum(1).max())  # drop the columns that are padding in every row
         ids, lab = ids[:, :width], lab[:, :width]
-        out = model(input_ids=ids, attention_mask=(ids != pad).long(), pixel_values=pixels[idx], labels=lab)
+        px, words = pixels[idx], (bow[idx] if bow is not None else None)
+        if mirror is not None:  # mirror a random part of the batch, and its captions with it
+            f = torch.rand(len(idx), generator=gen) < cfg.flip_prob
+            px, ids, lab = px.clone(), ids.clone(), lab.clone()
+            px[f] = flip_grid(px[f], cfg.num_frames, cfg.layout)
+            ids[f] = mirror[ids[f]]
+            lab[f] = torch.where(lab[f] >= 0, mirror[lab[f].clamp(min=0)], lab[f])
+            if words is not None:
+                words = words.clone()
+                words[f] = words[f][:, mirror]  # the permutation is its own inverse
+        out = model(input_ids=ids, attention_mask=(ids != pad).long(), pixel_values=px, labels=lab)
         loss = out.loss
         if bow is not None:
-            loss = loss + cfg.bow_weight * bag_of_words_loss(seen.pop(), model.get_input_embeddings().weight, bow[idx])
+            loss = loss + cfg.bow_weight * bag_of_words_loss(seen.pop(), model.get_input_embeddings().weight, words)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -14,8 +14,8 @@ import torch
 
 from sora import shapes
 from sora.captioner import (Captioner, CaptionerConfig, bag_of_words_loss, bag_of_words_targets,
-                            build_captioner, build_tokenizer, encode_clips, fit_captioner, frame_grid, grid_shape,
-                            sample_frame_indices, save_captioner, train_captioner)
+                            build_captioner, build_tokenizer, encode_clips, fit_captioner, flip_grid, frame_grid,
+                            grid_shape, mirror_word_ids, sample_frame_indices, save_captioner, train_captioner)
 
 
 def _clips(n: int, seed: int = 3) -> list[tuple[np.ndarray, str]]:
@@ -85,6 +85,38 @@ def test_frame_interleave_layout_puts_each_place_of_every_frame_side_by_side():
     # the same frames as the grid layout, only rearranged; `tile` sizes the frames first
     assert sorted(img.ravel()) == sorted(frame_grid(frames, k=4).ravel())
     assert frame_grid(frames, k=4, layout="interleave", tile=(16, 16)).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("layout", ["grid", "interleave"])
+def test_flip_grid_mirrors_each_frame_and_keeps_time_order(layout):
+    """Mirroring the grid image equals building the grid from mirrored frames."""
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (9, 6, 10, 3), dtype=np.uint8)
+    for k in (4, 3):  # a full 2x2 grid, and one with a black cell
+        img = torch.from_numpy(frame_grid(frames, k=k, layout=layout)).permute(2, 0, 1)  # (3, H, W)
+        want = frame_grid(frames[:, :, ::-1].copy(), k=k, layout=layout)
+        np.testing.assert_array_equal(flip_grid(img, k, layout).permute(1, 2, 0).numpy(), want)
+        np.testing.assert_array_equal(flip_grid(flip_grid(img, k, layout), k, layout).numpy(), img.numpy())
+
+
+def test_mirror_word_ids_swaps_left_and_right_in_captions():
+    caps = ["A small red circle moves from right to left.", "A large blue square slides rightward.",
+            "On a black background, a large red circle drifts to the right. A small cyan square slides leftward.",
+            "A bright square slides leftward."]  # "bright" is not a direction
+    tok = build_tokenizer(caps)
+    perm = mirror_word_ids(tok)
+    def mirrored(c):
+        return tok.decode(perm[torch.tensor(tok(c, add_special_tokens=False)["input_ids"])].tolist())
+    assert mirrored(caps[0]) == "A small red circle moves from left to right."
+    assert mirrored(caps[2]) == ("On a black background, a large red circle drifts to the left. "
+                                 "A small cyan square slides rightward.")
+    assert mirrored(caps[3]) == "A bright square slides rightward."
+    # "left" never occurs alone in these captions: the tokenizer adds the mirror words itself
+    assert tok.unk_token_id not in tok("from left to right", add_special_tokens=False)["input_ids"]
+    assert torch.equal(perm[perm], torch.arange(len(tok)))
+    for c in caps:  # and the parser reads the mirrored motion as the opposite direction
+        want = {"left": "right", "right": "left"}.get(shapes.parse_prompt(c)["motion"])
+        assert shapes.parse_prompt(mirrored(c))["motion"] == want
 
 
 # ----------------------------------------------------------------------------------------
@@ -258,6 +290,27 @@ def test_train_save_load_round_trip(tmp_path, clips):
     assert loaded.grid_note is cfg.grid_note  # asked the way it was trained (captioner.json)
     assert loaded.caption(frames) == in_memory
     assert all(t for t in in_memory), in_memory
+
+
+def test_fit_captioner_mirrors_grid_and_caption_together(clips):
+    """With flip_prob 1 every training example is the mirrored grid with the mirrored caption:
+    what the model is fed pairs flip_grid(grid i) with caption i, "left" and "right" swapped."""
+    cfg = CaptionerConfig.preset("debug")
+    cfg.max_steps, cfg.flip_prob, cfg.bow_weight = 3, 1.0, 0.0
+    pixels, captions = encode_clips(iter(clips), cfg)
+    torch.manual_seed(0)
+    model, processor = build_captioner(cfg, captions)
+    fed = []
+    model.register_forward_pre_hook(lambda m, a, kw: fed.append((kw["pixel_values"], kw["labels"])), with_kwargs=True)
+    fit_captioner(model, processor, pixels, captions, cfg, max_minutes=5.0)
+    mirrored = flip_grid(pixels, cfg.num_frames, cfg.layout)
+    perm = mirror_word_ids(processor.tokenizer)
+    assert len(fed) == 3 and any("left" in c or "right" in c for c in captions)
+    for px, lab in fed:
+        for p, row in zip(px, lab):
+            i = int(((mirrored - p).abs().flatten(1).amax(1) == 0).nonzero()[0, 0])  # which grid it is
+            text = processor.tokenizer.decode(perm[row[row >= 0]].tolist(), skip_special_tokens=True)
+            assert text == captions[i]  # un-mirroring the caption gives that grid's own caption
 
 
 def test_train_captioner_writes_a_model_dir(tmp_path, clips):
