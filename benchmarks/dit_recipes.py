@@ -36,6 +36,8 @@ def main() -> None:
                     help="DiTConfig.pooled_text (pooled prompt in adaLN; default: the preset's)")
     ap.add_argument("--base-shift", type=float, default=None, help="TrainConfig.base_shift (timestep shift)")
     ap.add_argument("--t-mean", type=float, default=None, help="logit-normal location of training timesteps")
+    ap.add_argument("--first-prob", type=float, default=None,
+                    help="share of videos trained image-to-video (clean first frame), taken from the text-only share")
     ap.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--sample-steps", type=int, default=20)
@@ -74,6 +76,12 @@ def main() -> None:
         flow.shift = args.base_shift
     if args.t_mean is not None:
         flow.t_mean = args.t_mean
+    if args.first_prob is not None:
+        probs = dict(flow.cond_mode_probs)
+        probs["none"] += probs["first"] - args.first_prob
+        probs["first"] = args.first_prob
+        assert probs["none"] >= 0, f"--first-prob {args.first_prob} leaves no room for the other modes"
+        flow.cond_mode_probs = probs
     g = torch.Generator().manual_seed(args.seed)
     t0, step, losses = time.time(), 0, []
     while step < args.steps:
@@ -115,6 +123,7 @@ def main() -> None:
     line = {"benchmark": "dit_recipes", "data": args.data, "clips": len(rows), "steps": args.steps, "lr": args.lr,
             "tokens": args.tokens, "preset": args.preset, "parameterization": args.parameterization,
             "pooled_text": cfg.pooled_text, "seed": args.seed, "shift": flow.shift, "t_mean": flow.t_mean,
+            "cond_mode_probs": flow.cond_mode_probs,
             "loss_last100": round(float(np.mean(losses[-100:])), 4), "train_seconds": round(train_s),
             "scored_clips": len(scored), **{k: round(v / len(scored), 3) for k, v in right.items()}}
     print(json.dumps(line), flush=True)
