@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--t-mean", type=float, default=None, help="logit-normal location of training timesteps")
     ap.add_argument("--first-prob", type=float, default=None,
                     help="share of videos trained image-to-video (clean first frame), taken from the text-only share")
+    ap.add_argument("--depth", type=int, default=None, help="override the preset's depth")
+    ap.add_argument("--width", type=int, default=None, help="override the preset's hidden size (heads of 32 dims)")
     ap.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--sample-steps", type=int, default=20)
@@ -67,7 +69,9 @@ def main() -> None:
     patch = (int(rows[0]["patch_t"]), int(rows[0]["patch_h"]), int(rows[0]["patch_w"]))
     cfg = DiTConfig.preset(args.preset, in_channels=channels, patch_size=patch, text_dim=samples[0].text.shape[-1],
                            parameterization=args.parameterization,
-                           **({} if args.pooled_text is None else {"pooled_text": args.pooled_text}))
+                           **({} if args.pooled_text is None else {"pooled_text": args.pooled_text}),
+                           **({} if args.depth is None else {"depth": args.depth}),
+                           **({} if args.width is None else {"hidden_size": args.width, "num_heads": args.width // 32}))
     torch.manual_seed(args.seed)
     model = DiT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -121,7 +125,7 @@ def main() -> None:
         for k in right:
             right[k] += bool(result[f"{k}_ok"])
     line = {"benchmark": "dit_recipes", "data": args.data, "clips": len(rows), "steps": args.steps, "lr": args.lr,
-            "tokens": args.tokens, "preset": args.preset, "parameterization": args.parameterization,
+            "tokens": args.tokens, "preset": args.preset, "depth": cfg.depth, "width": cfg.hidden_size, "parameterization": args.parameterization,
             "pooled_text": cfg.pooled_text, "seed": args.seed, "shift": flow.shift, "t_mean": flow.t_mean,
             "cond_mode_probs": flow.cond_mode_probs,
             "loss_last100": round(float(np.mean(losses[-100:])), 4), "train_seconds": round(train_s),
