@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sora.text_encoder import pooled
+
 # ----------------------------------------------------------------------------------------
 # Config and presets
 # ----------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ class PooledTextEmbedder(nn.Module):
     def __init__(self, text_dim: int, hidden_size: int, mode: str = "mean", heads: int = 4):
         super().__init__()
         assert mode in ("mean", "attention"), f"pooled text mode must be 'mean' or 'attention', got {mode!r}"
-        self.mode, self.heads = mode, heads
+        self.mode = mode
         if mode == "mean":
             self.proj = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         else:
@@ -380,13 +382,12 @@ class PooledTextEmbedder(nn.Module):
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         has_text = text_mask.any(dim=1, keepdim=True)  # (B, 1)
         if self.mode == "mean":
-            m = text_mask[..., None].to(text.dtype)  # (B, L, 1)
-            out = self.proj((text * m).sum(1) / m.sum(1).clamp(min=1.0))  # (B, D)
+            out = self.proj(pooled(text, text_mask))  # (B, D)
         else:
             logits = self.score(text).masked_fill(~text_mask[..., None], float("-inf"))  # (B, L, heads)
             weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # (B, L, heads); empty prompt: 0
-            pooled = torch.einsum("blh,bld->bhd", weights, self.value(text))  # (B, heads, D)
-            out = self.proj(pooled.flatten(1))  # (B, D)
+            per_head = torch.einsum("blh,bld->bhd", weights, self.value(text))  # (B, heads, D)
+            out = self.proj(per_head.flatten(1))  # (B, D)
         return torch.where(has_text, out, self.null.to(out.dtype))  # (B, D)
 
 
@@ -583,8 +584,8 @@ class DiT(nn.Module):
         else:  # the conditioning differs per (video, t) pair: embed each distinct pair once
             key = torch.stack([seq_ids.double(), timesteps.double()], dim=1)  # (N, 2), exact for both
             pairs, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2), (N,)
-            pooled = self.pooled_embedder(text, text_mask)  # (B, D)
-            c_unique = self.t_embedder(pairs[:, 1].to(timesteps.dtype)) + pooled[pairs[:, 0].long()]  # (U, D)
+            prompt = self.pooled_embedder(text, text_mask)  # (B, D)
+            c_unique = self.t_embedder(pairs[:, 1].to(timesteps.dtype)) + prompt[pairs[:, 0].long()]  # (U, D)
 
         h = self.x_embedder(x)  # (N, D)
         for block in self.blocks:

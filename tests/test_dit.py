@@ -93,6 +93,16 @@ VIDEOS = [  # (grid, text_len, valid text tokens, clean frames): different sizes
 ]
 
 
+def assert_packed_equals_alone(model, videos, packed):
+    """Each video's slice of the pack's output equals the model run on that video alone."""
+    start = 0
+    for v in videos:
+        n = v[0].shape[0]
+        alone = model(v[0], v[1], v[2], torch.zeros(n, dtype=torch.long), v[3][None], v[4][None])
+        torch.testing.assert_close(packed[start : start + n], alone, atol=2e-5, rtol=1e-4)
+        start += n
+
+
 @torch.no_grad()
 def test_packed_equals_each_video_alone(model):
     cfg = model.config
@@ -100,12 +110,7 @@ def test_packed_equals_each_video_alone(model):
     x, pos, t, seq, text, mask = pack_videos(videos)
     packed = model(x, pos, t, seq, text, mask)  # (N, D_in)
     assert packed.abs().max() > 1e-3, "randomised model should give a non-trivial output"
-    start = 0
-    for v in videos:
-        n = v[0].shape[0]
-        alone = model(v[0], v[1], v[2], torch.zeros(n, dtype=torch.long), v[3][None], v[4][None])
-        torch.testing.assert_close(packed[start : start + n], alone, atol=2e-5, rtol=1e-4)
-        start += n
+    assert_packed_equals_alone(model, videos, packed)
 
 
 @torch.no_grad()
@@ -370,12 +375,7 @@ def test_packing_and_text_isolation_hold_with_and_without_pooled_text(pooled_tex
     videos = [make_video(g, L, lv, seed, cfg, cf) for seed, (g, L, lv, cf) in enumerate(VIDEOS)]
     x, pos, t, seq, text, mask = pack_videos(videos)
     packed = model(x, pos, t, seq, text, mask)
-    start = 0
-    for v in videos:
-        n = v[0].shape[0]
-        alone = model(v[0], v[1], v[2], torch.zeros(n, dtype=torch.long), v[3][None], v[4][None])
-        torch.testing.assert_close(packed[start: start + n], alone, atol=2e-5, rtol=1e-4)
-        start += n
+    assert_packed_equals_alone(model, videos, packed)
     # masked-out text slots (padding, and every slot of the empty prompt) change nothing
     junk = text.clone()
     junk[~mask] = 100.0
