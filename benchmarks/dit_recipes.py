@@ -38,6 +38,10 @@ def main() -> None:
     ap.add_argument("--t-mean", type=float, default=None, help="logit-normal location of training timesteps")
     ap.add_argument("--first-prob", type=float, default=None,
                     help="share of videos trained image-to-video (clean first frame), taken from the text-only share")
+    ap.add_argument("--abs-pos", default=None, choices=["none", "fractional"],
+                    help="DiTConfig.abs_pos (absolute fractional position embedding; default: the preset's)")
+    ap.add_argument("--text-refiner", type=int, default=None,
+                    help="DiTConfig.text_refiner_layers (layers over the prompt's states; default: the preset's)")
     ap.add_argument("--depth", type=int, default=None, help="override the preset's depth")
     ap.add_argument("--width", type=int, default=None, help="override the preset's hidden size (heads of 32 dims)")
     ap.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
@@ -70,6 +74,8 @@ def main() -> None:
     cfg = DiTConfig.preset(args.preset, in_channels=channels, patch_size=patch, text_dim=samples[0].text.shape[-1],
                            parameterization=args.parameterization,
                            **({} if args.pooled_text is None else {"pooled_text": args.pooled_text}),
+                           **({} if args.abs_pos is None else {"abs_pos": args.abs_pos}),
+                           **({} if args.text_refiner is None else {"text_refiner_layers": args.text_refiner}),
                            **({} if args.depth is None else {"depth": args.depth}),
                            **({} if args.width is None else {"hidden_size": args.width, "num_heads": args.width // 32}))
     torch.manual_seed(args.seed)
@@ -126,7 +132,7 @@ def main() -> None:
             right[k] += bool(result[f"{k}_ok"])
     line = {"benchmark": "dit_recipes", "data": args.data, "clips": len(rows), "steps": args.steps, "lr": args.lr,
             "tokens": args.tokens, "preset": args.preset, "depth": cfg.depth, "width": cfg.hidden_size, "parameterization": args.parameterization,
-            "pooled_text": cfg.pooled_text, "seed": args.seed, "shift": flow.shift, "t_mean": flow.t_mean,
+            "pooled_text": cfg.pooled_text, "abs_pos": cfg.abs_pos, "text_refiner": cfg.text_refiner_layers, "seed": args.seed, "shift": flow.shift, "t_mean": flow.t_mean,
             "cond_mode_probs": flow.cond_mode_probs,
             "loss_last100": round(float(np.mean(losses[-100:])), 4), "train_seconds": round(train_s),
             "scored_clips": len(scored), **{k: round(v / len(scored), 3) for k, v in right.items()}}

@@ -10,7 +10,10 @@ the block, the final layer, the model, then the size presets. What differs from 
 - **3D rotary position embedding** (RoPE, Su et al. 2021, split over t/h/w as in video DiTs
   such as HunyuanVideo/Wan): q and k of every head are rotated by angles from the token's
   integer (t, h, w) grid position, so attention depends only on *relative* positions and any
-  size or duration works.
+  size or duration works. Presets also add a **fractional absolute position** embedding
+  (NaViT's factorised fractional embeddings: where the token sits as a fraction of its own
+  video's extent per axis), without which the model could not tell left from right of the
+  frame, nor early from late, and never learnt motion direction (see ``DiTConfig.abs_pos``).
 - **Per-token timesteps with adaLN-Zero.** Each token carries its own t: clean conditioning
   frames have t = 0 inside a noisy video (image-to-video, extension, interpolation all use
   this). The timestep embedding drives a per-token shift/scale/gate (Peebles & Xie 2023);
@@ -85,9 +88,28 @@ class DiTConfig:
     # "attention" (see PooledTextEmbedder). Off in configs saved before it existed, so old
     # checkpoints load unchanged.
     pooled_text: str = "none"
+    # Absolute position besides RoPE: "fractional" adds an embedding of each token's place as a
+    # fraction of its own video's extent along t, h and w (NaViT's factorised fractional
+    # embeddings), so any size and duration still works. RoPE alone is relative, and with axis-
+    # split RoPE a head's positional logit is a sum of a Δt term and a Δw term, so no single head
+    # can prefer "one frame back and v cells left"; nor can a relative-only model put a prompt's
+    # "from left to right" mean path (left early, right late) into its high-noise x0 estimate.
+    # "none" (off) in configs saved before it existed.
+    abs_pos: str = "none"
+    # Transformer layers over each prompt's projected text states before the DiT uses them
+    # (a "token refiner", as HunyuanVideo puts over its text encoder): self-attention among the
+    # prompt's own words with 1D RoPE over their order. A frozen sentence encoder like MiniLM
+    # embeds "from left to right" and "from right to left" almost alike (same words; pooled
+    # cosine 0.996 for "leftward" / "rightward"), and those phrasings scored worst in eval; the
+    # refiner can learn which word order means which direction. With pooled_text, the pooled
+    # vector is taken from the refined states. 0 (off) in configs saved before it existed.
+    text_refiner_layers: int = 0
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
+        assert self.abs_pos in ("none", "fractional"), (
+            f"abs_pos must be 'none' or 'fractional', got {self.abs_pos!r}"
+        )
         assert self.pooled_text in ("none", "mean", "attention"), (
             f"pooled_text must be 'none', 'mean' or 'attention', got {self.pooled_text!r}"
         )
@@ -137,11 +159,11 @@ class DiTConfig:
 PRESETS: dict[str, DiTConfig] = {
     # ~1.6M params. Sized for the shapes world on a 2-core CPU: one fwd+bwd of a
     # ~1k-token pack costs ~0.1 s, so 20 min trains on a few million tokens.
-    "tiny": DiTConfig(hidden_size=128, depth=4, num_heads=4, pooled_text="mean"),
-    "small": DiTConfig(hidden_size=384, depth=12, num_heads=6),  # ~39M
-    "base": DiTConfig(hidden_size=768, depth=12, num_heads=12),  # ~156M
-    "large": DiTConfig(hidden_size=1024, depth=24, num_heads=16),  # ~554M
-    "xl": DiTConfig(hidden_size=1536, depth=24, num_heads=24),  # ~1.25B
+    "tiny": DiTConfig(hidden_size=128, depth=4, num_heads=4, pooled_text="mean", abs_pos="fractional"),
+    "small": DiTConfig(hidden_size=384, depth=12, num_heads=6, abs_pos="fractional"),  # ~39M
+    "base": DiTConfig(hidden_size=768, depth=12, num_heads=12, abs_pos="fractional"),  # ~156M
+    "large": DiTConfig(hidden_size=1024, depth=24, num_heads=16, abs_pos="fractional"),  # ~554M
+    "xl": DiTConfig(hidden_size=1536, depth=24, num_heads=24, abs_pos="fractional"),  # ~1.25B
 }
 
 
@@ -356,6 +378,50 @@ class TextEmbedder(nn.Module):
         return self.proj(text)  # (B, L, D)
 
 
+class TextRefiner(nn.Module):
+    """Pre-norm transformer layers over each prompt's own text states: (B, L, D) -> (B, L, D).
+    Words attend to the valid words of their prompt (a masked word only to itself, so an empty
+    prompt stays finite), with 1D RoPE over word order. Residual branches start at zero, so a
+    fresh refiner is the identity."""
+
+    def __init__(self, hidden_size: int, num_heads: int, layers: int, mlp_ratio: float = 4.0, theta: float = 10000.0):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.register_buffer("inv_freq", theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim),
+                             persistent=False)  # (hd/2,)
+        hidden = int(hidden_size * mlp_ratio)
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+            layer.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+            layer.proj = nn.Linear(hidden_size, hidden_size)
+            layer.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+            layer.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"),
+                                      nn.Linear(hidden, hidden_size))
+            self.layers.append(layer)
+
+    def zero_init(self) -> None:
+        for layer in self.layers:
+            for out in (layer.proj, layer.mlp[-1]):
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        eye = torch.eye(L, dtype=torch.bool, device=x.device)
+        attn_mask = (mask[:, None, None, :] | eye)  # (B, 1, L, L): valid keys, and always itself
+        angles = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq  # (L, hd/2)
+        for layer in self.layers:
+            q, k, v = layer.qkv(layer.norm1(x)).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(q, angles), apply_rope(k, angles)  # (B, heads, L, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, hd)
+            x = x + layer.proj(out.transpose(1, 2).reshape(B, L, D))
+            x = x + layer.mlp(layer.norm2(x))
+        return x  # (B, L, D)
+
+
 class PooledTextEmbedder(nn.Module):
     """One vector per video from its text states (B, L, text_dim) -> (B, D), added to the
     timestep embedding of every token of that video.
@@ -394,6 +460,32 @@ class PooledTextEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Attention modules and the block
 # ----------------------------------------------------------------------------------------
+
+
+class FractionalPositionEmbedder(nn.Module):
+    """Each token's (t, h, w) as a fraction of its video's extent, through sinusoids, to D."""
+
+    def __init__(self, hidden_size: int, num_freqs: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32),
+                             persistent=False)  # (F,) pi * 1, 2, 4, ...
+        self.proj = nn.Linear(3 * 2 * num_freqs, hidden_size)
+
+    def forward(self, positions: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """positions (N, 3); seq_ids (N,) in [0, num_seqs), or -1 for padding (which takes no
+        part in any video's extent; its output is garbage, as everywhere for padding)."""
+        pos = positions.to(torch.float32)  # (N, 3)
+        ids = torch.where(seq_ids < 0, num_seqs, seq_ids)  # padding -> an extra, ignored bucket
+        index = ids[:, None].expand(-1, 3)
+        lo = torch.full((num_seqs + 1, 3), float("inf"), device=pos.device).scatter_reduce(
+            0, index, pos, reduce="amin")  # (B + 1, 3)
+        hi = torch.full((num_seqs + 1, 3), float("-inf"), device=pos.device).scatter_reduce(
+            0, index, pos, reduce="amax")  # (B + 1, 3)
+        lo, hi = lo[ids], hi[ids]  # (N, 3)
+        frac = (pos - lo + 0.5) / (hi - lo + 1)  # (N, 3) in (0, 1): cell centres over the extent
+        angles = frac[:, :, None] * self.freqs  # (N, 3, F)
+        feats = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (N, 6F)
+        return self.proj(feats.to(self.proj.weight.dtype))  # (N, D)
 
 
 class SelfAttention(nn.Module):
@@ -497,9 +589,14 @@ class DiT(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
         self.attention_backend = "auto"  # see build_attention_mask
         self.x_embedder = nn.Linear(config.in_dim, D)  # tokens are already patchified
+        self.pos_embedder = FractionalPositionEmbedder(D) if config.abs_pos == "fractional" else None
         self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size, config.timestep_scale)
         self.text_embedder = TextEmbedder(config.text_dim, D)
-        self.pooled_embedder = (PooledTextEmbedder(config.text_dim, D, config.pooled_text)
+        self.text_refiner = (TextRefiner(D, config.num_heads, config.text_refiner_layers, config.mlp_ratio,
+                                         config.rope_theta) if config.text_refiner_layers else None)
+        # the pooled vector comes from the refined states (width D) when there is a refiner
+        pooled_dim = D if self.text_refiner is not None else config.text_dim
+        self.pooled_embedder = (PooledTextEmbedder(pooled_dim, D, config.pooled_text)
                                 if config.pooled_text != "none" else None)
         # One learned key/value every video sees besides its text: makes the empty prompt
         # (CFG's unconditional branch) well defined and acts as an attention sink.
@@ -534,6 +631,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.text_refiner is not None:
+            self.text_refiner.zero_init()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -571,7 +670,10 @@ class DiT(nn.Module):
         # Text keys of the whole pack, flattened: the valid text tokens, then one null key per video.
         batch_of_text = torch.arange(B, device=x.device)[:, None].expand(B, L)  # (B, L)
         text_ids = torch.cat([batch_of_text[text_mask], torch.arange(B, device=x.device)])  # (M,)
-        text_emb = self.text_embedder(text)[text_mask]  # (M - B, D)
+        text_states = self.text_embedder(text)  # (B, L, D)
+        if self.text_refiner is not None:
+            text_states = self.text_refiner(text_states, text_mask)  # (B, L, D)
+        text_emb = text_states[text_mask]  # (M - B, D)
         text_emb = torch.cat([text_emb, self.null_text.expand(B, -1).to(text_emb.dtype)])  # (M, D)
         cross_mask = build_attention_mask(seq_ids, text_ids, self.attention_backend)  # (N, M)
 
@@ -584,10 +686,12 @@ class DiT(nn.Module):
         else:  # the conditioning differs per (video, t) pair: embed each distinct pair once
             key = torch.stack([seq_ids.double(), timesteps.double()], dim=1)  # (N, 2), exact for both
             pairs, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2), (N,)
-            prompt = self.pooled_embedder(text, text_mask)  # (B, D)
+            prompt = self.pooled_embedder(text if self.text_refiner is None else text_states, text_mask)  # (B, D)
             c_unique = self.t_embedder(pairs[:, 1].to(timesteps.dtype)) + prompt[pairs[:, 0].long()]  # (U, D)
 
         h = self.x_embedder(x)  # (N, D)
+        if self.pos_embedder is not None:
+            h = h + self.pos_embedder(positions, kv_ids, B).to(h.dtype)  # kv_ids: padding is -1
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(block, h, c_unique, inverse, angles, self_mask, text_emb, cross_mask, use_reentrant=False)

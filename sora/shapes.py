@@ -312,22 +312,25 @@ def signed_distance(shape: str, side: float, dx: np.ndarray, dy: np.ndarray) -> 
     return np.maximum(base, np.maximum((-2 * dx - ay) / sq5, (2 * dx - ay) / sq5))
 
 
-def render(spec: ClipSpec) -> np.ndarray:
-    """Draw the clip. Returns (T, H, W, 3) uint8 RGB.
+def render(spec: ClipSpec, frames: Iterable[int] | None = None) -> np.ndarray:
+    """Draw the clip. Returns (T, H, W, 3) uint8 RGB; with `frames` (indices into the clip's
+    num_frames) only those frames, (len(frames), H, W, 3), each exactly as in the full clip.
 
     Each shape is composited with coverage = clip(0.5 - signed distance, 0, 1), i.e. one pixel
     of antialiasing, so sub-pixel motion is smooth. Drawn in reverse, so the main object is on
     top (they never overlap anyway). Deterministic: pure float64 numpy, no randomness.
     """
     T, H, W = spec.num_frames, spec.height, spec.width
-    out = np.empty((T, H, W, 3), dtype=np.float64)
+    picked = np.arange(T) if frames is None else np.asarray(list(frames), dtype=np.int64)
+    assert picked.size and picked.min() >= 0 and picked.max() < T, f"frames must index [0, {T}): {frames}"
+    out = np.empty((len(picked), H, W, 3), dtype=np.float64)
     out[:] = np.asarray(BACKGROUNDS[spec.background], dtype=np.float64)
     ys = np.arange(H, dtype=np.float64)[None, :, None] + 0.5  # (1, H, 1) pixel centres
     xs = np.arange(W, dtype=np.float64)[None, None, :] + 0.5  # (1, 1, W)
     short = min(W, H)
     for obj in reversed(spec.objects):
         side = SIZE_FRACTION[obj.size] * short
-        c = obj.centres(T) * np.array([W, H], dtype=np.float64)  # (T, 2) in px
+        c = obj.centres(T)[picked] * np.array([W, H], dtype=np.float64)  # (T', 2) in px
         dist = signed_distance(obj.shape, side, xs - c[:, 0, None, None], ys - c[:, 1, None, None])
         alpha = np.clip(0.5 - dist, 0.0, 1.0)[..., None]  # (T, H, W, 1)
         out += alpha * (np.asarray(COLORS[obj.color], dtype=np.float64) - out)

@@ -250,8 +250,9 @@ def test_preset_parameter_counts():
     for name in ("tiny", "xl"):
         with torch.device("meta"):
             counts[name] = DiT(DiTConfig.preset(name)).num_params()
-    assert counts["tiny"] == 1_617_984 + (384 * 128 + 128) + (128 * 128 + 128) + 128  # + the pooled-text MLP and null
-    assert counts["xl"] == 1_257_117_760
+    # + the pooled-text MLP and null; + the fractional-position projection (3 axes x 8 sin/cos pairs)
+    assert counts["tiny"] == 1_617_984 + (384 * 128 + 128) + (128 * 128 + 128) + 128 + (48 * 128 + 128)
+    assert counts["xl"] == 1_257_117_760 + (48 * 1536 + 1536)
     for name, cfg in PRESETS.items():
         assert sum(cfg.axes_dims) == cfg.head_dim, name
 
@@ -367,10 +368,12 @@ def test_flex_attention_matches_sdpa_on_cuda():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("pooled_text", ["none", "mean", "attention"])
-def test_packing_and_text_isolation_hold_with_and_without_pooled_text(pooled_text):
+@pytest.mark.parametrize("pooled_text,abs_pos,refiner", [("none", "none", 0), ("mean", "none", 0),
+                                                         ("attention", "none", 0), ("mean", "fractional", 0),
+                                                         ("mean", "fractional", 2), ("attention", "none", 1)])
+def test_packing_and_text_isolation_hold_with_and_without_pooled_text(pooled_text, abs_pos, refiner):
     torch.manual_seed(0)
-    model = randomize(DiT(tiny_config(pooled_text=pooled_text)))
+    model = randomize(DiT(tiny_config(pooled_text=pooled_text, abs_pos=abs_pos, text_refiner_layers=refiner)))
     cfg = model.config
     videos = [make_video(g, L, lv, seed, cfg, cf) for seed, (g, L, lv, cf) in enumerate(VIDEOS)]
     x, pos, t, seq, text, mask = pack_videos(videos)
@@ -406,3 +409,60 @@ def test_pooled_text_reaches_the_modulation_of_its_own_video_only(mode):
     uncond = model(x, pos, t, seq, text, empty)
     model.pooled_embedder.null += 1.0
     assert (model(x, pos, t, seq, text, empty) - uncond).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_fractional_positions_are_per_video_absolute_and_shift_invariant():
+    """abs_pos="fractional": a token's embedding depends on where it sits within ITS video
+    (so left differs from right, which RoPE alone cannot tell), not on the other videos of the
+    pack, nor on where the position ids start."""
+    torch.manual_seed(0)
+    model = randomize(DiT(tiny_config(abs_pos="fractional")))
+    emb = model.pos_embedder
+    a, b = position_ids((2, 3, 4)), position_ids((5, 7, 2))
+    alone = emb(a, torch.zeros(len(a), dtype=torch.long), 1)
+    pack = emb(torch.cat([b, a]), torch.cat([torch.zeros(len(b)), torch.ones(len(a))]).long(), 2)
+    torch.testing.assert_close(pack[len(b):], alone)
+    shifted = emb(a + torch.tensor([3, 5, 9]), torch.zeros(len(a), dtype=torch.long), 1)
+    torch.testing.assert_close(shifted, alone)
+    mirrored = a.clone()
+    mirrored[:, 2] = 3 - mirrored[:, 2]  # w -> W - 1 - w
+    flipped = emb(mirrored, torch.zeros(len(a), dtype=torch.long), 1)
+    assert (flipped - alone).abs().amax(dim=1).min() > 1e-3  # every off-centre token moved
+    # the same fraction of the extent embeds the same at any size: the centre of a 3-wide and
+    # of a 5-wide video (both at 0.5) get one embedding, the cell left of it does not
+    three, five = position_ids((1, 1, 3)), position_ids((1, 1, 5))
+    e3 = emb(three, torch.zeros(3, dtype=torch.long), 1)
+    e5 = emb(five, torch.zeros(5, dtype=torch.long), 1)
+    torch.testing.assert_close(e3[1], e5[2])
+    assert (e3[0] - e5[1]).abs().max() > 1e-3
+    # a whole model run stays invariant to shifting all positions (RoPE relative, fractions too)
+    x, pos, t, text, mask = make_video((3, 4, 5), 6, 6, 3, model.config, clean_frames=1)
+    seq = torch.zeros(x.shape[0], dtype=torch.long)
+    out = model(x, pos, t, seq, text[None], mask[None])
+    torch.testing.assert_close(model(x, pos + torch.tensor([4, 7, 2]), t, seq, text[None], mask[None]), out,
+                               atol=1e-4, rtol=1e-4)
+    flipped_pos = pos.clone()
+    flipped_pos[:, 2] = 4 - flipped_pos[:, 2]
+    assert (model(x, flipped_pos, t, seq, text[None], mask[None]) - out).abs().max() > 1e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pooled_text", ["none", "mean"])
+def test_text_refiner_makes_the_model_see_word_order(pooled_text):
+    """Cross-attention and a pooled mean are blind to the order of the prompt's tokens ("from
+    left to right" vs "from right to left" differ only there); the refiner's 1D RoPE is not.
+    A fresh refiner is the identity (zero-initialised residual branches)."""
+    torch.manual_seed(0)
+    x, pos, t, text, mask = make_video((2, 3, 4), 6, 6, 1, tiny_config())
+    seq = torch.zeros(x.shape[0], dtype=torch.long)
+    swapped = text[[0, 3, 2, 1, 4, 5]]  # two words trade places
+    plain = randomize(DiT(tiny_config(pooled_text=pooled_text)))
+    torch.testing.assert_close(plain(x, pos, t, seq, swapped[None], mask[None]),
+                               plain(x, pos, t, seq, text[None], mask[None]), atol=1e-5, rtol=1e-5)
+    refined = randomize(DiT(tiny_config(pooled_text=pooled_text, text_refiner_layers=2)))
+    a = refined(x, pos, t, seq, text[None], mask[None])
+    assert (refined(x, pos, t, seq, swapped[None], mask[None]) - a).abs().max() > 1e-3
+    fresh = DiT(tiny_config(pooled_text=pooled_text, text_refiner_layers=2))
+    states = torch.randn(2, 6, fresh.config.hidden_size)
+    assert torch.equal(fresh.text_refiner(states, mask[None].expand(2, -1)), states)

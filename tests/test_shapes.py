@@ -141,6 +141,15 @@ def test_render_draws_exact_areas_pure_colours_and_the_spec_positions():
         assert (cover > 0.999).sum() > 0.8 * (cover > 0.001).sum()
 
 
+def test_render_of_chosen_frames_equals_those_frames_of_the_full_clip():
+    for i in range(6):
+        spec = sample_clip(3, i)
+        picked = [0, spec.num_frames // 2, spec.num_frames - 1, 1]
+        assert np.array_equal(render(spec, frames=picked), render(spec)[picked])
+    with pytest.raises(AssertionError, match="frames must index"):
+        render(spec, frames=[spec.num_frames])
+
+
 def test_spec_survives_a_json_round_trip_and_renders_the_same():
     for i in range(12):
         spec = sample_clip(5, i)
