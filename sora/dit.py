@@ -111,6 +111,7 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
+        assert self.text_refiner_layers >= 0, f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}"
         assert self.abs_pos in ("none", "fractional"), (
             f"abs_pos must be 'none' or 'fractional', got {self.abs_pos!r}"
         )
@@ -391,9 +392,8 @@ class TextRefiner(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, layers: int, mlp_ratio: float = 4.0, theta: float = 10000.0):
         super().__init__()
         self.num_heads = num_heads
-        head_dim = hidden_size // num_heads
-        self.register_buffer("inv_freq", theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim),
-                             persistent=False)  # (hd/2,)
+        self.rope_axes = (hidden_size // num_heads, 0, 0)  # the whole head rotates with word order
+        self.theta = theta
         hidden = int(hidden_size * mlp_ratio)
         self.layers = nn.ModuleList()
         for _ in range(layers):
@@ -416,7 +416,8 @@ class TextRefiner(nn.Module):
         B, L, D = x.shape
         eye = torch.eye(L, dtype=torch.bool, device=x.device)
         attn_mask = (mask[:, None, None, :] | eye)  # (B, 1, L, L): valid keys, and always itself
-        angles = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * self.inv_freq  # (L, hd/2)
+        order = F.pad(torch.arange(L, device=x.device)[:, None], (0, 2))  # (L, 3): word index as "t"
+        angles = rope_angles(order, self.rope_axes, self.theta)  # (L, hd/2)
         for layer in self.layers:
             q, k, v = layer.qkv(layer.norm1(x)).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
             q, k = apply_rope(q, angles), apply_rope(k, angles)  # (B, heads, L, hd)
