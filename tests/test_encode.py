@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.encode import EncodeConfig, run_encode
+from pipelines.encode import EncodeConfig, chunk_latent_frames, run_encode
 from pipelines.ingest import read_clips, read_quarantine
 from pipelines.latents import bytes_to_array, read_latents
 
@@ -68,3 +68,12 @@ def test_encode_failure_is_quarantined_not_fatal(shapes_ds, tiny_vae_dir, tmp_pa
     q = read_quarantine(data)
     rows = [r for r in q.to_pylist() if r["stage"] == "encode"]
     assert len(rows) == 1 and rows[0]["source"] == victim and rows[0]["reason"]
+
+
+def test_chunks_are_sized_by_pixels():
+    cfg = EncodeConfig(vae="unused")
+    assert chunk_latent_frames(cfg, 33, 64, 112, 4) is None  # a shapes-world clip: one pass
+    assert chunk_latent_frames(cfg, 129, 1088, 1920, 4) == 2  # 1080p: 2 latent frames (8 frames) a chunk
+    assert chunk_latent_frames(cfg, 4001, 720, 1280, 4) == 4  # a long 720p shot
+    assert chunk_latent_frames(EncodeConfig(vae="unused", chunk_latent_frames=3), 33, 64, 112, 4) == 3  # forced
+    assert chunk_latent_frames(EncodeConfig(vae="unused", chunk_latent_frames=9), 33, 64, 112, 4) is None
