@@ -12,11 +12,13 @@ captioner model rather than on whatever short text came with the data. Two halve
    image unconditionally, as they were trained to.
 
 2. Our own small captioner, built from stock Hugging Face classes so it loads back through the
-   very same `Captioner.from_pretrained`: a LLaVA (`LlavaForConditionalGeneration`: a CLIP vision
-   tower, a 2-layer projector, a Llama decoder) sized in kilobytes-to-megabytes, with a
-   word-level tokenizer trained on the caption vocabulary and a `CLIPImageProcessorPil` (no
-   torchvision on the target machines). `train_captioner` is a plain torch loop on (clip, caption)
-   pairs that saves a normal HF model dir.
+   very same `Captioner.from_pretrained`: a LLaVA design (a vision tower, a 2-layer projector, a
+   Llama decoder) sized in kilobytes-to-megabytes, with a word-level tokenizer trained on the
+   caption vocabulary and a `CLIPImageProcessorPil` (no torchvision on the target machines). The
+   default tower is a small ResNet, which transformers runs as FastVLM
+   (`FastVlmForConditionalGeneration`: LLaVA with a convolutional tower); Swin or CLIP towers
+   make a plain `LlavaForConditionalGeneration` (see `CaptionerConfig.vision`).
+   `train_captioner` is a plain torch loop on (clip, caption) pairs that saves a normal HF model dir.
 
 Why LLaVA: of the classes `AutoModelForImageTextToText` maps in transformers 5, it is the
 simplest one whose processor has a chat template and a PIL image processor, so our model goes
@@ -76,6 +78,9 @@ def grid_shape(k: int) -> tuple[int, int]:
     return math.ceil(k / cols), cols
 
 
+LAYOUTS = ("grid", "interleave", "interleave+key")  # see `frame_grid`
+
+
 def frame_grid(frames: np.ndarray, k: int = 4, max_tile: int | None = 224, layout: str = "grid",
                tile: tuple[int, int] | None = None) -> np.ndarray:
     """Put k evenly sampled frames of a clip into one image.
@@ -89,16 +94,21 @@ def frame_grid(frames: np.ndarray, k: int = 4, max_tile: int | None = 224, layou
             then top to bottom, what a general VLM can read. "interleave": every pixel becomes a
             rows x cols block holding that pixel in each of the k frames (a pixel-unshuffle of
             the frames), so the motion at a place is visible inside one small patch; for our
-            own captioner, whose patch embedding learns to read it.
+            own captioner, whose patch embedding learns to read it. "interleave+key": the
+            interleaved image with the first sampled frame alone, at the interleaved image's
+            size (rows x cols times the tile's pixels), to its right: motion from the left
+            half, the look of things (shape) from a frame that no other frame overlaps.
         tile: (h, w) to resize every frame to first (overrides max_tile). The interleaved image
             must reach the model at exactly its input size: a resize would mix the frames.
     Returns:
-        (rows * h, cols * w, 3) uint8 where (h, w) is the (possibly resized) frame size.
+        (rows * h, cols * w, 3) uint8 where (h, w) is the (possibly resized) frame size;
+        (rows * h, 2 * cols * w, 3) for "interleave+key".
     """
     assert frames.ndim == 4 and frames.shape[-1] == 3, f"frames must be (T, H, W, 3), got {frames.shape}"
     assert frames.dtype == np.uint8, f"frames must be uint8, got {frames.dtype}"
-    assert layout in ("grid", "interleave"), f"layout must be 'grid' or 'interleave', got {layout!r}"
+    assert layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {layout!r}"
     picked = frames[sample_frame_indices(frames.shape[0], k)]  # (k, H, W, 3)
+    key = picked[0]  # (H, W, 3), resized below from the full frame, not from its tile
     h, w = picked.shape[1:3]
     if tile is not None:
         h, w = tile
@@ -106,16 +116,26 @@ def frame_grid(frames: np.ndarray, k: int = 4, max_tile: int | None = 224, layou
         s = max_tile / max(h, w)
         h, w = max(1, round(h * s)), max(1, round(w * s))
     if (h, w) != picked.shape[1:3]:
-        from PIL import Image
-
-        picked = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in picked])
+        picked = np.stack([_resize(f, h, w) for f in picked])
     rows, cols = grid_shape(k)
     cells = np.zeros((rows * cols, h, w, 3), dtype=np.uint8)
     cells[:k] = picked
     cells = cells.reshape(rows, cols, h, w, 3)
     if layout == "grid":
         return cells.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)  # (r, y, c, x)
-    return cells.transpose(2, 0, 3, 1, 4).reshape(h * rows, w * cols, 3)  # (y, r, x, c)
+    woven = cells.transpose(2, 0, 3, 1, 4).reshape(h * rows, w * cols, 3)  # (y, r, x, c)
+    if layout == "interleave":
+        return woven
+    return np.concatenate([woven, _resize(key, rows * h, cols * w)], axis=1)  # (rows*h, 2*cols*w, 3)
+
+
+def _resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8, bilinear (a stretch when the aspect changes)."""
+    if frame.shape[:2] == (h, w):
+        return frame
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR))
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,51 +293,87 @@ class CaptionerConfig:
     """Size of our LLaVA captioner and of its training run.
 
     The defaults are the "tiny" preset. Measured (bench_captioner: 4000 clips, 8 cpu-minutes on
-    1 thread, 200 held-out clips): colour 1.00 / shape 0.535 / motion 0.955, 4000 steps in 7.5
-    cpu-minutes (the same recipe rerun through a scratch harness: 0.99 / 0.555 / 0.975; on the
-    "grid" layout: 0.99 / 0.495 / 0.805). The previous recipe (patch 4, window 8, lr 1e-3, no
-    bag-of-words loss, grid note) got 1.00 / 0.60 / 0.26 in ~1300 steps: its tower cost 0.22 s of a 0.37 s step (256
-    stage-1 tokens), and the caption loss alone never taught the tower motion direction.
-    Shape is the open problem (small 0.49, large 0.60; a 128 px grid with patch 16 gave 0.59).
-    Diagnosis (scratch probe: this tower + linear max-pooled heads trained directly on shape /
-    motion / colour, 1000 held-out clips): 1.5 cpu-min (2000 steps) held-out shape 0.45 (train
-    0.64); 4 cpu-min 0.49 (train 0.95): the tower memorises the 4000 clips rather than learn
-    shape. No cheap change moved it at 1.5 cpu-min: "grid" layout 0.49, patch 4 0.51 (627
-    steps), a 128 px grid 0.48 (610 steps), a LeViT conv stem 0.50 (64 px) / 0.44 (128 px),
-    random shifts of +-4 or +-8 px with or without mirroring 0.45 (motion 0.975 -> 0.995). A
-    hand rule (area / bounding box of the first frame) reads shape 1.00 at native size, 1.00 /
-    0.85 (large / small) in a 64 px stretched tile, 0.98 / 0.70 at 48 px, 0.93 / 0.57 at 32 px:
-    small shapes are ~6 x 2.5-6 px in ours, below legibility. So 0.95 needs more pixels per
-    frame AND a tower that learns shape from 4000 clips; bigger inputs cost too many steps at 3
-    cpu-min: image 128 with a third Swin stage 654 steps, colour 0.37 / shape 0.42 / motion
-    0.20; image 96 with patch 12 1422 steps, 0.995 / 0.525 / 0.37. More clips are not the cure
-    either: 16,000 training clips (each seen ~8 times in the 4,000-step schedule, not ~32)
-    gave colour 1.00 / shape 0.59 / motion 0.98 against 0.98 / 0.60 / 0.98 from 4,000 (bench,
-    seed 1), so what the 32 px tiles show, not the number of clips, bounds shape.
+    1 thread, 200 held-out clips): colour 0.99 / shape 0.815 / motion 0.955 (seed 0, 2163 steps)
+    and 1.00 / 0.575 / 1.00 (seed 1, 2229 steps), about 0.22 s a step. Shape is still short of
+    0.95, and far from stable across seeds (the Swin recipe: 0.535 and 0.60).
+
+    How it got there (scratch probes: a tower with linear heads on its max-pooled features,
+    trained directly on shape / motion / colour for 1.5 cpu-minutes, 1000 held-out clips):
+    - The 32 px tiles are NOT what bounds shape: a plain 5-layer CNN reads the main object's
+      shape from ONE frame stretched to 32x32 at 0.997 held-out (1 cpu-min, both seeds), 0.999
+      at 64x64; the area/bounding-box hand rule below was simply a weak reader.
+    - What does: frames overlapping in the interleaved image, and the tower's design. With the
+      three heads together, on the interleaved image: Swin (the old tower) shape 0.44, a plain
+      CNN 0.53-0.75, a ResNet 0.72-0.75 (train 0.97-1.00: it memorises), a RegNet 0.49-0.61,
+      FocalNet 0.38-0.46; the same CNN on shape alone 0.84-0.96. Adding the first frame alone,
+      at the interleaved image's size, beside it ("interleave+key") and a ResNet: shape 0.956 /
+      0.947 (two inits), motion 0.99, colour 1.00 in ~890 steps.
+    - Caption training teaches the tower shape far more slowly than those heads: at 3
+      cpu-minutes (~800 steps) the captioner's shape was 0.43-0.555 whatever the auxiliary loss
+      (bow_weight 0 / 0.1 / 1 / 3, bow_pool "token" or "feature"); 8 minutes reach 0.8. In the
+      probe the bag-of-words loss over all caption words, in place of the three heads, left
+      the tower at shape 0.41-0.45 (the same loss over the 3 shape words alone: 0.935; over
+      colour and shape words: 0.73; softmax instead of per-word BCE, a per-word learnt
+      uncertainty weight, or a linear head on the raw tower features: 0.40-0.41). So the
+      dense loss over every word, most of which the image cannot predict (template words,
+      "left"/"right" in both directions of "from left to right"), drowns the shape signal.
+
+    The Swin recipe before it (vision "swin", layout "interleave", patch 8, vision_dim 48,
+    depths (2, 2); the "base" preset still uses Swin): colour 1.00 / shape 0.535 / motion 0.955,
+    4000 steps in 7.5 cpu-minutes (the same recipe rerun through a scratch harness: 0.99 / 0.555
+    / 0.975; on the "grid" layout: 0.99 / 0.495 / 0.805). The previous recipe (patch 4, window
+    8, lr 1e-3, no bag-of-words loss, grid note) got 1.00 / 0.60 / 0.26 in ~1300 steps: its
+    tower cost 0.22 s of a 0.37 s step (256 stage-1 tokens), and the caption loss alone never
+    taught the tower motion direction. Shape was the open problem (small 0.49, large 0.60; a 128
+    px grid with patch 16 gave 0.59). Diagnosis (scratch probe: this tower + linear max-pooled
+    heads trained directly on shape / motion / colour, 1000 held-out clips): 1.5 cpu-min (2000
+    steps) held-out shape 0.45 (train 0.64); 4 cpu-min 0.49 (train 0.95): the tower memorises
+    the 4000 clips rather than learn shape. No cheap change moved it at 1.5 cpu-min: "grid"
+    layout 0.49, patch 4 0.51 (627 steps), a 128 px grid 0.48 (610 steps), a LeViT conv stem
+    0.50 (64 px) / 0.44 (128 px), random shifts of +-4 or +-8 px with or without mirroring 0.45
+    (motion 0.975 -> 0.995). A hand rule (area / bounding box of the first frame) reads shape
+    1.00 at native size, 1.00 / 0.85 (large / small) in a 64 px stretched tile, 0.98 / 0.70 at
+    48 px, 0.93 / 0.57 at 32 px: small shapes are ~6 x 2.5-6 px in ours, below legibility. So
+    0.95 needs more pixels per frame AND a tower that learns shape from 4000 clips; bigger
+    inputs cost too many steps at 3 cpu-min: image 128 with a third Swin stage 654 steps, colour
+    0.37 / shape 0.42 / motion 0.20; image 96 with patch 12 1422 steps, 0.995 / 0.525 / 0.37.
+    More clips are not the cure either: 16,000 training clips (each seen ~8 times in the
+    4,000-step schedule, not ~32) gave colour 1.00 / shape 0.59 / motion 0.98 against 0.98 /
+    0.60 / 0.98 from 4,000 (bench, seed 1), so what the 32 px tiles show, not the number of
+    clips, bounds shape (the CNN probe above later showed the tiles are legible: the tower was
+    the limit).
     """
 
     num_frames: int = 4  # frames in the grid (2x2)
-    image_size: int = 64  # the grid is resized to image_size^2, so each frame to image_size/2
+    image_size: int = 64  # the grid is resized to image_size^2, so each frame to image_size/2 (+ the key frame)
     # How the frames make one image (see `frame_grid`). "interleave" puts the frames of each
     # place side by side, so motion is local to a patch. Measured with the old recipe (8
     # cpu-minutes): "grid" colour 1.00 / shape 0.58 / motion 0.23, "interleave" 1.00 / 0.60 /
     # 0.26 (motion at chance either way: the recipe, not the layout, was the bottleneck).
-    layout: str = "interleave"
+    # "interleave+key" adds the first frame alone at image_size^2 (an input twice as wide): in
+    # the interleaved half the frames of a moving object overlap, and towers memorised shape
+    # there (ResNet 0.75 held-out / 1.00 train) instead of learning it (0.95 with the key frame).
+    layout: str = "interleave+key"
     # Prepend GRID_NOTE to the prompt. Off saves our model ~20 of ~55 tokens per sequence (20%
     # more steps per cpu-minute); the note's "left to right, top to bottom" also shares words
     # with the motion phrases. Saved in captioner.json, so inference asks the same way.
     grid_note: bool = False
-    # The vision tower. "swin" (Liu et al. 2021): windowed attention, a patch merge per stage;
-    # its locality lets it learn small shapes from a few thousand clips, where a plain ViT
-    # ("clip") of the same cost was still at ~60% shape accuracy after 8 cpu-minutes.
-    vision: str = "swin"
-    # First patch; swin then halves the grid per extra stage. 8 (an 8x8 grid at stage 1, 4x4
-    # image tokens) not 4: patch 4 made 256 stage-1 tokens, 0.22 s per step of 32 on one
-    # thread vs 0.04 s, and the tower alone with a direct motion loss learnt motion in one
-    # cpu-minute at patch 8 (0.94) but not at patch 4 (0.36).
+    # The vision tower. "resnet" (He et al. 2016; basic blocks, stride 4 stem, then stride 2 per
+    # stage; in transformers' FastVLM): convolutions from the first pixel, so shape features
+    # are the same wherever a small object lands; Swin's linear 8x8 patch embedding must learn
+    # every alignment of a 3-6 px shape to its patch grid (its direct shape head: 0.44). "swin"
+    # (Liu et al. 2021): windowed attention, a patch merge per stage; a plain ViT ("clip") of
+    # the same cost was still at ~60% shape accuracy after 8 cpu-minutes. FocalNet (depthwise
+    # conv modulation) was 0.44 s a step at a stride-2 patch, 0.125 s with its conv stem, shape
+    # 0.38-0.46: no better than Swin.
+    vision: str = "resnet"
+    # swin, clip: the first patch (resnet ignores it); swin then halves the grid per extra
+    # stage. 8 (an 8x8 grid at stage 1, 4x4 image tokens) not 4: patch 4 made 256 stage-1
+    # tokens, 0.22 s per step of 32 on one thread vs 0.04 s, and the tower alone with a direct
+    # motion loss learnt motion in one cpu-minute at patch 8 (0.94) but not at patch 4 (0.36).
     patch_size: int = 8
-    vision_dim: int = 48  # swin: first-stage width, doubled per stage; clip: the width
-    vision_depths: tuple[int, ...] = (2, 2)  # swin: blocks per stage; clip: sum() layers
+    vision_dim: int = 32  # swin, resnet: first-stage width, doubled per stage; clip: the width
+    vision_depths: tuple[int, ...] = (1, 1, 1)  # swin, resnet: blocks per stage; clip: sum() layers
     vision_heads: tuple[int, ...] = (3, 6)  # per stage (clip uses the first)
     # Swin attention window, in patches. FOOTGUN: HF Swin breaks (a shape error in attention)
     # when a later stage's grid is smaller than the window, so keep it <= the last grid side.
@@ -337,6 +393,9 @@ class CaptionerConfig:
     # `bag_of_words_loss`); 0 trains on the captions alone. Training-only: the saved model is a
     # plain LLaVA. At 3 cpu-minutes motion was 0.36 / 0.67 / 0.38 with 0.3 / 1 / 3 (noisy).
     bow_weight: float = 1.0
+    # See `bag_of_words_loss`. "feature" was no better at 3 cpu-minutes (shape 0.525 / motion
+    # 0.205 vs 0.505 / 0.24 with "token").
+    bow_pool: str = "token"
     # Chance that a training example is mirrored left-right, its caption's "left"/"right" words
     # swapped to match (see `flip_grid`, `mirror_word_ids`); training-only, 0 turns it off.
     # Off: at 0.5 the bench gave colour 0.995 / shape 0.55 / motion 0.94 (seed 0) and 1.00 /
@@ -351,16 +410,24 @@ class CaptionerConfig:
         return self.image_size // rows, self.image_size // cols
 
     @property
+    def image_hw(self) -> tuple[int, int]:
+        """(height, width) of the model's input: image_size^2, twice as wide with the key frame."""
+        return self.image_size, self.image_size * (2 if self.layout == "interleave+key" else 1)
+
+    @property
     def feature_stride(self) -> int:
         """Pixels per image token handed to the language model."""
         if self.vision == "swin":
             return self.patch_size * 2 ** (len(self.vision_depths) - 1)
+        if self.vision == "resnet":  # stem: conv stride 2 + max-pool stride 2; then stride 2 per later stage
+            return 4 * 2 ** (len(self.vision_depths) - 1)
         return self.patch_size
 
     @property
     def image_tokens(self) -> int:
-        """Image tokens per clip: a grid of (image_size / feature_stride)^2 (+1 CLS for clip)."""
-        return (self.image_size // self.feature_stride) ** 2 + (self.vision == "clip")
+        """Image tokens per clip: the (H / feature_stride) x (W / feature_stride) grid (+1 CLS for clip)."""
+        H, W = self.image_hw
+        return (H // self.feature_stride) * (W // self.feature_stride) + (self.vision == "clip")
 
     @staticmethod
     def preset(name: str) -> "CaptionerConfig":
@@ -376,7 +443,8 @@ PRESETS: dict[str, CaptionerConfig] = {
     # The shapes world on a CPU in minutes (benchmarks/bench_captioner.py, `sora demo`).
     "tiny": CaptionerConfig(),
     # A start for natural video: a 224 px grid of 8 frames (3x3), a Swin-T-sized tower.
-    "base": CaptionerConfig(num_frames=8, image_size=224, patch_size=4, vision_dim=96, vision_depths=(2, 2, 6, 2),
+    "base": CaptionerConfig(num_frames=8, image_size=224, layout="interleave", vision="swin", patch_size=4,
+                            vision_dim=96, vision_depths=(2, 2, 6, 2),
                             vision_heads=(3, 6, 12, 24), window_size=7, text_dim=512, text_layers=6, text_heads=8,
                             batch_size=64, lr=3e-4, warmup_steps=500, max_steps=50000),
 }
@@ -415,42 +483,61 @@ def build_tokenizer(texts: Iterable[str]):
 
 
 def make_image_processor(cfg: CaptionerConfig):
-    """The PIL (torchvision-free) CLIP image processor: grid -> (3, S, S) in [-1, 1]."""
+    """The PIL (torchvision-free) CLIP image processor: grid -> (3, H, W) = cfg.image_hw, in [-1, 1]."""
     from transformers import CLIPImageProcessorPil
 
-    size = {"height": cfg.image_size, "width": cfg.image_size}
+    H, W = cfg.image_hw
+    size = {"height": H, "width": W}
     # Stretch to a square, no crop: a centre crop would cut off the first and last frames.
     return CLIPImageProcessorPil(size=size, crop_size=size, do_center_crop=False,
                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 def build_captioner(cfg: CaptionerConfig, texts: Iterable[str]):
-    """A randomly initialised LLaVA captioner and its processor; the tokenizer's vocabulary
-    comes from `texts` (the training captions; the prompt words are added here).
-    Returns (LlavaForConditionalGeneration, LlavaProcessor)."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, SwinConfig)
+    """A randomly initialised captioner and its processor; the tokenizer's vocabulary comes from
+    `texts` (the training captions; the prompt words are added here).
 
-    assert cfg.vision in ("swin", "clip"), f"vision must be 'swin' or 'clip', got {cfg.vision!r}"
-    assert cfg.image_size % cfg.feature_stride == 0, "image_size must be a multiple of the feature stride"
+    vision "swin" / "clip": a LLaVA (`LlavaForConditionalGeneration`), whose tower must return
+    (B, N, D) hidden states. vision "resnet": the same LLaVA design with a convolutional tower,
+    which transformers ships as FastVLM (`FastVlmForConditionalGeneration`, Vasu et al. 2025:
+    a LLaVA whose projector reads the tower's last (B, C, h, w) feature map as h * w tokens); any
+    stock HF CNN fits there, here `ResNetModel`. Both load through `AutoModelForImageTextToText`
+    and use a `LlavaProcessor`.
+    Returns (model, LlavaProcessor)."""
+    from transformers import (CLIPVisionConfig, FastVlmConfig, FastVlmForConditionalGeneration, LlamaConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, ResNetConfig, SwinConfig)
+
+    assert cfg.vision in ("swin", "clip", "resnet"), f"vision must be 'swin', 'clip' or 'resnet', got {cfg.vision!r}"
+    assert cfg.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {cfg.layout!r}"
+    H, W = cfg.image_hw
+    assert H % cfg.feature_stride == 0 and W % cfg.feature_stride == 0, \
+        f"the input {H}x{W} must be a multiple of the feature stride {cfg.feature_stride}"
+    assert cfg.vision != "clip" or H == W, "the CLIP tower wants a square input (no 'interleave+key')"
     fixed = [GRID_NOTE.format(k=cfg.num_frames), DEFAULT_PROMPT, "user: assistant:"]  # the chat words
     tok = build_tokenizer(list(texts) + fixed)
-    # The processor expands <image> into (image_size / patch_size)^2 + extra placeholders; for
-    # Swin its "patch" is the stride of the LAST stage, and there is no CLS token.
+    # The processor expands <image> into (H / patch_size) * (W / patch_size) + extra placeholders;
+    # for Swin and ResNet its "patch" is the stride of the LAST stage, and there is no CLS token.
     processor = LlavaProcessor(image_processor=make_image_processor(cfg), tokenizer=tok,
                                patch_size=cfg.feature_stride, vision_feature_select_strategy="full",
                                num_additional_image_tokens=int(cfg.vision == "clip"), image_token="<image>",
                                chat_template=CHAT_TEMPLATE)
+    widths = [cfg.vision_dim * 2 ** i for i in range(len(cfg.vision_depths))]
     if cfg.vision == "swin":
         assert len(cfg.vision_heads) == len(cfg.vision_depths), "one head count per Swin stage"
         # hidden_states[-1] of SwinModel is the last stage, (B, N, vision_dim * 2^(stages-1)):
         # LLaVA's projector reads config.hidden_size, which Swin sets to exactly that width.
-        vision = SwinConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.vision_dim,
+        vision = SwinConfig(image_size=[H, W], patch_size=cfg.patch_size, embed_dim=cfg.vision_dim,
                             depths=list(cfg.vision_depths), num_heads=list(cfg.vision_heads),
                             window_size=cfg.window_size, mlp_ratio=4.0,
                             use_absolute_embeddings=cfg.absolute_positions)
+    elif cfg.vision == "resnet":
+        # Basic blocks (two 3x3 convs), widths doubling per stage. FastVLM's projector reads
+        # vision_config.hidden_size, which ResNetConfig lacks: set it to the last stage's width
+        # (an extra config attribute, saved in config.json like any other).
+        vision = ResNetConfig(embedding_size=cfg.vision_dim, hidden_sizes=widths, depths=list(cfg.vision_depths),
+                              layer_type="basic", downsample_in_first_stage=False, hidden_size=widths[-1])
     else:
-        vision = CLIPVisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_dim,
+        vision = CLIPVisionConfig(image_size=H, patch_size=cfg.patch_size, hidden_size=cfg.vision_dim,
                                   intermediate_size=4 * cfg.vision_dim, num_hidden_layers=sum(cfg.vision_depths),
                                   num_attention_heads=cfg.vision_heads[0])
     ids = {k: tok.convert_tokens_to_ids(k) for k in SPECIALS}
@@ -459,10 +546,15 @@ def build_captioner(cfg: CaptionerConfig, texts: Iterable[str]):
                        num_key_value_heads=cfg.text_heads, max_position_embeddings=512,
                        pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
                        tie_word_embeddings=True)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
-                         vision_feature_select_strategy="full", vision_feature_layer=-1,
-                         projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(config)
+    if cfg.vision == "resnet":
+        config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
+                               image_seq_length=cfg.image_tokens, projector_hidden_act="gelu")
+        model = FastVlmForConditionalGeneration(config)
+    else:
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids["<image>"],
+                             vision_feature_select_strategy="full", vision_feature_layer=-1,
+                             projector_hidden_act="gelu")
+        model = LlavaForConditionalGeneration(config)
     assert config.vision_config.hidden_size == model.model.multi_modal_projector.linear_1.in_features
     g = model.generation_config
     g.eos_token_id, g.pad_token_id, g.bos_token_id = ids["</s>"], ids["<pad>"], ids["<s>"]
@@ -475,7 +567,7 @@ def encode_clips(examples: Iterable[tuple[np.ndarray, str]], cfg: CaptionerConfi
     """Stream (clip (T, H, W, 3) uint8, caption) pairs into training inputs, keeping only each
     clip's frame grid (a few thousand full clips would not fit in memory).
 
-    Returns pixel_values (N, 3, S, S) float32 (S = cfg.image_size) and the N captions."""
+    Returns pixel_values (N, 3, H, W) float32 ((H, W) = cfg.image_hw) and the N captions."""
     from PIL import Image
 
     image_processor = make_image_processor(cfg)
@@ -497,12 +589,12 @@ def encode_clips(examples: Iterable[tuple[np.ndarray, str]], cfg: CaptionerConfi
 def _token_batches(processor, captions: list[str], cfg: CaptionerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and labels (N, L), right padded; labels are -100 on the prompt and padding.
     The prompt is the same for every example: the processor expands its <image> into
-    (image_size / patch_size)^2 + 1 placeholders that the vision features replace."""
+    `cfg.image_tokens` placeholders that the vision features replace."""
     from PIL import Image
 
     tok = processor.tokenizer
     text = prompt_text(processor, "grid", cfg.num_frames, DEFAULT_PROMPT, cfg.grid_note)
-    prompt_ids = processor(text=[text], images=[Image.new("RGB", (cfg.image_size,) * 2)],
+    prompt_ids = processor(text=[text], images=[Image.new("RGB", cfg.image_hw[::-1])],
                            return_tensors="pt")["input_ids"][0].tolist()
     cap_ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in captions]
     L = len(prompt_ids) + max(len(c) for c in cap_ids)
@@ -525,7 +617,8 @@ def bag_of_words_targets(processor, captions: list[str]) -> torch.Tensor:
     return out
 
 
-def bag_of_words_loss(image_tokens: torch.Tensor, word_embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def bag_of_words_loss(image_tokens: torch.Tensor, word_embeddings: torch.Tensor, targets: torch.Tensor,
+                      pool: str = "token") -> torch.Tensor:
     """Tag the image with its caption's words, through the language model's own embeddings.
 
     Why: the caption loss reaches the vision tower only through the few tokens that name a
@@ -537,9 +630,16 @@ def bag_of_words_loss(image_tokens: torch.Tensor, word_embeddings: torch.Tensor,
     its features towards the embeddings the language model reads (cf. tag-prediction
     pre-training, Huang et al. 2023, "Tag2Text").
 
+    pool: "token" scores each word by its best token, max_n (t_n . e_w); "feature" scores it
+    against the image's max-pooled feature, (max_n t_n) . e_w, one vector for every word.
+
     image_tokens (B, N, D) projector outputs; word_embeddings (V, D); targets (B, V) multi-hot.
     Returns the binary cross-entropy summed over words, averaged over the batch (a scalar)."""
-    logits = (image_tokens @ word_embeddings.T).amax(1)  # (B, V): the best token per word
+    assert pool in ("token", "feature"), f"pool must be 'token' or 'feature', got {pool!r}"
+    if pool == "token":
+        logits = (image_tokens @ word_embeddings.T).amax(1)  # (B, V): the best token per word
+    else:
+        logits = image_tokens.amax(1) @ word_embeddings.T  # (B, D) @ (D, V)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return bce.sum(1).mean()
 
@@ -550,7 +650,12 @@ def flip_grid(pixels: torch.Tensor, k: int, layout: str) -> torch.Tensor:
     A plain flip of the whole image would also reverse the frame order along each row: in
     "grid" the tiles of a row, in "interleave" the column phase of each pixel block (frame 0
     would land where frame 1 belongs, so motion would run backwards). Flipping back that one
-    axis undoes it. pixels (..., S, S) with S = rows * h = cols * w; returns the same shape."""
+    axis undoes it. "interleave+key": each half on its own (the key frame is a plain picture).
+    pixels (..., S, W) with W = S (2 S for "interleave+key") and S = rows * h = cols * w;
+    returns the same shape."""
+    if layout == "interleave+key":
+        woven, key = pixels.chunk(2, dim=-1)
+        return torch.cat([flip_grid(woven, k, "interleave"), key.flip(-1)], dim=-1)
     rows, cols = grid_shape(k)
     W = pixels.shape[-1]
     assert W % cols == 0, f"width {W} is not a multiple of the grid's {cols} columns"
@@ -630,7 +735,8 @@ def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], c
         out = model(input_ids=ids, attention_mask=(ids != pad).long(), pixel_values=px, labels=lab)
         loss = out.loss
         if bow is not None:
-            loss = loss + cfg.bow_weight * bag_of_words_loss(seen.pop(), model.get_input_embeddings().weight, words)
+            loss = loss + cfg.bow_weight * bag_of_words_loss(seen.pop(), model.get_input_embeddings().weight, words,
+                                                             cfg.bow_pool)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -87,7 +87,19 @@ def test_frame_interleave_layout_puts_each_place_of_every_frame_side_by_side():
     assert frame_grid(frames, k=4, layout="interleave", tile=(16, 16)).shape == (32, 32, 3)
 
 
-@pytest.mark.parametrize("layout", ["grid", "interleave"])
+def test_interleave_key_layout_adds_the_first_frame_alone_at_full_size():
+    T, H, W = 9, 6, 10
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (T, H, W, 3), dtype=np.uint8)
+    # Tiles of half the frame: the interleaved half is H x W, so the key frame needs no resize.
+    img = frame_grid(frames, k=4, layout="interleave+key", tile=(H // 2, W // 2))
+    assert img.shape == (H, 2 * W, 3)
+    np.testing.assert_array_equal(img[:, :W], frame_grid(frames, k=4, layout="interleave", tile=(H // 2, W // 2)))
+    np.testing.assert_array_equal(img[:, W:], frames[0])  # from the full frame, not from its tile
+    assert frame_grid(frames, k=4, layout="interleave+key", tile=(16, 16)).shape == (32, 64, 3)
+
+
+@pytest.mark.parametrize("layout", ["grid", "interleave", "interleave+key"])
 def test_flip_grid_mirrors_each_frame_and_keeps_time_order(layout):
     """Mirroring the grid image equals building the grid from mirrored frames."""
     rng = np.random.default_rng(1)
@@ -124,10 +136,10 @@ def test_mirror_word_ids_swaps_left_and_right_in_captions():
 # ----------------------------------------------------------------------------------------
 
 
-def _save_llava(path, vision: str = "swin") -> set[str]:
+def _save_llava(path, vision: str = "swin", layout: str = "interleave") -> set[str]:
     torch.manual_seed(0)
     cfg = CaptionerConfig.preset("debug")
-    cfg.vision = vision
+    cfg.vision, cfg.layout = vision, layout
     model, processor = build_captioner(cfg, ["A red circle moves up."])
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -188,7 +200,13 @@ def _save_llava_vit(path) -> set[str]:
     return _save_llava(path, vision="clip")
 
 
-@pytest.mark.parametrize("build,model_type", [(_save_llava, "llava"), (_save_llava_vit, "llava"), (_save_blip, "blip"),
+def _save_fast_vlm(path) -> set[str]:
+    """Our conv-tower captioner (a ResNet in transformers' FastVLM), fed a non-square input."""
+    return _save_llava(path, vision="resnet", layout="interleave+key")
+
+
+@pytest.mark.parametrize("build,model_type", [(_save_llava, "llava"), (_save_llava_vit, "llava"),
+                                              (_save_fast_vlm, "fast_vlm"), (_save_blip, "blip"),
                                               (_save_vit_gpt2, "vision-encoder-decoder")])
 def test_random_vlm_from_dir_captions_a_batch(tmp_path, clips, build, model_type):
     vocab = build(tmp_path / "m")
@@ -274,7 +292,7 @@ def test_train_save_load_round_trip(tmp_path, clips):
     cfg = CaptionerConfig.preset("debug")
     cfg.max_steps = 60
     pixels, captions = encode_clips(iter(clips), cfg)  # a generator is fine: read once
-    assert pixels.shape == (48, 3, cfg.image_size, cfg.image_size) and captions == [c for _, c in clips]
+    assert pixels.shape == (48, 3, *cfg.image_hw) and captions == [c for _, c in clips]
     assert -1.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0
     torch.manual_seed(0)
     model, processor = build_captioner(cfg, captions)
@@ -286,7 +304,8 @@ def test_train_save_load_round_trip(tmp_path, clips):
     in_memory = Captioner(model, processor, name="mem", max_new_tokens=40, grid_note=cfg.grid_note).caption(frames)
     save_captioner(model, processor, str(tmp_path / "cap"), cfg, stats)
     loaded = Captioner.from_pretrained(str(tmp_path / "cap"), max_new_tokens=40)
-    assert loaded.name == "llava:cap" and loaded.num_frames == cfg.num_frames
+    assert loaded.name == f"{model.config.model_type}:cap" and loaded.num_frames == cfg.num_frames
+    assert type(loaded.model) is type(model) and loaded.layout == cfg.layout and loaded.tile == cfg.tile
     assert loaded.grid_note is cfg.grid_note  # asked the way it was trained (captioner.json)
     assert loaded.caption(frames) == in_memory
     assert all(t for t in in_memory), in_memory
