@@ -84,6 +84,8 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=8.0, help="training budget in minutes")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what --minutes measures")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="data-parallel training processes (each with --threads threads); 2 uses both cores of a 2-core box")
     ap.add_argument("--preset", default="tiny", help="CaptionerConfig preset")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--out", default="", help="where to save the trained captioner (default: a temp dir)")
@@ -105,7 +107,7 @@ def main() -> int:
     k = CaptionerConfig.preset(args.preset).num_frames
     examples = ((shapes.render(s, frames=sample_frame_indices(s.num_frames, k)), s.caption()) for s in train_specs)
     stats = train_captioner(examples, out_dir, preset=args.preset,
-                            max_minutes=args.minutes, seed=args.seed, clock=args.clock,
+                            max_minutes=args.minutes, seed=args.seed, clock=args.clock, workers=args.workers,
                             progress=lambda step, total, loss: print(f"step {step} loss {loss:.3f}", file=sys.stderr)
                             if step % 100 == 0 else None)
     total_min = (time.perf_counter() - t0) / 60
@@ -132,7 +134,7 @@ def main() -> int:
         "per_attribute_untrained": {k: round(v, 4) for k, v in untrained_score.items()},
         "acceptance_each_of_color_shape_motion_ge_0.95": all(ours_score[k] >= 0.95 for k in SCORED),
         "train_clips": args.train_clips, "eval_clips": args.eval_clips, "preset": args.preset,
-        "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads,
+        "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads, "workers": args.workers,
         "steps": stats["steps"], "params": stats["params"], "final_loss": round(stats["final_loss"], 4),
         "train_minutes_wall": round(stats["train_minutes"], 2),
         "train_minutes_cpu": round(stats["train_cpu_minutes"], 2),

@@ -27,11 +27,12 @@ def clip_frames(clip: dict, k: int = 4, long_side: int = 96) -> np.ndarray:
 
 
 def run_train_captioner(data: str, out: str, *, preset: str = "tiny", max_minutes: float = 8.0, holdout: int = 200,
-                        recaption: bool = False, seed: int = 0,
+                        recaption: bool = False, seed: int = 0, workers: int = 1,
                         progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Train on clips with good captions (sidecar / ground truth, or any existing caption),
     report attribute accuracy on `holdout` clips it never saw (shapes-world parser), and
-    recaption all clips when asked. Returns a summary."""
+    recaption all clips when asked. workers > 1 trains data parallel over that many local
+    processes (see `sora.captioner.train_captioner`). Returns a summary."""
     from sora.captioner import Captioner, train_captioner
     from sora.shapes import parse_prompt
 
@@ -43,7 +44,8 @@ def run_train_captioner(data: str, out: str, *, preset: str = "tiny", max_minute
         raise ValueError(f"{data} has no captions to learn from: run `sora caption --data {data}` (sidecars) first")
     train_ids, held = split_clips([c["clip_id"] for c in clips if c["clip_id"] in good], holdout)
     examples = ((clip_frames(c), good[c["clip_id"]]) for c in clips if c["clip_id"] in train_ids)
-    stats = train_captioner(examples, out, preset=preset, max_minutes=max_minutes, seed=seed, progress=progress)
+    stats = train_captioner(examples, out, preset=preset, max_minutes=max_minutes, seed=seed, progress=progress,
+                            workers=workers)
     cap = Captioner.from_pretrained(out)
     held_rows = [c for c in clips if c["clip_id"] in held]
     predicted = cap.caption([clip_frames(c) for c in held_rows]) if held_rows else []

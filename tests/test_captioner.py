@@ -341,3 +341,23 @@ def test_train_captioner_writes_a_model_dir(tmp_path, clips):
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
             "captioner.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # nothing pickled
+
+
+def test_train_captioner_data_parallel_takes_the_same_steps(tmp_path, clips):
+    """workers=2: a spawned helper rank takes half of every global batch, gradients are averaged.
+    The run follows the single-process one closely (not exactly: BatchNorm normalises each rank's
+    half on its own, as in plain DDP) and saves the same kind of model dir."""
+    cfg = CaptionerConfig.preset("debug")
+    cfg.max_steps = 30
+    one = train_captioner(iter(clips), str(tmp_path / "one"), config=cfg, max_minutes=5.0, seed=0)
+    two = train_captioner(iter(clips), str(tmp_path / "two"), config=cfg, max_minutes=5.0, seed=0, workers=2)
+    assert one["workers"] == 1 and two["workers"] == 2 and one["steps"] == two["steps"] == 30
+    # the same init and the same global batch: the first loss agrees to BatchNorm's half-batch noise
+    assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-3)
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=0.1)
+    assert two["final_loss"] < 0.8 * two["first_loss"]
+    cap = Captioner.from_pretrained(str(tmp_path / "two"), max_new_tokens=20)
+    assert all(cap.caption([c for c, _ in clips[:3]]))
+    cfg.batch_size = 15
+    with pytest.raises(AssertionError, match="does not split over 2 workers"):
+        train_captioner(iter(clips[:16]), str(tmp_path / "odd"), config=cfg, max_minutes=1.0, workers=2)

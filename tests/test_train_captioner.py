@@ -14,8 +14,8 @@ def test_train_then_recaption_everything(shapes_ds, tmp_path, ray_session):
     data = str(tmp_path / "ds")
     shutil.copytree(shapes_ds, data)
     out = str(tmp_path / "captioner")
-    summary = run_train_captioner(data, out, max_minutes=0.1, holdout=4, recaption=True)
-    assert summary["heldout_clips"] == 4
+    summary = run_train_captioner(data, out, max_minutes=0.1, holdout=4, recaption=True, workers=2)
+    assert summary["heldout_clips"] == 4 and summary["train"]["workers"] == 2
     assert set(summary["accuracy"]) == {"color", "shape", "motion"}
     assert summary["train"]["steps"] > 0
     n = read_clips(data).num_rows
