@@ -171,7 +171,13 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     if todo.num_rows:
         if cfg.num_gpus is None:
             cfg.num_gpus = 1.0 if has_gpus() else 0.0
-        ds = ray.data.from_arrow(todo).map_batches(
+        # One table makes ONE block, which one actor would take whole: the other actors idle
+        # and progress jumps from 0 to done at the end. Blocks of about a batch each (at most
+        # 256), cut here on the driver: a `repartition` task would wait forever for a CPU when
+        # the actor pool holds them all.
+        blocks = max(1, min(-(-todo.num_rows // cfg.batch_size), 256))
+        step = -(-todo.num_rows // blocks)
+        ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)]).map_batches(
             EncodeStage,
             fn_constructor_kwargs={"cfg": asdict(cfg), "out": data},
             batch_size=cfg.batch_size,
@@ -179,10 +185,14 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
             compute=ray.data.ActorPoolStrategy(size=cfg.actors),
             num_gpus=cfg.num_gpus,
         )
+        pids, calls = set(), 0
         for row in ds.iter_rows():
             for k in ("encoded", "failed", "bytes"):
                 result[k] += int(row[k])
+            pids.add(int(row["pid"]))
+            calls += 1
             if progress:
                 progress(result["encoded"] + result["failed"], todo.num_rows)
+        result.update(actors_used=len(pids), batches=calls)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result

@@ -17,10 +17,13 @@ from pipelines.latents import bytes_to_array, read_latents
 def test_encode_writes_exact_latents_and_is_idempotent(shapes_ds, tiny_vae_dir, tmp_path, ray_session):
     data = str(tmp_path / "ds")
     shutil.copytree(shapes_ds, data)
-    cfg = EncodeConfig(vae=tiny_vae_dir, batch_size=4, dtype="float32")
+    cfg = EncodeConfig(vae=tiny_vae_dir, batch_size=4, dtype="float32", actors=2)
     first = run_encode(data, cfg)
     clips = read_clips(data)
     assert first["encoded"] == clips.num_rows and first["failed"] == 0
+    # the clips went out in batch-sized blocks (not one block that one actor takes whole)
+    assert clips.num_rows > 4 and first["batches"] == -(-clips.num_rows // 4)
+    assert 1 <= first["actors_used"] <= 2
     table = read_latents(data)
     assert sorted(table["clip_id"].to_pylist()) == sorted(clips["clip_id"].to_pylist())
 
