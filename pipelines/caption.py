@@ -175,12 +175,12 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
 
     import ray
 
-    from pipelines.ray_utils import has_gpus
+    from pipelines.ray_utils import has_gpus, table_blocks
 
     if cfg.num_gpus is None:
         cfg.num_gpus = 1.0 if has_gpus() else 0.0
     todo = todo.sort_by("clip_id")  # deterministic batches for a given to-do set
-    ds = ray.data.from_arrow(todo).map_batches(
+    ds = ray.data.from_arrow(table_blocks(todo, cfg.batch_size)).map_batches(
         CaptionStage,
         fn_constructor_kwargs={"cfg": cfg.__dict__, "out": data},
         batch_size=cfg.batch_size,

@@ -162,7 +162,7 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     """Encode every captioned clip of DATA that has no latents yet (Ray Data actor pool)."""
     import ray
 
-    from pipelines.ray_utils import has_gpus
+    from pipelines.ray_utils import has_gpus, table_blocks
 
     t0 = time.perf_counter()
     todo, uncaptioned, already = pending_clips(data)
@@ -171,13 +171,7 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     if todo.num_rows:
         if cfg.num_gpus is None:
             cfg.num_gpus = 1.0 if has_gpus() else 0.0
-        # One table makes ONE block, which one actor would take whole: the other actors idle
-        # and progress jumps from 0 to done at the end. Blocks of about a batch each (at most
-        # 256), cut here on the driver: a `repartition` task would wait forever for a CPU when
-        # the actor pool holds them all.
-        blocks = max(1, min(-(-todo.num_rows // cfg.batch_size), 256))
-        step = -(-todo.num_rows // blocks)
-        ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)]).map_batches(
+        ds = ray.data.from_arrow(table_blocks(todo, cfg.batch_size)).map_batches(
             EncodeStage,
             fn_constructor_kwargs={"cfg": asdict(cfg), "out": data},
             batch_size=cfg.batch_size,

@@ -26,3 +26,14 @@ def has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def table_blocks(table, batch_size: int, max_blocks: int = 256) -> list:
+    """Cut a pyarrow table into about batch-sized slices (at most `max_blocks`) for
+    `ray.data.from_arrow(list)`: one table is ONE block, which one actor of a pool takes whole
+    (the rest idle, and progress moves only at the end). Cut on the driver because a
+    `repartition` task waits forever for a CPU when the actor pool holds them all."""
+    n = table.num_rows
+    blocks = max(1, min(-(-n // max(1, batch_size)), max_blocks))
+    step = max(1, -(-n // blocks))
+    return [table.slice(i, step) for i in range(0, n, step)] or [table]

@@ -80,3 +80,18 @@ def test_chunks_are_sized_by_pixels():
     assert chunk_latent_frames(cfg, 4001, 720, 1280, 4) == 4  # a long 720p shot
     assert chunk_latent_frames(EncodeConfig(vae="unused", chunk_latent_frames=3), 33, 64, 112, 4) == 3  # forced
     assert chunk_latent_frames(EncodeConfig(vae="unused", chunk_latent_frames=9), 33, 64, 112, 4) is None
+
+
+def test_table_blocks_spread_a_table_over_batch_sized_blocks():
+    import pyarrow as pa
+
+    from pipelines.ray_utils import table_blocks
+
+    t = pa.table({"i": list(range(10))})
+    blocks = table_blocks(t, 4)
+    assert [b.num_rows for b in blocks] == [4, 4, 2]
+    assert pa.concat_tables(blocks)["i"].to_pylist() == list(range(10))  # nothing lost, order kept
+    many = table_blocks(pa.table({"i": list(range(1000))}), 1, max_blocks=256)
+    assert len(many) <= 256 and sum(b.num_rows for b in many) == 1000
+    empty = pa.table({"i": pa.array([], pa.int64())})
+    assert [b.num_rows for b in table_blocks(empty, 4)] == [0]
