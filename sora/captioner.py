@@ -798,7 +798,7 @@ def _all_reduce_mean(params: list[torch.Tensor], loss: float, world: int) -> flo
     flat /= world
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        p.grad = flat[offset:offset + g.numel()].view_as(g)  # views of this step's fresh buffer
         offset += g.numel()
     return float(flat[-1])
 
@@ -811,17 +811,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _fit_worker(rank: int, world: int, port: int, cfg: CaptionerConfig, pixels: torch.Tensor, captions: list[str],
-                seed: int, max_minutes: float, clock: str, threads: int) -> None:
-    """A helper rank of `train_captioner(workers=)`: builds the same model and takes its share
-    of every step; rank 0 (the calling process) keeps and saves the result."""
+def _join_group(rank: int, world: int, port: int) -> None:
+    """Join the local gloo group of a data-parallel captioner run (rank 0 hosts it on `port`).
+    A collective that waits 2 minutes means a rank died: fail rather than hang."""
     import datetime
 
     import torch.distributed as dist
 
-    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=2))
+
+
+def _fit_worker(rank: int, world: int, port: int, cfg: CaptionerConfig, pixels: torch.Tensor, captions: list[str],
+                seed: int, max_minutes: float, clock: str, threads: int) -> None:
+    """A helper rank of `train_captioner(workers=)`: builds the same model and takes its share
+    of every step; rank 0 (the calling process) keeps and saves the result."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    _join_group(rank, world, port)
     try:
         torch.manual_seed(seed)
         model, processor = build_captioner(cfg, captions)
@@ -882,8 +890,6 @@ def train_captioner(examples: Iterable[tuple[np.ndarray, str]], out_dir: str, pr
 def _fit_parallel(model, processor, pixels: torch.Tensor, captions: list[str], cfg: CaptionerConfig, workers: int,
                   **fit_kwargs) -> dict[str, Any]:
     """`fit_captioner` over `workers` local processes: this one is rank 0, the rest spawned."""
-    import datetime
-
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -899,8 +905,7 @@ def _fit_parallel(model, processor, pixels: torch.Tensor, captions: list[str], c
     for h in helpers:
         h.start()
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=workers,
-                                timeout=datetime.timedelta(minutes=2))
+        _join_group(0, workers, port)
         try:
             stats = fit_captioner(model, processor, pixels, captions, cfg, rank=0, world=workers, **fit_kwargs)
         finally:
