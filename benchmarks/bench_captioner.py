@@ -7,6 +7,8 @@ clip's ground truth.
 
     python -m benchmarks.bench_captioner              # 4000 clips, 8 cpu-minutes, 200 held-out clips
     python -m benchmarks.bench_captioner --quick      # a smoke run (~1 minute)
+    python -m benchmarks.bench_captioner --workers 2 --clock wall --seed 1   # issue #3's bar: 8 minutes on 2 cores
+    python -m benchmarks.bench_captioner --set tag_weight=0 --set bow_weight=1  # a recipe variant
 
 Training clips come from seed 1 with the held-out combinations excluded (as `sora synth`
 writes them); evaluation clips from seed 2 over ALL combinations, so no evaluation clip was
@@ -72,6 +74,31 @@ def majority_captions(train_specs: list[shapes.ClipSpec], n: int) -> list[str]:
     return [shapes.describe([obj], bg)] * n
 
 
+def with_overrides(cfg: CaptionerConfig, pairs: list[str]) -> CaptionerConfig:
+    """cfg with FIELD=VALUE pairs applied, each value parsed as the field's current type."""
+    import dataclasses
+    import json
+
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set wants FIELD=VALUE with FIELD one of {sorted(fields)}, got {pair!r}")
+        old = getattr(cfg, name)
+        try:
+            if isinstance(old, bool):
+                new = value.lower() in ("1", "true", "yes")
+            elif isinstance(old, (int, float, str)):
+                new = type(old)(value)
+            else:
+                new = type(old)(json.loads(value))
+        except ValueError as e:
+            raise SystemExit(f"--set {pair!r}: not a {type(old).__name__}: {e}")
+        changes[name] = new
+    return dataclasses.replace(cfg, **changes)
+
+
 def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -88,6 +115,8 @@ def main() -> int:
                     help="data-parallel training processes (each with --threads threads); 2 uses both cores of a 2-core box")
     ap.add_argument("--preset", default="tiny", help="CaptionerConfig preset")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a CaptionerConfig field of the preset, e.g. --set tag_weight=1 (repeatable)")
     ap.add_argument("--out", default="", help="where to save the trained captioner (default: a temp dir)")
     args = ap.parse_args()
     if args.quick:
@@ -104,9 +133,10 @@ def main() -> int:
     t0 = time.perf_counter()
     # Only the frames the captioner's grid shows are drawn (exactly those of the full clip):
     # rendering whole clips dominated the preparation of large training sets.
-    k = CaptionerConfig.preset(args.preset).num_frames
+    cfg = with_overrides(CaptionerConfig.preset(args.preset), args.set)
+    k = cfg.num_frames
     examples = ((shapes.render(s, frames=sample_frame_indices(s.num_frames, k)), s.caption()) for s in train_specs)
-    stats = train_captioner(examples, out_dir, preset=args.preset,
+    stats = train_captioner(examples, out_dir, preset=args.preset, config=cfg,
                             max_minutes=args.minutes, seed=args.seed, clock=args.clock, workers=args.workers,
                             progress=lambda step, total, loss: print(f"step {step} loss {loss:.3f}", file=sys.stderr)
                             if step % 100 == 0 else None)
@@ -122,7 +152,7 @@ def main() -> int:
     base_score = score(majority_captions(train_specs, len(eval_specs)), eval_specs)
     torch.manual_seed(args.seed)
     untrained_dir = os.path.join(out_dir, "untrained")
-    model, processor = build_captioner(CaptionerConfig.preset(args.preset), [s.caption() for s in train_specs])
+    model, processor = build_captioner(cfg, [s.caption() for s in train_specs])
     model.save_pretrained(untrained_dir)
     processor.save_pretrained(untrained_dir)
     untrained_score = score(Captioner.from_pretrained(untrained_dir, max_new_tokens=64, batch_size=50)
@@ -133,7 +163,7 @@ def main() -> int:
         "per_attribute_majority": {k: round(v, 4) for k, v in base_score.items()},
         "per_attribute_untrained": {k: round(v, 4) for k, v in untrained_score.items()},
         "acceptance_each_of_color_shape_motion_ge_0.95": all(ours_score[k] >= 0.95 for k in SCORED),
-        "train_clips": args.train_clips, "eval_clips": args.eval_clips, "preset": args.preset,
+        "overrides": args.set, "train_clips": args.train_clips, "eval_clips": args.eval_clips, "preset": args.preset,
         "budget_minutes": args.minutes, "clock": args.clock, "threads": args.threads, "workers": args.workers,
         "steps": stats["steps"], "params": stats["params"], "final_loss": round(stats["final_loss"], 4),
         "train_minutes_wall": round(stats["train_minutes"], 2),

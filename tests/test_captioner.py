@@ -15,7 +15,8 @@ import torch
 from sora import shapes
 from sora.captioner import (Captioner, CaptionerConfig, bag_of_words_loss, bag_of_words_targets,
                             build_captioner, build_tokenizer, encode_clips, fit_captioner, flip_grid, frame_grid,
-                            grid_shape, mirror_word_ids, sample_frame_indices, save_captioner, train_captioner)
+                            grid_shape, mirror_word_ids, sample_frame_indices, save_captioner, tag_loss,
+                            tag_targets, train_captioner)
 
 
 def _clips(n: int, seed: int = 3) -> list[tuple[np.ndarray, str]]:
@@ -288,6 +289,39 @@ def test_bag_of_words_loss_rewards_the_token_that_shows_each_word():
     assert float(bag_of_words_loss(wrong, emb, targets)) > float(got) + 35
 
 
+def test_tag_targets_parse_each_caption_into_attribute_slots():
+    caps = ["A large red circle rises against a navy backdrop.", "A small blue square drifts to the left.",
+            "Nothing this parser knows."]
+    targets, classes = tag_targets(caps)  # slots: color, shape, size, motion, background
+    assert classes == [2, 2, 2, 2, 1]  # the values seen, sorted: blue < red, circle < square, ...
+    assert targets.tolist() == [[1, 0, 0, 1, 0], [0, 1, 1, 0, -100], [-100] * 5]
+    # any parser with the slot keys works, e.g. one for another caption vocabulary
+    t2, c2 = tag_targets(["x"], parse=lambda c: dict(color="red", shape=None, size=None, motion=None, background=None))
+    assert t2.tolist() == [[0, -100, -100, -100, -100]] and c2 == [1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("pool", ["feature", "token"])
+def test_tag_loss_is_the_cross_entropy_of_each_known_slot(pool):
+    """Two slots, identity heads: the loss is the closed-form cross-entropy of the pooled
+    logits, summed over the slots the batch knows; a slot unknown in the whole batch adds 0."""
+    heads = torch.nn.ModuleList(torch.nn.Linear(3, 3, bias=False) for _ in range(2))
+    for h in heads:
+        torch.nn.init.eye_(h.weight)
+    tokens = torch.zeros(2, 4, 3, requires_grad=True)
+    with torch.no_grad():
+        tokens[0, 1, 2] = 5.0  # image 0 shows class 2 in one token
+        tokens[1, 3, 0] = 5.0  # image 1 shows class 0
+    targets = torch.tensor([[2, -100], [0, -100]])  # slot 1 unknown everywhere
+    got = tag_loss(tokens, heads, targets, pool)
+    one = float(-torch.log_softmax(torch.tensor([0.0, 0.0, 5.0]), 0)[2])  # pooled logits (0, 0, 5)
+    assert got.item() == pytest.approx(one, rel=1e-5)
+    got.backward()
+    assert tokens.grad[0, 1].abs().sum() > 0  # the gradient reaches the token that shows it
+    wrong = tag_loss(tokens, heads, torch.tensor([[0, -100], [2, -100]]), pool)
+    assert wrong.item() > got.item() + 4
+    assert tag_loss(tokens, heads, torch.full((2, 2), -100), pool).item() == 0.0
+
+
 def test_train_save_load_round_trip(tmp_path, clips):
     cfg = CaptionerConfig.preset("debug")
     cfg.max_steps = 60
@@ -300,6 +334,7 @@ def test_train_save_load_round_trip(tmp_path, clips):
     assert stats["steps"] == 60
     # The loss falls well below its start (about ln(vocab) ~ 4.5 at init).
     assert stats["final_loss"] < 0.6 * stats["first_loss"], stats
+    assert cfg.tag_weight > 0 and stats["final_tag_loss"] < 0.8 * stats["first_tag_loss"], stats  # the tag heads learn
     frames = [c for c, _ in clips[:6]]
     in_memory = Captioner(model, processor, name="mem", max_new_tokens=40, grid_note=cfg.grid_note).caption(frames)
     save_captioner(model, processor, str(tmp_path / "cap"), cfg, stats)

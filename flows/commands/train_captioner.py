@@ -18,7 +18,10 @@ def add(sub: argparse._SubParsersAction) -> None:
         "Hugging Face model) on the clips of DATA that have good captions (sidecar captions.jsonl),\n"
         "report color/shape/motion accuracy on held-out clips it never saw, and with --recaption\n"
         "recaption every clip with it (model captions then win over sidecars in `sora encode`).\n"
-        "OUT is a normal Hugging Face model dir: `sora caption --model OUT` loads it.",
+        "OUT is a normal Hugging Face model dir: `sora caption --model OUT` loads it.\n"
+        "Besides the captions it learns from attribute tags parsed out of them (colour, shape, size,\n"
+        "motion, background; training only). Shapes world, 4,000 clips, 8 minutes on 2 cores:\n"
+        "colour, shape and motion each >= 0.995 on 200 held-out clips (benchmarks/bench_captioner.py).",
         epilog="example:\n  sora train-captioner --data data/ds --out runs/captioner --preset tiny --max-minutes 8 --recaption",
     )
     p.add_argument("--data", required=True, help="dataset directory (clips + captions)")
