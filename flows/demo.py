@@ -175,8 +175,9 @@ def demo_flow(out: str = "demo", quick: bool = False) -> dict:
     say(f"5/8 train the captioner ({plan.captioner_minutes} min) and score it on held-out clips", t0, est)
     from pipelines.train_captioner import run_train_captioner
 
+    # Both cores when there are two (data parallel, as `sora train-captioner` defaults to).
     metrics["captioner"] = run_train_captioner(data, os.path.join(out, "captioner"), max_minutes=plan.captioner_minutes,
-                                               holdout=plan.captioner_eval)
+                                               holdout=plan.captioner_eval, workers=min(2, os.cpu_count() or 1))
     phase("train_captioner", s)
 
     s = time.monotonic()

@@ -38,6 +38,7 @@ def test_demo_quick_writes_metrics_samples_and_report(demo_dir):
     assert ev["size_correct"] == 1.0 and ev["frames_correct"] == 1.0
     assert metrics["vae"]["steps"] > 0 and metrics["dit"]["steps"] > 0
     assert set(metrics["captioner"]["accuracy"]) == {"color", "shape", "motion"}
+    assert metrics["captioner"]["train"]["workers"] == min(2, os.cpu_count() or 1)  # both cores when there are two
     drafts = metrics["eval_draft"]  # drafts refined at full size, compared with their own drafts
     assert drafts["n"] == 2 and set(drafts["draft_agreement"]) >= {"color", "shape", "motion"}
     html = open(os.path.join(out, "report.html")).read()
