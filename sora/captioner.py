@@ -787,6 +787,8 @@ def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], c
     mirror = mirror_word_ids(processor.tokenizer) if cfg.flip_prob > 0 else None
     bow = bag_of_words_targets(processor, captions) if cfg.bow_weight > 0 else None
     tags, heads = None, None
+    assert not (cfg.flip_prob > 0 and cfg.tag_weight > 0), \
+        "flip_prob and tag_weight together are not supported: mirrored clips would keep their unmirrored motion tags"
     if cfg.tag_weight > 0:
         tags, n_cls = tag_targets(captions)
         with torch.random.fork_rng():  # the same heads on every rank, the global RNG untouched

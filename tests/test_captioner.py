@@ -350,7 +350,7 @@ def test_fit_captioner_mirrors_grid_and_caption_together(clips):
     """With flip_prob 1 every training example is the mirrored grid with the mirrored caption:
     what the model is fed pairs flip_grid(grid i) with caption i, "left" and "right" swapped."""
     cfg = CaptionerConfig.preset("debug")
-    cfg.max_steps, cfg.flip_prob, cfg.bow_weight = 3, 1.0, 0.0
+    cfg.max_steps, cfg.flip_prob, cfg.bow_weight, cfg.tag_weight = 3, 1.0, 0.0, 0.0
     pixels, captions = encode_clips(iter(clips), cfg)
     torch.manual_seed(0)
     model, processor = build_captioner(cfg, captions)
@@ -365,6 +365,9 @@ def test_fit_captioner_mirrors_grid_and_caption_together(clips):
             i = int(((mirrored - p).abs().flatten(1).amax(1) == 0).nonzero()[0, 0])  # which grid it is
             text = processor.tokenizer.decode(perm[row[row >= 0]].tolist(), skip_special_tokens=True)
             assert text == captions[i]  # un-mirroring the caption gives that grid's own caption
+    cfg.tag_weight = 1.0  # the tags are not mirrored: refused rather than trained on wrong motion tags
+    with pytest.raises(AssertionError, match="flip_prob and tag_weight together are not supported"):
+        fit_captioner(model, processor, pixels, captions, cfg, max_minutes=5.0)
 
 
 def test_train_captioner_writes_a_model_dir(tmp_path, clips):
