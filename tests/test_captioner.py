@@ -388,7 +388,13 @@ def test_train_captioner_data_parallel_takes_the_same_steps(tmp_path, clips):
     cfg = CaptionerConfig.preset("debug")
     cfg.max_steps = 30
     one = train_captioner(iter(clips), str(tmp_path / "one"), config=cfg, max_minutes=5.0, seed=0)
-    two = train_captioner(iter(clips), str(tmp_path / "two"), config=cfg, max_minutes=5.0, seed=0, workers=2)
+    torch.set_num_threads(2)  # the ranks split the caller's threads, and it gets them back after
+    try:
+        two = train_captioner(iter(clips), str(tmp_path / "two"), config=cfg, max_minutes=5.0, seed=0, workers=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert two["threads"] == 1  # rank 0 trained on 1 of the 2 threads
     assert one["workers"] == 1 and two["workers"] == 2 and one["steps"] == two["steps"] == 30
     # the same init and the same global batch: the first loss agrees to BatchNorm's half-batch noise
     assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-3)
