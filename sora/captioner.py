@@ -715,7 +715,7 @@ def tag_loss(image_tokens: torch.Tensor, heads: torch.nn.ModuleList, targets: to
     class's best (multiple instance). Returns a scalar."""
     assert pool in ("token", "feature"), f"pool must be 'token' or 'feature', got {pool!r}"
     assert targets.shape == (image_tokens.shape[0], len(heads)), f"targets {tuple(targets.shape)} for {len(heads)} heads"
-    pooled = image_tokens.amax(1)
+    pooled = image_tokens.amax(1) if pool == "feature" else None
     total = image_tokens.new_zeros(())
     for j, head in enumerate(heads):
         if (targets[:, j] >= 0).any():
