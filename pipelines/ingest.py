@@ -354,6 +354,17 @@ def read_clips(data: str) -> pa.Table:
     return storage.read_table(storage.join(data, "clips"), schema=CLIPS_SCHEMA)
 
 
+def require_clips(data: str) -> pa.Table:
+    """DATA/clips, or a FileNotFoundError that says what is missing and what to run first (a
+    training stage given a wrong path must say so, not fail later inside its workers)."""
+    clips = read_clips(data)
+    if clips.num_rows == 0:
+        fs, path = storage.fs_and_path(data)
+        what = "no such dataset" if not fs.exists(path) else "the dataset has no clips"
+        raise FileNotFoundError(f"{data}: {what}; make one with `sora ingest SOURCES --out {data}`")
+    return clips
+
+
 def read_quarantine(data: str) -> pa.Table:
     return storage.read_table(storage.join(data, "quarantine"), schema=QUARANTINE_SCHEMA)
 

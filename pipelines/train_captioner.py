@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from pipelines.caption import CaptionConfig, read_captions, is_sidecar, run_caption, sample_indices
-from pipelines.ingest import read_clips
+from pipelines.ingest import require_clips
 from pipelines.train_vae import split_clips
 
 
@@ -36,7 +36,7 @@ def run_train_captioner(data: str, out: str, *, preset: str = "tiny", max_minute
     from sora.captioner import Captioner, train_captioner
     from sora.shapes import parse_prompt
 
-    clips = read_clips(data).to_pylist()
+    clips = require_clips(data).to_pylist()
     t = read_captions(data)
     good = {c: text for c, text, who in zip(t["clip_id"].to_pylist(), t["caption"].to_pylist(), t["captioner"].to_pylist())
             if is_sidecar(who)} or dict(zip(t["clip_id"].to_pylist(), t["caption"].to_pylist()))

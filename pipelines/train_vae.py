@@ -258,12 +258,14 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
     from safetensors.torch import load_file
 
     from pipelines import storage
+    from pipelines.ingest import require_clips
     from sora.vae import CausalVideoVAE, VAEConfig
 
     storage_path = cfg.storage or os.path.join(os.path.abspath(cfg.out), "_train")
     if "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
+    require_clips(cfg.data)  # before starting workers: a wrong path is a clear error, not a worker crash
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(cfg),

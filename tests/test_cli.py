@@ -32,3 +32,20 @@ def test_each_subcommand_has_help_with_an_example(name, capsys):
 def test_unknown_command_fails_cleanly():
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "frobnicate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["train-captioner", "train-vae"])
+@pytest.mark.parametrize("exists", [False, True])
+def test_training_on_a_missing_or_empty_dataset_says_so(command, exists, tmp_path, ray_session):
+    from flows.cli import main
+
+    data = tmp_path / "ds"
+    if exists:
+        data.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--data", str(data), "--out", str(tmp_path / "out")])
+    message = str(exc.value.code)
+    want = "the dataset has no clips" if exists else "no such dataset"
+    assert message.startswith(f"sora {command}: {data}: {want}"), message
+    assert f"sora ingest SOURCES --out {data}" in message
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written

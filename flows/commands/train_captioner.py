@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_train_captioner(args.data, args.out, preset=args.preset, max_minutes=args.max_minutes,
                                       holdout=args.holdout, recaption=args.recaption, progress=progress,
                                       workers=args.workers)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sora train-captioner: {e}")
     print(json.dumps(summary))
     return 0

@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
                          max_minutes=args.max_minutes, max_steps=args.max_steps, batch_size=args.batch_size,
                          holdout=args.holdout, use_gpu=args.gpu, storage=args.storage,
                          latent_stats=args.latent_stats)
-    summary = run_train_vae(cfg)
+    try:
+        summary = run_train_vae(cfg)
+    except FileNotFoundError as e:
+        raise SystemExit(f"sora train-vae: {e}")
     print(f"held-out PSNR: {summary['heldout_psnr_db']:.2f} dB on {summary['heldout_clips']} clips "
           f"after {summary['steps']} steps ({summary['train_minutes']:.1f} min)")
     print(json.dumps(summary))
