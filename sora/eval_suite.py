@@ -15,6 +15,12 @@ requested size and the requested frame count.
 With ``draft=True`` every prompt is generated as a low-resolution draft refined at full
 resolution, and the report adds ``draft_agreement``: how often the refined video shows the same
 colour / shape / size / motion as its own draft (refinement should keep what the draft decided).
+
+With ``from_reference=s`` every prompt is instead an SDEdit of its own reference clip (rows from
+``make_eval_prompts`` carry one): the reference is rendered, noised to strength s and denoised
+with the prompt. A diagnostic, not the benchmark: it shows at which noise level a model loses
+what the clean clip had (e.g. keeps shape from s = 0.7 but not from pure noise, so the layout
+is decided badly at high noise, not rendered badly at low noise).
 Prompts of one shape are generated together in batches; each prompt has its own seed, so a
 video does not depend on what it was batched with.
 """
@@ -38,6 +44,13 @@ def _attributes(row: dict) -> dict:
     return {k: row.get(k) if row.get(k) is not None else parsed.get(k) for k in ATTRIBUTES + ("background",)}
 
 
+def _reference(row: dict) -> np.ndarray:
+    """The prompt row's reference clip, rendered (T, H, W, 3) uint8."""
+    from sora.shapes import ClipSpec, render
+
+    return render(ClipSpec.from_attributes(row["reference"]))
+
+
 def _shape_key(row: dict, defaults: dict) -> tuple:
     return tuple(int(row.get(k) or defaults[k]) for k in ("width", "height", "num_frames")) + (
         float(row.get("fps") or defaults["fps"]),)
@@ -54,6 +67,7 @@ def evaluate(
     sampler: str = "euler",
     draft: bool = False,
     strength: float | None = None,
+    from_reference: float | None = None,
     save_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
@@ -65,6 +79,15 @@ def evaluate(
     from sora.pipeline import export_to_video
 
     assert prompts, "no prompts to evaluate"
+    if from_reference is not None:
+        if draft:
+            raise ValueError("from_reference and draft are different evaluations; pick one")
+        if not 0.0 < from_reference <= 1.0:
+            raise ValueError(f"from_reference is an SDEdit strength in (0, 1], got {from_reference}")
+        missing = [i for i, r in enumerate(prompts) if not isinstance(r.get("reference"), dict)]
+        if missing:
+            raise ValueError(f"from_reference needs a 'reference' in every row (make_eval_prompts writes one); "
+                             f"rows {missing[:5]} have none")
     assert all(isinstance(r.get("prompt"), str) and r["prompt"].strip() for r in prompts), "every row needs a prompt"
     t0 = time.perf_counter()
     defaults = pipe.defaults
@@ -85,9 +108,14 @@ def evaluate(
                           generator=gens, sampler=sampler)
             if draft:
                 kwargs.update(mode="draft", strength=strength)
-            out = pipe([prompts[i]["prompt"] for i in chunk], **kwargs)
+            if from_reference is None:
+                out = pipe([prompts[i]["prompt"] for i in chunk], **kwargs)
+                batch_frames, out_draft = out.frames, out.draft_frames
+            else:  # one reference clip per prompt, so one call per prompt
+                batch_frames = [pipe.edit(prompts[i]["prompt"], _reference(prompts[i]), strength=from_reference,
+                                          **{**kwargs, "generator": gens[j]}).frames for j, i in enumerate(chunk)]
             for j, i in enumerate(chunk):
-                frames = out.frames[j]
+                frames = batch_frames[j]
                 attrs = _attributes(prompts[i])
                 row = {"index": i, "prompt": prompts[i]["prompt"], "want": attrs,
                        **score(frames, attrs),
@@ -96,7 +124,7 @@ def evaluate(
                        "frames_ok": frames.shape[0] == num_frames,
                        "width": width, "height": height, "num_frames": num_frames}
                 if draft:
-                    d = analyze(out.draft_frames[j])
+                    d = analyze(out_draft[j])
                     row["draft"] = {k: getattr(d, k) for k in ATTRIBUTES}
                     row.update({f"draft_{k}_same": row["draft"][k] == row[k] for k in ATTRIBUTES})
                 if save_dir is not None:
@@ -116,7 +144,8 @@ def evaluate(
         "frames_correct": float(np.mean([r["frames_ok"] for r in rows])),
         "settings": {"num_inference_steps": num_inference_steps or defaults["num_inference_steps"],
                      "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
-                     "seed": seed, "sampler": sampler, "draft": draft, "strength": strength},
+                     "seed": seed, "sampler": sampler, "draft": draft, "strength": strength,
+                     "from_reference": from_reference},
         "seconds": round(time.perf_counter() - t0, 3),
     }
     with_bg = [r for r in rows if "background_ok" in r]

@@ -125,3 +125,36 @@ def test_eval_held_out_prompts_are_never_training_combinations():
     held = held_out_combinations()
     assert all((r["color"], r["shape"], r["size"], r["motion"]) in held for r in rows)
     assert len({(r["width"], r["height"]) for r in rows}) == 6  # every aspect ratio
+
+
+def test_eval_from_reference_is_an_sdedit_of_each_prompts_reference_clip(model_dir, tmp_path):
+    from sora.eval_suite import _reference, evaluate
+    from sora.evaluator import score
+    from sora.pipeline import SoraPipeline
+    from sora.shapes import make_eval_prompts
+
+    out = tmp_path / "ref.json"
+    assert main(["eval", "--model", model_dir, "--held-out", "2", "--from-reference", "0.5", "--steps", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == 2 and report["settings"]["from_reference"] == 0.5
+    assert report["size_correct"] == 1.0 and report["frames_correct"] == 1.0
+    # the same rows through the API equal a direct edit of the reference with the row's seed
+    pipe = SoraPipeline.from_pretrained(model_dir)
+    prompts = make_eval_prompts(2, 0)
+    rows = evaluate(pipe, prompts, num_inference_steps=2, seed=5, from_reference=0.5)["rows"]
+    p = prompts[1]
+    frames = pipe.edit(p["prompt"], _reference(p), strength=0.5, width=p["width"], height=p["height"],
+                       num_frames=p["num_frames"], fps=p["fps"], num_inference_steps=2,
+                       generator=torch.Generator().manual_seed(5 + 1)).frames
+    direct = score(frames, rows[1]["want"])
+    assert [rows[1][k] for k in ("color", "shape", "side", "rgb")] == [direct[k] for k in ("color", "shape", "side", "rgb")]
+    # what it needs, said clearly
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "a red circle", "width": 48, "height": 32, "num_frames": 9}))
+    with pytest.raises(SystemExit, match="needs a 'reference' in every row"):
+        main(["eval", "--model", model_dir, "--prompts", str(plain), "--from-reference", "0.5", "--out", str(out)])
+    with pytest.raises(SystemExit, match="pick one"):
+        main(["eval", "--model", model_dir, "--held-out", "1", "--from-reference", "0.5", "--draft", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"strength in \(0, 1\]"):
+        main(["eval", "--model", model_dir, "--held-out", "1", "--from-reference", "1.5", "--out", str(out)])

@@ -21,9 +21,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         "attributes, size and frames, as `sora.shapes.make_eval_prompts` writes them; missing\n"
         "attributes are parsed from the text) or --held-out N (N prompts over attribute\n"
         "combinations never captioned in training). --draft scores draft-then-refine output and\n"
-        "how often refinement keeps the draft's attributes.",
+        "how often refinement keeps the draft's attributes. --from-reference S is a diagnostic:\n"
+        "each held-out prompt's reference clip is noised to strength S and denoised with the\n"
+        "prompt (SDEdit), showing at which noise level the model loses what the clip had.",
         epilog="examples:\n  sora eval --model model --held-out 100 --out eval.json\n"
-        "  sora eval --model model --prompts eval_prompts.jsonl --out eval.json --steps 30",
+        "  sora eval --model model --prompts eval_prompts.jsonl --out eval.json --steps 30\n"
+        "  sora eval --model model --held-out 60 --from-reference 0.7 --out eval_ref07.json",
     )
     p.add_argument("--model", required=True, help="model directory")
     src = p.add_mutually_exclusive_group(required=True)
@@ -39,6 +42,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     p.add_argument("--draft", action="store_true", help="evaluate draft-then-refine generation")
     p.add_argument("--strength", type=float, default=None, help="refinement strength with --draft")
+    p.add_argument("--from-reference", type=float, default=None, metavar="S",
+                   help="SDEdit each prompt's reference clip at strength S in (0, 1] instead of generating "
+                        "from noise (needs rows with a reference: --held-out, or make_eval_prompts files)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--save-videos", default=None, help="also write every video to this directory")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -91,9 +97,13 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = SoraPipeline.from_pretrained(args.model, device=device)
     bar = Progress(len(prompts), "eval prompts")
-    report = evaluate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                      batch_size=args.batch_size, sampler=args.sampler, draft=args.draft, strength=args.strength,
-                      save_dir=args.save_videos, progress=lambda done, total: bar(done - bar.done))
+    try:
+        report = evaluate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                          batch_size=args.batch_size, sampler=args.sampler, draft=args.draft, strength=args.strength,
+                          from_reference=args.from_reference, save_dir=args.save_videos,
+                          progress=lambda done, total: bar(done - bar.done))
+    except ValueError as e:
+        raise SystemExit(f"sora eval: {e}")
     report["model"] = os.path.abspath(args.model)
     report["prompts"] = args.prompts or f"held-out:{args.held_out}:seed{args.prompt_seed}:{args.resolution}"
     parent = os.path.dirname(os.path.abspath(args.out))
