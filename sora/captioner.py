@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable
@@ -911,9 +912,14 @@ def _join_group(rank: int, world: int, port: int) -> None:
 
 
 def _fit_worker(rank: int, world: int, port: int, cfg: CaptionerConfig, pixels: torch.Tensor, captions: list[str],
-                seed: int, max_minutes: float, clock: str, threads: int) -> None:
+                seed: int, max_minutes: float, clock: str, threads: int, done=None) -> None:
     """A helper rank of `train_captioner(workers=)`: builds the same model and takes its share
-    of every step; rank 0 (the calling process) keeps and saves the result."""
+    of every step; rank 0 (the calling process) keeps and saves the result.
+
+    It sets `done` once its share is taken, then leaves with os._exit: FOOTGUN: a spawned gloo
+    rank that ran the normal interpreter teardown sometimes died with SIGABRT ("terminate called
+    without an active exception", gloo threads outliving the interpreter) after all its work was
+    done, and CI failed on the exit code of a run that had finished."""
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
@@ -923,8 +929,14 @@ def _fit_worker(rank: int, world: int, port: int, cfg: CaptionerConfig, pixels: 
         model, processor = build_captioner(cfg, captions)
         fit_captioner(model, processor, pixels, captions, cfg, max_minutes=max_minutes, seed=seed, clock=clock,
                       rank=rank, world=world)
+        if done is not None:
+            done.set()
     finally:
         dist.destroy_process_group()
+    if done is not None:  # spawned by _fit_parallel: skip the interpreter teardown (see above)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def save_captioner(model, processor, out_dir: str, cfg: CaptionerConfig, stats: dict[str, Any]) -> None:
@@ -993,9 +1005,10 @@ def _fit_parallel(model, processor, pixels: torch.Tensor, captions: list[str], c
     threads_before = torch.get_num_threads()
     per_rank = max(1, threads_before // workers)
     ctx = mp.get_context("spawn")
+    done = [ctx.Event() for _ in range(1, workers)]
     helpers = [ctx.Process(target=_fit_worker, daemon=True,
                            args=(r, workers, port, cfg, pixels, captions, fit_kwargs["seed"], fit_kwargs["max_minutes"],
-                                 fit_kwargs["clock"], per_rank))
+                                 fit_kwargs["clock"], per_rank, done[r - 1]))
                for r in range(1, workers)]
     for h in helpers:
         h.start()
@@ -1005,13 +1018,21 @@ def _fit_parallel(model, processor, pixels: torch.Tensor, captions: list[str], c
         try:
             stats = fit_captioner(model, processor, pixels, captions, cfg, rank=0, world=workers, **fit_kwargs)
         finally:
+            # rank 0 hosts the group's store: let the helpers leave the group before it goes
+            for h in helpers:
+                h.join(timeout=60)
             dist.destroy_process_group()
     finally:
         torch.set_num_threads(threads_before)
         for h in helpers:
-            h.join(timeout=60)
+            h.join(timeout=5)
             if h.is_alive():
                 h.terminate()
-    bad = [h.exitcode for h in helpers if h.exitcode != 0]
-    assert not bad, f"captioner training helper processes failed (exit codes {bad})"
+                h.join(timeout=5)
+    unfinished = [r for r, h in enumerate(helpers, start=1) if not done[r - 1].is_set()]
+    assert not unfinished, (f"captioner training helper ranks {unfinished} did not finish their share "
+                            f"(exit codes {[helpers[r - 1].exitcode for r in unfinished]})")
+    crashed = [h.exitcode for h in helpers if h.exitcode != 0]
+    if crashed:  # every step's collectives completed, so the model is whole; say so, do not fail
+        print(f"note: captioner helper ranks exited with {crashed} after finishing their share", file=sys.stderr)
     return stats
