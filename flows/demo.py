@@ -57,11 +57,16 @@ PLANS = {
                         # with tokens per step beyond ~2k (dit_recipes at 800 steps: 2048 and
                         # 4096 tokens alike), so 2 workers x 1024 tokens (2048 per step) make
                         # ~3.5x the steps of 2 x 4096 in the 20 minutes (4230 vs 1217 steps).
+                        # Muon on the blocks' matrices (AdamW on the rest): at 2,000 steps it
+                        # reaches the loss AdamW reaches at ~3,500 and motion above AdamW's at
+                        # 6,000 (BENCHMARKS.md, eleventh session).
                         dit_overrides={"lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995, "tokens_per_step": 1024,
-                                       "checkpoint_every_minutes": 5.0}, draft_prompts=24),
+                                       "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 4e-3},
+                        draft_prompts=24),
     "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
                       captioner_eval=8, dit_minutes=0.3, dit_steps=30, eval_prompts=6, steps=4,
-                      sample_size=(64, 32), sample_frames=9, dit_overrides={"ema_decay": 0.9}, draft_prompts=2),
+                      sample_size=(64, 32), sample_frames=9, dit_overrides={"ema_decay": 0.9, "optimizer": "muon"},
+                      draft_prompts=2),
 }
 
 ASPECTS = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "2.39:1": 2.39}

@@ -77,6 +77,14 @@ class TrainConfig:
     tokens_per_step: int = 4096
     max_samples_per_pack: int | None = None  # cap videos per pack (None: budget only)
     lr: float = 1e-4  # peak AdamW learning rate (DiT/PixArt use 1e-4 at batch 256)
+    # "adamw", or "muon": torch.optim.Muon (orthogonalised momentum) for the 2-D weight
+    # matrices inside the DiT blocks, AdamW for everything else (embeddings, the final layer,
+    # biases, norms). Muon's step is scaled to AdamW's update size ("match_rms_adamw"), so the
+    # same ``lr`` fits both; ``muon_lr`` overrides it for the Muon part. Needs whole matrices:
+    # with several GPUs use ``fsdp=False`` (DDP). See BENCHMARKS.md for what it bought here.
+    optimizer: str = "adamw"
+    muon_lr: float | None = None
+    muon_momentum: float = 0.95
     warmup_steps: int = 100  # linear warmup from 0 to lr
     schedule: str = "constant"  # after warmup: "constant" or "cosine" (to min_lr_ratio * lr at max_steps)
     min_lr_ratio: float = 0.1
@@ -123,6 +131,10 @@ class TrainConfig:
         assert self.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {self.schedule!r}"
         assert self.schedule == "constant" or self.max_steps, "the cosine schedule needs max_steps"
         assert self.tokens_per_step > 0 and self.workers >= 1
+        assert self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}"
+        if self.optimizer == "muon" and self.use_gpu and self.fsdp and self.workers > 1:
+            raise ValueError("optimizer='muon' needs whole weight matrices, but FSDP shards them: "
+                             "set fsdp=False (DDP) or use optimizer='adamw'")
 
     def flow(self) -> FlowConfig:
         return FlowConfig(shift=self.base_shift, base_tokens=self.base_tokens,
@@ -139,6 +151,55 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Optimizers(list):
+    """One or more torch optimizers stepped together (AdamW alone, or Muon + AdamW).
+
+    A list, so ``torch.distributed.checkpoint.state_dict`` saves and loads all of them as one
+    state dict; ``param_groups`` spans them all. Each group's ``lr_scale`` multiplies the
+    schedule's learning rate (``lr_at``)."""
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def muon_parameter_names(model: DiT) -> list[str]:
+    """The weights Muon updates: every 2-D matrix inside the transformer blocks (attention,
+    cross-attention, MLP, adaLN modulation). Embeddings in and out stay with AdamW."""
+    return [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+
+
+def make_optimizer(model: DiT, cfg: TrainConfig, sharded: bool = False) -> Optimizers:
+    """The optimizer(s) of ``cfg.optimizer`` over ``model``'s parameters (after parallelize).
+    Weight decay goes to matrices only. ``sharded``: the parameters are FSDP shards, which
+    Muon cannot orthogonalise (it needs whole matrices)."""
+    named = list(model.named_parameters())
+    decays = {n: p.dim() >= 2 and "null_text" not in n for n, p in named}
+    muon = set(muon_parameter_names(model)) if cfg.optimizer == "muon" else set()
+    if muon and sharded:
+        raise ValueError("optimizer='muon' needs whole weight matrices, but FSDP shards them: "
+                         "train with fsdp=False (DDP) or optimizer='adamw'")
+    rest = [(n, p) for n, p in named if n not in muon]
+    groups = [{"params": [p for n, p in rest if decays[n]], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": [p for n, p in rest if not decays[n]], "weight_decay": 0.0, "lr_scale": 1.0}]
+    opts = Optimizers([torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)])
+    if muon:
+        scale = (cfg.muon_lr / cfg.lr) if cfg.muon_lr else 1.0
+        opts.insert(0, torch.optim.Muon(
+            [{"params": [p for n, p in named if n in muon], "weight_decay": cfg.weight_decay, "lr_scale": scale}],
+            lr=cfg.lr * scale, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+            adjust_lr_fn="match_rms_adamw"))
+    return opts
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,7 +426,7 @@ def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer, cf
     was not finite on any worker: then no optimizer update happens anywhere)."""
     batch = pack(samples).to(device)
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(step, cfg)
+        g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)  # stateless per step
     with autocast:
         loss, stats = flow_matching_loss(model, batch, flow, generator)
@@ -399,11 +460,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP/FSDP also sync it)
     core = DiT(dit_config)
     model = parallelize(core, cfg, device, world)  # the optimizer must see the (sharded) params after this
-    decays = {n: p.dim() >= 2 and "null_text" not in n for n, p in core.named_parameters()}
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in core.named_parameters() if decays[n]], "weight_decay": cfg.weight_decay},
-         {"params": [p for n, p in core.named_parameters() if not decays[n]], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas)
+    optimizer = make_optimizer(core, cfg, sharded=device.type == "cuda" and cfg.fsdp and world > 1)
     ema = EMA(core, cfg.ema_decay)
     flow = cfg.flow()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
@@ -637,7 +694,7 @@ def export_model(checkpoint_dir: str, out: str, vae: str, info: dict, cfg: Train
         "steps": state["step"], "epochs": state["epoch"], "samples_seen": state["samples_seen"],
         "tokens_seen": state["tokens_seen"], "nonfinite_steps": state["nonfinite"],
         "final_loss": float(np.mean(tail)) if tail else None, "workers": cfg.workers, "seed": cfg.seed,
-        "resumed_from": state["resumed_from"],
+        "resumed_from": state["resumed_from"], "optimizer": cfg.optimizer, "lr": cfg.lr, "muon_lr": cfg.muon_lr,
     }
     write_index(out, index)
     return {"out": out, "steps": state["step"], "final_loss": index["training"]["final_loss"],

@@ -207,6 +207,74 @@ def fixed_flow_loss(model, data: str, seeds=(0, 1, 2, 3)) -> float:
     return float(np.mean(losses))
 
 
+def test_muon_optimizer_splits_the_weights_learns_and_resumes_exactly(latents, tmp_path):
+    """optimizer="muon": Muon on the blocks' 2-D matrices, AdamW on the rest (each weight in
+    exactly one), each group at its own learning rate; in-process steps on the real latents
+    cut the fixed-noise loss; a checkpoint written mid-run and loaded into a fresh model gives
+    bit-identical next steps (Muon's momentum and AdamW's moments both restored)."""
+    import contextlib
+
+    from pipelines.storage import read_table
+    from pipelines.train import EMA, load_checkpoint, make_optimizer, sample_from_row, save_checkpoint, train_step
+    from sora.dit import DiT, DiTConfig
+
+    data, _ = latents
+    samples = [sample_from_row(r) for r in read_table(os.path.join(data, "latents")).to_pylist()]
+    first = samples[0]
+    dit_config = DiTConfig.preset("tiny", in_channels=8, patch_size=(1, 2, 2), text_dim=first.text.shape[-1])
+    cfg = TrainConfig(optimizer="muon", lr=2e-3, muon_lr=4e-3, warmup_steps=0, max_steps=100, seed=0)
+    packs = [samples[i:i + 12] for i in range(0, 48, 12)]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = DiT(dit_config)
+        return model, make_optimizer(model, cfg), EMA(model, 0.99)
+
+    def run(model, opt, steps):
+        for step in steps:
+            out = train_step(model, packs[step % len(packs)], step, opt, cfg, cfg.flow(), dit_config,
+                             torch.device("cpu"), 0, 1, contextlib.nullcontext())
+            assert out["skipped"] == 0.0
+
+    model, opt, ema = fresh()
+    muon, adamw = opt
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = [names[id(p)] for g in muon.param_groups for p in g["params"]]
+    in_adamw = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert sorted(in_muon + in_adamw) == sorted(names.values())  # every weight, exactly once
+    assert in_muon and all(n.startswith("blocks.") and model.get_parameter(n).dim() == 2 for n in in_muon)
+    assert "x_embedder.weight" in in_adamw and "final_layer.linear.weight" in in_adamw
+    assert any(n.startswith("blocks.") and n.endswith("bias") for n in in_adamw)
+
+    before = fixed_flow_loss(model, data)
+    run(model, opt, range(1, 31))
+    assert [g["lr"] for g in muon.param_groups] == [4e-3] and {g["lr"] for g in adamw.param_groups} == {2e-3}
+    after = fixed_flow_loss(model, data)
+    print(f"\nmuon, 30 in-process steps: fixed-noise loss {before:.4f} -> {after:.4f}")
+    assert after < 0.8 * before, (before, after)
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_checkpoint(str(ckpt), model, opt, ema, {"step": 30, "ema_updates": ema.updates})
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    kinds = {tuple(sorted(v)) for v in saved["state"].values()}
+    assert ("momentum_buffer",) in kinds and ("exp_avg", "exp_avg_sq", "step") in kinds, kinds
+    run(model, opt, range(31, 34))
+    resumed, opt2, ema2 = fresh()
+    assert load_checkpoint(str(ckpt), resumed, opt2, ema2)["step"] == 30
+    run(resumed, opt2, range(31, 34))
+    for (n, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"{n} differs after resuming"
+    with pytest.raises(ValueError, match="fsdp=False"):
+        make_optimizer(model, cfg, sharded=True)
+    with pytest.raises(AssertionError, match="adamw or muon"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="fsdp=False"):
+        TrainConfig(optimizer="muon", use_gpu=True, workers=2)
+    assert TrainConfig(optimizer="muon", use_gpu=True, workers=2, fsdp=False).optimizer == "muon"
+
+
 def test_loss_falls(two_runs, latents):
     """The exported model (80 steps) against the same architecture at its initialisation,
     on the same fixed noise: training must have cut the loss by a clear margin."""
@@ -255,6 +323,7 @@ def test_output_dir_is_a_complete_model(two_runs):
     index = read_index(out)
     assert index["text_encoder"]["path"] is None  # "minilm" -> the offline default
     assert index["training"]["steps"] == 80 and np.isfinite(index["training"]["final_loss"])
+    assert (index["training"]["optimizer"], index["training"]["lr"]) == ("adamw", 2e-3)
     assert index["patch_size"] == [1, 2, 2] and index["dit"] == "dit" and index["vae"] == "vae"
     assert load_vae(os.path.join(out, index["vae"])).latent_channels == 8
     dit = DiT.from_pretrained(os.path.join(out, "dit")).eval()
@@ -289,6 +358,11 @@ def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
           "--tokens-per-step", "1024", "--lr", "5e-4", "--max-minutes", "3"])
     cfg = seen["cfg"]
     assert (cfg.ema_decay, cfg.tokens_per_step, cfg.lr, cfg.max_minutes, cfg.max_steps) == (0.995, 1024, 5e-4, 3.0, None)
+    assert (cfg.optimizer, cfg.muon_lr, cfg.fsdp) == ("adamw", None, True)
+    main(["train", "--data", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "m"), "--gpu",
+          "--workers", "4", "--optimizer", "muon", "--muon-lr", "4e-3"])
+    cfg = seen["cfg"]
+    assert (cfg.optimizer, cfg.muon_lr, cfg.fsdp, cfg.use_gpu, cfg.workers) == ("muon", 4e-3, False, True, 4)
 
 
 def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, capsys):

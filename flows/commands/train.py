@@ -36,6 +36,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="dit", help="run name under --storage; same name = resume (default dit)")
     p.add_argument("--tokens-per-step", type=int, default=4096, help="token budget of a pack per worker (default 4096)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="adamw, or muon: Muon on the blocks' weight matrices, AdamW on the rest; on the "
+                        "shapes world it reaches AdamW's loss in ~half the steps (BENCHMARKS.md). With --gpu "
+                        "it trains with DDP instead of FSDP2 (Muon needs whole matrices) (default adamw)")
+    p.add_argument("--muon-lr", type=float, default=None, help="learning rate of the Muon part (default: --lr)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (default 100)")
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA of the weights (the exported model); for runs of a few thousand steps use "
@@ -60,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
         checkpoint_every_steps=args.checkpoint_every, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         compile=args.compile, activation_checkpointing=args.activation_checkpointing, peak_flops=args.peak_flops,
-        cache_data=args.cache_data, seed=args.seed,
+        cache_data=args.cache_data, seed=args.seed, optimizer=args.optimizer, muon_lr=args.muon_lr,
+        fsdp=args.optimizer != "muon",
     )
     try:
         summary = run_training(args.data, args.out, args.vae, cfg, storage_path=args.storage, name=args.name)
