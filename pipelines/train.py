@@ -11,7 +11,8 @@ What happens (torchtitan-style: config dataclass, one ``parallelize``, state thr
    Ray Train streams it and splits it across the workers (``get_dataset_shard``).
 2. Each worker turns rows into :class:`~sora.packing.Sample` s (``tensors_from_row`` +
    ``position_ids``), groups them by a token budget (``batch_by_token_budget``), packs them
-   and takes one AdamW step on :func:`~sora.flow.flow_matching_loss` per pack. Workers step
+   and takes one optimizer step (AdamW, or Muon + AdamW: ``make_optimizer``) on
+   :func:`~sora.flow.flow_matching_loss` per pack. Workers step
    in lockstep: a small all-reduce per step says whether every worker still has a pack, and
    carries the loss, token and FLOP counts for the metrics.
 3. Every ``checkpoint_every_steps`` steps or ``checkpoint_every_minutes`` minutes the workers
