@@ -371,6 +371,11 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer, ema: EMA) -> di
 
     with open(os.path.join(directory, "state.json")) as f:
         state = json.load(f)
+    kinds = {type(opt).__name__.lower() for opt in optimizer} if isinstance(optimizer, Optimizers) else set()
+    saved = state.get("optimizer", "adamw")  # checkpoints from before the option were AdamW
+    if kinds and ("muon" in kinds) != (saved == "muon"):
+        raise ValueError(f"the checkpoint in {directory} was trained with optimizer={saved!r}; resume it with "
+                         f"the same optimizer (or start a new run name)")
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, load_file(os.path.join(directory, "model.safetensors")), options=opts)
     optim_sd = torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu", weights_only=True)
@@ -468,7 +473,7 @@ def train_loop_per_worker(config: dict) -> None:
     peak = _peak_flops(cfg, device)
 
     state = {"step": 0, "epoch": 0, "epoch_rows": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite": 0,
-             "ema_updates": 0, "seed": cfg.seed, "resumed_from": [], "history": [], "dit_config": config["dit"]}
+             "ema_updates": 0, "seed": cfg.seed, "resumed_from": [], "history": [], "dit_config": config["dit"], "optimizer": cfg.optimizer}
     checkpoint = ray.train.get_checkpoint()  # set on a restart after a failure and on a re-run
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -543,11 +548,13 @@ def train_loop_per_worker(config: dict) -> None:
                            "grad_norm": out["grad_norm"], "nonfinite": state["nonfinite"],
                            "samples_seen": state["samples_seen"], **window.metrics(world, peak)}
                 if rank == 0 and log_now:
+                    muon = (f" (muon {metrics['lr'] * (cfg.muon_lr or cfg.lr) / cfg.lr:.2e})"
+                            if cfg.optimizer == "muon" else "")
                     mfu = f" | mfu {100 * metrics['mfu']:.1f}%" if peak else ""
                     print(f"[train] step {step}{'/' + str(cfg.max_steps) if cfg.max_steps else ''} | epoch "
                           f"{state['epoch']} | loss {metrics['loss_window']:.4f} | {metrics['tokens_per_s']:.0f} tok/s"
                           f" | pad {100 * metrics['padding_fraction']:.1f}% | grad {out['grad_norm']:.3f} | lr "
-                          f"{metrics['lr']:.2e}{mfu} | nonfinite {state['nonfinite']}", flush=True)
+                          f"{metrics['lr']:.2e}{muon}{mfu} | nonfinite {state['nonfinite']}", flush=True)
                 report(with_checkpoint=ckpt_now)
                 window = Window()
         if not done:

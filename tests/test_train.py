@@ -256,7 +256,7 @@ def test_muon_optimizer_splits_the_weights_learns_and_resumes_exactly(latents, t
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    save_checkpoint(str(ckpt), model, opt, ema, {"step": 30, "ema_updates": ema.updates})
+    save_checkpoint(str(ckpt), model, opt, ema, {"step": 30, "ema_updates": ema.updates, "optimizer": "muon"})
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     kinds = {tuple(sorted(v)) for v in saved["state"].values()}
     assert ("momentum_buffer",) in kinds and ("exp_avg", "exp_avg_sq", "step") in kinds, kinds
@@ -268,6 +268,9 @@ def test_muon_optimizer_splits_the_weights_learns_and_resumes_exactly(latents, t
         assert torch.equal(a, b), f"{n} differs after resuming"
     with pytest.raises(ValueError, match="fsdp=False"):
         make_optimizer(model, cfg, sharded=True)
+    plain = DiT(dit_config)
+    with pytest.raises(ValueError, match="optimizer='muon'"):  # resuming with another optimizer: a clear error
+        load_checkpoint(str(ckpt), plain, make_optimizer(plain, TrainConfig(lr=2e-3)), EMA(plain, 0.99))
     with pytest.raises(AssertionError, match="adamw or muon"):
         TrainConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="fsdp=False"):
