@@ -133,6 +133,8 @@ class TrainConfig:
         assert self.schedule == "constant" or self.max_steps, "the cosine schedule needs max_steps"
         assert self.tokens_per_step > 0 and self.workers >= 1
         assert self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}"
+        assert self.lr > 0 and (self.muon_lr is None or self.muon_lr > 0), (
+            f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}")
         if self.optimizer == "muon" and self.use_gpu and self.fsdp and self.workers > 1:
             raise ValueError("optimizer='muon' needs whole weight matrices, but FSDP shards them: "
                              "set fsdp=False (DDP) or use optimizer='adamw'")
@@ -371,9 +373,8 @@ def load_checkpoint(directory: str, model: nn.Module, optimizer, ema: EMA) -> di
 
     with open(os.path.join(directory, "state.json")) as f:
         state = json.load(f)
-    kinds = {type(opt).__name__.lower() for opt in optimizer} if isinstance(optimizer, Optimizers) else set()
     saved = state.get("optimizer", "adamw")  # checkpoints from before the option were AdamW
-    if kinds and ("muon" in kinds) != (saved == "muon"):
+    if any(isinstance(opt, torch.optim.Muon) for opt in optimizer) != (saved == "muon"):
         raise ValueError(f"the checkpoint in {directory} was trained with optimizer={saved!r}; resume it with "
                          f"the same optimizer (or start a new run name)")
     opts = StateDictOptions(full_state_dict=True)
@@ -548,8 +549,7 @@ def train_loop_per_worker(config: dict) -> None:
                            "grad_norm": out["grad_norm"], "nonfinite": state["nonfinite"],
                            "samples_seen": state["samples_seen"], **window.metrics(world, peak)}
                 if rank == 0 and log_now:
-                    muon = (f" (muon {metrics['lr'] * (cfg.muon_lr or cfg.lr) / cfg.lr:.2e})"
-                            if cfg.optimizer == "muon" else "")
+                    muon = f" (muon {optimizer[0].param_groups[0]['lr']:.2e})" if cfg.optimizer == "muon" else ""
                     mfu = f" | mfu {100 * metrics['mfu']:.1f}%" if peak else ""
                     print(f"[train] step {step}{'/' + str(cfg.max_steps) if cfg.max_steps else ''} | epoch "
                           f"{state['epoch']} | loss {metrics['loss_window']:.4f} | {metrics['tokens_per_s']:.0f} tok/s"
