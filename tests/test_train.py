@@ -351,6 +351,16 @@ def test_cli_train_without_latents_is_a_clear_error(tmp_path, capsys):
     assert "holds no rows" in str(exc.value) and "sora encode" in str(exc.value)
 
 
+def test_cli_train_with_a_bad_learning_rate_is_a_clear_error(tmp_path):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "m"),
+              "--optimizer", "muon", "--muon-lr", "-1"])
+    assert str(exc.value).startswith("sora train: learning rates must be > 0") and "muon_lr=-1.0" in str(exc.value)
+    assert not (tmp_path / "m").exists()  # nothing started, nothing written
+
+
 def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
     import pipelines.train
     from flows.cli import main

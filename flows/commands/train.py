@@ -57,17 +57,13 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.train import TrainConfig, run_training
+    from pipelines.train import run_training
 
     max_steps = args.max_steps if args.max_steps is not None or args.max_minutes is not None else 2000
-    cfg = TrainConfig(
-        preset=args.preset, workers=args.workers, max_minutes=args.max_minutes, max_steps=max_steps,
-        tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-        checkpoint_every_steps=args.checkpoint_every, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
-        compile=args.compile, activation_checkpointing=args.activation_checkpointing, peak_flops=args.peak_flops,
-        cache_data=args.cache_data, seed=args.seed, optimizer=args.optimizer, muon_lr=args.muon_lr,
-        fsdp=args.optimizer != "muon",
-    )
+    try:
+        cfg = _config(args, max_steps)
+    except (AssertionError, ValueError) as e:  # TrainConfig's own checks: say which value is wrong
+        raise SystemExit(f"sora train: {e}")
     try:
         summary = run_training(args.data, args.out, args.vae, cfg, storage_path=args.storage, name=args.name)
     except (FileNotFoundError, ValueError) as e:
@@ -75,3 +71,16 @@ def run(args: argparse.Namespace) -> int:
     summary.pop("history", None)
     print(json.dumps(summary))
     return 0
+
+
+def _config(args: argparse.Namespace, max_steps: int | None):
+    from pipelines.train import TrainConfig
+
+    return TrainConfig(
+        preset=args.preset, workers=args.workers, max_minutes=args.max_minutes, max_steps=max_steps,
+        tokens_per_step=args.tokens_per_step, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+        checkpoint_every_steps=args.checkpoint_every, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
+        compile=args.compile, activation_checkpointing=args.activation_checkpointing, peak_flops=args.peak_flops,
+        cache_data=args.cache_data, seed=args.seed, optimizer=args.optimizer, muon_lr=args.muon_lr,
+        fsdp=args.optimizer != "muon",
+    )
