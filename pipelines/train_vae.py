@@ -28,7 +28,11 @@ class VAETrainConfig:
     workers: int = 2
     max_minutes: float = 10.0  # wall-clock budget of the training loop (decode time included)
     max_steps: int | None = None
-    lr: float = 1e-3  # 2e-3 diverged on the shapes world (sora/vae_train.py has the figures)
+    lr: float = 1e-3  # AdamW; 2e-3 diverged on the shapes world (sora/vae_train.py has the figures)
+    # "muon": sora.vae_train.KernelMuon on the hidden conv kernels (AdamW on biases and the
+    # first/last convs); "adamw": AdamW on everything. Muon ends ~3.7 dB higher in equal time.
+    optimizer: str = "muon"
+    muon_lr: float = 1.5e-3  # KernelMuon's lr (AdamW-matched scale): 1e-3 and 2e-3 alike, 3e-3 unstable, 5e-3 diverged
     min_lr_ratio: float = 0.05  # cosine decay to lr * this over the time/step budget
     batch_size: int = 4  # crops per worker per step
     window_frames: int = 9  # 4k+1 frames per video crop
@@ -38,7 +42,10 @@ class VAETrainConfig:
     # content-aware crops: draw this many candidate windows, keep the most varied one (flat
     # background windows teach nothing once the colours are right); 1 = plain random crops
     crop_candidates: int = 4
-    image_prob: float = 0.25  # fraction of steps that train on single images (1-frame videos)
+    # fraction of steps that train on single images (1-frame videos). Image steps cost ~1/5 of
+    # a 9-frame step and teach the same spatial detail: 0.6 beat 0.25 on the shape ceiling
+    # (BENCHMARKS.md, twelfth session)
+    image_prob: float = 0.6
     holdout: int = 100  # clips held out for the PSNR evaluation (never trained on)
     max_train_clips: int = 2000  # clips decoded per run (in memory) - enough for the shapes world
     kl_weight: float = 1e-6
@@ -50,6 +57,7 @@ class VAETrainConfig:
     # 0.90), so "scalar" stays the default.
     latent_stats: str = "scalar"
     grad_weight: float = 0.5
+    fg_weight: float = 8.0  # extra weight of object pixels in the reconstruction loss (VAELossConfig)
     checkpoint_every: int = 200  # steps
     seed: int = 0
     use_gpu: bool = False
@@ -60,6 +68,10 @@ class VAETrainConfig:
         # checked here, not after training: a typo must not cost a whole training run
         assert self.latent_stats in ("channel", "scalar"), (
             f"latent_stats must be 'channel' or 'scalar', got {self.latent_stats!r}")
+        assert self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}"
+        assert 0.0 <= self.image_prob <= 1.0 and self.fg_weight >= 0, (
+            f"need 0 <= image_prob <= 1 and fg_weight >= 0, got {self.image_prob}, {self.fg_weight}")
+        assert self.lr > 0 and self.muon_lr > 0, f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}"
 
 
 def split_clips(clip_ids: list[str], holdout: int) -> tuple[set[str], set[str]]:
@@ -117,13 +129,50 @@ def _cosine_lr(cfg: VAETrainConfig, progress: float) -> float:
     return float(cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress))))
 
 
+def make_vae_optimizer(model, cfg: VAETrainConfig):
+    """AdamW alone, or KernelMuon on the hidden conv kernels + AdamW on the rest, as one
+    `pipelines.train.Optimizers` (each group's ``lr_scale`` multiplies the schedule's lr)."""
+    import torch
+
+    from pipelines.train import Optimizers
+    from sora.vae_train import KernelMuon, muon_kernel_names
+
+    muon = set(muon_kernel_names(model)) if cfg.optimizer == "muon" else set()
+    rest = [p for n, p in model.named_parameters() if n not in muon]
+    opts = Optimizers([torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}], lr=cfg.lr, weight_decay=0.0)])
+    if muon:
+        opts.insert(0, KernelMuon([{"params": [p for n, p in model.named_parameters() if n in muon],
+                                    "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr))
+    return opts
+
+
+def load_vae_checkpoint(directory: str, model, opt, cfg: VAETrainConfig) -> dict:
+    """Load a training checkpoint (model, optimizer states) into `model` and `opt` (from
+    `make_vae_optimizer`); returns its state.json. A checkpoint of the other optimizer is an
+    error: its moments mean nothing to this one."""
+    import torch
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "state.json")) as f:
+        state = json.load(f)
+    saved = state.get("optimizer", "adamw")  # checkpoints from before the option were AdamW
+    if saved != cfg.optimizer:
+        raise ValueError(f"the checkpoint in {directory} was trained with optimizer={saved!r}, not "
+                         f"{cfg.optimizer!r}: resume with the same optimizer or train into a new output")
+    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+    opt_states = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
+    for o, sd in zip(opt, opt_states if isinstance(opt_states, list) else [opt_states], strict=True):
+        o.load_state_dict(sd)
+    return state
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from pipelines.ingest import read_clips
     from sora.vae import CausalVideoVAE, VAEConfig
@@ -143,18 +192,16 @@ def train_loop_per_worker(config: dict) -> None:
     assert frames, f"worker {rank}: no decodable training clips in {cfg.data}"
 
     model = CausalVideoVAE(VAEConfig.preset(cfg.preset))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = make_vae_optimizer(model, cfg)
     step, elapsed_before, resumed_from = 0, 0.0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
-            state = json.load(open(os.path.join(d, "state.json")))
+            state = load_vae_checkpoint(d, model, opt, cfg)
             step, elapsed_before = state["step"], state["elapsed_minutes"]
             resumed_from = step
     ddp = ray.train.torch.prepare_model(model)
-    loss_cfg = VAELossConfig(kl_weight=cfg.kl_weight, grad_weight=cfg.grad_weight)
+    loss_cfg = VAELossConfig(kl_weight=cfg.kl_weight, grad_weight=cfg.grad_weight, fg_weight=cfg.fg_weight)
     budget = cfg.max_minutes
     t_loop = time.monotonic()
     history: list[float] = []
@@ -171,7 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
             break
         progress = max(minutes_used() / budget, step / cfg.max_steps if cfg.max_steps else 0.0)
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(cfg, progress)
+            g["lr"] = _cosine_lr(cfg, progress) * g["lr_scale"]
         x = random_batch(frames, cfg, rng)
         model.train()
         opt.zero_grad(set_to_none=True)
@@ -182,7 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         history.append(metrics["loss"])
         if step % cfg.checkpoint_every == 0:
-            _report(step, metrics, model, opt, minutes_used(), rank, save_file, resumed_from)
+            _report(step, metrics, model, opt, minutes_used(), rank, save_file, resumed_from, cfg.optimizer)
         elif step % 25 == 0:
             ray.train.report({"step": step, **metrics, "minutes": minutes_used()})
             if rank == 0:
@@ -190,10 +237,11 @@ def train_loop_per_worker(config: dict) -> None:
                       f"({minutes_used():.1f}/{budget} min)", flush=True)
     # final checkpoint + metrics (rank 0 writes the model; everyone reports)
     _report(step, {"loss": history[-1] if history else float("nan"), "final": 1.0,
-                   "train_seconds": time.monotonic() - t_loop}, model, opt, minutes_used(), rank, save_file, resumed_from)
+                   "train_seconds": time.monotonic() - t_loop}, model, opt, minutes_used(), rank, save_file, resumed_from,
+            cfg.optimizer)
 
 
-def _report(step, metrics, model, opt, minutes, rank, save_file, resumed_from=None) -> None:
+def _report(step, metrics, model, opt, minutes, rank, save_file, resumed_from=None, optimizer="adamw") -> None:
     import ray.train
     import torch
     from ray.train import Checkpoint
@@ -202,8 +250,8 @@ def _report(step, metrics, model, opt, minutes, rank, save_file, resumed_from=No
         with tempfile.TemporaryDirectory() as d:
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                       os.path.join(d, "model.safetensors"))
-            torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
-            json.dump({"step": step, "elapsed_minutes": minutes, "resumed_from": resumed_from,
+            torch.save([o.state_dict() for o in opt], os.path.join(d, "optimizer.pt"))  # tensors + plain types
+            json.dump({"step": step, "elapsed_minutes": minutes, "resumed_from": resumed_from, "optimizer": optimizer,
                        "config": asdict(model.config)},
                       open(os.path.join(d, "state.json"), "w"))
             ray.train.report({"step": step, **metrics, "minutes": minutes}, checkpoint=Checkpoint.from_directory(d))
@@ -291,6 +339,7 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
     summary = {"steps": state["step"], "resumed_from_step": state.get("resumed_from"), "train_minutes": round(state["elapsed_minutes"], 2),
                "wall_seconds": round(train_seconds, 1), "heldout_psnr_db": round(score, 2), "heldout_clips": n_held,
                "shift_factor": shift, "scaling_factor": scale, "preset": cfg.preset, "workers": cfg.workers,
+               "optimizer": cfg.optimizer, "lr": cfg.lr, "muon_lr": cfg.muon_lr if cfg.optimizer == "muon" else None,
                "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
     storage.write_json_atomic(summary, os.path.join(os.path.abspath(cfg.out), "train_summary.json"))
     return summary

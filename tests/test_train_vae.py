@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
+import pytest
 import torch
 
-from pipelines.train_vae import VAETrainConfig, run_train_vae, split_clips
-from sora.vae import CausalVideoVAE
+from pipelines.train_vae import VAETrainConfig, load_vae_checkpoint, make_vae_optimizer, run_train_vae, split_clips
+from sora.vae import CausalVideoVAE, VAEConfig
+
+
+def test_config_rejects_unknown_optimizers_and_bad_learning_rates():
+    with pytest.raises(AssertionError, match="optimizer"):
+        VAETrainConfig(optimizer="sgd")
+    with pytest.raises(AssertionError, match="learning rates"):
+        VAETrainConfig(muon_lr=0.0)
+
+
+def test_cli_with_a_bad_learning_rate_is_a_clear_error(tmp_path):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train-vae", "--data", str(tmp_path), "--out", str(tmp_path / "v"), "--muon-lr", "-1"])
+    assert str(exc.value).startswith("sora train-vae: learning rates must be > 0"), str(exc.value)
+    assert not (tmp_path / "v").exists()
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -32,7 +50,19 @@ def test_train_vae_two_workers_checkpoints_and_resumes(shapes_ds, tmp_path, ray_
     second = run_train_vae(VAETrainConfig(**cfg, max_steps=12))
     assert second["resumed_from_step"] == 8 and second["steps"] == 12
     summary = json.load(open(os.path.join(out, "train_summary.json")))
-    assert summary["steps"] == 12
+    assert summary["steps"] == 12 and summary["optimizer"] == "muon"  # Muon on the kernels by default
+    # the last checkpoint holds both optimizers' states; resuming it with AdamW alone is refused
+    ckpts = sorted(glob.glob(os.path.join(out, "_train", "vae", "checkpoint_*", "state.json")))
+    assert ckpts, os.listdir(os.path.join(out, "_train", "vae"))
+    last = os.path.dirname(max(ckpts, key=lambda f: json.load(open(f))["step"]))
+    model = CausalVideoVAE(VAEConfig.preset("tiny"))
+    muon_cfg = VAETrainConfig(**cfg)
+    opt = make_vae_optimizer(model, muon_cfg)
+    assert load_vae_checkpoint(last, model, opt, muon_cfg)["step"] == 12
+    assert len(opt) == 2 and opt[0].state  # KernelMuon's momentum buffers came back
+    adamw_cfg = VAETrainConfig(**cfg, optimizer="adamw")
+    with pytest.raises(ValueError, match="optimizer='muon'"):
+        load_vae_checkpoint(last, model, make_vae_optimizer(model, adamw_cfg), adamw_cfg)
     # the written VAE is a working model: encode/decode shapes line up
     x = torch.zeros(1, 3, 5, 32, 48)
     with torch.no_grad():

@@ -26,7 +26,8 @@ from sora.vae import (
     load_vae,
     tiled_apply,
 )
-from sora.vae_train import VAELossConfig, evaluate_psnr, psnr, train_step
+from sora.vae_train import (KernelMuon, VAELossConfig, evaluate_psnr, foreground_mask, muon_kernel_names,
+                             orthogonalize, psnr, train_step, vae_loss)
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +281,99 @@ def test_train_step_overfits_one_clip():
     after = evaluate_psnr(model, [x])
     assert losses[-1] < 0.3 * losses[0], losses
     assert after > before + 4.0, (before, after)
+
+
+def test_foreground_weighting_of_the_reconstruction_loss():
+    x = torch.full((1, 3, 1, 16, 16), -0.5)
+    x[:, :, :, 2:6, 2:6] = 0.5  # a 4x4 object on a flat background: 16 of 256 pixels
+    mask = foreground_mask(x)
+    assert mask.shape == (1, 1, 1, 16, 16) and mask.sum() == 16 and mask[0, 0, 0, 2:6, 2:6].all()
+
+    class Echo(torch.nn.Module):  # "reconstructs" x with an error of 0.1 on the object only
+        def forward(self, x, sample=True, generator=None):
+            from sora.vae import DiagonalGaussian
+            z = torch.zeros(1, 1, 1, 1, 1)
+            return x + 0.1 * mask, DiagonalGaussian(z, z)
+
+    f, k = 16 / 256, 8.0
+    plain, _ = vae_loss(Echo(), x, VAELossConfig(grad_weight=0.0, kl_weight=0.0))
+    weighted, _ = vae_loss(Echo(), x, VAELossConfig(grad_weight=0.0, kl_weight=0.0, fg_weight=k))
+    assert torch.isclose(plain, torch.tensor(0.01 * f))
+    assert torch.isclose(weighted, torch.tensor(0.01 * f * (1 + k) / (1 + k * f)))  # ~5.8x the plain loss
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16)])
+def test_orthogonalize_flattens_the_spectrum_and_keeps_the_singular_vectors(shape):
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(*shape, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(-1, 1, shape[1], dtype=torch.float64))
+    O = orthogonalize(G.float()).double()
+    s = torch.linalg.svdvals(O)
+    assert s.min() > 0.5 and s.max() < 1.3, s  # spread ~1e2 in G, ~[0.7, 1.2] after 5 steps
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    # same singular vectors: O is close to U V^T (cosine over all entries)
+    assert F.cosine_similarity(O.flatten(), (U @ Vh).flatten(), dim=0) > 0.95
+
+
+def test_kernel_muon_matches_torch_muon_on_matrices_and_flattens_kernels():
+    torch.manual_seed(0)
+    w0 = torch.randn(24, 40)
+    grads = [torch.randn(24, 40) for _ in range(3)]
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt_ours = KernelMuon([ours], lr=0.01, momentum=0.9)
+    opt_ref = torch.optim.Muon([ref], lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.0,
+                              adjust_lr_fn="match_rms_adamw")
+    for grad in grads:
+        for p, o in ((ours, opt_ours), (ref, opt_ref)):
+            p.grad = grad.clone()
+            o.step()
+    d_ours, d_ref = (ours - w0).detach(), (ref - w0).detach()
+    # torch's Newton-Schulz runs in bfloat16, ours in float32: equal up to that rounding
+    assert F.cosine_similarity(d_ours.flatten(), d_ref.flatten(), dim=0) > 0.99
+    assert abs(d_ours.norm() / d_ref.norm() - 1) < 0.03
+    # a conv kernel is updated as its (C_out, C_in * k) matrix: same step as that matrix alone
+    k0, gk = torch.randn(6, 4, 3, 3, 3), torch.randn(6, 4, 3, 3, 3)
+    kern, flat = torch.nn.Parameter(k0.clone()), torch.nn.Parameter(k0.reshape(6, -1).clone())
+    for p, grad in ((kern, gk), (flat, gk.reshape(6, -1))):
+        p.grad = grad
+        KernelMuon([p], lr=0.01).step()
+    assert torch.allclose(kern.detach().reshape(6, -1), flat.detach(), atol=1e-6)
+    with pytest.raises(AssertionError, match="1-D"):
+        KernelMuon([torch.nn.Parameter(torch.zeros(5))])
+
+
+def test_kernel_muon_trains_the_vae_kernels_and_round_trips_its_state():
+    torch.manual_seed(0)
+    cfg = VAEConfig(latent_channels=4, base_channels=8, channel_multipliers=(1, 1, 1), num_res_blocks=1, patch_size=2,
+                    norm_groups=4)
+    model = CausalVideoVAE(cfg)
+    names = muon_kernel_names(model)
+    assert "encoder.conv_in.conv.weight" not in names and "decoder.conv_out.conv.weight" not in names
+    assert names and all(model.get_parameter(n).dim() >= 2 for n in names)
+    muon = KernelMuon([model.get_parameter(n) for n in names], lr=2e-3)
+    adam = torch.optim.AdamW([p for n, p in model.named_parameters() if n not in names], lr=1e-2)
+
+    class Both(list):  # train_step wants one optimizer
+        def zero_grad(self, set_to_none=True):
+            for o in self:
+                o.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            for o in self:
+                o.step()
+
+    x = torch.zeros(1, 3, 5, 16, 16) - 1.0
+    x[:, 0, :, 4:12, 4:12] = 1.0
+    losses = [train_step(model, Both([muon, adam]), x, VAELossConfig(sample_posterior=False))["loss"] for _ in range(30)]
+    assert losses[-1] < 0.3 * losses[0], losses
+    # the state (momentum buffers) survives a weights_only save/load
+    import io
+    buf = io.BytesIO()
+    torch.save(muon.state_dict(), buf)
+    again = KernelMuon([model.get_parameter(n) for n in names], lr=2e-3)
+    again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    first = names[0]
+    assert torch.equal(again.state[model.get_parameter(first)]["momentum_buffer"],
+                       muon.state[model.get_parameter(first)]["momentum_buffer"])
 
 
 # ----------------------------------------------------------------------------- bring your own VAE

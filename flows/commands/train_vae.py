@@ -15,9 +15,9 @@ def add(sub: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
         description="Train the video compression network (4x time, 8x8 space) on images and videos of\n"
         "every aspect ratio in DATA/clips: Ray Train DDP (gloo on CPU, NCCL on GPU), reconstruction\n"
-        "+ KL loss, checkpoints. Re-running the same command continues from the last checkpoint.\n"
-        "At the end: PSNR on held-out clips, latent statistics, and OUT/ (config.json +\n"
-        "model.safetensors) that `sora encode` loads.",
+        "+ KL loss, Muon on the conv kernels (AdamW on the rest), checkpoints. Re-running the same\n"
+        "command continues from the last checkpoint. At the end: PSNR on held-out clips, latent\n"
+        "statistics, and OUT/ (config.json + model.safetensors) that `sora encode` loads.",
         epilog="example:\n  sora train-vae --data data/ds --out runs/vae --preset tiny --max-minutes 10",
     )
     p.add_argument("--data", required=True, help="dataset directory or URL (from `sora ingest`)")
@@ -33,6 +33,15 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latent-stats", default="scalar", choices=["scalar", "channel"],
                    help="latent normalisation fitted after training: one shift/scale (default) or a "
                         "mean/std per latent channel")
+    p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
+                   help="muon (default): Muon on the hidden conv kernels, AdamW on the rest; adamw: AdamW on all")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--muon-lr", type=float, default=1.5e-3,
+                   help="Muon learning rate, AdamW-matched scale (default 1.5e-3)")
+    p.add_argument("--fg-weight", type=float, default=8.0,
+                   help="extra loss weight of object pixels (default 8; 0 = plain mean over pixels)")
+    p.add_argument("--image-prob", type=float, default=0.6,
+                   help="fraction of steps on single images rather than 9-frame clips (default 0.6)")
     p.set_defaults(func=run)
 
 
@@ -42,11 +51,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or args.max_minutes <= 0:
         raise SystemExit("sora train-vae: --workers must be >= 1 and --max-minutes > 0")
+    try:
+        cfg = VAETrainConfig(data=args.data, out=args.out, preset=args.preset, workers=args.workers,
+                             max_minutes=args.max_minutes, max_steps=args.max_steps, batch_size=args.batch_size,
+                             holdout=args.holdout, use_gpu=args.gpu, storage=args.storage,
+                             latent_stats=args.latent_stats, optimizer=args.optimizer, lr=args.lr,
+                             muon_lr=args.muon_lr, fg_weight=args.fg_weight, image_prob=args.image_prob)
+    except AssertionError as e:
+        raise SystemExit(f"sora train-vae: {e}")
     ensure_ray()
-    cfg = VAETrainConfig(data=args.data, out=args.out, preset=args.preset, workers=args.workers,
-                         max_minutes=args.max_minutes, max_steps=args.max_steps, batch_size=args.batch_size,
-                         holdout=args.holdout, use_gpu=args.gpu, storage=args.storage,
-                         latent_stats=args.latent_stats)
     try:
         summary = run_train_vae(cfg)
     except FileNotFoundError as e:
