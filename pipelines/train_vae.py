@@ -299,6 +299,22 @@ def fit_stats(vae, data: str, holdout: int, n: int = 64, per_channel: bool = Fal
     return vae.fit_latent_stats(torch.cat(zs, dim=-1), per_channel=per_channel)
 
 
+def _check_resume_optimizer(run_dir: str, cfg: VAETrainConfig) -> None:
+    """Before any worker starts: if this run already has checkpoints (local storage), they must
+    come from the same optimizer. The workers check again (`load_vae_checkpoint`); this only
+    turns four failed worker starts into one clear error."""
+    import glob
+
+    if "://" in run_dir:
+        return
+    for f in glob.glob(os.path.join(run_dir, "checkpoint_*", "state.json")):
+        with open(f) as fh:
+            saved = json.load(fh).get("optimizer", "adamw")  # checkpoints from before the option were AdamW
+        if saved != cfg.optimizer:
+            raise ValueError(f"{os.path.dirname(f)} was trained with optimizer={saved!r}, not {cfg.optimizer!r}: "
+                             f"resume with the same optimizer or train into a new output")
+
+
 def run_train_vae(cfg: VAETrainConfig) -> dict:
     """Train on Ray Train, then evaluate held-out PSNR and write OUT (a loadable VAE dir)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -314,6 +330,7 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
         storage_path = os.path.abspath(storage_path)
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     require_clips(cfg.data)  # before starting workers: a wrong path is a clear error, not a worker crash
+    _check_resume_optimizer(os.path.join(storage_path, cfg.name), cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(cfg),

@@ -63,6 +63,10 @@ def test_train_vae_two_workers_checkpoints_and_resumes(shapes_ds, tmp_path, ray_
     adamw_cfg = VAETrainConfig(**cfg, optimizer="adamw")
     with pytest.raises(ValueError, match="optimizer='muon'"):
         load_vae_checkpoint(last, model, make_vae_optimizer(model, adamw_cfg), adamw_cfg)
+    # and the same command with --optimizer adamw stops before starting any worker, nothing changed
+    with pytest.raises(ValueError, match="optimizer='muon'"):
+        run_train_vae(VAETrainConfig(**cfg, max_steps=16, optimizer="adamw"))
+    assert json.load(open(os.path.join(out, "train_summary.json")))["steps"] == 12
     # the written VAE is a working model: encode/decode shapes line up
     x = torch.zeros(1, 3, 5, 32, 48)
     with torch.no_grad():

@@ -342,6 +342,8 @@ def test_kernel_muon_matches_torch_muon_on_matrices_and_flattens_kernels():
 
 
 def test_kernel_muon_trains_the_vae_kernels_and_round_trips_its_state():
+    from pipelines.train import Optimizers  # Muon + AdamW stepped as one (what train-vae uses)
+
     torch.manual_seed(0)
     cfg = VAEConfig(latent_channels=4, base_channels=8, channel_multipliers=(1, 1, 1), num_res_blocks=1, patch_size=2,
                     norm_groups=4)
@@ -352,18 +354,9 @@ def test_kernel_muon_trains_the_vae_kernels_and_round_trips_its_state():
     muon = KernelMuon([model.get_parameter(n) for n in names], lr=2e-3)
     adam = torch.optim.AdamW([p for n, p in model.named_parameters() if n not in names], lr=1e-2)
 
-    class Both(list):  # train_step wants one optimizer
-        def zero_grad(self, set_to_none=True):
-            for o in self:
-                o.zero_grad(set_to_none=set_to_none)
-
-        def step(self):
-            for o in self:
-                o.step()
-
     x = torch.zeros(1, 3, 5, 16, 16) - 1.0
     x[:, 0, :, 4:12, 4:12] = 1.0
-    losses = [train_step(model, Both([muon, adam]), x, VAELossConfig(sample_posterior=False))["loss"] for _ in range(30)]
+    losses = [train_step(model, Optimizers([muon, adam]), x, VAELossConfig(sample_posterior=False))["loss"] for _ in range(30)]
     assert losses[-1] < 0.3 * losses[0], losses
     # the state (momentum buffers) survives a weights_only save/load
     import io

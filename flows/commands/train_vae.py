@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_ray()
     try:
         summary = run_train_vae(cfg)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"sora train-vae: {e}")
     print(f"held-out PSNR: {summary['heldout_psnr_db']:.2f} dB on {summary['heldout_clips']} clips "
           f"after {summary['steps']} steps ({summary['train_minutes']:.1f} min)")
