@@ -102,6 +102,7 @@ class TrainConfig:
     log_every_steps: int = 10  # ray.train.report + one progress line from rank 0
     # Flow matching (sora.flow.FlowConfig): timestep shift grows with tokens per video.
     p_uncond: float = 0.1  # prompt dropped (classifier-free guidance)
+    fg_weight: float = 1.0  # salient tokens' loss weight (sora.flow.FlowConfig.fg_weight); 1: all alike
     cond_mode_probs: dict[str, float] = field(
         default_factory=lambda: {"none": 0.7, "first": 0.15, "first_k": 0.05, "last_k": 0.05, "first_last": 0.05}
     )
@@ -133,6 +134,7 @@ class TrainConfig:
         assert self.schedule == "constant" or self.max_steps, "the cosine schedule needs max_steps"
         assert self.tokens_per_step > 0 and self.workers >= 1
         assert self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}"
+        assert self.fg_weight >= 1.0, f"fg_weight must be >= 1 (1: every token alike), got {self.fg_weight}"
         assert self.lr > 0 and (self.muon_lr is None or self.muon_lr > 0), (
             f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}")
         if self.optimizer == "muon" and self.use_gpu and self.fsdp and self.workers > 1:
@@ -141,7 +143,8 @@ class TrainConfig:
 
     def flow(self) -> FlowConfig:
         return FlowConfig(shift=self.base_shift, base_tokens=self.base_tokens,
-                          cond_mode_probs=dict(self.cond_mode_probs), p_uncond=self.p_uncond)
+                          cond_mode_probs=dict(self.cond_mode_probs), p_uncond=self.p_uncond,
+                          fg_weight=self.fg_weight)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -703,6 +706,7 @@ def export_model(checkpoint_dir: str, out: str, vae: str, info: dict, cfg: Train
         "tokens_seen": state["tokens_seen"], "nonfinite_steps": state["nonfinite"],
         "final_loss": float(np.mean(tail)) if tail else None, "workers": cfg.workers, "seed": cfg.seed,
         "resumed_from": state["resumed_from"], "optimizer": cfg.optimizer, "lr": cfg.lr, "muon_lr": cfg.muon_lr,
+        "fg_weight": cfg.fg_weight,
     }
     write_index(out, index)
     return {"out": out, "steps": state["step"], "final_loss": index["training"]["final_loss"],

@@ -359,6 +359,9 @@ def test_cli_train_with_a_bad_learning_rate_is_a_clear_error(tmp_path):
               "--optimizer", "muon", "--muon-lr", "-1"])
     assert str(exc.value).startswith("sora train: learning rates must be > 0") and "muon_lr=-1.0" in str(exc.value)
     assert not (tmp_path / "m").exists()  # nothing started, nothing written
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "m"), "--fg-weight", "0.5"])
+    assert str(exc.value).startswith("sora train: fg_weight must be >= 1")
 
 
 def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
@@ -371,7 +374,9 @@ def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
           "--tokens-per-step", "1024", "--lr", "5e-4", "--max-minutes", "3"])
     cfg = seen["cfg"]
     assert (cfg.ema_decay, cfg.tokens_per_step, cfg.lr, cfg.max_minutes, cfg.max_steps) == (0.995, 1024, 5e-4, 3.0, None)
-    assert (cfg.optimizer, cfg.muon_lr, cfg.fsdp) == ("adamw", None, True)
+    assert (cfg.optimizer, cfg.muon_lr, cfg.fsdp, cfg.fg_weight) == ("adamw", None, True, 1.0)
+    main(["train", "--data", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "m"), "--fg-weight", "5"])
+    assert seen["cfg"].fg_weight == 5.0 and seen["cfg"].flow().fg_weight == 5.0
     main(["train", "--data", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "m"), "--gpu",
           "--workers", "4", "--optimizer", "muon", "--muon-lr", "4e-3"])
     cfg = seen["cfg"]

@@ -45,6 +45,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA of the weights (the exported model); for runs of a few thousand steps use "
                         "~0.995, or the EMA stays near the initial weights (default 0.9999)")
+    p.add_argument("--fg-weight", type=float, default=1.0,
+                   help="loss weight of salient tokens (far from their frame's median token), 1 for the flat "
+                        "background: a plain-background dataset's objects count for more (default 1: all alike)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker: FSDP2, bf16")
@@ -82,5 +85,6 @@ def _config(args: argparse.Namespace, max_steps: int | None):
         checkpoint_every_steps=args.checkpoint_every, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         compile=args.compile, activation_checkpointing=args.activation_checkpointing, peak_flops=args.peak_flops,
         cache_data=args.cache_data, seed=args.seed, optimizer=args.optimizer, muon_lr=args.muon_lr,
+        fg_weight=args.fg_weight,
         fsdp=args.optimizer != "muon",
     )
