@@ -68,7 +68,8 @@ PLANS = {
                         draft_prompts=24),
     "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
                       captioner_eval=8, dit_minutes=0.3, dit_steps=30, eval_prompts=6, steps=4,
-                      sample_size=(64, 32), sample_frames=9, dit_overrides={"ema_decay": 0.9, "optimizer": "muon", "fg_weight": 5.0},
+                      sample_size=(64, 32), sample_frames=9,
+                      dit_overrides={"ema_decay": 0.9, "optimizer": "muon", "fg_weight": 5.0},
                       draft_prompts=2),
 }
 

@@ -102,7 +102,9 @@ class TrainConfig:
     log_every_steps: int = 10  # ray.train.report + one progress line from rank 0
     # Flow matching (sora.flow.FlowConfig): timestep shift grows with tokens per video.
     p_uncond: float = 0.1  # prompt dropped (classifier-free guidance)
-    fg_weight: float = 1.0  # salient tokens' loss weight (sora.flow.FlowConfig.fg_weight); 1: all alike
+    # salient tokens' loss weight (sora.flow.FlowConfig.fg_weight); 1: all alike. Above 1 the
+    # logged loss is the weighted mean, not comparable with a run at 1.
+    fg_weight: float = 1.0
     cond_mode_probs: dict[str, float] = field(
         default_factory=lambda: {"none": 0.7, "first": 0.15, "first_k": 0.05, "last_k": 0.05, "first_last": 0.05}
     )
