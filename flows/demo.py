@@ -59,17 +59,13 @@ PLANS = {
                         # ~3.5x the steps of 2 x 4096 in the 20 minutes (4230 vs 1217 steps).
                         # Muon on the blocks' matrices (AdamW on the rest): at 2,000 steps it
                         # reaches the loss AdamW reaches at ~3,500 and motion above AdamW's at
-                        # 6,000 (BENCHMARKS.md, eleventh session). Object tokens weigh up to 5x the
-                        # flat background in the loss (fg_weight): small squares 0.35 -> ~0.55 held-out
-                        # on the same data (BENCHMARKS.md, fourteenth session).
+                        # 6,000 (BENCHMARKS.md, eleventh session).
                         dit_overrides={"lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995, "tokens_per_step": 1024,
-                                       "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 4e-3,
-                                       "fg_weight": 5.0},
+                                       "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 4e-3},
                         draft_prompts=24),
     "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
                       captioner_eval=8, dit_minutes=0.3, dit_steps=30, eval_prompts=6, steps=4,
-                      sample_size=(64, 32), sample_frames=9,
-                      dit_overrides={"ema_decay": 0.9, "optimizer": "muon", "fg_weight": 5.0},
+                      sample_size=(64, 32), sample_frames=9, dit_overrides={"ema_decay": 0.9, "optimizer": "muon"},
                       draft_prompts=2),
 }
 

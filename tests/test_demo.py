@@ -39,8 +39,7 @@ def test_demo_quick_writes_metrics_samples_and_report(demo_dir):
     assert metrics["vae"]["steps"] > 0 and metrics["dit"]["steps"] > 0
     from sora.model_dir import read_index
 
-    training = read_index(os.path.join(out, "model"))["training"]
-    assert (training["optimizer"], training["fg_weight"]) == ("muon", 5.0)  # the demo's recipe, via Ray Train
+    assert read_index(os.path.join(out, "model"))["training"]["optimizer"] == "muon"  # the demo's recipe, via Ray Train
     assert set(metrics["captioner"]["accuracy"]) == {"color", "shape", "motion"}
     assert metrics["captioner"]["train"]["workers"] == min(2, os.cpu_count() or 1)  # both cores when there are two
     drafts = metrics["eval_draft"]  # drafts refined at full size, compared with their own drafts
