@@ -269,12 +269,11 @@ def flow_matching_loss(model, batch, cfg: FlowConfig, generator: torch.Generator
     weight = ~cond if valid is None else (~cond & valid)  # (N,)
     n_loss = weight.sum()
     assert n_loss > 0, "every token is conditioning or padding: nothing to learn from"
-    if cfg.fg_weight != 1.0:  # a weighted mean over the same tokens
+    w = weight.float()  # a weighted mean over the loss tokens (all weights 1 unless salience is on)
+    if cfg.fg_weight != 1.0:
         starts = batch.cu_seqlens[:-1].tolist() if valid is None else [b * Nmax for b in range(B)]
-        w = weight.float() * salience_weights(x0, batch.grids, starts, cfg.fg_weight)
-        loss = (per_token * w).sum() / w.sum()
-    else:
-        loss = (per_token * weight).sum() / n_loss
+        w = w * salience_weights(x0, batch.grids, starts, cfg.fg_weight)
+    loss = (per_token * w).sum() / w.sum()
     stats = {
         "loss": loss.item(),
         "loss_tokens": int(n_loss),
