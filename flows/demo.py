@@ -53,14 +53,17 @@ PLANS = {
                         # preset default (benchmarks/dit_recipes.py, 64 clips, 800 steps: lr 5e-4
                         # colour 0.90 / shape 0.31 / motion 0.21, 2e-3 0.94 / 0.48 / 0.29, 4e-3
                         # 0.92 / 0.38 / 0.25), and an EMA short enough to follow the weights.
-                        # Small packs: what the model learns grows with optimizer steps, not
-                        # with tokens per step beyond ~2k (dit_recipes at 800 steps: 2048 and
-                        # 4096 tokens alike), so 2 workers x 1024 tokens (2048 per step) make
-                        # ~3.5x the steps of 2 x 4096 in the 20 minutes (4230 vs 1217 steps).
+                        # Packs of 2,048 tokens a worker (4,096 a step, ~3,000 steps in the 20
+                        # minutes). On one demo's data (BENCHMARKS.md, fifteenth session), 2 x 512 /
+                        # 1024 / 2048 tokens made ~5,900 / 5,200 / 2,750 steps and read held-out
+                        # shape ~0.50 / 0.69 / 0.74 over the last checkpoints; 2 x 4096 (1,500 steps)
+                        # 0.66 on another. A step of 512 tokens a worker takes ~200 ms, of 1024
+                        # ~230 ms, of 2048 ~400 ms: small packs buy few extra steps and their
+                        # gradient noise costs more than those give.
                         # Muon on the blocks' matrices (AdamW on the rest): at 2,000 steps it
                         # reaches the loss AdamW reaches at ~3,500 and motion above AdamW's at
                         # 6,000 (BENCHMARKS.md, eleventh session).
-                        dit_overrides={"lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995, "tokens_per_step": 1024,
+                        dit_overrides={"lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995, "tokens_per_step": 2048,
                                        "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 4e-3},
                         draft_prompts=24),
     "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
