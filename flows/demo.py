@@ -59,12 +59,15 @@ PLANS = {
                         # shape ~0.50 / 0.69 / 0.74 over the last checkpoints; 2 x 4096 (1,500 steps)
                         # 0.66 on another. A step of 512 tokens a worker takes ~200 ms, of 1024
                         # ~230 ms, of 2048 ~400 ms: small packs buy few extra steps and their
-                        # gradient noise costs more than those give.
+                        # gradient noise costs more than those give. The larger batch takes a 1.5x
+                        # learning rate (lr 3e-3, Muon 6e-3): on the second demo's data its last
+                        # three checkpoints read 0.72-0.76 on every draw, against 0.66 / 0.73 for
+                        # that demo's own DiT at 2e-3 / 4e-3 (not yet confirmed by a whole demo).
                         # Muon on the blocks' matrices (AdamW on the rest): at 2,000 steps it
                         # reaches the loss AdamW reaches at ~3,500 and motion above AdamW's at
                         # 6,000 (BENCHMARKS.md, eleventh session).
-                        dit_overrides={"lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.995, "tokens_per_step": 2048,
-                                       "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 4e-3},
+                        dit_overrides={"lr": 3e-3, "warmup_steps": 100, "ema_decay": 0.995, "tokens_per_step": 2048,
+                                       "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 6e-3},
                         draft_prompts=24),
     "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
                       captioner_eval=8, dit_minutes=0.3, dit_steps=30, eval_prompts=6, steps=4,
