@@ -42,7 +42,7 @@ class DemoPlan:
         # per-clip and per-prompt costs from the default run of 2026-11-24 on 2 cores (34.4 min):
         # synth + ingest + encode 143 s for 480 clips, eval 100 + 2 x 24 prompts in ~60 s
         return (self.vae_minutes + self.captioner_minutes + self.dit_minutes + 1.0
-                + self.clips * 0.005 + (self.eval_prompts + 2 * self.draft_prompts) * 0.01 + (0.5 if self.tiny_clips else 3.0))
+                + self.clips * 0.005 + (self.eval_prompts + 4 * self.draft_prompts) * 0.01 + (0.5 if self.tiny_clips else 3.0))
 
 
 PLANS = {
@@ -213,7 +213,9 @@ def demo_flow(out: str = "demo", quick: bool = False) -> dict:
     report = eval_task(model, plan.eval_prompts, plan.steps)
     metrics["eval"] = {k: v for k, v in report.items() if k != "rows"}
     if plan.draft_prompts:
-        draft = eval_task(model, plan.draft_prompts, plan.steps, draft=True)
+        # drafted at the 64p sizes the DiT trained on, refined at twice them (BENCHMARKS.md,
+        # sixteenth session: a half-size draft of a 64p target is 32 x 32, and misses objects)
+        draft = eval_task(model, plan.draft_prompts, plan.steps, draft=True, size_scale=2)
         metrics["eval_draft"] = {k: v for k, v in draft.items() if k != "rows"}
     phase("eval", s)
 

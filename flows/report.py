@@ -39,7 +39,8 @@ def write_report(path: str, metrics: dict, samples: list[dict], losses: list[flo
     ]
     drafts = metrics.get("eval_draft", {})
     if drafts:
-        parts += ["<h3>Drafts refined at full resolution: does the refined video keep the draft's attributes?</h3>",
+        parts += ["<h3>Drafts at the trained sizes refined at twice them: does the refined video keep the "
+                  "draft's attributes?</h3>",
                   _table({**{f"{k} same as the draft": v for k, v in drafts.get("draft_agreement", {}).items()},
                           **{f"refined {k} accuracy": v for k, v in drafts.get("accuracy", {}).items()},
                           "prompts": drafts.get("n")})]

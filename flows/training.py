@@ -48,17 +48,23 @@ def train_dit_task(data: str, out: str, vae: str, preset: str = "tiny", workers:
 
 @task(retries=1, retry_delay_seconds=2, log_prints=True)
 def eval_task(model: str, n_prompts: int = 100, steps: int | None = None, seed: int = 0, resolution: str = "64p",
-              draft: bool = False) -> dict:
+              draft: bool = False, size_scale: int = 1) -> dict:
     """Score the model on held-out prompts (MODEL/eval.json); with draft=True every prompt is
     a low-resolution draft refined at full size and the report adds draft_agreement
-    (MODEL/eval_draft.json)."""
+    (MODEL/eval_draft.json). ``size_scale`` multiplies each prompt's width and height: with
+    2, a draft of a `resolution` model is drafted at the sizes it was trained on and refined at
+    twice them (a half-size draft of the trained sizes is smaller than anything it has seen)."""
     from sora.eval_suite import evaluate
     from sora.pipeline import SoraPipeline
     from sora.shapes import make_eval_prompts
 
+    if int(size_scale) != size_scale or size_scale < 1:
+        raise ValueError(f"size_scale must be a whole number >= 1, got {size_scale!r}")
+    prompts = make_eval_prompts(n_prompts, seed=seed, resolution=resolution)
+    for p in prompts:
+        p["width"], p["height"] = p["width"] * int(size_scale), p["height"] * int(size_scale)
     pipe = SoraPipeline.from_pretrained(model)
-    report = evaluate(pipe, make_eval_prompts(n_prompts, seed=seed, resolution=resolution), num_inference_steps=steps,
-                      draft=draft)
+    report = evaluate(pipe, prompts, num_inference_steps=steps, draft=draft)
     with open(os.path.join(model, "eval_draft.json" if draft else "eval.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     print("eval:", json.dumps(report.get("accuracy", {})))

@@ -44,6 +44,13 @@ def test_demo_quick_writes_metrics_samples_and_report(demo_dir):
     assert metrics["captioner"]["train"]["workers"] == min(2, os.cpu_count() or 1)  # both cores when there are two
     drafts = metrics["eval_draft"]  # drafts refined at full size, compared with their own drafts
     assert drafts["n"] == 2 and set(drafts["draft_agreement"]) >= {"color", "shape", "motion"}
+    assert drafts["size_correct"] == 1.0 and drafts["frames_correct"] == 1.0
+    from sora.shapes import make_eval_prompts
+
+    trained = {(p["width"], p["height"]) for p in make_eval_prompts(6, seed=0)}  # the 64p sizes it trained on
+    rows = json.load(open(os.path.join(out, "model", "eval_draft.json")))["rows"]
+    assert {(r["width"] // 2, r["height"] // 2) for r in rows} <= trained  # refined at twice the trained sizes
+    assert all(r["width"] % 2 == 0 and r["height"] % 2 == 0 and r["draft"] is not None for r in rows)
     html = open(os.path.join(out, "report.html")).read()
     assert "same as the draft" in html
     for name in ("t2v_16x9", "t2v_9x16", "t2v_2_39x1", "i2v", "extend_forward", "extend_backward", "join", "refined"):
@@ -68,3 +75,10 @@ def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
     assert img.std() > 10, img.std()
     assert len(np.unique(img.reshape(-1, 3)[::7], axis=0)) > 50
     assert (img.mean(axis=2) < 100).mean() > 0.001
+
+
+def test_eval_task_rejects_a_fractional_size_scale():
+    from flows.training import eval_task
+
+    with pytest.raises(ValueError, match="size_scale"):
+        eval_task.fn("no-model-needed", 2, size_scale=1.5)
