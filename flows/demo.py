@@ -40,7 +40,8 @@ class DemoPlan:
 
     def estimate_minutes(self) -> float:
         # per-clip and per-prompt costs from the default run of 2026-11-24 on 2 cores (34.4 min):
-        # synth + ingest + encode 143 s for 480 clips, eval 100 + 2 x 24 prompts in ~60 s
+        # synth + ingest + encode 143 s for 480 clips, eval 100 prompts ~45 s; a draft at twice
+        # the size costs ~4 plain prompts (24 in ~30-40 s, 2026-12-02)
         return (self.vae_minutes + self.captioner_minutes + self.dit_minutes + 1.0
                 + self.clips * 0.005 + (self.eval_prompts + 4 * self.draft_prompts) * 0.01 + (0.5 if self.tiny_clips else 3.0))
 
