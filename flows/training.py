@@ -52,8 +52,9 @@ def eval_task(model: str, n_prompts: int = 100, steps: int | None = None, seed: 
     """Score the model on held-out prompts (MODEL/eval.json); with draft=True every prompt is
     a low-resolution draft refined at full size and the report adds draft_agreement
     (MODEL/eval_draft.json). ``size_scale`` multiplies each prompt's width and height: with
-    2, a draft of a `resolution` model is drafted at the sizes it was trained on and refined at
-    twice them (a half-size draft of the trained sizes is smaller than anything it has seen)."""
+    2 and the pipeline's half-size drafts (``draft_scale`` 0.5), a `resolution` model drafts at
+    the sizes it was trained on and refines at twice them (a half-size draft of the trained
+    sizes would be smaller than anything it has seen)."""
     from sora.eval_suite import evaluate
     from sora.pipeline import SoraPipeline
     from sora.shapes import make_eval_prompts
