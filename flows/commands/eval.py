@@ -41,7 +41,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts of one shape per model call")
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     p.add_argument("--draft", action="store_true", help="evaluate draft-then-refine generation")
-    p.add_argument("--strength", type=float, default=None, help="refinement strength with --draft")
+    p.add_argument("--strength", type=float, default=None, help="refinement strength with --draft (default 0.4)")
     p.add_argument("--from-reference", type=float, default=None, metavar="S",
                    help="SDEdit each prompt's reference clip at strength S in (0, 1] instead of generating "
                         "from noise (needs rows with a reference: --held-out, or make_eval_prompts files)")

@@ -51,7 +51,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default=None, help="what to do with --video (default extend-forward)")
     p.add_argument("--join", nargs=2, metavar=("A", "B"), default=None, help="generate from the end of A to the start of B")
     p.add_argument("--draft", action="store_true", help="low-resolution draft, then refine at full size")
-    p.add_argument("--strength", type=float, default=None, help="edit / draft refinement noise level in [0, 1]")
+    p.add_argument("--strength", type=float, default=None, help="edit / draft refinement noise level in [0, 1] (defaults: edit 0.7, draft 0.4)")
     p.add_argument("--context-frames", type=int, default=None, help="keep at most this many given frames")
     p.add_argument("--upsample-prompt", action="store_true", help="rewrite the prompt with the model's upsampler")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
