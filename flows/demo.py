@@ -64,7 +64,8 @@ PLANS = {
                         # learning rate (lr 3e-3, Muon 6e-3): on the second demo's data its last
                         # three checkpoints read 0.72-0.76 on every draw, against 0.66 / 0.73 for
                         # that demo's own DiT at 2e-3 / 4e-3. Two whole demos with it read 0.75 /
-                        # 0.77 and 0.70 / 0.69 (sixteenth session); a 2x rate reads 0.53-0.65.
+                        # 0.77 and 0.70 / 0.69 (sixteenth session), a third 0.67 / 0.66 (seventeenth):
+                        # the 0.70 bar sits inside the run-to-run spread. A 2x rate reads 0.53-0.65.
                         # Muon on the blocks' matrices (AdamW on the rest): at 2,000 steps it
                         # reaches the loss AdamW reaches at ~3,500 and motion above AdamW's at
                         # 6,000 (BENCHMARKS.md, eleventh session).
