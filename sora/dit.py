@@ -18,6 +18,9 @@ the block, the final layer, the model, then the size presets. What differs from 
   frames have t = 0 inside a noisy video (image-to-video, extension, interpolation all use
   this). The timestep embedding drives a per-token shift/scale/gate (Peebles & Xie 2023);
   the modulation and the final layer start at zero, so the untrained model outputs exactly 0.
+- **Optional aspect-ratio micro-condition** (PixArt-alpha; ``DiTConfig.aspect_cond``, off in
+  the presets): log(W / H) of each video's token grid embedded and added to its timestep
+  embedding, so a model need not infer the frame's proportions from positions.
 - **Text by cross-attention** (PixArt-alpha, Chen et al. 2023): each video attends to its own
   text tokens only, plus one learned "null" key every video always sees. The null key makes
   an empty prompt (all-False text mask: classifier-free-guidance dropout) well defined.
@@ -108,6 +111,18 @@ class DiTConfig:
     # a 20-minute retrain of the demo's DiT with a job beside it, 3,840 steps: held-out motion
     # 0.58, "from X to Y" prompts 13/28 right vs 8/28 for 5,927 steps without).
     text_refiner_layers: int = 0
+    # Condition the adaLN modulation on each video's aspect ratio, log(W / H) of its token grid
+    # (PixArt-alpha's aspect-ratio micro-condition), added per video like the pooled prompt.
+    # Why one would: with fractional positions a model may draw shapes in fractions of the frame
+    # (stretched with it), and a stretched square reads as a circle; the shapes world sizes
+    # objects by the short side, so in fractional units every extent depends on the aspect
+    # ratio only - and the ratio, unlike the grid size, is the same for a draft and its
+    # refinement at twice the size. Measured (BENCHMARKS.md, eighteenth session): the demo DiTs
+    # stretch little (log object w/h against log frame w/h: slope ~0.14), and the demo recipe
+    # retrained with it on three demos' data read held-out shape 0.82 / 0.78, 0.71 / 0.65 and
+    # 0.68 / 0.66 against 0.75 / 0.74, 0.69 / 0.71 and 0.69 / 0.73 without: no gain shown, so
+    # the presets leave it off. False in configs saved before it existed.
+    aspect_cond: bool = False
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
@@ -467,6 +482,20 @@ class PooledTextEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
+def video_extents(positions: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lowest and highest (t, h, w) position of each video: positions (N, 3), seq_ids (N,) in
+    [0, num_seqs) or -1 for padding (counted in no video) -> lo, hi (num_seqs + 1, 3) float32;
+    row num_seqs is the padding bucket (+-inf where there is none)."""
+    pos = positions.to(torch.float32)  # (N, 3)
+    ids = torch.where(seq_ids < 0, num_seqs, seq_ids)  # padding -> an extra, ignored bucket
+    index = ids[:, None].expand(-1, 3)
+    lo = torch.full((num_seqs + 1, 3), float("inf"), device=pos.device).scatter_reduce(
+        0, index, pos, reduce="amin")  # (B + 1, 3)
+    hi = torch.full((num_seqs + 1, 3), float("-inf"), device=pos.device).scatter_reduce(
+        0, index, pos, reduce="amax")  # (B + 1, 3)
+    return lo, hi
+
+
 class FractionalPositionEmbedder(nn.Module):
     """Each token's (t, h, w) as a fraction of its video's extent, through sinusoids, to D."""
 
@@ -481,16 +510,31 @@ class FractionalPositionEmbedder(nn.Module):
         part in any video's extent; its output is garbage, as everywhere for padding)."""
         pos = positions.to(torch.float32)  # (N, 3)
         ids = torch.where(seq_ids < 0, num_seqs, seq_ids)  # padding -> an extra, ignored bucket
-        index = ids[:, None].expand(-1, 3)
-        lo = torch.full((num_seqs + 1, 3), float("inf"), device=pos.device).scatter_reduce(
-            0, index, pos, reduce="amin")  # (B + 1, 3)
-        hi = torch.full((num_seqs + 1, 3), float("-inf"), device=pos.device).scatter_reduce(
-            0, index, pos, reduce="amax")  # (B + 1, 3)
+        lo, hi = video_extents(positions, seq_ids, num_seqs)  # (B + 1, 3) each
         lo, hi = lo[ids], hi[ids]  # (N, 3)
         frac = (pos - lo + 0.5) / (hi - lo + 1)  # (N, 3) in (0, 1): cell centres over the extent
         angles = frac[:, :, None] * self.freqs  # (N, 3, F)
         feats = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (N, 6F)
         return self.proj(feats.to(self.proj.weight.dtype))  # (N, D)
+
+
+class AspectEmbedder(nn.Module):
+    """Each video's aspect ratio log(W / H) (of its token grid) -> (B, D), through sinusoids and
+    an MLP, as the timestep. Scale-free: 112 x 64 and 224 x 128 get the same vector."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 64, scale: float = 100.0):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.scale = scale  # log ratios lie in about [-1.5, 1.5]; DiT's sinusoids expect ~0..1000
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """lo, hi: (B, 3) from :func:`video_extents` -> (B, D)."""
+        extent = (hi - lo + 1).clamp(min=1.0)  # (B, 3) tokens along t, h, w
+        log_ratio = torch.log(extent[:, 2] / extent[:, 1])  # (B,)
+        freq = TimestepEmbedder.sinusoid(log_ratio * self.scale, self.frequency_embedding_size)  # (B, F)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class SelfAttention(nn.Module):
@@ -603,6 +647,7 @@ class DiT(nn.Module):
         pooled_dim = D if self.text_refiner is not None else config.text_dim
         self.pooled_embedder = (PooledTextEmbedder(pooled_dim, D, config.pooled_text)
                                 if config.pooled_text != "none" else None)
+        self.aspect_embedder = AspectEmbedder(D) if config.aspect_cond else None
         # One learned key/value every video sees besides its text: makes the empty prompt
         # (CFG's unconditional branch) well defined and acts as an attention sink.
         self.null_text = nn.Parameter(torch.zeros(D))
@@ -627,6 +672,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.null_text, std=0.02)
         if self.pooled_embedder is not None:
             nn.init.normal_(self.pooled_embedder.null, std=0.02)
+        if self.aspect_embedder is not None:  # as the timestep MLP
+            nn.init.normal_(self.aspect_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.aspect_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -685,14 +733,20 @@ class DiT(nn.Module):
         angles = rope_angles(positions, self.config.axes_dims, self.config.rope_theta)  # (N, hd/2)
         # footgun: unique() syncs with the host on CUDA and breaks torch.compile graphs here;
         # fine, since only the blocks need compiling (they take c_unique/inverse as inputs).
-        if self.pooled_embedder is None:
+        if self.pooled_embedder is None and self.aspect_embedder is None:
             t_unique, inverse = torch.unique(timesteps, return_inverse=True)  # (U,), (N,)
             c_unique = self.t_embedder(t_unique)  # (U, D)
         else:  # the conditioning differs per (video, t) pair: embed each distinct pair once
             key = torch.stack([seq_ids.double(), timesteps.double()], dim=1)  # (N, 2), exact for both
             pairs, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2), (N,)
-            prompt = self.pooled_embedder(text if self.text_refiner is None else text_states, text_mask)  # (B, D)
-            c_unique = self.t_embedder(pairs[:, 1].to(timesteps.dtype)) + prompt[pairs[:, 0].long()]  # (U, D)
+            video = pairs[:, 0].long()  # (U,)
+            c_unique = self.t_embedder(pairs[:, 1].to(timesteps.dtype))  # (U, D)
+            if self.pooled_embedder is not None:
+                prompt = self.pooled_embedder(text if self.text_refiner is None else text_states, text_mask)  # (B, D)
+                c_unique = c_unique + prompt[video]
+            if self.aspect_embedder is not None:
+                lo, hi = video_extents(positions, kv_ids, B)  # (B + 1, 3) each: padding takes no part
+                c_unique = c_unique + self.aspect_embedder(lo[:B], hi[:B]).to(c_unique.dtype)[video]
 
         h = self.x_embedder(x)  # (N, D)
         if self.pos_embedder is not None:

@@ -252,6 +252,10 @@ def test_preset_parameter_counts():
             counts[name] = DiT(DiTConfig.preset(name)).num_params()
     # + the pooled-text MLP and null; + the fractional-position projection (3 axes x 8 sin/cos pairs)
     assert counts["tiny"] == 1_617_984 + (384 * 128 + 128) + (128 * 128 + 128) + 128 + (48 * 128 + 128)
+    # aspect_cond adds an MLP from 64 sinusoid features
+    with torch.device("meta"):
+        with_aspect = DiT(DiTConfig.preset("tiny", aspect_cond=True)).num_params()
+    assert with_aspect - counts["tiny"] == (64 * 128 + 128) + (128 * 128 + 128)
     assert counts["xl"] == 1_257_117_760 + (48 * 1536 + 1536)
     for name, cfg in PRESETS.items():
         assert sum(cfg.axes_dims) == cfg.head_dim, name
@@ -368,12 +372,14 @@ def test_flex_attention_matches_sdpa_on_cuda():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("pooled_text,abs_pos,refiner", [("none", "none", 0), ("mean", "none", 0),
-                                                         ("attention", "none", 0), ("mean", "fractional", 0),
-                                                         ("mean", "fractional", 2), ("attention", "none", 1)])
-def test_packing_and_text_isolation_hold_with_and_without_pooled_text(pooled_text, abs_pos, refiner):
+@pytest.mark.parametrize("pooled_text,abs_pos,refiner,aspect", [
+    ("none", "none", 0, False), ("mean", "none", 0, False), ("attention", "none", 0, False),
+    ("mean", "fractional", 0, False), ("mean", "fractional", 2, False), ("attention", "none", 1, False),
+    ("none", "none", 0, True), ("mean", "fractional", 0, True)])
+def test_packing_and_text_isolation_hold_with_and_without_pooled_text(pooled_text, abs_pos, refiner, aspect):
     torch.manual_seed(0)
-    model = randomize(DiT(tiny_config(pooled_text=pooled_text, abs_pos=abs_pos, text_refiner_layers=refiner)))
+    model = randomize(DiT(tiny_config(pooled_text=pooled_text, abs_pos=abs_pos, text_refiner_layers=refiner,
+                                      aspect_cond=aspect)))
     cfg = model.config
     videos = [make_video(g, L, lv, seed, cfg, cf) for seed, (g, L, lv, cf) in enumerate(VIDEOS)]
     x, pos, t, seq, text, mask = pack_videos(videos)
@@ -409,6 +415,38 @@ def test_pooled_text_reaches_the_modulation_of_its_own_video_only(mode):
     uncond = model(x, pos, t, seq, text, empty)
     model.pooled_embedder.null += 1.0
     assert (model(x, pos, t, seq, text, empty) - uncond).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_aspect_ratio_condition_is_scale_free_and_reaches_every_video():
+    """aspect_cond: each video's modulation gets an embedding of log(W / H) of its own token grid:
+    the same for a grid and the grid twice as large (a draft and its refinement), different
+    for the transposed grid; padding tokens take no part in a video's extent."""
+    torch.manual_seed(0)
+    model = randomize(DiT(tiny_config(aspect_cond=True)))
+    assert DiT(tiny_config()).aspect_embedder is None  # off unless asked for
+    lo = torch.zeros(3, 3)
+    hi = torch.tensor([[1.0, 4, 7], [3, 8, 14], [1, 7, 4]]) - 1  # grids (t, h, w): 4x7, 8x14, 7x4
+    e = model.aspect_embedder(lo, hi)  # (3, D)
+    torch.testing.assert_close(e[0], e[1])
+    assert (e[0] - e[2]).abs().max() > 1e-3
+    cfg = model.config
+    videos = [make_video(g, L, lv, seed, cfg) for seed, (g, L, lv) in
+              enumerate([((2, 3, 5), 6, 4), ((2, 5, 3), 6, 6)])]
+    x, pos, t, seq, text, mask = pack_videos(videos)
+    base = model(x, pos, t, seq, text, mask)
+    model.aspect_embedder.mlp[2].bias += 1.0
+    out = model(x, pos, t, seq, text, mask)
+    for v in (0, 1):
+        assert (out[seq == v] - base[seq == v]).abs().max() > 1e-3
+    # a padding token far outside the grid must not change the extents (nor anything else)
+    xp = torch.cat([x, torch.randn(1, x.shape[1])])
+    pp = torch.cat([pos, torch.tensor([[0, 40, 0]])])
+    tp, sp = torch.cat([t, t[:1]]), torch.cat([seq, seq[:1]])
+    valid = torch.cat([torch.ones_like(seq, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
+    torch.testing.assert_close(model(xp, pp, tp, sp, text, mask, valid=valid)[:-1], out, atol=1e-5, rtol=1e-5)
+    # configs saved before the option existed load without it
+    assert DiTConfig().aspect_cond is False
 
 
 @torch.no_grad()
