@@ -505,12 +505,14 @@ class FractionalPositionEmbedder(nn.Module):
                              persistent=False)  # (F,) pi * 1, 2, 4, ...
         self.proj = nn.Linear(3 * 2 * num_freqs, hidden_size)
 
-    def forward(self, positions: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int,
+                extents: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """positions (N, 3); seq_ids (N,) in [0, num_seqs), or -1 for padding (which takes no
-        part in any video's extent; its output is garbage, as everywhere for padding)."""
+        part in any video's extent; its output is garbage, as everywhere for padding);
+        extents: :func:`video_extents` of the same, when the caller already has them."""
         pos = positions.to(torch.float32)  # (N, 3)
         ids = torch.where(seq_ids < 0, num_seqs, seq_ids)  # padding -> an extra, ignored bucket
-        lo, hi = video_extents(positions, seq_ids, num_seqs)  # (B + 1, 3) each
+        lo, hi = extents if extents is not None else video_extents(positions, seq_ids, num_seqs)  # (B + 1, 3)
         lo, hi = lo[ids], hi[ids]  # (N, 3)
         frac = (pos - lo + 0.5) / (hi - lo + 1)  # (N, 3) in (0, 1): cell centres over the extent
         angles = frac[:, :, None] * self.freqs  # (N, 3, F)
@@ -731,6 +733,9 @@ class DiT(nn.Module):
         cross_mask = build_attention_mask(seq_ids, text_ids, self.attention_backend)  # (N, M)
 
         angles = rope_angles(positions, self.config.axes_dims, self.config.rope_theta)  # (N, hd/2)
+        # each video's (t, h, w) extent, once for both embedders that read it; padding takes no part
+        extents = (video_extents(positions, kv_ids, B)
+                   if self.pos_embedder is not None or self.aspect_embedder is not None else None)
         # footgun: unique() syncs with the host on CUDA and breaks torch.compile graphs here;
         # fine, since only the blocks need compiling (they take c_unique/inverse as inputs).
         if self.pooled_embedder is None and self.aspect_embedder is None:
@@ -745,12 +750,12 @@ class DiT(nn.Module):
                 prompt = self.pooled_embedder(text if self.text_refiner is None else text_states, text_mask)  # (B, D)
                 c_unique = c_unique + prompt[video]
             if self.aspect_embedder is not None:
-                lo, hi = video_extents(positions, kv_ids, B)  # (B + 1, 3) each: padding takes no part
+                lo, hi = extents  # (B + 1, 3) each
                 c_unique = c_unique + self.aspect_embedder(lo[:B], hi[:B]).to(c_unique.dtype)[video]
 
         h = self.x_embedder(x)  # (N, D)
         if self.pos_embedder is not None:
-            h = h + self.pos_embedder(positions, kv_ids, B).to(h.dtype)  # kv_ids: padding is -1
+            h = h + self.pos_embedder(positions, kv_ids, B, extents).to(h.dtype)  # kv_ids: padding is -1
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(block, h, c_unique, inverse, angles, self_mask, text_emb, cross_mask, use_reentrant=False)
