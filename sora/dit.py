@@ -126,6 +126,7 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
+        assert isinstance(self.aspect_cond, bool), f"aspect_cond must be true or false, got {self.aspect_cond!r}"
         assert self.text_refiner_layers >= 0, f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}"
         assert self.abs_pos in ("none", "fractional"), (
             f"abs_pos must be 'none' or 'fractional', got {self.abs_pos!r}"

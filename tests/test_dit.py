@@ -445,8 +445,10 @@ def test_aspect_ratio_condition_is_scale_free_and_reaches_every_video():
     tp, sp = torch.cat([t, t[:1]]), torch.cat([seq, seq[:1]])
     valid = torch.cat([torch.ones_like(seq, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)])
     torch.testing.assert_close(model(xp, pp, tp, sp, text, mask, valid=valid)[:-1], out, atol=1e-5, rtol=1e-5)
-    # configs saved before the option existed load without it
+    # configs saved before the option existed load without it; a non-bool is refused
     assert DiTConfig().aspect_cond is False
+    with pytest.raises(AssertionError, match="aspect_cond"):
+        DiTConfig(aspect_cond="yes")
 
 
 @torch.no_grad()
