@@ -442,7 +442,10 @@ def test_a_queue_starts_a_second_replica(server, http):
     while generator_replicas() != 1:  # back to one after idling (downscale_delay_s = 3)
         assert time.monotonic() < deadline, "did not scale down to one replica"
         time.sleep(0.5)
-    ids = [create(http, f"a square {i}", 30) for i in range(16)]
+    # 20 jobs of 60 steps hold one replica busy for at least 5 batches x 3 s = 15 s: longer than
+    # the autoscaler's reaction (~1-2 s here) plus a replica's start on a loaded 2-core box, which
+    # the first version (16 x 30 steps, >= 6 s) sometimes lost to
+    ids = [create(http, f"a square {i}", LIMITS["max_steps"]) for i in range(20)]
     deadline = time.monotonic() + 90
     while generator_replicas() < 2:
         assert time.monotonic() < deadline, "Serve did not start a second replica"
@@ -452,7 +455,7 @@ def test_a_queue_starts_a_second_replica(server, http):
     results = wait_final(http, ids)
     assert all(r["status"] == "completed" for r in results.values())
     workers = {server["store"].get(i)["worker"]["replica"] for i in ids}
-    print(f"16 queued jobs ran on {len(workers)} replicas")
+    print(f"{len(ids)} queued jobs ran on {len(workers)} replicas")
 
 
 def test_200_concurrent_creates_accepted_or_429_none_lost(server, http):
