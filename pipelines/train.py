@@ -119,13 +119,8 @@ class TrainConfig:
     # that, so an epoch no longer starts a Ray Data execution (~1 s each, every ~10 steps on
     # the shapes world).
     cache_data: bool = False
-    bf16: bool = True  # autocast to bfloat16 (FSDP: bf16 params in compute, fp32 reduce)
-    # bf16 autocast on CPU workers too (when `bf16`); None: only where the CPU multiplies bf16
-    # natively (AVX512-BF16 / AMX), see `cpu_has_native_bf16`. There a step of the demo's DiT
-    # is ~1.25x faster (attention stays fp32: PyTorch's bf16 CPU attention backward is slower);
-    # elsewhere bf16 is emulated and slower than fp32.
-    cpu_bf16: bool | None = None
     # GPU only (ignored on CPU): see `parallelize` for the order they are applied in.
+    bf16: bool = True  # autocast to bfloat16 (FSDP: bf16 params in compute, fp32 reduce)
     fsdp: bool = True  # FSDP2 (fully_shard per block, then the root) instead of DDP
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each block
@@ -148,31 +143,10 @@ class TrainConfig:
             raise ValueError("optimizer='muon' needs whole weight matrices, but FSDP shards them: "
                              "set fsdp=False (DDP) or use optimizer='adamw'")
 
-    def uses_bf16(self, device: torch.device) -> bool:
-        """Whether training steps on ``device`` run under bf16 autocast (else fp32)."""
-        if device.type == "cuda":
-            return self.bf16
-        return self.bf16 and (cpu_has_native_bf16() if self.cpu_bf16 is None else self.cpu_bf16)
-
-    def autocast(self, device: torch.device) -> torch.autocast:
-        """The autocast context of a training step on ``device`` (disabled: fp32)."""
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.uses_bf16(device))
-
     def flow(self) -> FlowConfig:
         return FlowConfig(shift=self.base_shift, base_tokens=self.base_tokens,
                           cond_mode_probs=dict(self.cond_mode_probs), p_uncond=self.p_uncond,
                           fg_weight=self.fg_weight)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX): there a bf16 matmul
-    is several times faster than fp32 (0.6 against 2.9 ms for the DiT's 2048 x 512 x 128 on the
-    AMD EPYC we develop on); without them PyTorch emulates bf16 and it is slower."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up softly
-    try:
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    except RuntimeError:
-        return False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -505,7 +479,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = make_optimizer(core, cfg, sharded=device.type == "cuda" and cfg.fsdp and world > 1)
     ema = EMA(core, cfg.ema_decay)
     flow = cfg.flow()
-    autocast = cfg.autocast(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
     peak = _peak_flops(cfg, device)
 
     state = {"step": 0, "epoch": 0, "epoch_rows": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite": 0,
@@ -516,8 +490,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_checkpoint(d, model, optimizer, ema)
         state["resumed_from"].append(state["step"])
     if rank == 0:
-        print(f"[train] rank 0 of {world} on {device} ({'bf16' if cfg.uses_bf16(device) else 'fp32'}): "
-              f"{core.num_params() / 1e6:.2f}M params, "
+        print(f"[train] rank 0 of {world} on {device}: {core.num_params() / 1e6:.2f}M params, "
               f"{'resuming at step ' + str(state['step']) if checkpoint else 'from scratch'}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")

@@ -342,11 +342,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
     -> (heads, Nq, hd). Every query must see at least one key (else SDPA returns NaN);
     the model guarantees it (a token always sees itself / the null text key).
     """
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # bf16 training on a CPU: attention in fp32 (PyTorch's CPU flash-attention backward is
-        # ~3x slower in bf16, which ate the bf16 matmuls' gain), then back to bf16
-        with torch.autocast("cpu", enabled=False):
-            return attention(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
     if isinstance(mask, SegmentMask):
         outs = [
             F.scaled_dot_product_attention(q[None, :, qs:qe], k[None, :, keys], v[None, :, keys])[0]  # (heads, n, hd)

@@ -51,9 +51,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker: FSDP2, bf16")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="autocast of the steps: auto = bf16 on GPUs and on CPUs with native bf16 "
-                   "(AVX512-BF16/AMX; ~1.25x faster steps there), else fp32 (default auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (GPU)")
     p.add_argument("--peak-flops", type=float, default=None, help="per-worker peak FLOP/s for MFU (default: by GPU name)")
@@ -89,6 +86,5 @@ def _config(args: argparse.Namespace, max_steps: int | None):
         compile=args.compile, activation_checkpointing=args.activation_checkpointing, peak_flops=args.peak_flops,
         cache_data=args.cache_data, seed=args.seed, optimizer=args.optimizer, muon_lr=args.muon_lr,
         fg_weight=args.fg_weight,
-        fsdp=args.optimizer != "muon", bf16=args.precision != "fp32",
-        cpu_bf16={"auto": None, "bf16": True, "fp32": False}[args.precision],
+        fsdp=args.optimizer != "muon",
     )
