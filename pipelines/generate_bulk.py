@@ -78,7 +78,7 @@ class BulkConfig:
     steps: int | None = None
     guidance_scale: float | None = None
     seed: int = 0  # base of the per-row seeds derived from ids (rows without a seed)
-    sampler: str = "euler"
+    sampler: str | None = None  # None: the model's default (sora.pipeline.DEFAULT_SAMPLER)
     batch_size: int = 8  # requests of one shape per model call (one packed batch)
     actors: int = 1  # actor pool size: one model copy each
     num_gpus: float | None = None  # per actor; None = 1 if the cluster has GPUs, else 0

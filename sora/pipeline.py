@@ -29,6 +29,7 @@ same output; a list of generators (one per prompt) makes each video independent 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -44,9 +45,14 @@ from sora.conditioning import Layout, Segment
 from sora.flow import interpolate, resolution_shift, time_grid
 from sora.model_dir import component_path, read_index, write_index
 from sora.patches import patchify, position_ids, unpatchify
-from sora.samplers import euler, guided_velocity, heun, initial_noise
+from sora.samplers import ancestral, euler, guided_velocity, heun, initial_noise
 
-SAMPLERS = {"euler": euler, "heun": heun}
+SAMPLERS = {"euler": euler, "heun": heun, "ancestral": ancestral}
+STOCHASTIC = frozenset({"ancestral"})  # take fresh noise each step (from each video's generator)
+# Euler stays the default: the ancestral sampler (and a grid shifted towards noise) read held-out
+# shape 0.741 against Euler's 0.732 over four demo models x four prompt draws (BENCHMARKS.md,
+# twenty-first session), inside the noise of a 100-prompt draw.
+DEFAULT_SAMPLER = "euler"
 # Draft refinement at 0.4: on three demo models (100 held-out prompts drafted at the trained
 # sizes, refined at twice them; BENCHMARKS.md, seventeenth session) 0.4 kept the draft's shape
 # 0.74 / 0.79 / 0.80 of the time against 0.73 / 0.65 / 0.75 at 0.6, its size and motion more
@@ -378,11 +384,15 @@ class SoraPipeline:
         text, mask, neg, neg_mask = self._encode_text(prompts, negative)
         velocity = self._velocity(positions, seq_ids, text, mask, neg, neg_mask, guidance_scale)
         step = SAMPLERS[sampler]
+        if sampler in STOCHASTIC:  # each video's step noise from its own generator, as its start
+            D_in = C * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+            step = functools.partial(step, noise_fn=lambda: torch.cat(
+                [initial_noise((N, D_in), g) for g in generators]).to(device))
         xt, kt = tok(x), tok(known)
         n_steps = len(grid_t) - 1
         for i in range(n_steps):
             # one grid interval per call: identical to one call over the whole grid (each step
-            # of Euler/Heun only reads its own interval), and it lets us report progress
+            # of Euler/Heun/ancestral only reads its own interval), and it lets us report progress
             xt = step(velocity, xt, grid_t[i: i + 2], kt, known_mask)
             if callback is not None:
                 callback(i + 1, n_steps, stage)
@@ -416,7 +426,7 @@ class SoraPipeline:
         mode: str | None = None,
         output_type: str = "np",
         upsample_prompt: bool = False,
-        sampler: str = "euler",
+        sampler: str | None = None,
         callback: StepCallback | None = None,
         seconds: float | None = None,
         context_frames: int | None = None,
@@ -430,7 +440,9 @@ class SoraPipeline:
         or (a, b) for join. strength: SDEdit noise level for edit (default 0.7) and draft
         refinement (default 0.4); 0 returns the input's round trip. context_frames: at most
         this many given frames are kept (extend/join/loop). draft_scale: draft side / final.
-        generator: a torch.Generator, an int seed, or one per prompt.
+        generator: a torch.Generator, an int seed, or one per prompt. sampler: "euler", "heun"
+        or "ancestral" (stochastic: its step noise also comes from each prompt's generator);
+        default: the model index's, else DEFAULT_SAMPLER.
         """
         t0 = time.perf_counter()
         single = isinstance(prompt, str)
@@ -442,6 +454,7 @@ class SoraPipeline:
         fps = float(fps or d["fps"])
         steps = int(num_inference_steps or d["num_inference_steps"])
         guidance = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
+        sampler = sampler or d.get("sampler", DEFAULT_SAMPLER)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
         if steps < 1:

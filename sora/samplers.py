@@ -1,4 +1,5 @@
-r"""ODE samplers for rectified flow: pure functions over a time grid.
+r"""Samplers for rectified flow: pure functions over a time grid (two ODE steppers and one
+stochastic, ancestral one).
 
 Sampling integrates :math:`dx/dt = v_\theta(x, t)` from the first time of the grid
 (1 = pure noise, or lower for SDEdit-style editing) down to 0 (see :mod:`sora.flow`).
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (N, D), t (N,)) -> (N, D)
+NoiseFn = Callable[[], torch.Tensor]  # () -> fresh standard normal noise of the state's shape (N, D)
 
 
 def _hold_known(x, known, known_mask):
@@ -83,6 +85,44 @@ def heun(
             continue
         v_next = velocity_fn(x_pred, _token_times(t_next, x, known_mask))  # (N, D_in)
         x = _hold_known(x + 0.5 * h * (v + v_next), known, known_mask)  # (N, D_in)
+    return x
+
+
+@torch.no_grad()
+def ancestral(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    known: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    noise_fn: NoiseFn | None = None,
+    eta: float = 1.0,
+) -> torch.Tensor:
+    r"""Stochastic steps (DDIM with :math:`\eta`, Song et al. 2021) on the flow's Gaussian path
+    :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon` with :math:`\alpha_t = 1 - t,\ \sigma_t = t`.
+
+    From the model's estimates :math:`\hat x_0 = x - t v` and :math:`\hat\epsilon = x + (1 - t) v`,
+    a step from t to s < t lands on :math:`\alpha_s \hat x_0 + \sqrt{\sigma_s^2 - c^2}\,\hat\epsilon
+    + c z`, z fresh noise, :math:`c = \eta \cdot` the std of the posterior
+    :math:`q(x_s \mid x_t, x_0)`. eta = 1 is the ancestral (DDPM-like) sampler: each step
+    forgets part of the noise it came from, so errors of a weak model do not pile up along one
+    trajectory; eta = 0 is exactly :func:`euler`. The step that lands on t = 0 returns
+    :math:`\hat x_0`. ``noise_fn`` gives z (default: ``torch.randn`` from the global RNG; pass
+    one per video seeded generators for reproducible videos). S model calls."""
+    assert 0.0 <= eta <= 1.0, f"eta must be in [0, 1], got {eta}"
+    x = _hold_known(x, known, known_mask)
+    for i in range(len(timesteps) - 1):
+        t, s = float(timesteps[i]), float(timesteps[i + 1])
+        v = velocity_fn(x, _token_times(timesteps[i], x, known_mask))  # (N, D_in)
+        x0, eps = x - t * v, x + (1.0 - t) * v
+        if s <= 0.0:
+            x = x0
+        else:
+            a_ts = (1.0 - t) / (1.0 - s)  # alpha_t / alpha_s
+            c = eta * s * max(t * t - a_ts * a_ts * s * s, 0.0) ** 0.5 / t  # posterior std x eta
+            z = noise_fn() if noise_fn is not None else torch.randn_like(x)
+            x = (1.0 - s) * x0 + max(s * s - c * c, 0.0) ** 0.5 * eps + c * z.to(x.dtype)
+        x = _hold_known(x, known, known_mask)
     return x
 
 

@@ -200,6 +200,20 @@ def test_loop_ends_on_its_first_frame(pipe, clip):
     assert np.array_equal(with_image.frames[0], with_image.frames[-1])
 
 
+def test_the_ancestral_sampler_is_seeded_per_prompt_and_euler_stays_the_default(pipe):
+    kw = dict(width=48, height=32, num_frames=9)
+    plain = pipe("a red circle", generator=gen(0), **kw)
+    assert plain.info["sampler"] == "euler"
+    a = pipe("a red circle", generator=gen(0), sampler="ancestral", **kw)
+    assert a.info["sampler"] == "ancestral" and not np.array_equal(a.frames, plain.frames)
+    assert np.array_equal(a.frames, pipe("a red circle", generator=gen(0), sampler="ancestral", **kw).frames)
+    # step noise comes from each prompt's own generator: a batch equals its prompts one by one
+    batch = pipe(["a blue square", "a red circle"], generator=[gen(5), gen(0)], sampler="ancestral", **kw)
+    assert np.abs(batch.frames[1].astype(int) - a.frames.astype(int)).max() <= 2
+    with pytest.raises(ValueError, match="sampler"):
+        pipe("a red circle", sampler="ddim", **kw)
+
+
 def test_edit_strength_zero_returns_the_round_trip_and_strength_changes_it(pipe, clip):
     ref = pipe.round_trip(clip, 48, 32)  # 13 frames
     same = pipe.edit("a blue square", clip, strength=0.0, width=48, height=32, num_frames=13, generator=gen(0))

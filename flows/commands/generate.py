@@ -45,7 +45,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same video")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=("euler", "heun"), default="euler", help="ODE sampler (default euler)")
+    p.add_argument("--sampler", choices=("euler", "heun", "ancestral"), default=None,
+                   help="the ODE samplers euler, heun or the stochastic ancestral (default: the model's, euler)")
     p.add_argument("--image", default=None, help="an image (or video: its first frame) to start from")
     p.add_argument("--video", default=None, help="a video to extend, edit or loop (see --mode)")
     p.add_argument("--mode", choices=MODES, default=None, help="what to do with --video (default extend-forward)")
