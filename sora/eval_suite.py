@@ -64,7 +64,7 @@ def evaluate(
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
-    sampler: str = "euler",
+    sampler: str | None = None,
     draft: bool = False,
     strength: float | None = None,
     from_reference: float | None = None,
@@ -76,7 +76,7 @@ def evaluate(
     draft_agreement (draft only), settings, seconds, and ``rows`` (one dict per prompt)."""
     import torch
 
-    from sora.pipeline import export_to_video
+    from sora.pipeline import DEFAULT_SAMPLER, export_to_video
 
     assert prompts, "no prompts to evaluate"
     if from_reference is not None:
@@ -144,8 +144,8 @@ def evaluate(
         "frames_correct": float(np.mean([r["frames_ok"] for r in rows])),
         "settings": {"num_inference_steps": num_inference_steps or defaults["num_inference_steps"],
                      "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
-                     "seed": seed, "sampler": sampler, "draft": draft, "strength": strength,
-                     "from_reference": from_reference},
+                     "seed": seed, "sampler": sampler or defaults.get("sampler", DEFAULT_SAMPLER), "draft": draft,
+                     "strength": strength, "from_reference": from_reference},
         "seconds": round(time.perf_counter() - t0, 3),
     }
     with_bg = [r for r in rows if "background_ok" in r]
@@ -153,8 +153,28 @@ def evaluate(
         report["accuracy"]["background"] = float(np.mean([r["background_ok"] for r in with_bg]))
     if draft:
         report["draft_agreement"] = {k: float(np.mean([r[f"draft_{k}_same"] for r in rows])) for k in ATTRIBUTES}
+    proportions = proportion_summary(rows)
+    if proportions is not None:
+        report["proportions"] = proportions
     report["rows"] = json.loads(json.dumps(rows, default=_jsonable))
     return report
+
+
+def proportion_summary(rows: list[dict], tolerance: float = 1.2) -> dict | None:
+    """How far generated objects are from their square bounding box (``aspect`` of
+    `sora.evaluator.Analysis`), and shape accuracy within / beyond ``tolerance`` (w/h or h/w):
+    a diagnostic for where shape is lost - a square drawn 1.5x as tall as wide fits the round
+    template best. None when no row has an aspect."""
+    import math
+
+    rows = [r for r in rows if r.get("aspect") is not None and math.isfinite(r["aspect"])]
+    if not rows:
+        return None
+    off = np.array([abs(math.log(r["aspect"])) for r in rows])
+    near = off <= math.log(tolerance)
+    acc = lambda m: float(np.mean([r["shape_ok"] for r, k in zip(rows, m) if k])) if m.any() else None  # noqa: E731
+    return {"n": len(rows), "tolerance": tolerance, "median_abs_log_aspect": float(np.median(off)),
+            "within": float(near.mean()), "shape_accuracy_within": acc(near), "shape_accuracy_beyond": acc(~near)}
 
 
 def _jsonable(v):

@@ -66,6 +66,9 @@ class Analysis:
     side: median object side / short side of the frame (0.18 small, 0.36 large).
     displacement: (dx, dy) fitted net motion in short sides (image y points down).
     shape_error: mean |coverage - ideal shape| per unit area for each shape (lower = better).
+    aspect: median width / height of the object's bounding box (pixels at least half covered)
+    over the template frames; every ideal shape has a square one, so 1.0 is right and e.g.
+    1.5 a shape drawn half again as wide as tall (a diagnostic: no attribute reads it).
     """
 
     color: str | None
@@ -79,6 +82,7 @@ class Analysis:
     displacement: tuple[float, float] = (float("nan"), float("nan"))
     rgb: tuple[float, float, float] = (float("nan"),) * 3
     shape_error: dict[str, float] = field(default_factory=dict)
+    aspect: float = float("nan")
 
     def as_dict(self) -> dict:
         """JSON-able summary (track as [x, y] or None per frame)."""
@@ -86,7 +90,7 @@ class Analysis:
                 "motion": self.motion, "background": self.background,
                 "found_frames": self.found_frames, "side": self.side,
                 "displacement": list(self.displacement), "rgb": list(self.rgb),
-                "shape_error": dict(self.shape_error),
+                "shape_error": dict(self.shape_error), "aspect": self.aspect,
                 "track": [None if np.isnan(p).any() else [float(p[0]), float(p[1])]
                           for p in self.track]}
 
@@ -238,8 +242,9 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _fit_frame(cover: np.ndarray, blob: np.ndarray, templates: bool
-               ) -> tuple[float, float, float, dict[str, float]] | None:
-    """Area, centroid (x, y) in px and (if `templates`) per-shape template error of one object.
+               ) -> tuple[float, float, float, dict[str, float], float] | None:
+    """Area, centroid (x, y) in px and (if `templates`) per-shape template error and bounding
+    box width / height (of the pixels at least half covered; NaN without templates) of one object.
 
     cover: (H, W) coverage in [0, 1] with every other object already zeroed; blob: (H, W) bool
     mask of this object. Measured in the blob's bounding box grown by a margin that holds the
@@ -258,13 +263,15 @@ def _fit_frame(cover: np.ndarray, blob: np.ndarray, templates: bool
     gx = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5
     cx, cy = float((c * gx).sum()) / area, float((c * gy).sum()) / area
     if not templates:
-        return area, cx, cy, {}
+        return area, cx, cy, {}, float("nan")
+    hy, hx = np.nonzero(c >= 0.5)
+    aspect = float(hx.max() - hx.min() + 1) / float(hy.max() - hy.min() + 1) if len(hx) else float("nan")
     # (3, h, w): each ideal shape with the measured area and centroid, antialiased like render()
     ideal = np.stack([
         np.clip(0.5 - signed_distance(s, math.sqrt(area / AREA_FACTOR[s]), gx - cx, gy - cy), 0, 1)
         for s in SHAPES])
     err = np.min([np.abs(c - _blur(ideal, b)).sum(axis=(1, 2)) for b in BLURS], axis=0) / area
-    return area, cx, cy, dict(zip(SHAPES, err.tolist()))
+    return area, cx, cy, dict(zip(SHAPES, err.tolist())), aspect
 
 
 def analyze(video, config: EvalConfig = EvalConfig()) -> Analysis:
@@ -301,13 +308,15 @@ def analyze(video, config: EvalConfig = EvalConfig()) -> Analysis:
     # area and centroid on all of them (the track needs every frame).
     picks = np.linspace(0, len(found) - 1, min(len(found), config.template_frames)).astype(int)
     fit_on = set(found[picks].tolist())
-    frames_ok, areas, errors, n_fit = [], [], {s: 0.0 for s in SHAPES}, 0
+    frames_ok, areas, errors, n_fit, aspects = [], [], {s: 0.0 for s in SHAPES}, 0, []
     for t in found:
         fit = _fit_frame(cover[t], main[t], t in fit_on)
         if fit is None:
             continue
-        area, cx, cy, err = fit
+        area, cx, cy, err, aspect = fit
         frames_ok.append(t)
+        if not math.isnan(aspect):
+            aspects.append(aspect)
         areas.append(area)
         track[t] = (cx / W, cy / H)
         n_fit += bool(err)
@@ -336,7 +345,8 @@ def analyze(video, config: EvalConfig = EvalConfig()) -> Analysis:
     else:
         motion = "down" if dy > 0 else "up"
     return Analysis(color, shape, size, motion, background, track, len(frames_ok), side,
-                    (dx, dy), tuple(float(v) for v in rgb), shape_error)
+                    (dx, dy), tuple(float(v) for v in rgb), shape_error,
+                    float(np.median(aspects)) if aspects else float("nan"))
 
 
 def score(video, attributes: dict, config: EvalConfig = EvalConfig()) -> dict:

@@ -145,3 +145,26 @@ def test_only_specks_below_min_pixels_mean_no_object_not_a_crash():
     video[mask] = 255
     a = analyze(video)
     assert a.shape is None and a.motion is None and a.found_frames == 0
+
+
+def test_aspect_reads_a_square_box_and_a_stretched_one():
+    """Every ideal shape has a square bounding box (aspect 1); the same clip stretched 1.5x
+    sideways reads 1.5, and the eval summary counts it beyond a 1.2 tolerance."""
+    from sora.eval_suite import proportion_summary
+
+    rows = []
+    for shape in ("circle", "square", "triangle"):
+        spec = ClipSpec((ObjectSpec(shape, "yellow", "large", "still", 0.5, 0.5, 0.5, 0.5),), "navy", 128, 128, 5, 8)
+        frames = render(spec)
+        a = analyze(frames)
+        assert a.shape == shape and a.aspect == pytest.approx(1.0, abs=0.05), (shape, a.aspect)
+        wide = frames[:, :, np.arange(192) * 128 // 192]  # each column 1.5x (nearest)
+        b = analyze(wide)
+        assert b.aspect == pytest.approx(1.5, abs=0.1), (shape, b.aspect)
+        rows += [score(frames, spec.attributes()), score(wide, spec.attributes())]
+    assert all("aspect" in r for r in rows)
+    summary = proportion_summary(rows)
+    assert summary["n"] == 6 and summary["within"] == pytest.approx(0.5)
+    assert summary["shape_accuracy_within"] == 1.0
+    assert summary["median_abs_log_aspect"] == pytest.approx(np.median([0.0] * 3 + [np.log(1.5)] * 3), abs=0.06)
+    assert proportion_summary([{"shape_ok": True}]) is None

@@ -110,6 +110,7 @@ def test_eval_reports_accuracy_and_exact_sizes(model_dir, tmp_path, capsys):
     # attributes come from the row, else from the prompt text
     assert report["rows"][1]["want"]["shape"] == "square" and report["rows"][1]["want"]["motion"] == "up"
     assert report["rows"][0]["want"]["background"] == "black"
+    assert all("aspect" in r for r in report["rows"])  # the proportion diagnostic, NaN without an object
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["accuracy"] == report["accuracy"]
 

@@ -39,7 +39,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="generation seed base (prompt i uses seed + i)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts of one shape per model call")
-    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    p.add_argument("--sampler", choices=("euler", "heun", "ancestral"), default=None,
+                   help="the ODE samplers euler, heun or the stochastic ancestral (default: the model's, euler)")
     p.add_argument("--draft", action="store_true", help="evaluate draft-then-refine generation")
     p.add_argument("--strength", type=float, default=None, help="refinement strength with --draft (default 0.4)")
     p.add_argument("--from-reference", type=float, default=None, metavar="S",
@@ -111,5 +112,6 @@ def run(args: argparse.Namespace) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps({k: report[k] for k in ("n", "accuracy", "size_correct", "frames_correct", "seconds")}
-                     | ({"draft_agreement": report["draft_agreement"]} if args.draft else {})))
+                     | ({"draft_agreement": report["draft_agreement"]} if args.draft else {})
+                     | ({"proportions": report["proportions"]} if "proportions" in report else {})))
     return 0
