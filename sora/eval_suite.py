@@ -28,6 +28,7 @@ video does not depend on what it was batched with.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Callable
@@ -165,8 +166,6 @@ def proportion_summary(rows: list[dict], tolerance: float = 1.2) -> dict | None:
     `sora.evaluator.Analysis`), and shape accuracy within / beyond ``tolerance`` (w/h or h/w):
     a diagnostic for where shape is lost - a square drawn 1.5x as tall as wide fits the round
     template best. None when no row has an aspect."""
-    import math
-
     rows = [r for r in rows if r.get("aspect") is not None and math.isfinite(r["aspect"])]
     if not rows:
         return None

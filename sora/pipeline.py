@@ -384,11 +384,10 @@ class SoraPipeline:
         text, mask, neg, neg_mask = self._encode_text(prompts, negative)
         velocity = self._velocity(positions, seq_ids, text, mask, neg, neg_mask, guidance_scale)
         step = SAMPLERS[sampler]
-        if sampler in STOCHASTIC:  # each video's step noise from its own generator, as its start
-            D_in = C * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
-            step = functools.partial(step, noise_fn=lambda: torch.cat(
-                [initial_noise((N, D_in), g) for g in generators]).to(device))
         xt, kt = tok(x), tok(known)
+        if sampler in STOCHASTIC:  # each video's step noise from its own generator, as its start
+            step = functools.partial(step, noise_fn=lambda: torch.cat(
+                [initial_noise((N, xt.shape[1]), g) for g in generators]).to(device))
         n_steps = len(grid_t) - 1
         for i in range(n_steps):
             # one grid interval per call: identical to one call over the whole grid (each step
