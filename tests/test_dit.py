@@ -506,3 +506,34 @@ def test_text_refiner_makes_the_model_see_word_order(pooled_text):
     fresh = DiT(tiny_config(pooled_text=pooled_text, text_refiner_layers=2))
     states = torch.randn(2, 6, fresh.config.hidden_size)
     assert torch.equal(fresh.text_refiner(states, mask[None].expand(2, -1)), states)
+
+
+def test_cpu_fast_paths_equal_the_plain_ones(monkeypatch):
+    """What makes a CPU step cheaper changes no number: the one-node per-video flash attention
+    equals one SDPA per video through plain autograd (values and gradients, same kernels), and
+    RoPE as a complex multiply equals the cos/sin form."""
+    import sora.dit as dit
+
+    g = torch.Generator().manual_seed(3)
+    heads, hd, lengths = 2, 8, [5, 9, 1, 7]
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = build_attention_mask(seq, seq, "segments")
+    assert all(isinstance(k, slice) for k in mask.k_index)
+    q, k, v = (torch.randn(heads, bounds[-1], hd, generator=g, requires_grad=True) for _ in range(3))
+    grad = torch.randn(heads, bounds[-1], hd, generator=g)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(dit, "_flash_cpu_ops", lambda: None)
+        out = dit.attention(q, k, v, mask)
+        assert (out.grad_fn.name() == "_SegmentFlashAttentionBackward") == fast
+        results.append((out.detach(), *torch.autograd.grad(out, (q, k, v), grad)))
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-5)
+
+    x = torch.randn(3, 11, 32, generator=g).transpose(0, 1)  # a non-contiguous view, as q after the qkv split
+    angles = rope_angles(torch.randint(0, 9, (3, 3), generator=g), (8, 12, 12), 10000.0)
+    rotation = dit.rope_rotation(angles)
+    assert rotation.is_complex()
+    torch.testing.assert_close(apply_rope(x, rotation), apply_rope(x, angles), atol=1e-6, rtol=1e-5)
