@@ -187,10 +187,45 @@ def muon_parameter_names(model: DiT) -> list[str]:
     return [n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
 
 
-def make_optimizer(model: DiT, cfg: TrainConfig, sharded: bool = False) -> Optimizers:
+class RankSplitMuon(torch.optim.Muon):
+    """torch.optim.Muon for a DDP-replicated model: the same update, bit for bit, but each
+    matrix's Newton-Schulz iteration runs on one rank (``orthogonalize_across_ranks``) instead
+    of on all of them. On the demo's 2 CPU workers Muon was ~30 ms of a ~300 ms step. Same
+    state (``momentum_buffer``), so checkpoints are interchangeable with plain Muon's."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        from sora.vae_train import orthogonalize_across_ranks
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:  # as torch's _single_tensor_muon, up to the orthogonalisation
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                updates.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+            ortho = lambda u: _zeropower_via_newtonschulz(u, group["ns_coefficients"], group["ns_steps"], group["eps"])  # noqa: E731
+            lr = float(group["lr"])
+            for p, o in zip(params, orthogonalize_across_ranks(updates, ortho)):
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(o, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def make_optimizer(model: DiT, cfg: TrainConfig, sharded: bool = False, data_parallel: bool = False) -> Optimizers:
     """The optimizer(s) of ``cfg.optimizer`` over ``model``'s parameters (after parallelize).
     Weight decay goes to matrices only. ``sharded``: the parameters are FSDP shards, which
-    Muon cannot orthogonalise (it needs whole matrices)."""
+    Muon cannot orthogonalise (it needs whole matrices). ``data_parallel``: the model is
+    replicated (DDP), so Muon splits its work over the ranks (`RankSplitMuon`)."""
     named = list(model.named_parameters())
     decays = {n: p.dim() >= 2 and "null_text" not in n for n, p in named}
     muon = set(muon_parameter_names(model)) if cfg.optimizer == "muon" else set()
@@ -203,7 +238,7 @@ def make_optimizer(model: DiT, cfg: TrainConfig, sharded: bool = False) -> Optim
     opts = Optimizers([torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)])
     if muon:
         scale = (cfg.muon_lr / cfg.lr) if cfg.muon_lr else 1.0
-        opts.insert(0, torch.optim.Muon(
+        opts.insert(0, (RankSplitMuon if data_parallel else torch.optim.Muon)(
             [{"params": [p for n, p in named if n in muon], "weight_decay": cfg.weight_decay, "lr_scale": scale}],
             lr=cfg.lr * scale, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
             adjust_lr_fn="match_rms_adamw"))
@@ -476,7 +511,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP/FSDP also sync it)
     core = DiT(dit_config)
     model = parallelize(core, cfg, device, world)  # the optimizer must see the (sharded) params after this
-    optimizer = make_optimizer(core, cfg, sharded=device.type == "cuda" and cfg.fsdp and world > 1)
+    sharded = device.type == "cuda" and cfg.fsdp and world > 1
+    optimizer = make_optimizer(core, cfg, sharded=sharded, data_parallel=world > 1 and not sharded)
     ema = EMA(core, cfg.ema_decay)
     flow = cfg.flow()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)

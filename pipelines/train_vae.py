@@ -129,9 +129,11 @@ def _cosine_lr(cfg: VAETrainConfig, progress: float) -> float:
     return float(cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress))))
 
 
-def make_vae_optimizer(model, cfg: VAETrainConfig):
+def make_vae_optimizer(model, cfg: VAETrainConfig, data_parallel: bool = False):
     """AdamW alone, or KernelMuon on the hidden conv kernels + AdamW on the rest, as one
-    `pipelines.train.Optimizers` (each group's ``lr_scale`` multiplies the schedule's lr)."""
+    `pipelines.train.Optimizers` (each group's ``lr_scale`` multiplies the schedule's lr).
+    ``data_parallel``: the model is DDP-replicated, so KernelMuon splits its Newton-Schulz work
+    over the ranks (same numbers, each rank does its share)."""
     import torch
 
     from pipelines.train import Optimizers
@@ -142,7 +144,7 @@ def make_vae_optimizer(model, cfg: VAETrainConfig):
     opts = Optimizers([torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}], lr=cfg.lr, weight_decay=0.0)])
     if muon:
         opts.insert(0, KernelMuon([{"params": [p for n, p in model.named_parameters() if n in muon],
-                                    "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr))
+                                    "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr, across_ranks=data_parallel))
     return opts
 
 
@@ -192,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
     assert frames, f"worker {rank}: no decodable training clips in {cfg.data}"
 
     model = CausalVideoVAE(VAEConfig.preset(cfg.preset))
-    opt = make_vae_optimizer(model, cfg)
+    opt = make_vae_optimizer(model, cfg, data_parallel=world > 1)
     step, elapsed_before, resumed_from = 0, 0.0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:

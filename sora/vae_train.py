@@ -185,6 +185,35 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (X.T if tall else X).to(G.dtype)
 
 
+def orthogonalize_across_ranks(updates: list[torch.Tensor], orthogonalize_fn=orthogonalize) -> list[torch.Tensor]:
+    """``[orthogonalize_fn(u) for u in updates]``, each computed on ONE data-parallel rank.
+
+    For optimizers of replicated models (DDP): every rank holds the same reduced gradients, so
+    every rank would run the same Newton-Schulz iterations; instead each matrix goes to one rank
+    (largest first, to the least loaded; the same plan everywhere), and one all-reduce of a flat
+    fp32 buffer, zero where a rank did not compute, gives every rank all results. The values are
+    exactly those of the unsplit loop (a sum with zeros is exact). Without an initialised
+    process group of 2+ ranks it is the plain loop. The callers must only use it when the
+    updates really are identical on every rank.
+    """
+    dist = torch.distributed
+    if not updates or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return [orthogonalize_fn(u) for u in updates]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    load, owner = [0.0] * world, [0] * len(updates)
+    for i in sorted(range(len(updates)), key=lambda i: -updates[i].numel() * min(updates[i].shape)):
+        owner[i] = min(range(world), key=load.__getitem__)  # Newton-Schulz costs ~ m * n * min(m, n)
+        load[owner[i]] += updates[i].numel() * min(updates[i].shape)
+    sizes = [u.numel() for u in updates]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=updates[0].device)
+    parts = flat.split(sizes)
+    for u, part, who in zip(updates, parts, owner):
+        if who == rank:
+            part.copy_(orthogonalize_fn(u).reshape(-1))
+    dist.all_reduce(flat)
+    return [part.view(u.shape) for u, part in zip(updates, parts)]
+
+
 class KernelMuon(torch.optim.Optimizer):
     """Muon for convolution kernels: each (C_out, C_in, *k) weight's momentum is orthogonalised
     as a (C_out, C_in * prod(k)) matrix, the view a convolution actually multiplies by.
@@ -201,9 +230,13 @@ class KernelMuon(torch.optim.Optimizer):
     ~3 dB ahead of AdamW (23.0 vs 20.1 dB at step 1,000), in equal time 26.6 dB against 22.9 dB.
     """
 
-    def __init__(self, params, lr: float = 2e-3, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5):
+    def __init__(self, params, lr: float = 2e-3, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5,
+                 across_ranks: bool = False):
+        """across_ranks: the model is replicated over a data-parallel group (DDP), so each
+        kernel's Newton-Schulz runs on one rank only (`orthogonalize_across_ranks`)."""
         assert lr > 0 and 0 <= momentum < 1, f"KernelMuon: need lr > 0 and 0 <= momentum < 1, got {lr}, {momentum}"
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+        self.across_ranks = across_ranks
         for group in self.param_groups:
             for p in group["params"]:
                 assert p.dim() >= 2, f"KernelMuon updates matrices and kernels, got a {p.dim()}-D parameter {tuple(p.shape)}"
@@ -216,6 +249,7 @@ class KernelMuon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
+            params, updates = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -224,9 +258,14 @@ class KernelMuon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
-                u = p.grad.lerp(buf, mu).reshape(p.shape[0], -1)  # nesterov, as a (C_out, fan_in) matrix
+                params.append(p)
+                updates.append(p.grad.lerp(buf, mu).reshape(p.shape[0], -1))  # nesterov, as a (C_out, fan_in) matrix
+            ortho = lambda u: orthogonalize(u, group["ns_steps"])  # noqa: E731
+            results = (orthogonalize_across_ranks(updates, ortho) if self.across_ranks
+                       else [ortho(u) for u in updates])
+            for p, u, o in zip(params, updates, results):
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(orthogonalize(u, group["ns_steps"]).view_as(p), alpha=-lr * 0.2 * max(u.shape) ** 0.5)
+                p.add_(o.view_as(p), alpha=-lr * 0.2 * max(u.shape) ** 0.5)
         return loss
 
 

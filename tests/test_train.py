@@ -392,3 +392,58 @@ def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, c
                            storage_path=str(tmp_path / "store"), name="full")
     assert summary["steps"] == 3
     assert "caching the latents" in capsys.readouterr().out
+
+
+def _split_muon_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of test_split_muon_equals_plain_muon: the same model and gradients on every rank
+    (as after DDP's all-reduce), stepped by the rank-split optimizers; rank 0 saves the result."""
+    import torch
+
+    from pipelines.train import RankSplitMuon
+    from sora.captioner import _join_group
+    from sora.vae_train import KernelMuon
+
+    torch.set_num_threads(1)
+    _join_group(rank, world, port)
+    torch.manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(*s)) for s in [(12, 8), (8, 8), (24, 8), (8, 24), (5, 3)]]
+    kernels = [torch.nn.Parameter(torch.randn(*s)) for s in [(6, 4, 3, 3, 3), (8, 6, 1, 3, 3)]]
+    opts = [RankSplitMuon(mats, lr=0.01, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"),
+            KernelMuon(kernels, lr=0.01, weight_decay=0.01, across_ranks=True)]
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p in mats + kernels:
+            p.grad = torch.randn(p.shape, generator=g)
+        for o in opts:
+            o.step()
+    if rank == 0:
+        torch.save([p.detach() for p in mats + kernels], os.path.join(out_dir, "split.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_split_muon_equals_plain_muon(tmp_path):
+    """Muon's Newton-Schulz work split over 2 data-parallel ranks (each matrix on one rank, one
+    all-reduce) gives exactly the plain optimizers' parameters: torch's Muon for the DiT and our
+    KernelMuon for the VAE."""
+    import torch.multiprocessing as mp
+
+    from sora.captioner import _free_port
+    from sora.vae_train import KernelMuon
+
+    mp.spawn(_split_muon_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(*s)) for s in [(12, 8), (8, 8), (24, 8), (8, 24), (5, 3)]]
+    kernels = [torch.nn.Parameter(torch.randn(*s)) for s in [(6, 4, 3, 3, 3), (8, 6, 1, 3, 3)]]
+    before = [p.detach().clone() for p in mats + kernels]
+    opts = [torch.optim.Muon(mats, lr=0.01, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"),
+            KernelMuon(kernels, lr=0.01, weight_decay=0.01)]
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p in mats + kernels:
+            p.grad = torch.randn(p.shape, generator=g)
+        for o in opts:
+            o.step()
+    split = torch.load(tmp_path / "split.pt", weights_only=True)
+    for plain, got, start in zip(mats + kernels, split, before):
+        assert not torch.equal(plain.detach(), start)  # the optimizers did move every parameter
+        assert torch.equal(plain.detach(), got)
