@@ -296,6 +296,9 @@ class SegmentMask:
 
     q_slices: list[tuple[int, int]]
     k_index: list
+    # one autograd node over all videos (`_SegmentFlashAttention`) where possible; False: plain
+    # autograd through each video's slices (the "segments_unfused" backend, a baseline)
+    fused: bool = True
 
 
 def _segments(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> SegmentMask | None:
@@ -323,7 +326,9 @@ def build_attention_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor, backend: str
     backend: "sdpa" -> dense bool (Nq, Nk): simple, but every query is scored against the
     whole pack, so a pack of 20 videos does ~20x the attention work it needs;
     "segments" -> a :class:`SegmentMask`: one SDPA call per video on its own keys (queries
-    of a video must be contiguous, as packing makes them; else it falls back to dense).
+    of a video must be contiguous, as packing makes them; else it falls back to dense), all
+    in one autograd node on the CPU ("segments_unfused": autograd through every slice, the
+    way before that node; a benchmark baseline).
     Measured on 2 CPU cores, tiny DiT, 4096-token packs: see benchmarks/bench_attention.py;
     "flex" -> a ``BlockMask`` for ``flex_attention`` (CUDA), which skips the empty
     off-diagonal blocks entirely; "auto" -> flex on CUDA, else segments.
@@ -332,9 +337,10 @@ def build_attention_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor, backend: str
     """
     if backend == "auto":
         backend = "flex" if q_ids.is_cuda else "segments"
-    if backend == "segments":
+    if backend in ("segments", "segments_unfused"):
         seg = _segments(q_ids, kv_ids)
         if seg is not None:
+            seg.fused = backend == "segments"
             return seg
         backend = "sdpa"
     if backend == "sdpa":
@@ -399,7 +405,7 @@ class _SegmentFlashAttention(torch.autograd.Function):
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SegmentMask) -> torch.Tensor:
     """One attention call per video: through `_SegmentFlashAttention` on the CPU when each
     video's keys are one slice, else plain SDPA per video (autograd through the slices)."""
-    if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+    if (mask.fused and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype
             and all(isinstance(keys, slice) for keys in mask.k_index) and _flash_cpu_ops() is not None):
         return _SegmentFlashAttention.apply(q, k, v, mask.q_slices, mask.k_index)
     outs = [
