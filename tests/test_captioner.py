@@ -336,12 +336,18 @@ def test_train_save_load_round_trip(tmp_path, clips):
     assert stats["final_loss"] < 0.6 * stats["first_loss"], stats
     assert cfg.tag_weight > 0 and stats["final_tag_loss"] < 0.8 * stats["first_tag_loss"], stats  # the tag heads learn
     frames = [c for c, _ in clips[:6]]
-    in_memory = Captioner(model, processor, name="mem", max_new_tokens=40, grid_note=cfg.grid_note).caption(frames)
+    mem = Captioner(model, processor, name="mem", max_new_tokens=40, grid_note=cfg.grid_note,
+                    layout=cfg.layout, tile=cfg.tile)  # shown the frames the way it was trained
+    in_memory = mem.caption(frames)
     save_captioner(model, processor, str(tmp_path / "cap"), cfg, stats)
     loaded = Captioner.from_pretrained(str(tmp_path / "cap"), max_new_tokens=40)
     assert loaded.name == f"{model.config.model_type}:cap" and loaded.num_frames == cfg.num_frames
     assert type(loaded.model) is type(model) and loaded.layout == cfg.layout and loaded.tile == cfg.tile
     assert loaded.grid_note is cfg.grid_note  # asked the way it was trained (captioner.json)
+    inputs = loaded.inputs(frames)
+    assert all(torch.equal(v, mem.inputs(frames)[k]) for k, v in inputs.items())  # same prompt, same grids
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**inputs).logits, model(**inputs).logits)  # the same weights, bit for bit
     assert loaded.caption(frames) == in_memory
     assert all(t for t in in_memory), in_memory
 
