@@ -41,12 +41,12 @@ def caption_task(data: str, captioner: str | None = None, batch_size: int = 8) -
 
 
 @task(retries=2, retry_delay_seconds=2, log_prints=True)
-def encode_task(data: str, vae: str, text_encoder: str | None = None) -> dict:
+def encode_task(data: str, vae: str, text_encoder: str | None = None, actors: int = 1) -> dict:
     from pipelines.encode import EncodeConfig, run_encode
     from pipelines.ray_utils import ensure_ray
 
     ensure_ray()
-    result = run_encode(data, EncodeConfig(vae=vae, text_encoder=text_encoder))
+    result = run_encode(data, EncodeConfig(vae=vae, text_encoder=text_encoder, actors=actors))
     print(f"encode: {result['encoded']} new, {result['already_encoded']} already encoded, {result['failed']} failed")
     return result
 

@@ -39,15 +39,23 @@ class DemoPlan:
     draft_prompts: int = 0  # held-out prompts generated as draft -> refined, to check they agree
 
     def estimate_minutes(self) -> float:
-        # per-clip and per-prompt costs from the default run of 2026-11-24 on 2 cores (34.4 min):
-        # synth + ingest + encode 143 s for 480 clips, eval 100 prompts ~45 s; a draft at twice
-        # the size costs ~4 plain prompts (24 in ~30-40 s, 2026-12-02)
+        # per-clip and per-prompt costs from default runs on 2 cores: synth + ingest + encode
+        # (two encode actors) 377 s for 2,400 clips (2026-12-03; ~105 s for 480), i.e. ~35 s plus
+        # ~0.14 s a clip; eval 100 prompts ~45 s; a draft at twice the size costs ~4 plain
+        # prompts (24 in ~30-40 s, 2026-12-02)
         return (self.vae_minutes + self.captioner_minutes + self.dit_minutes + 1.0
-                + self.clips * 0.005 + (self.eval_prompts + 4 * self.draft_prompts) * 0.01 + (0.5 if self.tiny_clips else 3.0))
+                + 0.6 + self.clips * 0.0024 + (self.eval_prompts + 4 * self.draft_prompts) * 0.01
+                + (0.5 if self.tiny_clips else 3.0))
 
 
 PLANS = {
-    "default": DemoPlan(clips=480, tiny_clips=False, vae_minutes=7.0, vae_holdout=48, captioner_minutes=3.0,
+    # 2,400 clips, not 480: with 480 the DiT sees each clip ~200 times in its 20 minutes and
+    # memorises them - its loss keeps falling (0.088 at step 2,000, 0.046 at 7,000) while held-out
+    # shape stops rising near 0.76 from step ~3,500 on. The same recipe on 2,400 clips (same VAE):
+    # shape over four prompt draws 0.78 at step 4,000 and 0.82 at 4,500 against 0.75 / 0.77 on 480,
+    # size 0.88-0.93 against 0.74-0.86 (BENCHMARKS.md, twenty-second session). The extra clips cost
+    # ~5 minutes of synth, ingest and encode; the DiT's 20 minutes are unchanged.
+    "default": DemoPlan(clips=2400, tiny_clips=False, vae_minutes=7.0, vae_holdout=48, captioner_minutes=3.0,
                         captioner_eval=100, dit_minutes=20.0, dit_steps=None, eval_prompts=100, steps=20,
                         sample_size=(112, 64), sample_frames=17,
                         # a tiny model and a few thousand steps: a far higher lr than the 1e-4
@@ -182,7 +190,7 @@ def demo_flow(out: str = "demo", quick: bool = False) -> dict:
 
     s = time.monotonic()
     say("4/8 encode clips to latent patches", t0, est)
-    metrics["encode"] = encode_task(data, vae_dir)
+    metrics["encode"] = encode_task(data, vae_dir, actors=min(2, os.cpu_count() or 1))  # a model replica per core
     phase("encode", s)
 
     s = time.monotonic()
