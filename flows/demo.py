@@ -5,7 +5,7 @@
     -> eval on held-out prompts -> DIR/report.html + DIR/metrics.json
 
 Everything runs on the local machine (Ray local, Prefect's temporary server) with no network.
-The default run takes ~35 minutes on 2 cores (measured 34.5); `--quick` in ~3 minutes (tests use it).
+The default run takes ~40 minutes on 2 cores (measured 39.4); `--quick` in ~3 minutes (tests use it).
 """
 
 from __future__ import annotations

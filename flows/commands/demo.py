@@ -16,7 +16,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "the DiT -> samples in 6 aspect ratios plus image-to-video, extension, join and draft ->\n"
         "full -> eval on held-out prompts -> DIR/report.html and DIR/metrics.json.\n"
         "Local Ray and a temporary Prefect server; no network. The default run takes about\n"
-        "35 minutes on 2 cores (measured 34.5; it prints its estimate at the start and shows\n"
+        "40 minutes on 2 cores (measured 39.4; it prints its estimate at the start and shows\n"
         "progress); --quick about 3.",
         epilog="examples:\n  sora demo --out demo\n  sora demo --out /tmp/demo-quick --quick",
     )
