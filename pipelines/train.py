@@ -87,8 +87,14 @@ class TrainConfig:
     muon_lr: float | None = None
     muon_momentum: float = 0.95
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    schedule: str = "constant"  # after warmup: "constant" or "cosine" (to min_lr_ratio * lr at max_steps)
+    # after warmup: "constant"; "cosine" (to min_lr_ratio * lr at max_steps); or "cooldown":
+    # constant, then linear to min_lr_ratio * lr over the last cooldown_fraction of the run,
+    # the run's progress being max(step / max_steps, elapsed / max_minutes), so a time-budgeted
+    # run cools down in its last minutes (a resumed run gets a fresh max_minutes, as it does
+    # for stopping, so its progress by time restarts)
+    schedule: str = "constant"
     min_lr_ratio: float = 0.1
+    cooldown_fraction: float = 0.2
     weight_decay: float = 0.0  # applied to matrices only, never to norms/biases/embeddings of size D
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping, still measured)
@@ -132,8 +138,11 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         self.debug_nonfinite_steps = tuple(self.debug_nonfinite_steps)
         assert self.max_steps is not None or self.max_minutes is not None, "set max_steps or max_minutes"
-        assert self.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {self.schedule!r}"
-        assert self.schedule == "constant" or self.max_steps, "the cosine schedule needs max_steps"
+        assert self.schedule in ("constant", "cosine", "cooldown"), (
+            f"schedule must be constant, cosine or cooldown, got {self.schedule!r}")
+        assert self.schedule != "cosine" or self.max_steps, "the cosine schedule needs max_steps"
+        assert 0 < self.cooldown_fraction <= 1, f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}"
+        assert 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
         assert self.tokens_per_step > 0 and self.workers >= 1
         assert self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}"
         assert self.fg_weight >= 1.0, f"fg_weight must be >= 1 (1: every token alike), got {self.fg_weight}"
@@ -149,13 +158,19 @@ class TrainConfig:
                           fg_weight=self.fg_weight)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of 1-based ``step``: linear warmup, then constant or cosine decay.
-    Stateless (a function of the step), so resuming needs no scheduler state."""
+def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
+    """Learning rate of 1-based ``step``: linear warmup, then constant, cosine decay or a
+    final linear cooldown. ``time_progress``: the elapsed fraction of ``max_minutes`` (the
+    same on every worker; only "cooldown" reads it). Stateless (a function of the step and
+    the clock), so resuming needs no scheduler state."""
     if cfg.warmup_steps > 0 and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "cooldown":
+        progress = max(step / cfg.max_steps if cfg.max_steps else 0.0, time_progress if cfg.max_minutes else 0.0)
+        left = min(1.0, max(0.0, (1.0 - progress) / cfg.cooldown_fraction))  # 1 until the cooldown starts
+        return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * left)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -471,13 +486,14 @@ class Window:
 
 
 def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer, cfg: TrainConfig, flow: FlowConfig,
-               dit_config: DiTConfig, device: torch.device, rank: int, world: int, autocast) -> dict[str, float]:
+               dit_config: DiTConfig, device: torch.device, rank: int, world: int, autocast,
+               time_progress: float = 0.0) -> dict[str, float]:
     """One synchronous step on one pack per worker. Returns global figures: loss (NaN when
     skipped), grad_norm, real tokens, flops, rows, skipped (1.0 when the loss or the gradient
     was not finite on any worker: then no optimizer update happens anywhere)."""
     batch = pack(samples).to(device)
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
+        g["lr"] = lr_at(step, cfg, time_progress) * g.get("lr_scale", 1.0)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)  # stateless per step
     with autocast:
         loss, stats = flow_matching_loss(model, batch, flow, generator)
@@ -561,16 +577,19 @@ def train_loop_per_worker(config: dict) -> None:
             samples = next(packs, None)
             now = time.monotonic()
             # One collective decides for everyone (clocks and shards differ between workers):
-            # [workers with a pack, time is up (rank 0's clock), time to checkpoint (rank 0's clock)]
-            have, out_of_time, ckpt_due = _all_reduce([
+            # [workers with a pack, time is up, time to checkpoint, elapsed fraction of max_minutes
+            # (the schedule's clock)], the last three by rank 0's clock
+            have, out_of_time, ckpt_due, time_progress = _all_reduce([
                 samples is not None,
                 rank == 0 and cfg.max_minutes is not None and now - t_start >= 60 * cfg.max_minutes,
                 rank == 0 and cfg.checkpoint_every_minutes is not None and now - t_ckpt >= 60 * cfg.checkpoint_every_minutes,
+                (now - t_start) / (60 * cfg.max_minutes) if rank == 0 and cfg.max_minutes else 0.0,
             ], device, world)
             if have < world:
                 break  # a worker's shard is exhausted: the epoch ends for all (lockstep DDP)
             step = state["step"] + 1
-            out = train_step(model, samples, step, optimizer, cfg, flow, dit_config, device, rank, world, autocast)
+            out = train_step(model, samples, step, optimizer, cfg, flow, dit_config, device, rank, world, autocast,
+                             time_progress)
             if out["skipped"]:
                 state["nonfinite"] += 1  # no update, no EMA; its data still counts as seen
             else:
@@ -580,7 +599,7 @@ def train_loop_per_worker(config: dict) -> None:
             window.tokens += out["tokens"]
             window.slots += cfg.tokens_per_step * world
             window.flops += out["flops"]
-            state.update(step=step, samples_seen=state["samples_seen"] + int(out["rows"]),
+            state.update(step=step, lr=lr_at(step, cfg, time_progress), samples_seen=state["samples_seen"] + int(out["rows"]),
                          epoch_rows=state["epoch_rows"] + int(out["rows"]),
                          tokens_seen=state["tokens_seen"] + int(out["tokens"]), ema_updates=ema.updates)
             state["history"].append([step, out["loss"]])
@@ -590,7 +609,7 @@ def train_loop_per_worker(config: dict) -> None:
             log_now = step % cfg.log_every_steps == 0 or done
             ckpt_now = bool(ckpt_due) or step % cfg.checkpoint_every_steps == 0 or done
             if log_now or ckpt_now:
-                metrics = {"step": step, "epoch": state["epoch"], "loss": out["loss"], "lr": lr_at(step, cfg),
+                metrics = {"step": step, "epoch": state["epoch"], "loss": out["loss"], "lr": state["lr"],
                            "grad_norm": out["grad_norm"], "nonfinite": state["nonfinite"],
                            "samples_seen": state["samples_seen"], **window.metrics(world, peak)}
                 if rank == 0 and log_now:
@@ -748,8 +767,9 @@ def export_model(checkpoint_dir: str, out: str, vae: str, info: dict, cfg: Train
         "tokens_seen": state["tokens_seen"], "nonfinite_steps": state["nonfinite"],
         "final_loss": float(np.mean(tail)) if tail else None, "workers": cfg.workers, "seed": cfg.seed,
         "resumed_from": state["resumed_from"], "optimizer": cfg.optimizer, "lr": cfg.lr, "muon_lr": cfg.muon_lr,
-        "fg_weight": cfg.fg_weight,
+        "fg_weight": cfg.fg_weight, "schedule": cfg.schedule, "final_lr": state.get("lr"),
     }
     write_index(out, index)
     return {"out": out, "steps": state["step"], "final_loss": index["training"]["final_loss"],
-            "nonfinite": state["nonfinite"], "resumed_from": state["resumed_from"], "history": state["history"]}
+            "nonfinite": state["nonfinite"], "resumed_from": state["resumed_from"], "final_lr": state.get("lr"),
+            "history": state["history"]}

@@ -171,6 +171,38 @@ def test_lr_schedule_is_stateless():
     assert lr_at(110, cfg) == pytest.approx(0.1)
 
 
+def test_cooldown_schedule_decays_over_the_last_fraction_by_steps_or_time():
+    by_steps = TrainConfig(lr=1.0, warmup_steps=10, schedule="cooldown", max_steps=100, cooldown_fraction=0.2,
+                           min_lr_ratio=0.0)
+    assert [lr_at(s, by_steps) for s in (5, 50, 80)] == pytest.approx([0.5, 1.0, 1.0])
+    assert lr_at(90, by_steps) == pytest.approx(0.5)
+    assert lr_at(100, by_steps) == pytest.approx(0.0)
+    by_time = TrainConfig(lr=2.0, warmup_steps=0, schedule="cooldown", max_steps=None, max_minutes=10.0,
+                          cooldown_fraction=0.5, min_lr_ratio=0.1)
+    assert lr_at(10_000, by_time, 0.0) == pytest.approx(2.0)  # no max_steps: only the clock counts
+    assert lr_at(10, by_time, 0.75) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert lr_at(10, by_time, 1.3) == pytest.approx(0.2)  # past the budget: the floor, not below
+    both = TrainConfig(lr=1.0, warmup_steps=0, schedule="cooldown", max_steps=100, max_minutes=10.0,
+                       cooldown_fraction=0.5, min_lr_ratio=0.0)
+    assert lr_at(75, both, 0.6) == pytest.approx(0.5)  # whichever budget is further along
+    assert lr_at(60, both, 0.75) == pytest.approx(0.5)
+    with pytest.raises(AssertionError, match="cooldown_fraction"):
+        TrainConfig(schedule="cooldown", cooldown_fraction=0.0)
+
+
+def test_time_budgeted_cooldown_ends_at_the_floor(ray_session, latents, tmp_path):
+    """The clock reaches both workers through the step's all-reduce: a run with no max_steps
+    ends its time budget at min_lr_ratio * lr (a constant run would end at lr)."""
+    data, vae = latents
+    cfg = small_config(max_steps=None, max_minutes=0.15, schedule="cooldown", cooldown_fraction=0.5,
+                       min_lr_ratio=0.25, checkpoint_every_steps=10_000)
+    summary = run_training(data, str(tmp_path / "out"), vae, cfg, storage_path=str(tmp_path / "store"), name="cool")
+    assert summary["steps"] > 5
+    assert summary["final_lr"] == pytest.approx(0.25 * cfg.lr)
+    with open(tmp_path / "out" / "model_index.json") as f:
+        assert json.load(f)["training"]["schedule"] == "cooldown"
+
+
 def test_cached_epochs_reshuffle_deterministically_and_resume_inside_an_epoch():
     from pipelines.train import iter_cached_packs
     from sora.packing import Sample
@@ -381,6 +413,11 @@ def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
           "--workers", "4", "--optimizer", "muon", "--muon-lr", "4e-3"])
     cfg = seen["cfg"]
     assert (cfg.optimizer, cfg.muon_lr, cfg.fsdp, cfg.use_gpu, cfg.workers) == ("muon", 4e-3, False, True, 4)
+    assert cfg.schedule == "constant"
+    main(["train", "--data", str(tmp_path), "--vae", str(tmp_path), "--out", str(tmp_path / "m"), "--max-minutes", "20",
+          "--schedule", "cooldown", "--cooldown-fraction", "0.3", "--min-lr-ratio", "0"])
+    cfg = seen["cfg"]
+    assert (cfg.schedule, cfg.cooldown_fraction, cfg.min_lr_ratio, cfg.max_steps) == ("cooldown", 0.3, 0.0, None)
 
 
 def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, capsys):

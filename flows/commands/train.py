@@ -42,6 +42,12 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "it trains with DDP instead of FSDP2 (Muon needs whole matrices) (default adamw)")
     p.add_argument("--muon-lr", type=float, default=None, help="learning rate of the Muon part (default: --lr)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (default 100)")
+    p.add_argument("--schedule", choices=("constant", "cosine", "cooldown"), default="constant",
+                   help="learning rate after warmup: constant (default); cosine to --min-lr-ratio x lr at "
+                        "--max-steps; cooldown: constant, then linear to --min-lr-ratio x lr over the last "
+                        "--cooldown-fraction of --max-steps or --max-minutes, whichever is further along")
+    p.add_argument("--cooldown-fraction", type=float, default=0.2, help="share of the run the cooldown takes (default 0.2)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="where cosine/cooldown end, as a fraction of --lr (default 0.1)")
     p.add_argument("--ema-decay", type=float, default=0.9999,
                    help="EMA of the weights (the exported model); for runs of a few thousand steps use "
                         "~0.995, or the EMA stays near the initial weights (default 0.9999)")
@@ -85,6 +91,7 @@ def _config(args: argparse.Namespace, max_steps: int | None):
         checkpoint_every_steps=args.checkpoint_every, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         compile=args.compile, activation_checkpointing=args.activation_checkpointing, peak_flops=args.peak_flops,
         cache_data=args.cache_data, seed=args.seed, optimizer=args.optimizer, muon_lr=args.muon_lr,
-        fg_weight=args.fg_weight,
+        fg_weight=args.fg_weight, schedule=args.schedule, cooldown_fraction=args.cooldown_fraction,
+        min_lr_ratio=args.min_lr_ratio,
         fsdp=args.optimizer != "muon",
     )
