@@ -168,7 +168,7 @@ def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "cooldown":
-        progress = max(step / cfg.max_steps if cfg.max_steps else 0.0, time_progress if cfg.max_minutes else 0.0)
+        progress = max(step / cfg.max_steps if cfg.max_steps else 0.0, time_progress)
         left = min(1.0, max(0.0, (1.0 - progress) / cfg.cooldown_fraction))  # 1 until the cooldown starts
         return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * left)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
@@ -490,10 +490,12 @@ def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer, cf
                time_progress: float = 0.0) -> dict[str, float]:
     """One synchronous step on one pack per worker. Returns global figures: loss (NaN when
     skipped), grad_norm, real tokens, flops, rows, skipped (1.0 when the loss or the gradient
-    was not finite on any worker: then no optimizer update happens anywhere)."""
+    was not finite on any worker: then no optimizer update happens anywhere), lr (the
+    schedule's, before each group's lr_scale)."""
     batch = pack(samples).to(device)
+    lr = lr_at(step, cfg, time_progress)
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(step, cfg, time_progress) * g.get("lr_scale", 1.0)
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)  # stateless per step
     with autocast:
         loss, stats = flow_matching_loss(model, batch, flow, generator)
@@ -509,7 +511,7 @@ def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer, cf
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": float("nan") if skipped else loss_sum / max(loss_n, 1.0), "grad_norm": norm, "tokens": real,
-            "flops": flops, "rows": rows, "skipped": float(skipped)}
+            "flops": flops, "rows": rows, "skipped": float(skipped), "lr": lr}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -599,7 +601,7 @@ def train_loop_per_worker(config: dict) -> None:
             window.tokens += out["tokens"]
             window.slots += cfg.tokens_per_step * world
             window.flops += out["flops"]
-            state.update(step=step, lr=lr_at(step, cfg, time_progress), samples_seen=state["samples_seen"] + int(out["rows"]),
+            state.update(step=step, lr=out["lr"], samples_seen=state["samples_seen"] + int(out["rows"]),
                          epoch_rows=state["epoch_rows"] + int(out["rows"]),
                          tokens_seen=state["tokens_seen"] + int(out["tokens"]), ema_updates=ema.updates)
             state["history"].append([step, out["loss"]])
