@@ -27,6 +27,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One module per subcommand under flows/commands/, each with `add(subparsers)` (its parser,
 # with help and an example) and `run(args)`. `sora --help` lists them in the order of the
 # pipeline; a module not named here is still found, and listed after these.
+# Modules of flows/commands that are shared helpers, not subcommands.
+HELPERS = {"common", "config_args"}
 ORDER = ["synth", "ingest", "caption", "train-captioner", "train-vae", "encode", "train", "generate",
          "generate-bulk", "eval", "serve", "demo", "deploy"]
 
@@ -34,7 +36,7 @@ ORDER = ["synth", "ingest", "caption", "train-captioner", "train-vae", "encode",
 def command_modules() -> list[str]:
     import flows.commands
 
-    found = {m.name for m in pkgutil.iter_modules(flows.commands.__path__) if m.name != "common"}
+    found = {m.name for m in pkgutil.iter_modules(flows.commands.__path__)} - HELPERS
     named = [n.replace("-", "_") for n in ORDER]
     return [n for n in named if n in found] + sorted(found - set(named))
 
