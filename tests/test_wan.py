@@ -383,3 +383,72 @@ def test_without_text_encoder_the_unconditional_prompt_needs_null_text(wan_dirs,
         a = given.denoiser(x, pos, torch.full((12,), 0.5), ids, text, torch.zeros(1, 5, dtype=torch.bool))
         b = models["t2v"].denoiser(x, pos, torch.full((12,), 0.5), ids, text, torch.zeros(1, 5, dtype=torch.bool))
     assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA: trained through the protocol, read by diffusers' load_lora_weights
+# ----------------------------------------------------------------------------------------
+
+
+def test_lora_adapter_round_trips_through_diffusers(wan_dirs, pipes, tmp_path):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from sora.wan import WanDenoiser
+    from sora.wan_lora import add_lora, load_lora, save_lora
+
+    model = load_wan(wan_dirs["t2v"])  # its own copy: the adapter changes it
+    params = add_lora(model.denoiser, rank=4, alpha=8)
+    trainable = [n for n, p in model.denoiser.named_parameters() if p.requires_grad]
+    assert len(params) == len(trainable) == 2 * 4 * 2 * 2 and all(".lora_" in n for n in trainable)
+    grid, N = (3, 2, 2), 12
+    x0 = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    text, mask = model.text_encoder.encode(["a red circle moves left", "a blue square"])
+    batch = pack([Sample(tokens=patchify(x0[b], (1, 2, 2)), positions=position_ids(grid), grid=grid,
+                         text=text[b][mask[b]], text_mask=torch.ones(int(mask[b].sum()), dtype=torch.bool))
+                  for b in range(2)])
+    loss, _ = flow_matching_loss(model.denoiser, batch, FlowConfig(shift=3.0), torch.Generator().manual_seed(0))
+    loss.backward()  # only the adapter learns (B starts at 0, so A's gradient is 0 at the first step)
+    assert all(p.grad is not None for n, p in model.denoiser.named_parameters() if ".lora_B" in n)
+    assert all(p.grad is None for n, p in model.denoiser.named_parameters() if ".lora_" not in n)
+    with torch.no_grad():  # an adapter that changes the output, as after training
+        for n, p in model.denoiser.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0.0, 0.3)
+    save_lora(model.denoiser, str(tmp_path / "adapter"))
+
+    t = torch.full((2 * N,), 0.6)
+    call = dict(positions=position_ids(grid).repeat(2, 1), timesteps=t, seq_ids=torch.arange(2).repeat_interleave(N),
+                text=text, text_mask=mask)
+    x = batch.tokens
+    pipe = WanPipeline.from_pretrained(wan_dirs["t2v"], local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "adapter"))
+    states = _diffusers_text(pipe, ["a red circle moves left", "a blue square"])
+    with torch.no_grad():
+        ours = model.denoiser(x, **call)
+        ref = pipe.transformer(hidden_states=x0, timestep=torch.full((2,), 600.0), encoder_hidden_states=states,
+                               return_dict=False)[0]
+        base = pipes["t2v"].transformer(hidden_states=x0, timestep=torch.full((2,), 600.0),
+                                        encoder_hidden_states=states, return_dict=False)[0]
+    got = torch.stack([unpatchify(ours[b * N:(b + 1) * N], grid, (1, 2, 2), 16) for b in range(2)])
+    assert (got - ref).abs().max().item() <= 1e-5 and (ref - base).abs().max().item() > 1e-2
+
+    other = load_wan(wan_dirs["t2v"], text_encoder=False, null_text=model.denoiser.null_text[:1])
+    load_lora(other.denoiser, str(tmp_path / "adapter"), scale=0.5)
+    pipe.set_adapters(pipe.get_active_adapters(), [0.5])
+    with torch.no_grad():
+        half = other.denoiser(x, **call)
+        ref_half = pipe.transformer(hidden_states=x0, timestep=torch.full((2,), 600.0), encoder_hidden_states=states,
+                                    return_dict=False)[0]
+    got = torch.stack([unpatchify(half[b * N:(b + 1) * N], grid, (1, 2, 2), 16) for b in range(2)])
+    assert (got - ref_half).abs().max().item() <= 1e-5
+
+    narrow = WanDenoiser(WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                               out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2),
+                         name="a narrower Wan")
+    with pytest.raises(ValueError, match="another base model"):
+        load_lora(narrow, str(tmp_path / "adapter"))
+    assert not any(".lora_" in n for n, _ in narrow.named_parameters())  # refused before any change
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
+        load_lora(narrow, str(tmp_path))
+    with pytest.raises(ValueError, match="match no linear layer"):
+        add_lora(narrow, rank=4, targets=["to_nothing"])
