@@ -326,7 +326,7 @@ class WanTextEncoder(TextEncoder):
     def encode(self, texts: list[str], fixed_length: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        assert isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts), "texts must be a list of str"
+        assert isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts), "texts: a list of str"
         return super().encode([prompt_clean(t) for t in texts], fixed_length=fixed_length)
 
 

@@ -86,7 +86,8 @@ def check_lora_fits(denoiser, state: dict[str, torch.Tensor], source: str = "the
         try:
             module = transformer.get_submodule(path)
         except AttributeError:
-            raise ValueError(f"{source} was made for another base model: {denoiser.name} has no module {path!r}") from None
+            raise ValueError(f"{source} was made for another base model: {denoiser.name} has no module "
+                             f"{path!r}") from None
         base = getattr(module, "base_layer", module)
         if not isinstance(base, torch.nn.Linear):
             raise ValueError(f"{source} targets {path!r}, which is a {type(base).__name__} here, not a linear layer")

@@ -88,6 +88,13 @@ def test_dit_and_wan_are_denoisers_with_specs(models):
     assert (models["ti2v"].vae.latent_channels, models["ti2v"].vae.spatial_compression) == (48, 16)
     with pytest.raises(TypeError, match="not a denoiser"):
         spec_of(torch.nn.Linear(2, 2))
+    # what the trainer's parallelize() touches on our DiT works the same on the wrapper
+    den = models["t2v"].denoiser
+    assert den.blocks is den.transformer.blocks and len(den.blocks) == 2
+    den.gradient_checkpointing = True
+    assert den.transformer.gradient_checkpointing and den.gradient_checkpointing
+    den.gradient_checkpointing = False
+    assert not den.transformer.gradient_checkpointing
 
 
 def test_a_mode_the_model_cannot_do_is_refused_by_name(models):
@@ -163,8 +170,8 @@ def test_per_token_timesteps_equal_the_diffusers_transformer(models, pipes):
     with torch.no_grad():
         ours = den(torch.cat([patchify(z, (1, 2, 2)) for z in latents]), position_ids(grid).repeat(2, 1),
                    t.reshape(-1), torch.arange(2).repeat_interleave(N), text, mask)
-        ref = tr(hidden_states=latents, timestep=t * 1000, encoder_hidden_states=_diffusers_text(pipes["ti2v"], prompts),
-                 return_dict=False)[0]
+        ref = tr(hidden_states=latents, timestep=t * 1000,
+                 encoder_hidden_states=_diffusers_text(pipes["ti2v"], prompts), return_dict=False)[0]
     got = torch.stack([unpatchify(ours[b * N:(b + 1) * N], grid, (1, 2, 2), 48) for b in range(2)])
     assert (got - ref).abs().max().item() <= 1e-5
 
