@@ -48,6 +48,7 @@ def ray_session():
     os.makedirs(os.path.join(REPO, ".tmp"), exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix="ray", dir=os.path.join(REPO, ".tmp"))
     ray.init(
+        address="local",  # a new instance of our own, even with RAY_ADDRESS set in the environment
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=temp_dir,

@@ -1,11 +1,14 @@
 """The CLI: every subcommand explains itself with an example, and bad input is a clear error."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from flows.cli import build_parser
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def subcommands():
@@ -15,7 +18,8 @@ def subcommands():
 
 
 def test_top_level_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
     for name in subcommands():
         assert name in out
 
@@ -30,7 +34,7 @@ def test_each_subcommand_has_help_with_an_example(name, capsys):
 
 
 def test_unknown_command_fails_cleanly():
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "frobnicate"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "frobnicate"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
