@@ -27,7 +27,7 @@ def demo_dir(tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own, whatever cluster the shell points at
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--out", out, "--quick"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)  # a hang guard: a busy box takes 5x
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return out, proc.stdout + proc.stderr
 
