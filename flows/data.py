@@ -15,6 +15,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.charts import bar_chart, data_url
+from flows.commands.common import Progress
 
 
 @task(retries=2, retry_delay_seconds=2, log_prints=True)
@@ -23,7 +24,9 @@ def ingest_task(sources: list[str], data: str, min_motion: float = 0.0005, resol
     from pipelines.ray_utils import ensure_ray
 
     ensure_ray()
-    summary = run_ingest(sources, data, IngestConfig(min_motion=min_motion, resolution=resolution))
+    bar = Progress(None, "ingest sources")
+    summary = run_ingest(sources, data, IngestConfig(min_motion=min_motion, resolution=resolution),
+                         progress=lambda one, done, total: bar.update(done, total))
     print(f"ingest: {summary['clips']} clips, {summary['quarantine_rows']} quarantined, "
           f"{summary['sources_skipped_already_done']} sources already done")
     return summary
@@ -35,7 +38,9 @@ def caption_task(data: str, captioner: str | None = None, batch_size: int = 8) -
     from pipelines.ray_utils import ensure_ray
 
     ensure_ray()
-    result = run_caption(data, CaptionConfig(model=captioner, batch_size=batch_size))
+    bar = Progress(None, "caption clips")
+    result = run_caption(data, CaptionConfig(model=captioner, batch_size=batch_size),
+                         progress=lambda done, total: bar.update(done, total))
     print(f"caption: {result['captioned']} new, {result['already_captioned']} already captioned")
     return result
 
@@ -46,7 +51,9 @@ def encode_task(data: str, vae: str, text_encoder: str | None = None, actors: in
     from pipelines.ray_utils import ensure_ray
 
     ensure_ray()
-    result = run_encode(data, EncodeConfig(vae=vae, text_encoder=text_encoder, actors=actors))
+    bar = Progress(None, "encode clips")
+    result = run_encode(data, EncodeConfig(vae=vae, text_encoder=text_encoder, actors=actors),
+                        progress=lambda done, total: bar.update(done, total))
     print(f"encode: {result['encoded']} new, {result['already_encoded']} already encoded, {result['failed']} failed")
     return result
 

@@ -16,15 +16,15 @@ TRAINING_CRON = "0 4 * * 0"  # weekly, Sunday 04:00
 
 @dataclass
 class DeploySettings:
-    sources: list[str]
-    data: str
-    model: str  # where the training flow writes the model directory
-    vae: str | None = None
-    publish_to: str | None = None
-    training_minutes: float = 20.0
+    sources: list[str]  # raw video sources for the nightly data flow
+    data: str  # dataset directory or URL
+    model: str  # model directory the training flow writes (and generation reads)
+    vae: str | None = None  # VAE directory (none: the training flow trains one)
+    publish_to: str | None = None  # where trained models are published (dir or URL)
+    training_minutes: float = 20.0  # DiT training budget per weekly run
     prompts: str | None = None  # default prompt file for on-demand generation
-    videos: str | None = None  # default output of on-demand generation
-    timezone: str = "UTC"
+    videos: str | None = None  # default output directory of on-demand generation
+    timezone: str = "UTC"  # time zone of the cron schedules
 
 
 def build_deployments(s: DeploySettings) -> list:

@@ -17,6 +17,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.charts import data_url, line_chart
+from flows.commands.common import Progress, stage_budget
 from flows.data import encode_task
 
 
@@ -27,6 +28,7 @@ def train_vae_task(data: str, out: str, max_minutes: float = 10.0, workers: int 
     from pipelines.train_vae import VAETrainConfig, run_train_vae
 
     ensure_ray()
+    stage_budget("train-vae", 60 * max_minutes)
     summary = run_train_vae(VAETrainConfig(data=data, out=out, preset=preset, workers=workers, max_minutes=max_minutes,
                                            holdout=holdout))
     print(f"train-vae: held-out PSNR {summary['heldout_psnr_db']:.2f} dB after {summary['steps']} steps")
@@ -40,6 +42,7 @@ def train_dit_task(data: str, out: str, vae: str, preset: str = "tiny", workers:
     from pipelines.train import TrainConfig, run_training
 
     ensure_ray()
+    stage_budget("train", 60 * max_minutes if max_minutes else None)
     cfg = TrainConfig(preset=preset, workers=workers, max_minutes=max_minutes, max_steps=max_steps, **(overrides or {}))
     summary = run_training(data, out, vae, cfg)
     print(f"train: {summary.get('steps')} steps, final loss {summary.get('final_loss')}")
@@ -65,7 +68,9 @@ def eval_task(model: str, n_prompts: int = 100, steps: int | None = None, seed: 
     for p in prompts:
         p["width"], p["height"] = p["width"] * int(size_scale), p["height"] * int(size_scale)
     pipe = SoraPipeline.from_pretrained(model)
-    report = evaluate(pipe, prompts, num_inference_steps=steps, draft=draft)
+    bar = Progress(len(prompts), "eval draft prompts" if draft else "eval prompts")
+    report = evaluate(pipe, prompts, num_inference_steps=steps, draft=draft,
+                      progress=lambda done, total: bar.update(done, total))
     with open(os.path.join(model, "eval_draft.json" if draft else "eval.json"), "w") as f:
         json.dump(report, f, indent=2, default=str)
     print("eval:", json.dumps(report.get("accuracy", {})))

@@ -31,12 +31,31 @@ import json
 import math
 import os
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import numpy as np
 
 from sora.evaluator import ATTRIBUTES, analyze, score
 from sora.shapes import parse_prompt
+
+
+@dataclass
+class EvalSettings:
+    """How `evaluate` generates the prompts: ``evaluate(pipe, prompts, **asdict(settings))``."""
+
+    num_inference_steps: int | None = None  # sampling steps (none: the model's)
+    guidance_scale: float | None = None  # guidance scale (none: the model's)
+    seed: int = 0  # generation seed base (prompt i uses seed + i)
+    batch_size: int = 8  # prompts of one shape per model call
+    # the ODE samplers euler, heun or the stochastic ancestral (none: the model's, euler)
+    sampler: Literal["euler", "heun", "ancestral"] | None = None
+    draft: bool = False  # evaluate draft-then-refine generation
+    strength: float | None = None  # refinement strength with draft (none: 0.4)
+    # SDEdit each prompt's reference clip at this strength in (0, 1] instead of generating from
+    # noise (needs rows with a reference: held-out prompts, or make_eval_prompts files)
+    from_reference: float | None = None
+    save_dir: str | None = None  # also write every video to this directory
 
 
 def _attributes(row: dict) -> dict:

@@ -48,6 +48,7 @@ def ray_session():
     os.makedirs(os.path.join(REPO, ".tmp"), exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix="ray", dir=os.path.join(REPO, ".tmp"))
     ray.init(
+        address="local",  # a new instance of our own, even with RAY_ADDRESS set in the environment
         num_cpus=2,
         include_dashboard=False,
         _temp_dir=temp_dir,
@@ -88,4 +89,42 @@ def tiny_vae_dir(tmp_path_factory):
     torch.manual_seed(0)
     d = str(tmp_path_factory.mktemp("vae") / "vae")
     CausalVideoVAE(VAEConfig.preset("tiny")).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op torch thread for the test: tiny ops on a shared 2-core box run far faster on
+    one thread than on two oversubscribed ones, and bit-level results then do not depend on the
+    machine's thread count (use with `pytestmark = pytest.mark.usefixtures("single_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny RANDOM model directory of tests/tiny_model.py, built once per session through
+    `SoraPipeline.save_pretrained`; tests must not modify it (copy it first)."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory):
+    """Inputs for the generation modes, 64x48: a.mp4 (a red square crossing a textured
+    background, 13 frames at 8 fps), b.mp4 (a green one), first.png (a.mp4's first frame)."""
+    from PIL import Image
+
+    from sora.video_io import write_video
+    from tiny_model import moving_square
+
+    d = tmp_path_factory.mktemp("media")
+    write_video(str(d / "a.mp4"), moving_square(64, 48, 13), 8)
+    write_video(str(d / "b.mp4"), moving_square(64, 48, 13, color=(0, 255, 0), seed=1), 8)
+    Image.fromarray(moving_square(64, 48, 1)[0]).save(d / "first.png")
     return d

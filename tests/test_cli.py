@@ -1,11 +1,14 @@
 """The CLI: every subcommand explains itself with an example, and bad input is a clear error."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from flows.cli import build_parser
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def subcommands():
@@ -15,7 +18,8 @@ def subcommands():
 
 
 def test_top_level_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
     for name in subcommands():
         assert name in out
 
@@ -30,7 +34,7 @@ def test_each_subcommand_has_help_with_an_example(name, capsys):
 
 
 def test_unknown_command_fails_cleanly():
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "frobnicate"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "frobnicate"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
@@ -49,3 +53,75 @@ def test_training_on_a_missing_or_empty_dataset_says_so(command, exists, tmp_pat
     assert message.startswith(f"sora {command}: {data}: {want}"), message
     assert f"sora ingest SOURCES --out {data}" in message
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_progress_line_shows_rate_and_eta_and_never_repeats_itself(monkeypatch):
+    import io
+
+    import flows.commands.common as common
+
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()  # not a terminal: a fresh line when the count moved, at most every 5 s
+    bar = common.Progress(10, "clips", stream=log, budget_s=60)
+    # 6 s: nothing new to say; 10 s: too soon after 8 s; 19 s: the final state was shown
+    for t, done in ((0, 0), (6, 0), (8, 4), (10, 5), (18, 10), (19, 10)):
+        clock[0] = 100.0 + t
+        bar.update(done, note="ok")
+    bar.finish()
+    assert log.getvalue().splitlines() == [
+        "clips: 0/10 [0s] (-/s, eta 60s) ok",  # no rate yet: the ETA is the budget's
+        "clips: 4/10 [8s] (0.50/s, eta 12s) ok",  # the count's ETA, sooner than the budget's 52 s
+        "clips: 10/10 [18s] (0.56/s) ok",  # the final state, once
+    ]
+
+
+def test_worker_step_lines_become_one_progress_line_per_training_loop(monkeypatch):
+    import io
+
+    import flows.commands.common as common
+
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    log = io.StringIO()
+    monkeypatch.setattr(common, "_terminal", log)
+    bars = common.WorkerProgress()
+    bars.budget("train", 120)
+    from pipelines.ray_utils import PROGRESS_LINE
+
+    for t, line in ((0, "[train] step 10/30 | epoch 0 | loss 0.5000 | 300 tok/s"),
+                    (10, "[train] step 20/30 | epoch 1 | loss 0.2500 | 300 tok/s"),
+                    (20, "[train] step 30/30 | epoch 2 | loss 0.1250 | 300 tok/s"),
+                    (30, "[train-vae] step 25 loss 0.0100 psnr 20.00 dB (0.5/7.0 min)")):
+        clock[0] = t
+        m = PROGRESS_LINE.match(line)
+        bars(m["tag"], int(m["step"]), int(m["total"]) if m["total"] else None, m["rest"])
+    common.finish_progress()
+    assert log.getvalue().splitlines() == [
+        "DiT training steps: 10/30 [0s] (-/s, eta 120s) loss 0.5000",  # the rate counts from the first line
+        "DiT training steps: 20/30 [10s] (1.00/s, eta 10s) loss 0.2500",
+        "DiT training steps: 30/30 [20s] (1.00/s) loss 0.1250",
+        "VAE training steps: 25 [0s] (-/s) loss 0.0100",
+    ]
+
+
+def test_ray_log_sends_rays_native_lines_to_its_file_and_passes_the_rest(tmp_path, capfd):
+    """RayLog puts a filter on file descriptor 2: a line in the format of Ray's C++ logger goes to
+    the log file, anything else written there reaches the terminal unchanged."""
+    import os as os_
+
+    from pipelines.ray_utils import RayLog
+
+    path = tmp_path / "logs" / "ray.log"
+    native = b"[2026-12-06 13:47:03,400 E 7001 7001] core_worker.cc:2465: Actor with class name: 'X'\n"
+    with RayLog(str(path)):
+        os_.write(2, native)
+        os_.write(2, b"a line of our own\n")
+        os_.write(2, b"\rredrawn progress")  # a partial line goes out at once
+        print("a Python warning of ours", file=sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert "a line of our own\n" in err and "\rredrawn progress" in err and "a Python warning of ours" in err
+    assert "core_worker.cc" not in err
+    assert native.decode() in path.read_text()
+    os_.write(2, b"after\n")  # descriptor 2 is given back
+    assert capfd.readouterr().err == "after\n"

@@ -1,13 +1,16 @@
-"""`sora demo --quick` end to end (a real subprocess: its own Ray, a temporary Prefect server),
-then its report rendered in headless Chromium and checked not to be blank."""
+"""`sora demo --quick` end to end (a real subprocess: its own Ray, a temporary Prefect server):
+what it writes, what its console shows (and what goes to its log file instead), then its report
+rendered in headless Chromium and checked not to be blank."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -22,8 +25,9 @@ def demo_dir(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=REPO, PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     env.pop("PREFECT_API_URL", None)
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, whatever cluster the shell points at
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--out", out, "--quick"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)  # a hang guard: a busy box takes 5x
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return out, proc.stdout + proc.stderr
 
@@ -55,6 +59,27 @@ def test_demo_quick_writes_metrics_samples_and_report(demo_dir):
     assert "same as the draft" in html
     for name in ("t2v_16x9", "t2v_9x16", "t2v_2_39x1", "i2v", "extend_forward", "extend_backward", "join", "refined"):
         assert f"samples/{name}.mp4" in html and os.path.getsize(os.path.join(out, "samples", f"{name}.mp4")) > 0
+
+
+def test_demo_console_shows_progress_once_and_logs_rays_output(demo_dir):
+    """The terminal: the demo's own lines and one progress line per stage (count, rate, ETA), no
+    line twice, none of Ray's chatter; DIR/logs/ray.log holds that chatter instead."""
+    out, console = demo_dir
+    lines = [line.strip() for line in re.split(r"[\r\n]+", console) if line.strip()]
+    twice = [line for line, n in Counter(lines).items() if n > 1]
+    assert not twice, twice
+    for chatter in ("Failed to query", "Reporting training result", "core_worker.cc", "PreemptionWatcher",
+                    "RayTrainWorker", "TrainController", "Running Dataset", "Loading weights", "Finished in state"):
+        assert chatter not in console, (chatter, console[-3000:])
+    # (the VAE and the captioner report every 25 / 10 steps: a loaded box may run fewer in --quick)
+    for stage in ("synth clips", "ingest sources", "encode clips", "DiT training steps", "samples", "eval prompts"):
+        assert re.search(rf"^{stage}: \d+.*\[\d+s\] \(", console, re.M), (stage, console[-3000:])
+    assert re.search(r"^eval prompts: 6/6 \[\d+s\] \([\d.]+/s\)", console, re.M)  # the final state, with its rate
+    ray_log = open(os.path.join(out, "logs", "ray.log"), encoding="utf-8").read()
+    assert "Started a local Ray instance" in ray_log  # the driver's Ray loggers
+    assert "Reporting training result" in ray_log  # Ray Train's worker lines
+    steps = Counter(line for line in ray_log.splitlines() if "RayTrainWorker" in line and "[train] step " in line)
+    assert steps and set(steps.values()) == {1}, steps  # each training worker line arrives once
 
 
 def test_report_renders_in_headless_chromium(demo_dir, tmp_path):

@@ -30,14 +30,7 @@ from sora.packing import Sample, pack, pad_batch
 from sora.patches import position_ids
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny ops on a shared 2-core box: one intra-op thread is ~10x faster than two
-    oversubscribed ones (measured: 0.4 s vs 24 s for the overfit test under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 

@@ -17,14 +17,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    with pytest.MonkeyPatch.context() as env:  # given back afterwards: later test modules see the environment as it was
+        env.setenv("PREFECT_HOME", str(home))
+        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        env.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value()
 
 
 def _task_runs(flow_run_id):
@@ -88,6 +89,7 @@ def test_deployments_register_with_schedules_and_a_run_executes(prefect_server, 
     videos = str(tmp_path / "videos")
     env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONPATH=REPO, RAY_USAGE_STATS_ENABLED="0",
                RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, whatever cluster the shell points at
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--sources", str(tmp_path / "raw"),
                              "--data", str(tmp_path / "ds"), "--model", model, "--prompts", str(prompts),
                              "--videos", videos], env=env, cwd=REPO, stdout=subprocess.DEVNULL,

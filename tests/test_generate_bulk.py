@@ -11,10 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipelines.generate_bulk import BulkConfig, GenerateStage, Request, plan, read_manifest, run_generate_bulk
-from tiny_model import build_tiny_model
 
 N = 1000
 BAD = {  # row -> (what is wrong with it, the line written)
@@ -31,17 +29,7 @@ BAD = {  # row -> (what is wrong with it, the line written)
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(str(tmp_path_factory.mktemp("bulk") / "tiny"))
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def write_prompts(path: str, image: str) -> dict[int, str]:

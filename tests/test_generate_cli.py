@@ -9,32 +9,10 @@ import pytest
 import torch
 
 from flows.cli import main
-from sora.video_io import probe, write_video
-from tiny_model import build_tiny_model, moving_square
+from sora.video_io import probe
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(str(tmp_path_factory.mktemp("cli") / "tiny"))
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    from PIL import Image
-
-    d = tmp_path_factory.mktemp("media")
-    write_video(str(d / "a.mp4"), moving_square(64, 48, 13), 8)
-    write_video(str(d / "b.mp4"), moving_square(64, 48, 13, color=(0, 255, 0), seed=1), 8)
-    Image.fromarray(moving_square(64, 48, 1)[0]).save(d / "first.png")
-    return d
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def generate(model_dir, out, *extra) -> dict:

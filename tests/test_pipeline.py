@@ -11,7 +11,7 @@ import torch
 
 from sora import conditioning as plans
 from sora.pipeline import SoraPipeline, export_to_video
-from tiny_model import build_tiny_model, moving_square, psnr
+from tiny_model import moving_square, psnr
 
 MODES = ("text-to-video", "image-to-video", "extend-forward", "extend-backward", "join", "loop", "edit", "draft")
 # (width, height, frames): 16:9, 9:16, an odd 9:16, 2.39:1, 1:1, 4:3, 3:4 - none needs to be a
@@ -19,18 +19,7 @@ MODES = ("text-to-video", "image-to-video", "extend-forward", "extend-backward",
 SIZES = [(64, 36, 6), (36, 64, 7), (100, 178, 6), (167, 70, 10), (48, 48, 11), (40, 30, 13), (30, 40, 8)]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: much faster than two oversubscribed ones on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model(str(tmp_path_factory.mktemp("pipe") / "tiny"))
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

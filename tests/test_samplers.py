@@ -13,13 +13,7 @@ from sora.patches import position_ids
 from sora.samplers import ancestral, euler, guided_velocity, heun, initial_noise
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: much faster than two oversubscribed ones on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def test_euler_is_exact_for_a_point_mass():

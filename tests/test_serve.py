@@ -182,7 +182,7 @@ def test_job_store_pages_by_creation_time(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def test_openai_client_round_trip(server, http, tmp_path):
+def test_openai_client_round_trip(server, http, tmp_path, single_thread):  # one thread, as the replica has
     import openai
     import torch
 

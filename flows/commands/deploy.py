@@ -22,21 +22,17 @@ def add(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  sora deploy --sources s3://bucket/raw --data s3://bucket/ds --model /models/sora "
         "--vae /models/vae --publish-to s3://bucket/models",
     )
+    from flows.commands.config_args import add_config_arguments
+    from flows.deploy import DeploySettings
+
     p.add_argument("--sources", nargs="+", required=True, help="raw video sources for the nightly data flow")
-    p.add_argument("--data", required=True, help="dataset directory or URL")
-    p.add_argument("--model", required=True, help="model directory the training flow writes (and generation reads)")
-    p.add_argument("--vae", default=None, help="VAE directory (default: the training flow trains one)")
-    p.add_argument("--publish-to", default=None, help="where trained models are published (dir or URL)")
-    p.add_argument("--training-minutes", type=float, default=20.0, help="DiT training budget per weekly run")
-    p.add_argument("--prompts", default=None, help="default prompt file for on-demand generation")
-    p.add_argument("--videos", default=None, help="default output dir for on-demand generation")
+    add_config_arguments(p, DeploySettings, exclude=("sources",))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from flows.commands.config_args import config_from_args
     from flows.deploy import DeploySettings, serve_deployments
 
-    serve_deployments(DeploySettings(sources=args.sources, data=args.data, model=args.model, vae=args.vae,
-                                     publish_to=args.publish_to, training_minutes=args.training_minutes,
-                                     prompts=args.prompts, videos=args.videos))
+    serve_deployments(config_from_args(DeploySettings, args))
     return 0

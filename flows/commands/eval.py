@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -10,6 +11,9 @@ from flows.commands.common import Progress, formatter
 
 
 def add(sub: argparse._SubParsersAction) -> None:
+    from flows.commands.config_args import add_config_arguments
+    from sora.eval_suite import EvalSettings
+
     p = sub.add_parser(
         "eval",
         help="generate eval prompts and score them with the shapes-world evaluator",
@@ -35,20 +39,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of --held-out prompts (default 0)")
     p.add_argument("--resolution", default="64p", help="size class of --held-out prompts (default 64p)")
     p.add_argument("--out", required=True, help="report JSON path")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="generation seed base (prompt i uses seed + i)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts of one shape per model call")
-    p.add_argument("--sampler", choices=("euler", "heun", "ancestral"), default=None,
-                   help="the ODE samplers euler, heun or the stochastic ancestral (default: the model's, euler)")
-    p.add_argument("--draft", action="store_true", help="evaluate draft-then-refine generation")
-    p.add_argument("--strength", type=float, default=None, help="refinement strength with --draft (default 0.4)")
-    p.add_argument("--from-reference", type=float, default=None, metavar="S",
-                   help="SDEdit each prompt's reference clip at strength S in (0, 1] instead of generating "
-                        "from noise (needs rows with a reference: --held-out, or make_eval_prompts files)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--save-videos", default=None, help="also write every video to this directory")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_config_arguments(p.add_argument_group("generation"), EvalSettings,
+                         flags={"num_inference_steps": "--steps", "guidance_scale": "--guidance",
+                                "save_dir": "--save-videos"})
     p.set_defaults(func=run)
 
 
@@ -92,17 +87,16 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("sora eval: no prompts")
     import torch
 
-    from sora.eval_suite import evaluate
+    from flows.commands.config_args import config_from_args
+    from sora.eval_suite import EvalSettings, evaluate
     from sora.pipeline import SoraPipeline
 
+    settings = config_from_args(EvalSettings, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = SoraPipeline.from_pretrained(args.model, device=device)
     bar = Progress(len(prompts), "eval prompts")
     try:
-        report = evaluate(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                          batch_size=args.batch_size, sampler=args.sampler, draft=args.draft, strength=args.strength,
-                          from_reference=args.from_reference, save_dir=args.save_videos,
-                          progress=lambda done, total: bar(done - bar.done))
+        report = evaluate(pipe, prompts, **dataclasses.asdict(settings), progress=lambda done, total: bar.update(done))
     except ValueError as e:
         raise SystemExit(f"sora eval: {e}")
     report["model"] = os.path.abspath(args.model)
