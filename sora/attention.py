@@ -239,4 +239,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
         return _segment_attention(q, k, v, mask)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]  # (heads, Nq, hd)
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        # autocast casts SDPA's inputs but not flex's: float32 norms would hand it mixed dtypes
+        q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
     return _flex_attention(q.is_cuda)(q[None], k[None], v[None], block_mask=mask)[0]  # (heads, Nq, hd)
