@@ -47,7 +47,7 @@ from benchmarks.bench_dit_vs_wan import WAN_2_1_1_3B, build_wan, randomize_zero_
 from benchmarks.bench_packing import mixed_aspect_samples
 from benchmarks.common import machine
 from sora.attention import VarlenMask, attention, build_attention_mask
-from sora.dit import DiT, DiTConfig, flops_per_token
+from sora.dit import DiT, DiTConfig, flops_per_token, pack_flops
 from sora.flow import FlowConfig, flow_matching_loss
 from sora.packing import Sample, batch_by_token_budget, pack
 from sora.patches import patchify_batch, position_ids
@@ -260,11 +260,6 @@ def mixed_packs(config: DiTConfig, budget: int, count: int, resolutions, frames,
     packs = list(batch_by_token_budget(samples, budget))
     assert len(packs) >= count, f"only {len(packs)} packs of {budget} tokens from {len(samples)} videos"
     return packs[:count]
-
-
-def pack_flops(samples: list[Sample], config: DiTConfig) -> float:
-    """Training FLOPs of a pack: each video's tokens cost flops_per_token at its own length."""
-    return sum(s.num_tokens * flops_per_token(config, s.num_tokens, s.text.shape[0]) for s in samples)
 
 
 # ----------------------------------------------------------------------------------------

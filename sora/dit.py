@@ -26,8 +26,8 @@ packed videos apart live in :mod:`sora.attention`. What differs from image DiT:
 - **QK-norm** (RMSNorm on q and k, Dehghani et al. 2023 "ViT-22B"): keeps attention logits
   bounded, which matters for stable bf16 training at scale.
 
-The model knows nothing about parallelism (torchtitan style): blocks live in an
-``nn.ModuleList`` named ``blocks`` so FSDP / activation checkpointing can wrap them one by one.
+The model knows nothing about parallelism (torchtitan style): blocks live in an ``nn.ModuleList``
+named ``blocks`` so FSDP / activation checkpointing can wrap them one by one.
 """
 
 from __future__ import annotations
@@ -68,12 +68,9 @@ class DiTConfig:
     text_dim: int = 384  # width of the text encoder's hidden states (384 for MiniLM-L6)
     qk_norm: bool = True  # RMSNorm on queries and keys of every attention (ViT-22B)
     rope_theta: float = 10000.0  # base period of the rotary frequencies
-    # Head dims of the (t, h, w) rotary axes: each even, summing to head_dim. None: about a
-    # quarter (rounded to even) to time, the rest split between h and w.
+    # Head dims of the (t, h, w) rotary axes, even, summing to head_dim (None: ~1/4 to t, the rest h/w)
     rope_dims: tuple[int, int, int] | None = None
-    # Timesteps t in [0, 1] are multiplied by this before the sinusoidal embedding, so the
-    # frequencies see the range of DiT's integer steps 0..999.
-    timestep_scale: float = 1000.0
+    timestep_scale: float = 1000.0  # t in [0, 1] times this before the sinusoids (DiT's steps 0..999)
     frequency_embedding_size: int = 256  # sinusoid features of the timestep embedding
     # Pooled prompt added to each video's adaLN conditioning (as SD3): "none", or "mean" (the
     # masked mean of the text states through an MLP; an empty prompt gets a learnt null vector).
@@ -596,3 +593,8 @@ def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0, training
     linear = 2 * (L * 14 * D * D + 2 * D * config.in_dim)  # qkv+o 4, cross q+o 2, mlp 8 (D^2 each)
     attn = 2 * L * 2 * D * (seq_len + text_len + 1)  # QK^T and AV against own video + text + null
     return float((3 if training else 1) * (linear + attn))
+
+
+def pack_flops(samples, config: DiTConfig, training: bool = True) -> float:
+    """FLOPs of a pack of ``sora.packing.Sample``: each video's tokens cost flops_per_token at its own length."""
+    return sum(s.num_tokens * flops_per_token(config, s.num_tokens, int(s.text_mask.sum()), training) for s in samples)

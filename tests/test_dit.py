@@ -15,6 +15,7 @@ from sora.dit import (
     PRESETS,
     apply_rope,
     flops_per_token,
+    pack_flops,
     rope_angles,
     rope_rotation,
 )
@@ -301,6 +302,12 @@ def test_flops_per_token_counts_the_per_token_weights():
     assert base == 6 * weights + attn_one_key
     # attention adds 12 * depth * D FLOPs per key in the video's own sequence
     assert flops_per_token(cfg, 1000) - flops_per_token(cfg, 0) == 12 * cfg.depth * cfg.hidden_size * 1000
+    # a pack costs each video's tokens at that video's own length and valid text
+    from sora.packing import Sample
+
+    videos = [Sample(tokens=torch.zeros(n, cfg.in_dim), positions=position_ids((1, 1, n)), grid=(1, 1, n),
+                     text=torch.zeros(6, cfg.text_dim), text_mask=torch.arange(6) < valid) for n, valid in ((7, 6), (30, 2))]
+    assert pack_flops(videos, cfg) == 7 * flops_per_token(cfg, 7, 6) + 30 * flops_per_token(cfg, 30, 2)
 
 
 def test_tiny_forward_backward_time_for_1k_tokens():
