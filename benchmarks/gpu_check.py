@@ -299,12 +299,14 @@ def part_train(check: Check) -> None:
                 gen = torch.Generator().manual_seed(0)
 
                 def step(samples):
-                    batch = pack(samples).to(dev)
-                    with autocast(dev):
-                        loss, _ = flow_matching_loss(model, batch, flow, gen)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    try:
+                        batch = pack(samples).to(dev)
+                        with autocast(dev):
+                            loss, _ = flow_matching_loss(model, batch, flow, gen)
+                        loss.backward()
+                        opt.step()
+                    finally:  # an out-of-memory must not leave gradients held for the next run
+                        opt.zero_grad(set_to_none=True)
 
                 first = [timed(lambda p=p: step(p), dev) for p in packs[: sz.warmup]]
                 state["compile_failed"] = False
@@ -418,6 +420,7 @@ def part_attention(check: Check) -> None:
             qq, kk, vv = (x.detach().requires_grad_(backward) for x in (q, k, v))
 
             def fwd_bwd():
+                qq.grad = kk.grad = vv.grad = None
                 out = attention(qq, kk, vv, mask)
                 if backward:
                     out.backward(grad)
