@@ -19,6 +19,7 @@ def restore_threads():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex on the CPU warns that it is slow
 def test_dry_run_measures_every_part_without_errors(tmp_path, restore_threads):
     result = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert result["errors"] == [], json.dumps(result["errors"], indent=1)
