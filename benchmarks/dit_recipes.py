@@ -1,7 +1,7 @@
 """Side-by-side DiT training recipes on the shapes world: does the model learn a coherent object?
 
 Not a pass/fail benchmark: a small controlled harness for the comparisons recorded in
-BENCHMARKS.md and in `DiTConfig.parameterization` / `VAETrainConfig.latent_stats`. One process,
+BENCHMARKS.md and in `VAETrainConfig.latent_stats`. One process,
 one thread, a fixed number of optimizer steps (not a time budget, so a busy machine changes
 only how long it takes, never the result). It trains a bare tiny DiT on the first N clips of
 a `DATA/latents` table (sorted by clip id), then regenerates each of the first 48 of those clips
@@ -10,7 +10,7 @@ memorisation test: it asks whether training makes coherent, prompt-following obj
 before any question of generalising to unseen combinations.
 
     python -m benchmarks.dit_recipes --data runs/demo/data --vae runs/demo/vae
-    python -m benchmarks.dit_recipes --data runs/demo/data --vae runs/demo/vae --parameterization edm
+    python -m benchmarks.dit_recipes --data runs/demo/data --vae runs/demo/vae --pooled-text none
 
 Prints one JSON line (and appends it to --results when given).
 """
@@ -31,8 +31,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per pack (default 2048)")
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--parameterization", default="velocity", choices=["velocity", "edm"])
-    ap.add_argument("--pooled-text", default=None, choices=["none", "mean", "attention"],
+    ap.add_argument("--pooled-text", default=None, choices=["none", "mean"],
                     help="DiTConfig.pooled_text (pooled prompt in adaLN; default: the preset's)")
     ap.add_argument("--base-shift", type=float, default=None, help="TrainConfig.base_shift (timestep shift)")
     ap.add_argument("--t-mean", type=float, default=None, help="logit-normal location of training timesteps")
@@ -40,8 +39,6 @@ def main() -> None:
                     help="share of videos trained image-to-video (clean first frame), taken from the text-only share")
     ap.add_argument("--abs-pos", default=None, choices=["none", "fractional"],
                     help="DiTConfig.abs_pos (absolute fractional position embedding; default: the preset's)")
-    ap.add_argument("--text-refiner", type=int, default=None,
-                    help="DiTConfig.text_refiner_layers (layers over the prompt's states; default: the preset's)")
     ap.add_argument("--depth", type=int, default=None, help="override the preset's depth")
     ap.add_argument("--width", type=int, default=None, help="override the preset's hidden size (heads of 32 dims)")
     ap.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
@@ -72,10 +69,8 @@ def main() -> None:
     channels = int(rows[0]["latent_channels"])
     patch = (int(rows[0]["patch_t"]), int(rows[0]["patch_h"]), int(rows[0]["patch_w"]))
     cfg = DiTConfig.preset(args.preset, in_channels=channels, patch_size=patch, text_dim=samples[0].text.shape[-1],
-                           parameterization=args.parameterization,
                            **({} if args.pooled_text is None else {"pooled_text": args.pooled_text}),
                            **({} if args.abs_pos is None else {"abs_pos": args.abs_pos}),
-                           **({} if args.text_refiner is None else {"text_refiner_layers": args.text_refiner}),
                            **({} if args.depth is None else {"depth": args.depth}),
                            **({} if args.width is None else {"hidden_size": args.width, "num_heads": args.width // 32}))
     torch.manual_seed(args.seed)
@@ -131,8 +126,8 @@ def main() -> None:
         for k in right:
             right[k] += bool(result[f"{k}_ok"])
     line = {"benchmark": "dit_recipes", "data": args.data, "clips": len(rows), "steps": args.steps, "lr": args.lr,
-            "tokens": args.tokens, "preset": args.preset, "depth": cfg.depth, "width": cfg.hidden_size, "parameterization": args.parameterization,
-            "pooled_text": cfg.pooled_text, "abs_pos": cfg.abs_pos, "text_refiner": cfg.text_refiner_layers, "seed": args.seed, "shift": flow.shift, "t_mean": flow.t_mean,
+            "tokens": args.tokens, "preset": args.preset, "depth": cfg.depth, "width": cfg.hidden_size,
+            "pooled_text": cfg.pooled_text, "abs_pos": cfg.abs_pos, "seed": args.seed, "shift": flow.shift, "t_mean": flow.t_mean,
             "cond_mode_probs": flow.cond_mode_probs,
             "loss_last100": round(float(np.mean(losses[-100:])), 4), "train_seconds": round(train_s),
             "scored_clips": len(scored), **{k: round(v / len(scored), 3) for k, v in right.items()}}

@@ -1,7 +1,8 @@
 """The diffusion transformer (DiT) over packed spacetime patch tokens.
 
-Reads top to bottom like facebookresearch/DiT ``models.py``: helpers, attention, embedders,
-the block, the final layer, the model, then the size presets. What differs from image DiT:
+Reads top to bottom like facebookresearch/DiT ``models.py``: the config, helpers, embedders,
+the block, the final layer, the model, then the size presets. The attention backends that keep
+packed videos apart live in :mod:`sora.attention`. What differs from image DiT:
 
 - **Packed sequences (NaViT, Dehghani et al. 2023).** The input is a flat list of tokens
   from several videos of any size and duration; ``seq_ids`` says which video each token
@@ -12,23 +13,21 @@ the block, the final layer, the model, then the size presets. What differs from 
   integer (t, h, w) grid position, so attention depends only on *relative* positions and any
   size or duration works. Presets also add a **fractional absolute position** embedding
   (NaViT's factorised fractional embeddings: where the token sits as a fraction of its own
-  video's extent per axis), without which the model could not tell left from right of the
-  frame, nor early from late, and never learnt motion direction (see ``DiTConfig.abs_pos``).
+  video's extent per axis): with relative positions alone a model cannot tell left from
+  right of the frame, nor early from late, so it cannot bind a prompt's direction of motion.
 - **Per-token timesteps with adaLN-Zero.** Each token carries its own t: clean conditioning
   frames have t = 0 inside a noisy video (image-to-video, extension, interpolation all use
   this). The timestep embedding drives a per-token shift/scale/gate (Peebles & Xie 2023);
   the modulation and the final layer start at zero, so the untrained model outputs exactly 0.
-- **Optional aspect-ratio micro-condition** (PixArt-alpha; ``DiTConfig.aspect_cond``, off in
-  the presets): log(W / H) of each video's token grid embedded and added to its timestep
-  embedding, so a model need not infer the frame's proportions from positions.
 - **Text by cross-attention** (PixArt-alpha, Chen et al. 2023): each video attends to its own
   text tokens only, plus one learned "null" key every video always sees. The null key makes
   an empty prompt (all-False text mask: classifier-free-guidance dropout) well defined.
+  Optionally the prompt's pooled states also join the timestep embedding (as SD3 does).
 - **QK-norm** (RMSNorm on q and k, Dehghani et al. 2023 "ViT-22B"): keeps attention logits
   bounded, which matters for stable bf16 training at scale.
 
-The model knows nothing about parallelism (torchtitan style): blocks live in an
-``nn.ModuleList`` named ``blocks`` so FSDP / activation checkpointing can wrap them one by one.
+The model knows nothing about parallelism (torchtitan style): blocks live in an ``nn.ModuleList``
+named ``blocks`` so FSDP / activation checkpointing can wrap them one by one.
 """
 
 from __future__ import annotations
@@ -43,109 +42,57 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sora.attention import attention, build_attention_mask
 from sora.text_encoder import pooled
 
 # ----------------------------------------------------------------------------------------
-# Config and presets
+# Config
 # ----------------------------------------------------------------------------------------
+
+# Options that were removed, each with the value that meant "off": a saved config.json that
+# carries one at that value loads (the key is dropped); one that switches it on is refused.
+REMOVED_OPTIONS: dict[str, object] = {"text_refiner_layers": 0, "aspect_cond": False, "parameterization": "velocity"}
 
 
 @dataclass
 class DiTConfig:
-    """Size and behaviour of a :class:`DiT`. Production defaults are the ``base`` preset."""
+    """Size and behaviour of a :class:`DiT`. The sizes to use are the ``PRESETS``; a field's
+    default is what a config.json saved before that field existed means."""
 
     in_channels: int = 16  # latent channels C of the VAE
     patch_size: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) latent cells per token
-    hidden_size: int = 768  # D
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    hidden_size: int = 768  # model width D
+    depth: int = 12  # number of DiT blocks
+    num_heads: int = 12  # attention heads; head_dim = hidden_size / num_heads
+    mlp_ratio: float = 4.0  # MLP hidden width as a multiple of D
     text_dim: int = 384  # width of the text encoder's hidden states (384 for MiniLM-L6)
-    qk_norm: bool = True
-    rope_theta: float = 10000.0
-    # Head dim given to the (t, h, w) rotary axes; must sum to head_dim, each even.
-    # None: a quarter (rounded to even) to time, the rest split between h and w.
+    qk_norm: bool = True  # RMSNorm on queries and keys of every attention (ViT-22B)
+    rope_theta: float = 10000.0  # base period of the rotary frequencies
+    # Head dims of the (t, h, w) rotary axes, even, summing to head_dim (None: ~1/4 to t, the rest h/w)
     rope_dims: tuple[int, int, int] | None = None
-    # Timesteps t in [0, 1] are multiplied by this before the sinusoidal embedding, so the
-    # frequencies see the same range as DiT's integer steps 0..999.
-    timestep_scale: float = 1000.0
-    frequency_embedding_size: int = 256
-    # What the last layer's output F means. "velocity": F is v itself (SD3, Open-Sora).
-    # "edm": EDM-style preconditioning (Karras et al. 2022, Sec. 5) carried over to the straight
-    # path: x0_hat = c_skip(t) x_t + c_out(t) F with c_skip, c_out chosen so F's target has unit
-    # variance at every t for unit-variance data; the model still returns the velocity
-    # v = (x_t - x0_hat) / t = ((2t - 1) x_t - sqrt(n) F) / n, n = (1 - t)^2 + t^2 (finite at
-    # t = 0). Near pure noise a plain velocity net must copy its noisy input almost exactly
-    # (v = eps - x0, eps ~ x_t), and a small net trained briefly cannot: its x0 estimate at
-    # t = 0.9 was noise-like, and sampling from pure noise scattered blobs over every frame.
-    # With "edm" the copy is analytic and F is a smooth x0 estimate there. Measured on the
-    # shapes world (64 clips, 800 steps, each clip's own caption regenerated and scored):
-    # no better than "velocity" (colour 0.79 vs 0.90, shape 0.31 both, motion 0.15 vs 0.21),
-    # so the presets keep "velocity"; the option stays for larger models and longer runs.
-    parameterization: str = "velocity"
-    # Also condition the adaLN modulation on the masked mean of the text states (the pooled
-    # prompt, as SD3 / Open-Sora add a pooled text vector to the timestep embedding), besides
-    # cross-attention. A global, per-video path: the prompt's attributes reach every token's
-    # shift/scale/gate directly instead of only through learnt query-key matches. An empty
-    # prompt (CFG's unconditional branch) gets a learnt null vector. "none" (off), "mean" or
-    # "attention" (see PooledTextEmbedder). Off in configs saved before it existed, so old
-    # checkpoints load unchanged.
+    timestep_scale: float = 1000.0  # t in [0, 1] times this before the sinusoids (DiT's steps 0..999)
+    frequency_embedding_size: int = 256  # sinusoid features of the timestep embedding
+    # Pooled prompt added to each video's adaLN conditioning (as SD3): "none", or "mean" (the
+    # masked mean of the text states through an MLP; an empty prompt gets a learnt null vector).
     pooled_text: str = "none"
-    # Absolute position besides RoPE: "fractional" adds an embedding of each token's place as a
-    # fraction of its own video's extent along t, h and w (NaViT's factorised fractional
-    # embeddings), so any size and duration still works. RoPE alone is relative, and with axis-
-    # split RoPE a head's positional logit is a sum of a Δt term and a Δw term, so no single head
-    # can prefer "one frame back and v cells left"; nor can a relative-only model put a prompt's
-    # "from left to right" mean path (left early, right late) into its high-noise x0 estimate.
-    # "none" (off) in configs saved before it existed.
+    # Absolute position beside RoPE: "none", or "fractional" (each token's place as a fraction
+    # of its own video's extent along t, h and w: NaViT's factorised fractional embedding).
     abs_pos: str = "none"
-    # Transformer layers over each prompt's projected text states before the DiT uses them
-    # (a "token refiner", as HunyuanVideo puts over its text encoder): self-attention among the
-    # prompt's own words with 1D RoPE over their order. A frozen sentence encoder like MiniLM
-    # embeds "from left to right" and "from right to left" almost alike (same words; pooled
-    # cosine 0.996 for "leftward" / "rightward"), and those phrasings scored worst in eval; the
-    # refiner can learn which word order means which direction. With pooled_text, the pooled
-    # vector is taken from the refined states. 0 (off) in configs saved before it existed.
-    # Off in the presets: inconclusive on the shapes world (dit_recipes, 800 steps: 2 layers
-    # colour 1.00 / shape 0.60 / size 0.88 / motion 0.48 vs 0.98 / 0.52 / 0.90 / 0.60 without;
-    # a 20-minute retrain of the demo's DiT with a job beside it, 3,840 steps: held-out motion
-    # 0.58, "from X to Y" prompts 13/28 right vs 8/28 for 5,927 steps without).
-    text_refiner_layers: int = 0
-    # Condition the adaLN modulation on each video's aspect ratio, log(W / H) of its token grid
-    # (PixArt-alpha's aspect-ratio micro-condition), added per video like the pooled prompt.
-    # Why one would: with fractional positions a model may draw shapes in fractions of the frame
-    # (stretched with it), and a stretched square reads as a circle; the shapes world sizes
-    # objects by the short side, so in fractional units every extent depends on the aspect
-    # ratio only - and the ratio, unlike the grid size, is the same for a draft and its
-    # refinement at twice the size. Measured (BENCHMARKS.md, eighteenth session): the demo DiTs
-    # stretch little (log object w/h against log frame w/h: slope ~0.14), and the demo recipe
-    # retrained with it on three demos' data read held-out shape 0.82 / 0.78, 0.71 / 0.65 and
-    # 0.68 / 0.66 against 0.75 / 0.74, 0.69 / 0.71 and 0.69 / 0.73 without: no gain shown, so
-    # the presets leave it off. False in configs saved before it existed.
-    aspect_cond: bool = False
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)
-        assert isinstance(self.aspect_cond, bool), f"aspect_cond must be true or false, got {self.aspect_cond!r}"
-        assert self.text_refiner_layers >= 0, f"text_refiner_layers must be >= 0, got {self.text_refiner_layers}"
-        assert self.abs_pos in ("none", "fractional"), (
-            f"abs_pos must be 'none' or 'fractional', got {self.abs_pos!r}"
-        )
-        assert self.pooled_text in ("none", "mean", "attention"), (
-            f"pooled_text must be 'none', 'mean' or 'attention', got {self.pooled_text!r}"
-        )
-        assert self.parameterization in ("velocity", "edm"), (
-            f"parameterization must be 'velocity' or 'edm', got {self.parameterization!r}"
-        )
         if self.rope_dims is not None:
             self.rope_dims = tuple(self.rope_dims)
-        assert self.hidden_size % self.num_heads == 0, (
-            f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
-        )
+        if self.abs_pos not in ("none", "fractional"):
+            raise ValueError(f"abs_pos must be 'none' or 'fractional', got {self.abs_pos!r}")
+        if self.pooled_text not in ("none", "mean"):
+            raise ValueError(f"pooled_text must be 'none' or 'mean', got {self.pooled_text!r}"
+                             + (" (attention pooling was removed)" if self.pooled_text == "attention" else ""))
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         dims = self.axes_dims
-        assert sum(dims) == self.head_dim and all(d % 2 == 0 for d in dims), (
-            f"rope_dims {dims} must be even and sum to head_dim {self.head_dim}"
-        )
+        if sum(dims) != self.head_dim or any(d % 2 for d in dims):
+            raise ValueError(f"rope_dims {dims} must be even and sum to head_dim {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -174,50 +121,24 @@ class DiTConfig:
             raise ValueError(f"unknown DiT preset {name!r}; known: {list(PRESETS)}")
         return replace(PRESETS[name], **overrides)
 
-
-# Parameter counts with in_channels=16, text_dim=384 (checked by tests/test_dit.py).
-# Each block holds ~22 D^2 weights: self-attn 4, cross-attn 4, MLP 8, adaLN 6.
-PRESETS: dict[str, DiTConfig] = {
-    # ~1.6M params. Sized for the shapes world on a 2-core CPU: one fwd+bwd of a
-    # ~1k-token pack costs ~0.1 s, so 20 min trains on a few million tokens.
-    "tiny": DiTConfig(hidden_size=128, depth=4, num_heads=4, pooled_text="mean", abs_pos="fractional"),
-    "small": DiTConfig(hidden_size=384, depth=12, num_heads=6, abs_pos="fractional"),  # ~39M
-    "base": DiTConfig(hidden_size=768, depth=12, num_heads=12, abs_pos="fractional"),  # ~156M
-    "large": DiTConfig(hidden_size=1024, depth=24, num_heads=16, abs_pos="fractional"),  # ~554M
-    "xl": DiTConfig(hidden_size=1536, depth=24, num_heads=24, abs_pos="fractional"),  # ~1.25B
-}
-
-
-def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0, training: bool = True) -> float:
-    """Matmul FLOPs per video token, for MFU reporting.
-
-    ``seq_len`` is the length of the token's *own video* (attention is block-diagonal, so
-    a pack's cost depends on its videos' lengths, not on the pack length); ``text_len`` is
-    the number of text keys. Counts 2 FLOPs per multiply-add; training = 3x forward
-    (backward is ~2x forward), as in the PaLM / Chinchilla accounting. Not counted: the
-    adaLN modulation (computed once per distinct timestep, not per token), the text
-    projections (per text token), norms and elementwise ops.
-    """
-    D, L = config.hidden_size, config.depth
-    linear = 2 * (L * 14 * D * D + 2 * D * config.in_dim)  # qkv+o 4, cross q+o 2, mlp 8 (D^2 each)
-    attn = 2 * L * 2 * D * (seq_len + text_len + 1)  # QK^T and AV against own video + text + null
-    return float((3 if training else 1) * (linear + attn))
+    @classmethod
+    def from_dict(cls, raw: dict) -> "DiTConfig":
+        """A config from a saved dict (config.json): removed options at their "off" value are
+        dropped, a removed option switched on or an unknown field raises ValueError."""
+        raw = dict(raw)
+        for key, off in REMOVED_OPTIONS.items():
+            if key in raw and raw.pop(key) != off:
+                raise ValueError(f"this config sets {key}, an option DiTConfig no longer has (only {key}={off!r} "
+                                 f"loads); load the checkpoint with the sora-ray version that trained it")
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"config has fields this DiTConfig does not know: {sorted(unknown)}")
+        return cls(**raw)
 
 
 # ----------------------------------------------------------------------------------------
-# Helpers: output parameterization, modulation, rotary embedding, attention
+# Helpers: modulation, rotary embedding
 # ----------------------------------------------------------------------------------------
-
-
-def edm_velocity(x_t: torch.Tensor, f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Velocity from the network output F under the "edm" parameterization (see DiTConfig).
-
-    x_t, f: (N, D_in); t: (N,) in [0, 1]. x0_hat = c_skip x_t + c_out F with
-    c_skip = (1 - t) / n, c_out = t / sqrt(n), n = (1 - t)^2 + t^2, and v = (x_t - x0_hat) / t
-    simplifies to ((2t - 1) x_t - sqrt(n) F) / n: no division by t."""
-    t = t.to(f.dtype)[:, None]  # (N, 1)
-    n = (1 - t) ** 2 + t**2  # (N, 1) in [0.5, 1]
-    return ((2 * t - 1) * x_t.to(f.dtype) - n.sqrt() * f) / n
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -243,8 +164,8 @@ def rope_angles(positions: torch.Tensor, axes_dims: tuple[int, int, int], theta:
 def rope_rotation(angles: torch.Tensor) -> torch.Tensor:
     """What :func:`apply_rope` takes, computed once per forward for every block: on the CPU the
     unit complex numbers exp(i * angles) (N, hd/2) complex64, so each rotation is one complex
-    multiply (forward + backward ~0.6 ms against ~1.7 ms for the cos/sin form on a 2,048-token
-    pack); elsewhere the angles themselves (compilers on GPUs handle complex tensors poorly)."""
+    multiply (cheaper there than the cos/sin form, forward and backward); elsewhere the angles
+    themselves (compilers on GPUs handle complex tensors poorly)."""
     if angles.device.type != "cpu":
         return angles
     return torch.polar(torch.ones_like(angles), angles)
@@ -267,166 +188,6 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     cos, sin = angles.cos(), angles.sin()  # (N, hd/2)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., N, hd/2, 2)
     return out.flatten(-2).type_as(x)  # (..., N, hd)
-
-
-_compiled_flex = None
-
-
-def _flex_attention(compiled: bool):
-    """flex_attention, compiled once per process on CUDA. Footgun: eager flex materialises
-    the full score matrix (slow, warns); it is used on CPU only so tests can check the mask
-    logic, because compiled CPU flex fails in inductor's C++ template (torch 2.13)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not compiled:
-        return flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
-    return _compiled_flex
-
-
-@dataclass
-class SegmentMask:
-    """Block-diagonal attention as per-video slices (the CPU path, see `build_attention_mask`).
-
-    q_slices: (start, end) of each video's queries, in order, covering every query once;
-    k_index: that video's keys, a ``slice`` when they are contiguous, else an index tensor.
-    """
-
-    q_slices: list[tuple[int, int]]
-    k_index: list
-    # one autograd node over all videos (`_SegmentFlashAttention`) where possible; False: plain
-    # autograd through each video's slices (the "segments_unfused" backend, a baseline)
-    fused: bool = True
-
-
-def _segments(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> SegmentMask | None:
-    """The SegmentMask of a same-video mask, or None when queries of one video are not
-    contiguous (then only a dense mask describes it)."""
-    ids, counts = torch.unique_consecutive(q_ids, return_counts=True)  # (S,), (S,)
-    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-        return None  # a video's queries come back after another's
-    q_slices, k_index, start = [], [], 0
-    for vid, n in zip(ids.tolist(), counts.tolist()):
-        keys = torch.nonzero(kv_ids == vid).flatten()  # (K,) ascending; padding (-1) never matches
-        if keys.numel() and int(keys[-1] - keys[0]) + 1 == keys.numel():
-            keys = slice(int(keys[0]), int(keys[-1]) + 1)
-        q_slices.append((start, start + n))
-        k_index.append(keys)
-        start += n
-    return SegmentMask(q_slices, k_index)
-
-
-def build_attention_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor, backend: str = "auto"):
-    """Mask letting query i see key j iff ``q_ids[i] == kv_ids[j]`` (same video).
-
-    q_ids: (Nq,) int, kv_ids: (Nk,) int. Keys with a negative id (padding) are seen by
-    nobody. Built once per forward and shared by every block (not once per layer).
-    backend: "sdpa" -> dense bool (Nq, Nk): simple, but every query is scored against the
-    whole pack, so a pack of 20 videos does ~20x the attention work it needs;
-    "segments" -> a :class:`SegmentMask`: one SDPA call per video on its own keys (queries
-    of a video must be contiguous, as packing makes them; else it falls back to dense), all
-    in one autograd node on the CPU ("segments_unfused": autograd through every slice, the
-    way before that node; a benchmark baseline).
-    Measured on 2 CPU cores, tiny DiT, 4096-token packs: see benchmarks/bench_attention.py;
-    "flex" -> a ``BlockMask`` for ``flex_attention`` (CUDA), which skips the empty
-    off-diagonal blocks entirely; "auto" -> flex on CUDA, else segments.
-    A varlen/flash kernel would take ``cu_seqlens`` here instead; only this function and
-    :func:`attention` would change.
-    """
-    if backend == "auto":
-        backend = "flex" if q_ids.is_cuda else "segments"
-    if backend in ("segments", "segments_unfused"):
-        seg = _segments(q_ids, kv_ids)
-        if seg is not None:
-            seg.fused = backend == "segments"
-            return seg
-        backend = "sdpa"
-    if backend == "sdpa":
-        return (q_ids[:, None] == kv_ids[None, :]) & (kv_ids >= 0)[None, :]  # (Nq, Nk)
-    if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def same_video(b, h, q_idx, kv_idx):
-            return (q_ids[q_idx] == kv_ids[kv_idx]) & (kv_ids[kv_idx] >= 0)
-
-        # _compile avoids materialising the dense (Nq, Nk) mask while building the block mask
-        return create_block_mask(
-            same_video, None, None, q_ids.numel(), kv_ids.numel(), device=q_ids.device, _compile=q_ids.is_cuda
-        )
-    raise ValueError(f"unknown attention backend {backend!r}")
-
-
-def _flash_cpu_ops():
-    """PyTorch's CPU flash-attention forward/backward ops, or None where this build lacks them."""
-    aten = torch.ops.aten
-    try:
-        return aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
-    except (AttributeError, RuntimeError):
-        return None
-
-
-class _SegmentFlashAttention(torch.autograd.Function):
-    """Per-video attention as ONE autograd node: each video's forward and backward call the CPU
-    flash kernels directly and write into whole-pack buffers. Through plain autograd every
-    video's slice of q, k, v would be its own node, whose backward allocates and zero-fills a
-    gradient of the WHOLE pack's size: with ~14 videos a pack that memory traffic cost more than
-    the attention itself (per block: fwd+bwd 12.8 ms -> 7.8 ms, the same numbers bit for bit).
-    Keys of each video must be one contiguous slice."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, q_slices, k_slices):
-        fwd, _ = _flash_cpu_ops()
-        out = q.new_empty(q.shape)  # (heads, Nq, hd)
-        lses = []
-        for (qs, qe), ks in zip(q_slices, k_slices):
-            o, lse = fwd(q[None, :, qs:qe], k[None, :, ks], v[None, :, ks])[:2]  # (1, heads, n, hd), (1, heads, n)
-            out[:, qs:qe] = o[0]
-            lses.append(lse)
-        ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.slices = (q_slices, k_slices)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        _, bwd = _flash_cpu_ops()
-        q, k, v, out, *lses = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)  # keys no query sees: 0
-        for ((qs, qe), ks), lse in zip(zip(*ctx.slices), lses):
-            gq, gk, gv = bwd(grad[None, :, qs:qe], q[None, :, qs:qe], k[None, :, ks], v[None, :, ks],
-                             out[None, :, qs:qe], lse, 0.0, False)
-            dq[:, qs:qe] = gq[0]
-            dk[:, ks] += gk[0]  # += : two query groups may share keys
-            dv[:, ks] += gv[0]
-        return dq, dk, dv, None, None
-
-
-def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SegmentMask) -> torch.Tensor:
-    """One attention call per video: through `_SegmentFlashAttention` on the CPU when each
-    video's keys are one slice, else plain SDPA per video (autograd through the slices)."""
-    if (mask.fused and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype
-            and all(isinstance(keys, slice) for keys in mask.k_index) and _flash_cpu_ops() is not None):
-        return _SegmentFlashAttention.apply(q, k, v, mask.q_slices, mask.k_index)
-    outs = [
-        F.scaled_dot_product_attention(q[None, :, qs:qe], k[None, :, keys], v[None, :, keys])[0]  # (heads, n, hd)
-        for (qs, qe), keys in zip(mask.q_slices, mask.k_index)
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (heads, Nq, hd)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """Masked multi-head attention over packed tokens.
-
-    q: (heads, Nq, hd), k, v: (heads, Nk, hd), mask from :func:`build_attention_mask`
-    -> (heads, Nq, hd). Every query must see at least one key (else SDPA returns NaN);
-    the model guarantees it (a token always sees itself / the null text key).
-    """
-    if isinstance(mask, SegmentMask):
-        return _segment_attention(q, k, v, mask)
-    if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]  # (heads, Nq, hd)
-    return _flex_attention(q.is_cuda)(q[None], k[None], v[None], block_mask=mask)[0]  # (heads, Nq, hd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -475,88 +236,20 @@ class TextEmbedder(nn.Module):
         return self.proj(text)  # (B, L, D)
 
 
-class TextRefiner(nn.Module):
-    """Pre-norm transformer layers over each prompt's own text states: (B, L, D) -> (B, L, D).
-    Words attend to the valid words of their prompt (a masked word only to itself, so an empty
-    prompt stays finite), with 1D RoPE over word order. Residual branches start at zero, so a
-    fresh refiner is the identity."""
-
-    def __init__(self, hidden_size: int, num_heads: int, layers: int, mlp_ratio: float = 4.0, theta: float = 10000.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.rope_axes = (hidden_size // num_heads, 0, 0)  # the whole head rotates with word order
-        self.theta = theta
-        hidden = int(hidden_size * mlp_ratio)
-        self.layers = nn.ModuleList()
-        for _ in range(layers):
-            layer = nn.Module()
-            layer.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-            layer.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-            layer.proj = nn.Linear(hidden_size, hidden_size)
-            layer.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
-            layer.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"),
-                                      nn.Linear(hidden, hidden_size))
-            self.layers.append(layer)
-
-    def zero_init(self) -> None:
-        for layer in self.layers:
-            for out in (layer.proj, layer.mlp[-1]):
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        eye = torch.eye(L, dtype=torch.bool, device=x.device)
-        attn_mask = (mask[:, None, None, :] | eye)  # (B, 1, L, L): valid keys, and always itself
-        order = F.pad(torch.arange(L, device=x.device)[:, None], (0, 2))  # (L, 3): word index as "t"
-        angles = rope_rotation(rope_angles(order, self.rope_axes, self.theta))  # (L, hd/2)
-        for layer in self.layers:
-            q, k, v = layer.qkv(layer.norm1(x)).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, angles), apply_rope(k, angles)  # (B, heads, L, hd)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, hd)
-            x = x + layer.proj(out.transpose(1, 2).reshape(B, L, D))
-            x = x + layer.mlp(layer.norm2(x))
-        return x  # (B, L, D)
-
-
 class PooledTextEmbedder(nn.Module):
-    """One vector per video from its text states (B, L, text_dim) -> (B, D), added to the
-    timestep embedding of every token of that video.
+    """One vector per video from its text states: the masked mean through an MLP,
+    (B, L, text_dim) -> (B, D), added to the timestep embedding of every token of that video.
+    Videos with no text token (the unconditional branch of CFG) get the learnt ``null`` vector."""
 
-    mode "mean": the masked mean of the states. "attention": ``heads`` learnt queries each
-    take a softmax-weighted sum of the projected states (attention pooling), so single words
-    can dominate: MiniLM's mean-pooled states of two captions that differ only in "leftward"
-    / "rightward" have cosine 0.996 (0.90 for circle / square), so a mean barely carries the
-    direction. Videos with no text token (the unconditional branch of CFG) get the learnt
-    ``null`` vector."""
-
-    def __init__(self, text_dim: int, hidden_size: int, mode: str = "mean", heads: int = 4):
+    def __init__(self, text_dim: int, hidden_size: int):
         super().__init__()
-        assert mode in ("mean", "attention"), f"pooled text mode must be 'mean' or 'attention', got {mode!r}"
-        self.mode = mode
-        if mode == "mean":
-            self.proj = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        else:
-            self.value = nn.Linear(text_dim, hidden_size)
-            self.score = nn.Linear(text_dim, heads)  # one logit per head per text token
-            self.proj = nn.Sequential(nn.SiLU(), nn.Linear(heads * hidden_size, hidden_size))
+        self.proj = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.null = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         has_text = text_mask.any(dim=1, keepdim=True)  # (B, 1)
-        if self.mode == "mean":
-            out = self.proj(pooled(text, text_mask))  # (B, D)
-        else:
-            logits = self.score(text).masked_fill(~text_mask[..., None], float("-inf"))  # (B, L, heads)
-            weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # (B, L, heads); empty prompt: 0
-            per_head = torch.einsum("blh,bld->bhd", weights, self.value(text))  # (B, heads, D)
-            out = self.proj(per_head.flatten(1))  # (B, D)
+        out = self.proj(pooled(text, text_mask))  # (B, D)
         return torch.where(has_text, out, self.null.to(out.dtype))  # (B, D)
-
-
-# ----------------------------------------------------------------------------------------
-# Attention modules and the block
-# ----------------------------------------------------------------------------------------
 
 
 def video_extents(positions: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -582,14 +275,12 @@ class FractionalPositionEmbedder(nn.Module):
                              persistent=False)  # (F,) pi * 1, 2, 4, ...
         self.proj = nn.Linear(3 * 2 * num_freqs, hidden_size)
 
-    def forward(self, positions: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int,
-                extents: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
         """positions (N, 3); seq_ids (N,) in [0, num_seqs), or -1 for padding (which takes no
-        part in any video's extent; its output is garbage, as everywhere for padding);
-        extents: :func:`video_extents` of the same, when the caller already has them."""
+        part in any video's extent; its output is garbage, as everywhere for padding) -> (N, D)."""
         pos = positions.to(torch.float32)  # (N, 3)
         ids = torch.where(seq_ids < 0, num_seqs, seq_ids)  # padding -> an extra, ignored bucket
-        lo, hi = extents if extents is not None else video_extents(positions, seq_ids, num_seqs)  # (B + 1, 3)
+        lo, hi = video_extents(positions, seq_ids, num_seqs)  # (B + 1, 3)
         lo, hi = lo[ids], hi[ids]  # (N, 3)
         frac = (pos - lo + 0.5) / (hi - lo + 1)  # (N, 3) in (0, 1): cell centres over the extent
         angles = frac[:, :, None] * self.freqs  # (N, 3, F)
@@ -597,23 +288,9 @@ class FractionalPositionEmbedder(nn.Module):
         return self.proj(feats.to(self.proj.weight.dtype))  # (N, D)
 
 
-class AspectEmbedder(nn.Module):
-    """Each video's aspect ratio log(W / H) (of its token grid) -> (B, D), through sinusoids and
-    an MLP, as the timestep. Scale-free: 112 x 64 and 224 x 128 get the same vector."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 64, scale: float = 100.0):
-        super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
-        self.scale = scale  # log ratios lie in about [-1.5, 1.5]; DiT's sinusoids expect ~0..1000
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """lo, hi: (B, 3) from :func:`video_extents` -> (B, D)."""
-        extent = (hi - lo + 1).clamp(min=1.0)  # (B, 3) tokens along t, h, w
-        log_ratio = torch.log(extent[:, 2] / extent[:, 1])  # (B,)
-        freq = TimestepEmbedder.sinusoid(log_ratio * self.scale, self.frequency_embedding_size)  # (B, F)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
+# ----------------------------------------------------------------------------------------
+# Attention modules, the block, the final layer
+# ----------------------------------------------------------------------------------------
 
 
 class SelfAttention(nn.Module):
@@ -722,13 +399,7 @@ class DiT(nn.Module):
         self.pos_embedder = FractionalPositionEmbedder(D) if config.abs_pos == "fractional" else None
         self.t_embedder = TimestepEmbedder(D, config.frequency_embedding_size, config.timestep_scale)
         self.text_embedder = TextEmbedder(config.text_dim, D)
-        self.text_refiner = (TextRefiner(D, config.num_heads, config.text_refiner_layers, config.mlp_ratio,
-                                         config.rope_theta) if config.text_refiner_layers else None)
-        # the pooled vector comes from the refined states (width D) when there is a refiner
-        pooled_dim = D if self.text_refiner is not None else config.text_dim
-        self.pooled_embedder = (PooledTextEmbedder(pooled_dim, D, config.pooled_text)
-                                if config.pooled_text != "none" else None)
-        self.aspect_embedder = AspectEmbedder(D) if config.aspect_cond else None
+        self.pooled_embedder = PooledTextEmbedder(config.text_dim, D) if config.pooled_text == "mean" else None
         # One learned key/value every video sees besides its text: makes the empty prompt
         # (CFG's unconditional branch) well defined and acts as an attention sink.
         self.null_text = nn.Parameter(torch.zeros(D))
@@ -753,9 +424,6 @@ class DiT(nn.Module):
         nn.init.normal_(self.null_text, std=0.02)
         if self.pooled_embedder is not None:
             nn.init.normal_(self.pooled_embedder.null, std=0.02)
-        if self.aspect_embedder is not None:  # as the timestep MLP
-            nn.init.normal_(self.aspect_embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(self.aspect_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -765,8 +433,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-        if self.text_refiner is not None:
-            self.text_refiner.zero_init()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -804,8 +470,6 @@ class DiT(nn.Module):
         # Text keys of the whole pack, flattened video by video: its valid text tokens, then its
         # null key, so each video's keys are one contiguous slice (cheaper to attend to).
         text_states = self.text_embedder(text)  # (B, L, D)
-        if self.text_refiner is not None:
-            text_states = self.text_refiner(text_states, text_mask)  # (B, L, D)
         keys = torch.cat([text_states, self.null_text.expand(B, 1, -1).to(text_states.dtype)], dim=1)  # (B, L + 1, D)
         key_mask = F.pad(text_mask, (0, 1), value=True)  # (B, L + 1): the null key is always there
         text_emb = keys[key_mask]  # (M, D)
@@ -813,40 +477,29 @@ class DiT(nn.Module):
         cross_mask = build_attention_mask(seq_ids, text_ids, self.attention_backend)  # (N, M)
 
         angles = rope_rotation(rope_angles(positions, self.config.axes_dims, self.config.rope_theta))  # (N, hd/2)
-        # each video's (t, h, w) extent, once for both embedders that read it; padding takes no part
-        extents = (video_extents(positions, kv_ids, B)
-                   if self.pos_embedder is not None or self.aspect_embedder is not None else None)
         # footgun: unique() syncs with the host on CUDA and breaks torch.compile graphs here;
         # fine, since only the blocks need compiling (they take c_unique/inverse as inputs).
-        if self.pooled_embedder is None and self.aspect_embedder is None:
+        if self.pooled_embedder is None:
             t_unique, inverse = torch.unique(timesteps, return_inverse=True)  # (U,), (N,)
             c_unique = self.t_embedder(t_unique)  # (U, D)
         else:  # the conditioning differs per (video, t) pair: embed each distinct pair once
-            # one integer key per (video, t) pair, ordered as the pairs: unique() over rows
-            # (dim=0) compares them one by one and cost ~6 ms a 2,048-token pack on a CPU
+            # one integer key per (video, t) pair, ordered as the pairs (cheaper than unique()
+            # over rows, which compares them one by one)
             t_unique, t_index = torch.unique(timesteps, return_inverse=True)  # (T,), (N,)
             pair_keys, inverse = torch.unique(seq_ids * t_unique.numel() + t_index, return_inverse=True)  # (U,), (N,)
             video = pair_keys // t_unique.numel()  # (U,)
             c_unique = self.t_embedder(t_unique[pair_keys % t_unique.numel()])  # (U, D)
-            if self.pooled_embedder is not None:
-                prompt = self.pooled_embedder(text if self.text_refiner is None else text_states, text_mask)  # (B, D)
-                c_unique = c_unique + prompt[video]
-            if self.aspect_embedder is not None:
-                lo, hi = extents  # (B + 1, 3) each
-                c_unique = c_unique + self.aspect_embedder(lo[:B], hi[:B]).to(c_unique.dtype)[video]
+            c_unique = c_unique + self.pooled_embedder(text, text_mask)[video]  # (U, D)
 
         h = self.x_embedder(x)  # (N, D)
         if self.pos_embedder is not None:
-            h = h + self.pos_embedder(positions, kv_ids, B, extents).to(h.dtype)  # kv_ids: padding is -1
+            h = h + self.pos_embedder(positions, kv_ids, B).to(h.dtype)  # kv_ids: padding is -1
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(block, h, c_unique, inverse, angles, self_mask, text_emb, cross_mask, use_reentrant=False)
             else:
                 h = block(h, c_unique, inverse, angles, self_mask, text_emb, cross_mask)  # (N, D)
-        out = self.final_layer(h, c_unique, inverse)  # (N, D_in)
-        if self.config.parameterization == "edm":
-            out = edm_velocity(x, out, timesteps)
-        return out  # (N, D_in) velocity
+        return self.final_layer(h, c_unique, inverse)  # (N, D_in) velocity
 
     def forward_padded(
         self,
@@ -898,11 +551,50 @@ class DiT(nn.Module):
         with open(os.path.join(directory, "config.json")) as f:
             raw = json.load(f)
         model_type = raw.pop("model_type", "sora-dit")
-        assert model_type == "sora-dit", f"{directory} holds a {model_type!r}, not a sora-dit"
-        known = {f.name for f in fields(DiTConfig)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"config.json has fields this DiTConfig does not know: {sorted(unknown)}")
-        model = cls(DiTConfig(**raw))
+        if model_type != "sora-dit":
+            raise ValueError(f"{directory} holds a {model_type!r}, not a sora-dit")
+        try:
+            config = DiTConfig.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{directory}/config.json: {e}") from None
+        model = cls(config)
         model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=True)
         return model.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Size presets and FLOPs
+# ----------------------------------------------------------------------------------------
+
+
+# Parameter counts with in_channels=16, text_dim=384 (checked by tests/test_dit.py).
+# Each block holds ~22 D^2 weights: self-attn 4, cross-attn 4, MLP 8, adaLN 6.
+PRESETS: dict[str, DiTConfig] = {
+    # ~1.6M params: sized for the shapes world on a 2-core CPU
+    "tiny": DiTConfig(hidden_size=128, depth=4, num_heads=4, pooled_text="mean", abs_pos="fractional"),
+    "small": DiTConfig(hidden_size=384, depth=12, num_heads=6, abs_pos="fractional"),  # ~39M
+    "base": DiTConfig(hidden_size=768, depth=12, num_heads=12, abs_pos="fractional"),  # ~156M
+    "large": DiTConfig(hidden_size=1024, depth=24, num_heads=16, abs_pos="fractional"),  # ~554M
+    "xl": DiTConfig(hidden_size=1536, depth=24, num_heads=24, abs_pos="fractional"),  # ~1.25B
+}
+
+
+def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0, training: bool = True) -> float:
+    """Matmul FLOPs per video token, for MFU reporting.
+
+    ``seq_len`` is the length of the token's *own video* (attention is block-diagonal, so
+    a pack's cost depends on its videos' lengths, not on the pack length); ``text_len`` is
+    the number of text keys. Counts 2 FLOPs per multiply-add; training = 3x forward
+    (backward is ~2x forward), as in the PaLM / Chinchilla accounting. Not counted: the
+    adaLN modulation (computed once per distinct timestep, not per token), the text
+    projections (per text token), norms and elementwise ops.
+    """
+    D, L = config.hidden_size, config.depth
+    linear = 2 * (L * 14 * D * D + 2 * D * config.in_dim)  # qkv+o 4, cross q+o 2, mlp 8 (D^2 each)
+    attn = 2 * L * 2 * D * (seq_len + text_len + 1)  # QK^T and AV against own video + text + null
+    return float((3 if training else 1) * (linear + attn))
+
+
+def pack_flops(samples, config: DiTConfig, training: bool = True) -> float:
+    """FLOPs of a pack of ``sora.packing.Sample``: each video's tokens cost flops_per_token at its own length."""
+    return sum(s.num_tokens * flops_per_token(config, s.num_tokens, int(s.text_mask.sum()), training) for s in samples)

@@ -21,19 +21,17 @@ GroupNorm over (T, H, W) would let future frames change the statistics used for
 past frames, breaking causality and chunked == all-at-once. Per-frame statistics
 are causal. They are not local in space, so a spatial tile normalises with its own
 statistics: that, and the missing context at tile borders, is why tiling is only
-approximate. We tried the local alternative (RMS/LayerNorm over channels at each
-(t, h, w), as Wan 2.1 does) and it was worse here: on flat-coloured frames the tiny
-model collapsed to predicting the background, with vanishing encoder gradients,
-while per-frame GroupNorm reached > 30 dB on the same 300 steps.
-There is no self-attention block: it is global in space and costly on a CPU.
+approximate. There is no self-attention block: it is global in space and costly on a CPU.
+
+Files: this one holds the config, the posterior, the model and its checkpoints; the layers
+are in :mod:`sora.vae_layers`, the tiling in :mod:`sora.tiling`, and a pretrained diffusers
+video VAE (Wan 2.1, CogVideoX) stands in through :class:`sora.vae_diffusers.DiffusersVideoVAE`;
+``load_vae(dir)`` picks the right class from config.json.
 
 Usage (tiny CPU run):
     vae = CausalVideoVAE(VAEConfig.preset("tiny"))
     zn = vae.encode_latents(x)            # x: (B, 3, 17, 64, 112) in [-1, 1]
     x_hat = vae.decode_latents(zn)        # (B, 3, 17, 64, 112)
-
-A pretrained diffusers video VAE (Wan 2.1, CogVideoX) can stand in through
-`DiffusersVideoVAE`; `load_vae(dir)` picks the right class from config.json.
 """
 
 from __future__ import annotations
@@ -45,14 +43,25 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CLASS_NAME = "CausalVideoVAE"  # written to config.json so `load_vae` can dispatch
+from sora.tiling import tiled_apply
+from sora.vae_diffusers import DIFFUSERS_VAES, DiffusersVideoVAE
+from sora.vae_layers import (  # noqa: F401  (re-exported: `from sora.vae import ResBlock` etc.)
+    BlockMean,
+    BlockRepeat,
+    Cache,
+    CausalConv3d,
+    Decoder,
+    Downsample,
+    Encoder,
+    FrameGroupNorm,
+    ResBlock,
+    Upsample,
+)
 
-# A temporal cache maps each stateful module to what it carries into the next chunk.
-Cache = dict
+CLASS_NAME = "CausalVideoVAE"  # written to config.json so `load_vae` can dispatch
 
 
 # ----------------------------------------------------------------------------- config
@@ -60,62 +69,67 @@ Cache = dict
 
 @dataclass
 class VAEConfig:
-    in_channels: int = 3
-    latent_channels: int = 16
-    base_channels: int = 96
-    # One entry per resolution level; a x2 spatial downsample sits between levels,
+    """Size and behaviour of a :class:`CausalVideoVAE`; the sizes to use are ``preset("tiny")``
+    and ``preset("base")``."""
+
+    in_channels: int = 3  # pixel channels (RGB)
+    latent_channels: int = 16  # channels C of the latent
+    base_channels: int = 96  # conv width of the first resolution level
+    # Width multiplier of each resolution level; a x2 spatial resampling sits between levels,
     # so spatial_downsample == patch_size * 2 ** (len(channel_multipliers) - 1).
     channel_multipliers: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    temporal_downsample: int = 4  # x4 in time; the x2 steps go on the deepest levels
+    num_res_blocks: int = 2  # residual blocks per level
+    temporal_downsample: int = 4  # x4 in time (a power of 2); the x2 steps go on the deepest levels
     spatial_downsample: int = 8  # x8 x8 in space
     # Pixel-unshuffle factor before the first conv (as in Wan 2.2): folds p x p pixels into
-    # channels so the full-resolution convs, the costliest part on a CPU, disappear.
+    # channels, so no conv runs at full resolution.
     patch_size: int = 1
-    # "group": GroupNorm with per-frame statistics; "none": no normalisation (see the top of
-    # the file: trains faster on flat-coloured shapes and makes tiling nearly exact).
+    # "group": GroupNorm with per-frame statistics (see the module docstring); "none": no
+    # normalisation (spatial tiling is then nearly exact).
     norm: str = "group"
-    norm_groups: int = 32
-    # Block-mean shortcut (the residual-autoencoding idea of DC-AE, Chen et al. 2024): the
-    # encoder adds each latent cell's mean RGB to latent channels 0-2 and the decoder adds
-    # those channels, repeated back over the cell, to its output. From step 0 the model is a
-    # coarse colour codec and the networks learn only the detail: on a CPU budget that is
-    # the difference between reaching sharp reconstructions and not (see vae_train).
+    norm_groups: int = 32  # groups of the GroupNorm; must divide every level's width
+    # Block-mean shortcut (residual autoencoding, DC-AE, Chen et al. 2024): each latent cell's mean
+    # RGB is added to latent channels 0-2, and the decoder adds them back repeated over the cell.
     shortcut: bool = False
-    # Latent statistics: normalised latents are (z - shift_factor) * scaling_factor, so the
-    # diffusion model sees roughly unit variance. Set from data with `fit_latent_stats`.
+    # Normalised latents are (z - shift_factor) * scaling_factor (about unit variance for the
+    # diffusion model); set from data with `fit_latent_stats`.
     scaling_factor: float = 1.0
-    shift_factor: float = 0.0
-    # Per-channel statistics (diffusers' AutoencoderKLWan naming). When set they replace the
-    # scalar pair: normalised latents are (z - latents_mean[c]) / latents_std[c]. Channels of
-    # one VAE can differ 4x in spread (the shortcut's colour channels vs its detail channels);
-    # with one scalar the detail channels, which carry shape, drown in the diffusion noise at
-    # a quarter of the noise level the colour channels survive.
+    shift_factor: float = 0.0  # see scaling_factor
+    # Per-channel statistics (diffusers' AutoencoderKLWan naming); when set they replace the
+    # scalar pair: normalised latents are (z - latents_mean[c]) / latents_std[c].
     latents_mean: list[float] | None = None
-    latents_std: list[float] | None = None
+    latents_std: list[float] | None = None  # see latents_mean; every value > 0
 
     def __post_init__(self):
         if self.latents_mean is not None or self.latents_std is not None:
-            assert self.latents_mean is not None and self.latents_std is not None, "set both latents_mean and latents_std"
+            if self.latents_mean is None or self.latents_std is None:
+                raise ValueError("set both latents_mean and latents_std, or neither")
             self.latents_mean = [float(v) for v in self.latents_mean]
             self.latents_std = [float(v) for v in self.latents_std]
-            assert len(self.latents_mean) == len(self.latents_std) == self.latent_channels, (
-                f"per-channel stats need {self.latent_channels} values, got {len(self.latents_mean)}/{len(self.latents_std)}")
-            assert all(v > 0 for v in self.latents_std), f"latents_std must be positive, got {self.latents_std}"
+            if not len(self.latents_mean) == len(self.latents_std) == self.latent_channels:
+                raise ValueError(f"per-channel stats need {self.latent_channels} values (latent_channels), got "
+                                 f"{len(self.latents_mean)}/{len(self.latents_std)}")
+            if not all(v > 0 for v in self.latents_std):
+                raise ValueError(f"latents_std must be positive, got {self.latents_std}")
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
         levels = len(self.channel_multipliers)
-        assert levels >= 1, "channel_multipliers needs at least one level"
-        assert self.spatial_downsample == self.patch_size * 2 ** (levels - 1), (
-            f"spatial_downsample={self.spatial_downsample} must equal patch_size * 2**(levels-1) = "
-            f"{self.patch_size} * 2**{levels - 1}"
-        )
-        assert self.norm in ("group", "none"), f"norm must be 'group' or 'none', got {self.norm!r}"
-        assert not self.shortcut or self.latent_channels >= self.in_channels, "the shortcut needs latent_channels >= in_channels"
+        if levels < 1:
+            raise ValueError("channel_multipliers needs at least one level")
+        if self.spatial_downsample != self.patch_size * 2 ** (levels - 1):
+            raise ValueError(f"spatial_downsample={self.spatial_downsample} must equal patch_size * 2**(levels-1) = "
+                             f"{self.patch_size} * 2**{levels - 1}")
+        if self.norm not in ("group", "none"):
+            raise ValueError(f"norm must be 'group' or 'none', got {self.norm!r}")
+        if self.shortcut and self.latent_channels < self.in_channels:
+            raise ValueError("the shortcut needs latent_channels >= in_channels")
         for c in (self.base_channels * m for m in self.channel_multipliers):
-            assert self.norm == "none" or c % self.norm_groups == 0, f"channel count {c} not divisible by norm_groups={self.norm_groups}"
+            if self.norm != "none" and c % self.norm_groups != 0:
+                raise ValueError(f"channel count {c} not divisible by norm_groups={self.norm_groups}")
         n_t = int(round(math.log2(self.temporal_downsample)))
-        assert 2**n_t == self.temporal_downsample, f"temporal_downsample must be a power of 2, got {self.temporal_downsample}"
-        assert n_t <= levels - 1, f"x{self.temporal_downsample} in time needs {n_t} downsample steps, only {levels - 1} exist"
+        if 2**n_t != self.temporal_downsample:
+            raise ValueError(f"temporal_downsample must be a power of 2, got {self.temporal_downsample}")
+        if n_t > levels - 1:
+            raise ValueError(f"x{self.temporal_downsample} in time needs {n_t} downsample steps, only {levels - 1} exist")
 
     @property
     def num_temporal_downsamples(self) -> int:
@@ -125,13 +139,14 @@ class VAEConfig:
     def preset(cls, name: str) -> "VAEConfig":
         """Named sizes: "tiny" (shapes world on a 2-core CPU) and "base" (production)."""
         presets = {
-            # ~0.5M parameters. Pixel-unshuffle by 2 first, then two learned x2 downsamples.
-            # no norm, block-mean shortcut: measured best of our CPU runs (see sora/vae_train.py)
+            # ~0.5M parameters: pixel-unshuffle by 2, then two learned x2 downsamples; no norm,
+            # block-mean shortcut
             "tiny": dict(latent_channels=8, base_channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, patch_size=2,
                          norm="none", shortcut=True),
             "base": dict(latent_channels=16, base_channels=96, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2),
         }
-        assert name in presets, f"unknown VAE preset {name!r}; choose from {sorted(presets)}"
+        if name not in presets:
+            raise ValueError(f"unknown VAE preset {name!r}; choose from {sorted(presets)}")
         return cls(**presets[name])
 
 
@@ -162,299 +177,6 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per latent element, same shape as mean (not reduced)."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-def make_norm(cfg: "VAEConfig", channels: int) -> nn.Module:
-    if cfg.norm == "none":
-        return nn.Identity()
-    return FrameGroupNorm(cfg.norm_groups, channels, eps=1e-6)
-
-
-class FrameGroupNorm(nn.GroupNorm):
-    """GroupNorm with statistics per frame: (B, C, T, H, W) is normalised as (B*T, C, H, W)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
-        B, C, T, H, W = x.shape
-        y = super().forward(x.transpose(1, 2).reshape(B * T, C, H, W))  # (B*T, C, H, W)
-        return y.reshape(B, T, C, H, W).transpose(1, 2)
-
-
-class CausalConv3d(nn.Module):
-    """3D conv that pads time on the past side only, and can run chunk by chunk.
-
-    With kernel kt and stride st, output frame j sees padded input frames
-    [st*j, st*j + kt), i.e. original frames <= st*j. The first call pads with
-    kt-1 zero frames; afterwards the cache holds the input frames the next
-    output window still needs (P[st * n_out:] of the padded input P), which is
-    exactly what an all-at-once pass would have used.
-    """
-
-    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int] = (3, 3, 3), stride: tuple[int, int, int] = (1, 1, 1)):
-        super().__init__()
-        kt, kh, kw = kernel
-        assert tuple(stride[1:]) == (1, 1), "CausalConv3d strides time only; downsample space separately"
-        self.kt, self.st = kt, stride[0]
-        # Space is padded by replicating the border, not with zeros: zero padding lets the
-        # network detect borders, so a spatial tile's edge pixels come out different from the
-        # same pixels inside the full frame. Replicate padding cut the tiled-vs-untiled
-        # difference ~8x in our tests. Time is padded by hand (causally), see forward.
-        self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, kh // 2, kw // 2), padding_mode="replicate")
-
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:  # (B, C, T, H, W)
-        if self.kt == 1 and self.st == 1:
-            return self.conv(x)
-        past = cache.get(self)
-        if past is None:
-            B, C, _, H, W = x.shape
-            past = x.new_zeros(B, C, self.kt - 1, H, W)
-        padded = torch.cat([past, x], dim=2)  # (B, C, p + T, H, W)
-        n_out = max(0, (padded.shape[2] - self.kt) // self.st + 1)
-        cache[self] = padded[:, :, self.st * n_out :]
-        if n_out == 0:  # not enough frames for one window yet: everything stays in the cache
-            B, _, _, H, W = x.shape
-            return x.new_zeros(B, self.conv.out_channels, 0, H, W)
-        return self.conv(padded[:, :, : self.st * (n_out - 1) + self.kt])
-
-
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, cfg: "VAEConfig"):
-        super().__init__()
-        self.norm1 = make_norm(cfg, cin)
-        self.conv1 = CausalConv3d(cin, cout)
-        self.norm2 = make_norm(cfg, cout)
-        self.conv2 = CausalConv3d(cout, cout)
-        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)), cache)
-        h = self.conv2(F.silu(self.norm2(h)), cache)
-        return self.skip(x) + h
-
-
-class Downsample(nn.Module):
-    """x2 in space (strided per-frame conv), optionally x2 in time (causal strided conv).
-
-    In time, T = 1 + 2m frames become 1 + m: the first frame alone, then pairs.
-    """
-
-    def __init__(self, channels: int, temporal: bool):
-        super().__init__()
-        self.spatial = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), padding_mode="replicate")
-        self.temporal = CausalConv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
-
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        x = self.spatial(x)  # (B, C, T, H/2, W/2)
-        if self.temporal is not None:
-            x = self.temporal(x, cache)  # (B, C, 1 + (T-1)/2, H/2, W/2)
-        return x
-
-
-class Upsample(nn.Module):
-    """x2 in space (nearest + conv), optionally x2 in time (the inverse of Downsample).
-
-    In time each frame becomes two (frame repeat plus a learned causal
-    correction, zero at init), and the very first frame of the video keeps
-    only its second copy, so 1 + m frames become 1 + 2m.
-    """
-
-    def __init__(self, channels: int, temporal: bool):
-        super().__init__()
-        self.spatial = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1), padding_mode="replicate")
-        self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
-        if self.temporal is not None:
-            nn.init.zeros_(self.temporal.conv.weight)
-            nn.init.zeros_(self.temporal.conv.bias)
-
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        if self.temporal is not None:
-            first_chunk = self not in cache
-            cache[self] = True
-            B, C, T, H, W = x.shape
-            delta = self.temporal(x, cache).reshape(B, 2, C, T, H, W)  # (B, 2, C, T, H, W)
-            x = x.unsqueeze(1) + delta
-            x = x.permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)  # frames t0a t0b t1a t1b ...
-            if first_chunk:
-                x = x[:, :, 1:]  # (B, C, 2T - 1, H, W)
-        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
-        return self.spatial(x)  # (B, C, T, 2H, 2W)
-
-
-def _level_channels(cfg: VAEConfig) -> list[int]:
-    return [cfg.base_channels * m for m in cfg.channel_multipliers]
-
-
-def _temporal_flags(cfg: VAEConfig) -> list[bool]:
-    """Which of the len(levels)-1 resampling steps also resample time (the deepest ones)."""
-    n = len(cfg.channel_multipliers) - 1
-    return [i >= n - cfg.num_temporal_downsamples for i in range(n)]
-
-
-class BlockMean(nn.Module):
-    """Pixels (B, 3, T, H, W) -> the mean of each latent cell (B, 3, T', H/s, W/s): frame 0
-    on its own, then groups of `tc` frames, as the causal encoder groups them. Stateless
-    except for knowing whether this chunk starts the video (`cache`)."""
-
-    def __init__(self, tc: int, sc: int):
-        super().__init__()
-        self.tc, self.sc = tc, sc
-
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        first = self not in cache
-        cache[self] = True
-        x = F.avg_pool3d(x, (1, self.sc, self.sc))  # (B, 3, T, h, w)
-        head, rest = (x[:, :, :1], x[:, :, 1:]) if first else (x[:, :, :0], x)
-        B, C, T, h, w = rest.shape
-        rest = rest.reshape(B, C, T // self.tc, self.tc, h, w).mean(dim=3)  # (B, 3, T/tc, h, w)
-        return torch.cat([head, rest], dim=2)
-
-
-class BlockRepeat(nn.Module):
-    """The inverse layout of BlockMean: latent cells (B, 3, T', h, w) repeated to pixels
-    (B, 3, T, h*s, w*s); the video's first latent frame gives one frame, the others `tc`."""
-
-    def __init__(self, tc: int, sc: int):
-        super().__init__()
-        self.tc, self.sc = tc, sc
-
-    def forward(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
-        first = self not in cache
-        cache[self] = True
-        x = z.repeat_interleave(self.tc, dim=2)  # (B, 3, T' tc, h, w)
-        if first:
-            x = x[:, :, self.tc - 1 :]  # the first latent frame stands for one frame
-        return x.repeat_interleave(self.sc, dim=3).repeat_interleave(self.sc, dim=4)
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        self.p = cfg.patch_size
-        chans = _level_channels(cfg)
-        self.conv_in = CausalConv3d(cfg.in_channels * self.p**2, chans[0])
-        self.blocks = nn.ModuleList()
-        cin = chans[0]
-        t_flags = _temporal_flags(cfg)
-        for i, c in enumerate(chans):
-            for _ in range(cfg.num_res_blocks):
-                self.blocks.append(ResBlock(cin, c, cfg))
-                cin = c
-            if i < len(chans) - 1:
-                self.blocks.append(Downsample(c, temporal=t_flags[i]))
-        self.mid = ResBlock(cin, cin, cfg)
-        self.norm_out = make_norm(cfg, cin)
-        self.conv_out = CausalConv3d(cin, 2 * cfg.latent_channels)
-        self.shortcut = BlockMean(cfg.temporal_downsample, cfg.spatial_downsample) if cfg.shortcut else None
-        if cfg.shortcut:  # start nearly deterministic: posterior noise would swamp the colour path
-            nn.init.constant_(self.conv_out.conv.bias[cfg.latent_channels :], -8.0)
-
-    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """(B, 3, T, H, W) -> moments (B, 2 * C_latent, T', H/s, W/s)."""
-        base = self.shortcut(x, cache) if self.shortcut is not None else None  # (B, 3, T', h, w)
-        if self.p > 1:
-            B, C, T, H, W = x.shape
-            x = F.pixel_unshuffle(x.transpose(1, 2).reshape(B * T, C, H, W), self.p)
-            x = x.reshape(B, T, -1, H // self.p, W // self.p).transpose(1, 2)  # (B, C p^2, T, H/p, W/p)
-        h = self.conv_in(x, cache)
-        for block in self.blocks:
-            h = block(h, cache)
-        h = self.mid(h, cache)
-        moments = self.conv_out(F.silu(self.norm_out(h)), cache)
-        if base is not None:
-            moments = torch.cat([moments[:, : base.shape[1]] + base, moments[:, base.shape[1] :]], dim=1)
-        return moments
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        self.p = cfg.patch_size
-        chans = _level_channels(cfg)[::-1]
-        t_flags = _temporal_flags(cfg)[::-1]
-        self.conv_in = CausalConv3d(cfg.latent_channels, chans[0])
-        self.mid = ResBlock(chans[0], chans[0], cfg)
-        self.blocks = nn.ModuleList()
-        cin = chans[0]
-        for i, c in enumerate(chans):
-            for _ in range(cfg.num_res_blocks):
-                self.blocks.append(ResBlock(cin, c, cfg))
-                cin = c
-            if i < len(chans) - 1:
-                self.blocks.append(Upsample(c, temporal=t_flags[i]))
-        self.norm_out = make_norm(cfg, cin)
-        self.conv_out = CausalConv3d(cin, cfg.in_channels * self.p**2)
-        self.shortcut = BlockRepeat(cfg.temporal_downsample, cfg.spatial_downsample) if cfg.shortcut else None
-        self.in_channels = cfg.in_channels
-
-    def forward(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """(B, C_latent, T', h, w) -> (B, 3, T, h*s, w*s)."""
-        h = self.mid(self.conv_in(z, cache), cache)
-        for block in self.blocks:
-            h = block(h, cache)
-        x = self.conv_out(F.silu(self.norm_out(h)), cache)
-        if self.p > 1:
-            B, C, T, H, W = x.shape
-            x = F.pixel_shuffle(x.transpose(1, 2).reshape(B * T, C, H, W), self.p)
-            x = x.reshape(B, T, -1, H * self.p, W * self.p).transpose(1, 2)  # (B, 3, T, H p, W p)
-        if self.shortcut is not None:
-            x = x + self.shortcut(z[:, : self.in_channels], cache)
-        return x
-
-
-# ----------------------------------------------------------------------------- tiling
-
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of length `tile` covering [0, size); the last one is flush with the end."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return starts + [size - tile]
-
-
-def _ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool, device) -> torch.Tensor:
-    """1D blend weights: 1 inside, linear ramps over `overlap` on sides that meet a neighbour."""
-    w = torch.ones(length, device=device)
-    if overlap > 0:
-        r = torch.arange(1, overlap + 1, device=device, dtype=torch.float32) / (overlap + 1)
-        if ramp_start:
-            w[:overlap] = torch.minimum(w[:overlap], r)
-        if ramp_end:
-            w[-overlap:] = torch.minimum(w[-overlap:], r.flip(0))
-    return w
-
-
-def tiled_apply(x: torch.Tensor, fn, tile: int, overlap: int, scale: float) -> torch.Tensor:
-    """Apply `fn` to overlapping spatial tiles of x and blend the outputs.
-
-    Args:
-        x: (B, C, T, H, W) input.
-        fn: maps a (B, C, T, th, tw) tile to (B, C', T', th*scale, tw*scale).
-        tile, overlap: tile size and overlap in input pixels.
-        scale: output/input spatial ratio (1/8 for an encoder, 8 for a decoder).
-    Returns:
-        (B, C', T', H*scale, W*scale): the normalised weighted sum of tile outputs,
-        with weights ramping linearly across each overlap.
-    """
-    H, W = x.shape[-2:]
-    th, tw = min(tile, H), min(tile, W)
-    out = weight = None
-    o_over = int(round(overlap * scale))
-    for y0 in _tile_starts(H, th, overlap):
-        for x0 in _tile_starts(W, tw, overlap):
-            y = fn(x[..., y0 : y0 + th, x0 : x0 + tw])  # (B, C', T', th*s, tw*s)
-            oy, ox, oh, ow = int(y0 * scale), int(x0 * scale), y.shape[-2], y.shape[-1]
-            if out is None:
-                out = y.new_zeros(*y.shape[:3], int(H * scale), int(W * scale))
-                weight = y.new_zeros(int(H * scale), int(W * scale))
-            wy = _ramp(oh, o_over, y0 > 0, y0 + th < H, y.device)
-            wx = _ramp(ow, o_over, x0 > 0, x0 + tw < W, y.device)
-            w2 = (wy[:, None] * wx[None, :]).to(y.dtype)  # (th*s, tw*s)
-            out[..., oy : oy + oh, ox : ox + ow] += y * w2
-            weight[oy : oy + oh, ox : ox + ow] += w2
-    return out / weight
 
 
 # ----------------------------------------------------------------------------- the VAE
@@ -668,79 +390,12 @@ class CausalVideoVAE(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CausalVideoVAE":
         d = Path(directory)
         raw = json.loads((d / "config.json").read_text())
-        assert raw.get("_class_name") == CLASS_NAME, f"{d} holds a {raw.get('_class_name')!r}, not a {CLASS_NAME}"
+        if raw.get("_class_name") != CLASS_NAME:
+            raise ValueError(f"{d} holds a {raw.get('_class_name')!r}, not a {CLASS_NAME}")
         known = {f.name for f in fields(VAEConfig)}
         model = cls(VAEConfig(**{k: v for k, v in raw.items() if k in known}))
         model.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))
         return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------- bring your own VAE
-
-
-# diffusers video VAE classes we know how to read compression factors and latent statistics from.
-_DIFFUSERS_VAES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX")
-
-
-class DiffusersVideoVAE:
-    """A pretrained diffusers video VAE behind the `VideoVAE` interface.
-
-    Supports `AutoencoderKLWan` (Wan 2.1: x4 time, x8 space, 16 channels,
-    per-channel latents_mean/latents_std) and `AutoencoderKLCogVideoX`
-    (x4 time, x8 space, 16 channels, one scaling_factor). diffusers is an
-    optional extra (`pip install diffusers`); nothing is downloaded: point
-    `from_pretrained` at a local directory.
-    """
-
-    def __init__(self, model):
-        name = type(model).__name__
-        assert name in _DIFFUSERS_VAES, f"unsupported diffusers VAE {name}; supported: {_DIFFUSERS_VAES}"
-        self.model = model.eval()
-        self.kind = name
-        cfg = model.config
-        if name == "AutoencoderKLWan":
-            self.temporal_compression = int(cfg.scale_factor_temporal or 2 ** sum(cfg.temperal_downsample))
-            self.spatial_compression = int(cfg.scale_factor_spatial or 2 ** (len(cfg.dim_mult) - 1))
-            self.latent_channels = int(cfg.z_dim)
-            self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-            self._inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        else:  # CogVideoX: temporal_compression_ratio in config, x2 per down block in space
-            self.temporal_compression = int(cfg.temporal_compression_ratio)
-            self.spatial_compression = 2 ** (len(cfg.block_out_channels) - 1)
-            self.latent_channels = int(cfg.latent_channels)
-            self._mean = torch.tensor(float(getattr(cfg, "shift_factor", None) or 0.0))
-            self._inv_std = torch.tensor(float(cfg.scaling_factor))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "DiffusersVideoVAE":
-        import diffusers  # optional extra
-
-        raw = json.loads((Path(directory) / "config.json").read_text())
-        name = raw.get("_class_name")
-        assert name in _DIFFUSERS_VAES, f"{directory} holds {name!r}; supported diffusers VAEs: {_DIFFUSERS_VAES}"
-        # low_cpu_mem_usage=False: the default wants the `accelerate` package, which we do not need.
-        model = getattr(diffusers, name).from_pretrained(str(directory), local_files_only=True, low_cpu_mem_usage=False)
-        return cls(model.to(device))
-
-    def _stats(self, z: torch.Tensor):
-        return self._mean.to(z), self._inv_std.to(z)
-
-    @torch.no_grad()
-    def encode_latents(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, 1 + 4k, H, W) in [-1, 1] -> normalised latents (B, C, 1 + k, H/8, W/8)."""
-        dist = self.model.encode(x).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        mean, inv_std = self._stats(z)
-        return (z - mean) * inv_std
-
-    @torch.no_grad()
-    def decode_latents(self, zn: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, C, 1 + k, h, w) -> pixels (B, 3, 1 + 4k, 8h, 8w)."""
-        mean, inv_std = self._stats(zn)
-        return self.model.decode(zn / inv_std + mean).sample
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        self.model.save_pretrained(str(directory))
 
 
 def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> VideoVAE:
@@ -749,6 +404,6 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu") -> Video
     name = raw.get("_class_name")
     if name == CLASS_NAME:
         return CausalVideoVAE.from_pretrained(directory, device=device)
-    if name in _DIFFUSERS_VAES:
+    if name in DIFFUSERS_VAES:
         return DiffusersVideoVAE.from_pretrained(directory, device=device)
-    raise ValueError(f"{directory}/config.json names {name!r}; expected {CLASS_NAME!r} or one of {_DIFFUSERS_VAES}")
+    raise ValueError(f"{directory}/config.json names {name!r}; expected {CLASS_NAME!r} or one of {DIFFUSERS_VAES}")

@@ -71,7 +71,7 @@ def test_config_presets_and_interface(vae):
     assert (base.latent_channels, base.temporal_downsample, base.spatial_downsample) == (16, 4, 8)
     assert (vae.temporal_compression, vae.spatial_compression, vae.latent_channels) == (4, 8, 8)
     assert isinstance(vae, VideoVAE)
-    with pytest.raises(AssertionError, match="spatial_downsample"):
+    with pytest.raises(ValueError, match="spatial_downsample"):
         VAEConfig(channel_multipliers=(1, 2), spatial_downsample=8)
 
 
@@ -240,7 +240,7 @@ def test_per_channel_latent_stats_normalise_each_channel_and_round_trip(vae, tmp
         assert torch.allclose(loaded.normalize_latents(raw), zn, atol=1e-6)
         model.fit_latent_stats(raw)  # a scalar fit clears the per-channel one
     assert model.config.latents_mean is None and model.config.latents_std is None
-    with pytest.raises(AssertionError, match="per-channel stats need"):
+    with pytest.raises(ValueError, match="per-channel stats need"):
         VAEConfig(latent_channels=4, latents_mean=[0.0] * 3, latents_std=[1.0] * 3)
 
 
