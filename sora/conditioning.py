@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODES = ("text-to-video", "image-to-video", "extend-forward", "extend-backward", "join", "loop", "edit", "draft")
+from sora.request import MODES  # noqa: F401 - the modes these layouts serve, named where requests are
 PREFIX_GROUPS = 2  # edge-repeat groups encoded before a non-initial segment (encoder context)
 LOOP_SETTLE = 3  # frames of the loop's final static group dropped: one copy of frame 0 remains
 

@@ -445,7 +445,8 @@ class SoraPipeline:
                 firsts = [f if f is not None else short[b, :1] for b, f in enumerate(firsts)]
             layouts = [plans.loop(f, num_frames, r0.context_frames, src) for f, src in zip(firsts, sources)]
         else:
-            layouts = [self._layout(r.mode, images[b], video, num_frames, r0.context_frames) for b, r in enumerate(reqs)]
+            layouts = [self._layout(r.mode, images[b], video, num_frames, r0.context_frames)
+                       for b, r in enumerate(reqs)]
         assert all(lay.keep == layouts[0].keep for lay in layouts), "prompts of one call must share one layout"
 
         init = small = None

@@ -14,7 +14,8 @@ raises :class:`RequestError` (a ValueError) that also says which field was wrong
 ``None`` means "the model's default" (its model_index.json ``defaults``); ``resolve(defaults)``
 fills those in. Requests with equal ``shape_key()`` can run as one packed pipeline call.
 
-Pure Python (no torch), so an HTTP ingress can validate without loading a model.
+Pure Python (no torch, no numpy at import), so an HTTP ingress validates without loading a
+model and the command line builds its flags from these fields quickly.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from sora.conditioning import MODES, frames_for
-
+MODES = ("text-to-video", "image-to-video", "extend-forward", "extend-backward", "join", "loop", "edit", "draft")
 SAMPLERS = ("euler", "heun", "ancestral")
 DEFAULT_SAMPLER = "euler"  # sampler when neither the request nor the model index names one
 DEFAULT_STRENGTH = {"edit": 0.7, "draft": 0.4}  # SDEdit noise level of an edit / a draft's refinement
@@ -90,8 +90,8 @@ class Limits:
         _range("seconds", _name(names, "seconds"), seconds, 0, self.max_seconds, lo_open=True)
 
 
-NO_LIMITS = Limits(max_prompt_chars=None, empty_prompt=True, min_side=1, max_side=None, max_pixels=None, max_seconds=None,
-                   max_fps=None, max_steps=None, max_guidance=None, even_sides=False)
+NO_LIMITS = Limits(max_prompt_chars=None, empty_prompt=True, min_side=1, max_side=None, max_pixels=None,
+                   max_seconds=None, max_fps=None, max_steps=None, max_guidance=None, even_sides=False)
 BULK_LIMITS = Limits(max_prompt_chars=None, min_side=1, max_side=4096, max_pixels=None, max_frames=1024,
                      max_seconds=600.0, max_fps=240.0, max_steps=1000, max_guidance=None, even_sides=True)
 
@@ -105,16 +105,17 @@ class GenerationRequest:
     # text-to-video, image-to-video, extend-forward, extend-backward, join, loop, edit or draft
     # (or an alias such as i2v); None: image-to-video with an image, extend-forward with a video, else text-to-video
     mode: str | None = None
-    width: int | None = None  # output width in pixels, any (the model's by default)
-    height: int | None = None  # output height in pixels, any (the model's by default)
-    num_frames: int | None = None  # output length in frames, given frames included (the model's by default)
-    seconds: float | None = None  # output length in seconds instead (frames = seconds x fps)
-    fps: float | None = None  # frame rate (the model's by default)
-    steps: int | None = None  # sampling steps (the model's by default)
-    guidance_scale: float | None = None  # classifier-free guidance scale (the model's by default)
-    sampler: Literal["euler", "heun", "ancestral"] | None = None  # ODE samplers euler, heun or stochastic ancestral (the model's, else euler)
+    width: int | None = None  # output width in pixels, any (None: the model's)
+    height: int | None = None  # output height in pixels, any (None: the model's)
+    num_frames: int | None = None  # output length in frames, given frames included (None: the model's)
+    seconds: float | None = None  # output length in seconds instead of frames (frames = seconds x fps)
+    fps: float | None = None  # frame rate (None: the model's)
+    steps: int | None = None  # sampling steps (None: the model's)
+    guidance_scale: float | None = None  # classifier-free guidance scale (None: the model's)
+    # the ODE samplers euler, heun or the stochastic ancestral (None: the model's, else euler)
+    sampler: Literal["euler", "heun", "ancestral"] | None = None
     seed: int | None = None  # random seed: the same seed gives the same video (None: unseeded)
-    strength: float | None = None  # edit / draft refinement noise level in [0, 1] (defaults: edit 0.7, draft 0.4)
+    strength: float | None = None  # edit / draft refinement noise level in [0, 1] (None: edit 0.7, draft 0.4)
     context_frames: int | None = None  # keep at most this many given frames (extend, join, loop)
     draft_scale: float = 0.5  # mode draft: the draft's side as a fraction of the output's
     upsample_prompt: bool = False  # rewrite the prompt with the model's prompt upsampler first
@@ -192,6 +193,8 @@ class GenerationRequest:
         """Every None filled in from a model index's ``defaults`` (a validated request):
         size, fps, steps, guidance, sampler, strength, and num_frames (from seconds at fps; an
         edit without one keeps its video's length, ``video_frames``). ``seconds`` becomes None."""
+        from sora.conditioning import frames_for
+
         mode = self.mode or resolve_mode(None, self.image is not None, self.video is not None)
         fps = float(self.fps or defaults["fps"])
         if self.seconds is not None:
@@ -275,7 +278,7 @@ def _reference(media: Any) -> Any:
     if media is None or isinstance(media, str):
         return media
     if isinstance(media, (list, tuple)) and all(isinstance(m, str) for m in media):
-        return list(media)
+        return tuple(media)
     return f"object@{id(media):x}"
 
 

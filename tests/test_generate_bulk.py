@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.generate_bulk import BulkConfig, GenerateStage, Request, plan, read_manifest, run_generate_bulk
+from pipelines.generate_bulk import BulkConfig, BulkRequest, GenerateStage, plan, read_manifest, run_generate_bulk
 from tiny_model import build_tiny_model
 
 N = 1000
@@ -116,15 +116,15 @@ def test_a_thousand_prompts_killed_and_resumed(ray_session, model_dir, tmp_path)
 def test_one_failing_request_does_not_fail_its_batch(model_dir, tmp_path):
     """A batch that raises is retried request by request: only the culprit becomes an error."""
     stage = GenerateStage(model_dir, str(tmp_path / "out"), BulkConfig(size="32x32", frames=5, steps=1).__dict__)
-    real = stage.pipe.__class__.__call__
+    real = stage.pipe.__class__.generate
 
-    def flaky(pipe, prompts, **kw):
-        if any("poison" in p for p in prompts):
+    def flaky(pipe, requests, **kw):
+        if any("poison" in r.prompt for r in requests):
             raise RuntimeError("poisoned prompt")
-        return real(pipe, prompts, **kw)
+        return real(pipe, requests, **kw)
 
-    stage.pipe.__class__ = type("Flaky", (stage.pipe.__class__,), {"__call__": flaky})
-    reqs = [Request(id=f"r{i}", row=i, prompt="poison" if i == 1 else f"ok {i}", seed=i, width=32, height=32,
+    stage.pipe.__class__ = type("Flaky", (stage.pipe.__class__,), {"generate": flaky})
+    reqs = [BulkRequest(id=f"r{i}", row=i, prompt="poison" if i == 1 else f"ok {i}", seed=i, width=32, height=32,
                     num_frames=5, steps=1) for i in range(3)]
     rows = {r["id"]: r for r in stage.run_unit(reqs, "u")}
     assert [rows[f"r{i}"]["status"] for i in range(3)] == ["ok", "error", "ok"]
