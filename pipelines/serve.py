@@ -54,7 +54,7 @@ from pipelines.video_requests import (APIError, ModelInfo, parse_body, parse_cre
                                       parse_variant)
 from pipelines.video_runner import JobRunner, StepHook
 
-__all__ = ["ServeConfig", "JobRunner", "VideoGenerator", "VideoAPI", "build_app", "run_server"]
+__all__ = ["ServeConfig", "JobRunner", "VideoGenerator", "VideoAPI", "build_app", "application", "run_server"]
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
@@ -386,11 +386,15 @@ class VideoAPI:
 # ----------------------------------------------------------------------------------------
 
 
-def build_app(args: dict[str, Any], *, on_step: StepHook | None = None):
+def build_app(args: dict[str, Any]):
     """The Serve application (`serve run pipelines.serve:build_app model=DIR storage=URL`, or a
-    RayService serveConfigV2 with import_path + args). Keys: `ServeConfig` fields. ``on_step``
-    (code, not configuration) is called after every denoising step on the replicas."""
-    cfg = ServeConfig.from_args(dict(args))
+    RayService serveConfigV2 with import_path + args). Keys: `ServeConfig` fields."""
+    return application(ServeConfig.from_args(dict(args)))
+
+
+def application(cfg: ServeConfig, on_step: StepHook | None = None):
+    """The Serve application of a config. ``on_step`` (code, not configuration: e.g. a test
+    slowing generation down) is called after every denoising step on the generator replicas."""
     cfg = replace(cfg, num_gpus=resolve_num_gpus(cfg.num_gpus))  # the replicas see what they were given
     generator = VideoGenerator.options(
         autoscaling_config={
@@ -420,4 +424,5 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, 
     """Start Serve's HTTP proxy on host:port and deploy the app (non-blocking); returns the
     ingress handle. The caller keeps the process alive and calls `serve.shutdown()`."""
     serve.start(http_options={"host": host, "port": int(port)})
-    return serve.run(build_app(args, on_step=on_step), name=app_name, route_prefix="/", blocking=False)
+    return serve.run(application(ServeConfig.from_args(dict(args)), on_step), name=app_name, route_prefix="/",
+                     blocking=False)

@@ -181,6 +181,39 @@ def test_job_store_pages_by_creation_time(tmp_path):
     assert store.active_ids() == sorted(set(ids) - {ids[2]})
 
 
+def test_serve_config_from_args_flags_and_old_records(tmp_path):
+    from dataclasses import fields
+
+    from flows.cli import build_parser
+    from flows.commands.serve import config_of
+    from pipelines.serve_config import ServeConfig
+
+    cfg = ServeConfig.from_args({"model": "m", "max_queue": "8", "num_gpus": "none", "limits": {"max_side": "64"},
+                                 "http_limits": {"max_body_bytes": 1000}})
+    assert (cfg.max_queue, cfg.num_gpus, cfg.limits.max_side, cfg.http_limits.max_body_bytes) == (8, None, 64, 1000)
+    assert ServeConfig.from_args(cfg.to_args()) == cfg  # what build_app hands its deployments
+    with pytest.raises(ValueError, match="belong in http_limits"):
+        ServeConfig.from_args({"model": "m", "limits": {"max_body_bytes": 1}})
+    with pytest.raises(ValueError, match="stale_after_s"):
+        ServeConfig(model="m", heartbeat_s=5.0, stale_after_s=6.0)
+    assert not [f.name for f in fields(ServeConfig) if f.name.startswith("debug")]  # test hooks are not config
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--max-side", "64", "--max-body-bytes",
+                                      "1000", "--max-replicas", "2"])
+    flagged = config_of(args)
+    assert (flagged.limits.max_side, flagged.http_limits.max_body_bytes, flagged.max_replicas) == (64, 1000, 2)
+    assert flagged.limits.max_pixels == Limits().max_pixels and flagged.model == str(tmp_path)
+    with pytest.raises(SystemExit, match="sora serve: need 0 <= min_replicas <= max_replicas"):
+        config_of(build_parser().parse_args(["serve", "--model", "m", "--min-replicas", "3", "--max-replicas", "2"]))
+    # a record written before jobs held a GenerationRequest still reads as one
+    store = JobStore(str(tmp_path / "store"))
+    old = new_record(new_id(), model="m", prompt="a red square", size="32x32", seconds="1", output_size="32x32",
+                     job={"mode": "edit", "width": 32, "height": 32, "num_frames": 8, "fps": 8.0, "strength": 0.7,
+                          "input": None, "source": new_id(now=1.0), "steps": 2, "guidance_scale": 2.0, "seed": 3})
+    req = store.request_of(old)
+    assert (req.prompt, req.mode, req.strength, req.seed) == ("a red square", "edit", 0.7, 3)
+    assert req.video == store.output_url(old["job"]["source"], "video") and req.image is None
+
+
 # ----------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------

@@ -43,16 +43,21 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def config_of(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig the flags ask for (its own checks as a `sora serve: ...` exit)."""
+    try:
+        return config_from_args(ServeConfig, args, model=os.path.abspath(args.model),
+                                limits=config_from_args(Limits, args), http_limits=config_from_args(HTTPLimits, args))
+    except ValueError as e:
+        raise SystemExit(f"sora serve: {e}")
+
+
 def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise SystemExit(f"sora serve: --model {args.model!r} is not a model directory (no model_index.json)")
     if not 0 < args.port < 65536:
         raise SystemExit(f"sora serve: --port must be 1..65535, got {args.port}")
-    try:
-        cfg = config_from_args(ServeConfig, args, model=os.path.abspath(args.model),
-                               limits=config_from_args(Limits, args), http_limits=config_from_args(HTTPLimits, args))
-    except ValueError as e:
-        raise SystemExit(f"sora serve: {e}")
+    cfg = config_of(args)
     from ray import serve
 
     from pipelines.ray_utils import ensure_ray
