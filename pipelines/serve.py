@@ -60,7 +60,7 @@ logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
 
 # ----------------------------------------------------------------------------------------
-# The generator: a plain class (testable without Serve) and its deployment
+# The generator deployment (its work is `pipelines.video_runner.JobRunner`, testable without Serve)
 # ----------------------------------------------------------------------------------------
 
 

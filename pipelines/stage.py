@@ -22,8 +22,8 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
 
 - resources are declared by the config (`StageResources`: actors, GPUs per actor, threads);
   `resolve_resources` fills in GPUs from the cluster without touching the caller's config;
-- the device is resolved once per actor and the model loaded once (`setup`), counted in
-  `loads_in_process` so a test or a stats row can show it;
+- the device is resolved once per actor and the model loaded once (`setup`), counted per
+  stage name in `loads_in_process` so a test or a stats row can show it;
 - `process` maps one batch; by default it calls `process_item` on each item, and an item that
   raises becomes a quarantine row (`DATA/quarantine/<stage>-<hash>.parquet`) - never a crash;
 - a stage with an `output` table writes its rows there atomically under a name hashed from the
@@ -47,6 +47,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported where used: a config built for command-line flags loads no pyarrow
     import numpy as np
     import pyarrow as pa
+
+
+# stage name -> how many times its `setup` ran in this process. Kept here, not on the class: a
+# subclass (or the wrapper Ray Data makes of a stage class) would start from its parent's count.
+_LOADS: dict[str, int] = {}
+
+
+def loads_in_process(name: str) -> int:
+    """How many times stage ``name`` loaded its model in this process."""
+    return _LOADS.get(name, 0)
 
 
 class MissingInputError(FileNotFoundError):
@@ -133,7 +143,6 @@ class Stage:
     output: ClassVar[str | None] = None  # table directory under `out` the rows go to; None: rows pass on
     schema: ClassVar[pa.Schema | None] = None  # the output table's schema
     id_column: ClassVar[str] = "clip_id"  # names an item and an output row (file names hash it)
-    loads_in_process: ClassVar[int] = 0  # how many times `setup` ran in this worker process
 
     def __init__(self, cfg: Any, out: str | None = None):
         import torch
@@ -146,7 +155,7 @@ class Stage:
         self.device = device_for(getattr(self.cfg, "num_gpus", None))
         t0 = time.perf_counter()
         self.setup()
-        type(self).loads_in_process += 1
+        _LOADS[self.name] = loads_in_process(self.name) + 1
         self.setup_seconds = time.perf_counter() - t0
 
     # -- what a stage implements -----------------------------------------------------------
@@ -212,7 +221,7 @@ class Stage:
             storage.write_parquet_atomic(pa.Table.from_pylist(result.rows, schema=self.schema),
                                          storage.join(self.out, self.output, f"{name}.parquet"))
         stats = {"ok": len(result.rows), "failed": len(result.errors), "pid": self.pid,
-                 "model_loads": type(self).loads_in_process, "seconds": time.perf_counter() - t0,
+                 "model_loads": loads_in_process(self.name), "seconds": time.perf_counter() - t0,
                  **result.counters}
         return {k: [v] for k, v in stats.items()}
 

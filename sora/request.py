@@ -277,8 +277,8 @@ def _reference(media: Any) -> Any:
     """A hashable, JSON-ready stand-in for media: paths as they are, in-memory objects by identity."""
     if media is None or isinstance(media, str):
         return media
-    if isinstance(media, (list, tuple)) and all(isinstance(m, str) for m in media):
-        return tuple(media)
+    if isinstance(media, (list, tuple)):  # a join's pair (or a video given as a list of frames)
+        return tuple(_reference(m) for m in media)
     return f"object@{id(media):x}"
 
 

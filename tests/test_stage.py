@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipelines.ingest import read_clips, read_quarantine
-from pipelines.stage import (Stage, StageResources, batch_items, collect_stats, own_fields_first,
+from pipelines.stage import (Stage, StageResources, batch_items, collect_stats, loads_in_process, own_fields_first,
                              resolve_resources)
 from pipelines.storage import read_table
 
@@ -74,11 +74,11 @@ def data(shapes_ds, tmp_path):
 def test_a_scorer_adds_a_column_loads_once_and_quarantines_a_bad_clip(data, tmp_path):
     clips = read_clips(data).to_pylist()[:5]
     broken = dict(clips[2], source=str(tmp_path / "gone.mp4"))  # its file vanished after ingest
-    before = BrightnessScorer.loads_in_process
+    before = loads_in_process("brightness")
     scorer = BrightnessScorer({"size": 8}, out=data)
     first = scorer(as_batch(clips[:2] + [broken]))
     second = scorer(as_batch(clips[3:]))
-    assert BrightnessScorer.loads_in_process == before + 1  # one setup, however many batches
+    assert loads_in_process("brightness") == before + 1  # one setup, however many batches
     assert scorer.device == "cpu" and scorer.cfg == BrightnessConfig(size=8)
     # the good clips come back with every column plus the score; the broken one is dropped
     assert list(first["clip_id"]) == [clips[0]["clip_id"], clips[1]["clip_id"]]
@@ -97,7 +97,7 @@ def test_a_writing_stage_writes_each_batch_once_under_one_name(data):
     stage = BrightnessTable(BrightnessConfig(), out=data)
     stats = stage(as_batch(clips))
     assert (stats["ok"], stats["failed"], stats["pid"], stats["model_loads"]) == ([3], [0], [os.getpid()],
-                                                                                   [BrightnessTable.loads_in_process])
+                                                                                   [loads_in_process("brightness")])
     again = stage(as_batch(clips[::-1]))  # a retried batch (any order) rewrites the same file
     assert again["ok"] == [3]
     files = os.listdir(os.path.join(data, "scores"))
