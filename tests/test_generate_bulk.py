@@ -153,3 +153,18 @@ def test_jsonl_csv_and_parquet_give_the_same_requests(tmp_path):
     assert results[0] == results[1] == results[2]
     assert results[0][0][2:5] == (64, 48, 9) and results[0][1][2:7] == (32, 32, None, 2.0, 4.0)
     assert results[0][2][2:5] == (32, 32, 5)  # the defaults
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--size", "wide"], "size must look like WIDTHxHEIGHT"),
+    (["--frames", "2000"], "frames must be between 1 and 1024"),
+    (["--actors", "0"], "actors must be at least 1"),
+])
+def test_bulk_flags_are_checked_by_the_config_before_ray_starts(model_dir, tmp_path, argv, message):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate-bulk", "--model", model_dir, "--prompts", str(tmp_path / "p.jsonl"), "--out",
+              str(tmp_path / "out"), *argv])
+    assert str(e.value.code).startswith("sora generate-bulk: ") and message in str(e.value.code)
