@@ -50,7 +50,8 @@ class RequestError(ValueError):
 class Limits:
     """What one generation request may ask for; None is no bound. The defaults suit a public
     endpoint on a GPU (``sora serve``); `BULK_LIMITS` (a trusted prompts file) and `NO_LIMITS`
-    (the Python API and ``sora generate``: only what makes sense at all) are wider."""
+    (the Python API: only what makes sense at all; ``sora generate`` adds a non-empty prompt and,
+    for video files, even sides) are wider."""
 
     max_prompt_chars: int | None = 4000  # characters of the prompt, and of the negative prompt
     empty_prompt: bool = False  # whether a blank prompt (the unconditional branch alone) is allowed

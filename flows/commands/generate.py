@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from flows.commands.common import formatter
 from flows.commands.config_args import add_config_arguments, config_from_args
@@ -19,10 +19,8 @@ MODES = ("extend-forward", "extend-backward", "edit", "loop")
 # The request's fields whose flag is not --field-name.
 FLAGS = {"num_frames": "--frames", "guidance_scale": "--guidance"}
 # How errors name a request's fields: by their flags.
-NAMES = {**{f: "--" + f.replace("_", "-") for f in ("prompt", "negative_prompt", "seconds", "fps", "steps", "sampler",
-                                                      "seed", "strength", "context_frames", "draft_scale", "image",
-                                                      "video", "mode", "size")},
-         **FLAGS, "width": "--size", "height": "--size"}
+NAMES = {**{f.name: "--" + f.name.replace("_", "-") for f in fields(GenerationRequest)}, **FLAGS,
+         "size": "--size", "width": "--size", "height": "--size"}
 
 
 def add(sub: argparse._SubParsersAction) -> None:
