@@ -126,7 +126,9 @@ def batch_items(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 @dataclass
 class StageOutput:
     """What ``process`` makes of one batch: output ``rows``, ``errors`` as (item, reason) for
-    the quarantine, and the stage's own ``counters`` (summed over batches by `collect_stats`)."""
+    the quarantine, and the stage's own ``counters`` (summed over batches by `collect_stats`;
+    "ok" and "failed" there replace the counts of rows and errors, e.g. for error rows kept in
+    the output as bulk generation's manifest keeps them)."""
 
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     errors: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)
