@@ -3,28 +3,27 @@
     clips (DATA/clips) -> [skip clips already captioned] -> actor pool: decode frames, caption
                        -> DATA/captions/<batch-id>.parquet   (clip_id, caption, captioner)
 
-The model is loaded once per actor (Ray's batch-inference pattern: a callable class loads in
-`__init__`, maps one batch in `__call__`); GPUs are requested where the cluster has them.
-Per-clip failures (a clip that no longer decodes) become quarantine rows, never a crash.
-
-Exactly-once: a batch's output file is named by the hash of its clip ids and written whole, so
-a Ray retry rewrites the same file; a re-run first drops the clips that already have a caption.
+`CaptionStage` is a `pipelines.stage.Stage`: the model is loaded once per actor, GPUs are
+requested where the cluster has them, and per-clip failures (a clip that no longer decodes)
+become quarantine rows, never a crash. Exactly-once: a batch's output file is named by the hash
+of its clip ids and written whole, so a Ray retry rewrites the same file; a re-run first drops
+the clips that already have a caption. With nothing to caption because ingest has not run (or no
+sidecar exists), `run_caption` raises `MissingInputError` naming the command to run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import storage
-from pipelines.ingest import QUARANTINE_SCHEMA, read_clips
+from pipelines.ingest import require_clips
+from pipelines.stage import MissingInputError, Stage, StageOutput, StageResources, collect_stats
 
 CAPTIONS_SCHEMA = pa.schema([("clip_id", pa.string()), ("caption", pa.string()), ("captioner", pa.string())])
 
@@ -50,16 +49,26 @@ def best_captions(data: str) -> dict[str, str]:
     return {cid: text for cid, (_, text) in best.items()}
 
 
-@dataclass
-class CaptionConfig:
-    model: str | None = None  # a local Hugging Face model dir; None = use sidecar captions
+@dataclass(kw_only=True)
+class CaptionConfig(StageResources):
+    """How `sora caption` captions clips (with `StageResources`: actors, num_gpus, torch_threads)."""
+
+    model: str | None = None  # a local Hugging Face captioner directory (None: the captions.jsonl sidecars)
     batch_size: int = 8  # clips per model call
-    num_frames: int = 4  # frames sampled per clip (a grid for image-only models)
-    short_side: int = 128  # frames are decoded at this short side (aspect kept)
-    actors: int = 1  # actor pool size (one model copy each)
-    num_gpus: float | None = None  # per actor; None = 1 if the cluster has GPUs, else 0
-    decode_timeout: float = 60.0
+    num_frames: int = 4  # frames sampled per clip (image-only models see them as a grid)
+    short_side: int = 128  # frames are decoded at this short side, aspect kept
+    decode_timeout: float = 60.0  # seconds one clip's decode may take before it is quarantined
     recaption: bool = False  # with a model: also caption clips that only have a sidecar caption
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("batch_size", "num_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.short_side < 2:
+            raise ValueError(f"short_side must be at least 2 pixels, got {self.short_side}")
+        if self.decode_timeout <= 0:
+            raise ValueError(f"decode_timeout must be positive, got {self.decode_timeout}")
 
 
 def sample_indices(start: int, num_frames: int, k: int) -> list[int]:
@@ -73,57 +82,32 @@ def decode_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * s / 2) * 2), max(2, round(height * s / 2) * 2)
 
 
-class CaptionStage:
-    """Ray Data callable class: one captioner per actor, one batch of clips per call."""
+class CaptionStage(Stage):
+    """One captioner per actor; per batch: decode each clip's sampled frames, caption them in one call."""
 
-    loads_in_process = 0  # how many times a model was loaded in this worker process
+    name = "caption"
+    config_cls = CaptionConfig
+    output = "captions"
+    schema = CAPTIONS_SCHEMA
 
-    def __init__(self, cfg: dict, out: str):
+    def setup(self) -> None:
         from sora.captioner import Captioner
 
-        self.cfg = CaptionConfig(**cfg)
-        self.out = out
-        device = "cuda" if (self.cfg.num_gpus or 0) > 0 else "cpu"
-        self.captioner = Captioner.from_pretrained(self.cfg.model, device=device)
-        type(self).loads_in_process += 1
-        self.pid = os.getpid()
+        self.captioner = Captioner.from_pretrained(self.cfg.model, device=self.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from sora.video_io import VideoError, read_frames
+    def frames(self, clip: dict[str, Any]):
+        from sora.video_io import read_frames
 
-        t0 = time.perf_counter()
-        ids, frames, errors = [], [], []
-        for i, cid in enumerate(batch["clip_id"]):
-            try:
-                idx = sample_indices(int(batch["start_frame"][i]), int(batch["num_frames"][i]), self.cfg.num_frames)
-                size = decode_size(int(batch["width"][i]), int(batch["height"][i]), self.cfg.short_side)
-                frames.append(read_frames(str(batch["source"][i]), idx, size=size, timeout=self.cfg.decode_timeout))
-                ids.append(str(cid))
-            except VideoError as e:
-                errors.append((i, e.reason))
-            except Exception as e:  # one bad clip never stops the batch
-                errors.append((i, f"{type(e).__name__}: {e}"))
-        captions = self.captioner.caption(frames) if frames else []
-        if ids:
-            batch_id = storage.stable_id(*sorted(ids))
-            table = pa.Table.from_pylist(
-                [{"clip_id": c, "caption": t, "captioner": self.captioner.name} for c, t in zip(ids, captions)],
-                schema=CAPTIONS_SCHEMA,
-            )
-            storage.write_parquet_atomic(table, storage.join(self.out, "captions", f"{batch_id}.parquet"))
-        if errors:
-            rows = [{"source": str(batch["source"][i]), "reason": r, "stage": "caption", "clip_id": str(batch["clip_id"][i]),
-                     "start_frame": int(batch["start_frame"][i]), "num_frames": int(batch["num_frames"][i])} for i, r in errors]
-            err_id = storage.stable_id("caption-errors", *sorted(r["clip_id"] for r in rows))
-            storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA),
-                                         storage.join(self.out, "quarantine", f"caption-{err_id}.parquet"))
-        return {
-            "captioned": [len(ids)],
-            "failed": [len(errors)],
-            "pid": [self.pid],
-            "model_loads": [type(self).loads_in_process],
-            "seconds": [time.perf_counter() - t0],
-        }
+        idx = sample_indices(int(clip["start_frame"]), int(clip["num_frames"]), self.cfg.num_frames)
+        size = decode_size(int(clip["width"]), int(clip["height"]), self.cfg.short_side)
+        return read_frames(str(clip["source"]), idx, size=size, timeout=self.cfg.decode_timeout)
+
+    def process(self, items: list[dict[str, Any]]) -> StageOutput:
+        decoded, errors = self.each(items, self.frames)
+        captions = self.captioner.caption([f for _, f in decoded]) if decoded else []
+        rows = [{"clip_id": str(clip["clip_id"]), "caption": text, "captioner": self.captioner.name}
+                for (clip, _), text in zip(decoded, captions)]
+        return StageOutput(rows, errors)
 
 
 def sidecar_captions(clips: pa.Table, field: str = "caption") -> tuple[pa.Table, list[str]]:
@@ -154,19 +138,27 @@ def sidecar_captions(clips: pa.Table, field: str = "caption") -> tuple[pa.Table,
 
 
 def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Caption every clip of DATA that has no caption yet. Returns counts."""
+    """Caption every clip of DATA that has no caption yet (with a model: a Ray Data actor pool;
+    without: the sidecars). Returns counts. Raises FileNotFoundError when DATA has no clips and
+    `MissingInputError` when sidecar captioning found no sidecar for any clip."""
     t0 = time.perf_counter()
-    clips = read_clips(data)
+    clips = require_clips(data)
     caps = read_captions(data)
     done = {c for c, who in zip(caps["clip_id"].to_pylist(), caps["captioner"].to_pylist())
             if not (cfg.recaption and cfg.model is not None and is_sidecar(who))}
     todo = clips.filter(pc.invert(pc.is_in(clips["clip_id"], pa.array(sorted(done), pa.string()))))
-    result = {"clips": clips.num_rows, "already_captioned": len(done & set(clips["clip_id"].to_pylist())),
+    already = len(done & set(clips["clip_id"].to_pylist()))
+    result = {"clips": clips.num_rows, "already_captioned": already,
               "captioned": 0, "failed": 0, "actors": [], "model_loads_per_actor": {}}
     if todo.num_rows == 0:
         return {**result, "seconds": round(time.perf_counter() - t0, 3)}
     if cfg.model is None:
         table, missing = sidecar_captions(todo)
+        if table.num_rows == 0 and already == 0:
+            raise MissingInputError(
+                f"{data}: none of its {clips.num_rows} clips has a sidecar caption (a captions.jsonl next to its "
+                f"source); caption them with a model: `sora caption --data {data} --model CAPTIONER_DIR` "
+                f"(`sora train-captioner` makes one)")
         if table.num_rows:
             batch_id = storage.stable_id("sidecar", *sorted(table["clip_id"].to_pylist()))
             storage.write_parquet_atomic(table, storage.join(data, "captions", f"{batch_id}.parquet"))
@@ -175,26 +167,12 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
 
     import ray
 
-    from pipelines.ray_utils import has_gpus, table_blocks
+    from pipelines.ray_utils import table_blocks
 
-    if cfg.num_gpus is None:
-        cfg.num_gpus = 1.0 if has_gpus() else 0.0
     todo = todo.sort_by("clip_id")  # deterministic batches for a given to-do set
-    ds = ray.data.from_arrow(table_blocks(todo, cfg.batch_size)).map_batches(
-        CaptionStage,
-        fn_constructor_kwargs={"cfg": cfg.__dict__, "out": data},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=cfg.num_gpus,
-    )
-    loads: dict[int, set[int]] = {}
-    for row in ds.iter_rows():
-        result["captioned"] += int(row["captioned"])
-        result["failed"] += int(row["failed"])
-        loads.setdefault(int(row["pid"]), set()).add(int(row["model_loads"]))
-        if progress:
-            progress(result["captioned"] + result["failed"], todo.num_rows)
-    result["actors"] = sorted(loads)
-    result["model_loads_per_actor"] = {str(pid): max(v) for pid, v in loads.items()}
+    ds = CaptionStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
+                            batch_size=cfg.batch_size)
+    stats = collect_stats(ds, todo.num_rows, progress)
+    result.update(captioned=stats["ok"], failed=stats["failed"], actors=stats["actors"],
+                  model_loads_per_actor=stats["model_loads_per_actor"])
     return {**result, "seconds": round(time.perf_counter() - t0, 3)}

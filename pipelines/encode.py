@@ -4,8 +4,10 @@
         decode the clip at its bucket size -> VAE encode -> patchify -> embed the caption
     -> DATA/latents/<batch-id>.parquet (pipelines/latents.py), failures -> DATA/quarantine
 
-Exactly-once like the caption stage: deterministic per-batch file names written whole, and a
-re-run drops the clips that already have latents.
+`EncodeStage` is a `pipelines.stage.Stage` (VAE and text encoder loaded once per actor,
+failures quarantined). Exactly-once like the caption stage: deterministic per-batch file names
+written whole, and a re-run drops the clips that already have latents. With nothing to encode
+because no clip has a caption yet, `run_encode` raises `MissingInputError` naming `sora caption`.
 """
 
 from __future__ import annotations
@@ -13,37 +15,48 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import storage
 from pipelines.caption import best_captions
-from pipelines.ingest import QUARANTINE_SCHEMA, read_clips
+from pipelines.ingest import require_clips
 from pipelines.latents import LATENTS_SCHEMA, make_row, read_latents
+from pipelines.stage import MissingInputError, Stage, StageOutput, StageResources, collect_stats
 
 
-@dataclass
-class EncodeConfig:
-    vae: str  # local VAE dir (ours or a diffusers one; sora.vae.load_vae decides)
-    text_encoder: str | None = None  # local HF encoder dir; None = the offline MiniLM
-    patch_size: tuple[int, int, int] = (1, 2, 2)
+@dataclass(kw_only=True)
+class EncodeConfig(StageResources):
+    """How `sora encode` encodes clips (with `StageResources`: actors, num_gpus, torch_threads)."""
+
+    vae: str  # VAE directory: ours (`sora train-vae`) or a diffusers video VAE (sora.vae.load_vae decides)
+    text_encoder: str | None = None  # local Hugging Face text encoder directory (None: the offline MiniLM)
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # spacetime patch size t,h,w in latent cells
     batch_size: int = 4  # clips per actor call
-    actors: int = 1
-    num_gpus: float | None = None  # per actor; None = 1 if the cluster has GPUs
-    dtype: str = "float16"  # storage dtype of tokens and text states (halves the bytes)
-    max_text_tokens: int = 64
-    # Causal chunked encode (bounded memory on long or large clips): n latent frames per chunk,
-    # or None to size chunks by `chunk_pixels` (frames x height x width per chunk). Chunks cost
-    # time, so small clips go whole: a 33-frame 112x64 clip encoded in chunks of 4 latent
-    # frames took 2.4x as long as in one pass (1.51 s vs 0.62 s, tiny VAE, one thread).
+    dtype: Literal["float16", "float32"] = "float16"  # storage dtype of tokens and text states
+    max_text_tokens: int = 64  # the caption's tokens kept by the text encoder
+    # latent frames per causal encode chunk (bounded memory on long or large clips); None: sized by chunk_pixels
     chunk_latent_frames: int | None = None
-    chunk_pixels: int = 1 << 24  # ~16.8M: a 64p clip in one pass, 1080p in chunks of 2 latent frames
-    tile_size: int | None = None  # spatial tiling (pixels) for very large frames
-    decode_timeout: float = 120.0
+    chunk_pixels: int = 1 << 24  # frames x height x width per chunk when chunk_latent_frames is None
+    tile_size: int | None = None  # spatial tile side in pixels for very large frames (None: whole frames)
+    decode_timeout: float = 120.0  # seconds one clip's decode may take before it is quarantined
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive integers t,h,w, got {self.patch_size}")
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        for name in ("batch_size", "max_text_tokens", "chunk_pixels", "chunk_latent_frames", "tile_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.decode_timeout <= 0:
+            raise ValueError(f"decode_timeout must be positive, got {self.decode_timeout}")
 
 
 def vae_id(vae_dir: str) -> str:
@@ -66,22 +79,31 @@ def chunk_latent_frames(cfg: EncodeConfig, frames: int, height: int, width: int,
     return None if n >= latent_frames else n
 
 
-class EncodeStage:
-    """Ray Data callable class: VAE and text encoder loaded once per actor."""
+class EncodeStage(Stage):
+    """VAE and text encoder loaded once per actor; per clip: decode, encode, patchify, embed."""
 
-    def __init__(self, cfg: dict, out: str):
-        import torch
+    name = "encode"
+    config_cls = EncodeConfig
+    output = "latents"
+    schema = LATENTS_SCHEMA
 
+    def setup(self) -> None:
         from sora.text_encoder import TextEncoder
         from sora.vae import load_vae
 
-        self.cfg = EncodeConfig(**cfg)
-        self.out = out
-        self.device = "cuda" if (self.cfg.num_gpus or 0) > 0 and torch.cuda.is_available() else "cpu"
         self.vae = load_vae(self.cfg.vae, device=self.device)
-        self.text = TextEncoder.from_pretrained(self.cfg.text_encoder, max_length=self.cfg.max_text_tokens, device=self.device)
+        self.text = TextEncoder.from_pretrained(self.cfg.text_encoder, max_length=self.cfg.max_text_tokens,
+                                                device=self.device)
         self.vae_name = vae_id(self.cfg.vae)
         self.text_name = self.cfg.text_encoder or "minilm"
+
+    def process_item(self, clip: dict[str, Any]) -> dict[str, Any]:
+        return self.encode_clip(clip, str(clip["caption"]))
+
+    def process(self, items: list[dict[str, Any]]) -> StageOutput:
+        out = super().process(items)
+        out.counters["bytes"] = sum(len(r["tokens"]) + len(r["text"]) for r in out.rows)
+        return out
 
     def encode_clip(self, clip: dict, caption: str) -> dict:
         import torch
@@ -117,37 +139,11 @@ class EncodeStage:
             vae=self.vae_name,
         )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from sora.video_io import VideoError
-
-        t0 = time.perf_counter()
-        rows, errors = [], []
-        n = len(batch["clip_id"])
-        for i in range(n):
-            clip = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-            try:
-                rows.append(self.encode_clip(clip, str(clip["caption"])))
-            except VideoError as e:
-                errors.append((clip, e.reason))
-            except Exception as e:  # one bad clip never stops the batch
-                errors.append((clip, f"{type(e).__name__}: {e}"))
-        if rows:
-            batch_id = storage.stable_id(*sorted(r["clip_id"] for r in rows))
-            storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=LATENTS_SCHEMA),
-                                         storage.join(self.out, "latents", f"{batch_id}.parquet"))
-        if errors:
-            q = [{"source": c["source"], "reason": r, "stage": "encode", "clip_id": c["clip_id"],
-                  "start_frame": int(c["start_frame"]), "num_frames": int(c["num_frames"])} for c, r in errors]
-            err_id = storage.stable_id("encode-errors", *sorted(x["clip_id"] for x in q))
-            storage.write_parquet_atomic(pa.Table.from_pylist(q, schema=QUARANTINE_SCHEMA),
-                                         storage.join(self.out, "quarantine", f"encode-{err_id}.parquet"))
-        return {"encoded": [len(rows)], "failed": [len(errors)], "pid": [os.getpid()],
-                "bytes": [sum(len(r["tokens"]) + len(r["text"]) for r in rows)], "seconds": [time.perf_counter() - t0]}
-
 
 def pending_clips(data: str) -> tuple[pa.Table, int, int]:
-    """Captioned clips without latents yet, plus (clips without a caption, already encoded)."""
-    clips = read_clips(data)
+    """Captioned clips without latents yet, plus (clips without a caption, already encoded).
+    FileNotFoundError when DATA has no clips (the message names `sora ingest`)."""
+    clips = require_clips(data)
     latest = best_captions(data)  # one caption per clip; a model recaption beats a sidecar
     done = set(read_latents(data, columns=["clip_id"])["clip_id"].to_pylist())
     ids = clips["clip_id"].to_pylist()
@@ -159,34 +155,24 @@ def pending_clips(data: str) -> tuple[pa.Table, int, int]:
 
 
 def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Encode every captioned clip of DATA that has no latents yet (Ray Data actor pool)."""
+    """Encode every captioned clip of DATA that has no latents yet (Ray Data actor pool).
+    Raises `MissingInputError` when no clip has a caption (run `sora caption` first)."""
     import ray
 
-    from pipelines.ray_utils import has_gpus, table_blocks
+    from pipelines.ray_utils import table_blocks
 
     t0 = time.perf_counter()
     todo, uncaptioned, already = pending_clips(data)
+    if todo.num_rows == 0 and already == 0 and uncaptioned:
+        raise MissingInputError(f"{data}: none of its {uncaptioned} clips has a caption yet; "
+                                f"run `sora caption --data {data}` first")
     result = {"to_encode": todo.num_rows, "already_encoded": already, "without_caption": uncaptioned,
               "encoded": 0, "failed": 0, "bytes": 0}
     if todo.num_rows:
-        if cfg.num_gpus is None:
-            cfg.num_gpus = 1.0 if has_gpus() else 0.0
-        ds = ray.data.from_arrow(table_blocks(todo, cfg.batch_size)).map_batches(
-            EncodeStage,
-            fn_constructor_kwargs={"cfg": asdict(cfg), "out": data},
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            num_gpus=cfg.num_gpus,
-        )
-        pids, calls = set(), 0
-        for row in ds.iter_rows():
-            for k in ("encoded", "failed", "bytes"):
-                result[k] += int(row[k])
-            pids.add(int(row["pid"]))
-            calls += 1
-            if progress:
-                progress(result["encoded"] + result["failed"], todo.num_rows)
-        result.update(actors_used=len(pids), batches=calls)
+        ds = EncodeStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
+                               batch_size=cfg.batch_size)
+        stats = collect_stats(ds, todo.num_rows, progress)
+        result.update(encoded=stats["ok"], failed=stats["failed"], bytes=stats.get("bytes", 0),
+                      actors_used=len(stats["actors"]), batches=stats["batches"])
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result

@@ -12,8 +12,9 @@
 Prompt rows: `prompt` (required); optional `id`, `negative_prompt`, `size` ("WxH") or
 `width` + `height`, `frames` / `num_frames` or `seconds`, `fps`, `seed`, `image` (a path/URL: the
 first frame), `steps`, `guidance_scale`. Missing values come from `BulkConfig`, then from the
-model's defaults. Without an `id`, a row's id is its row number plus a hash of its prompt, so a
-re-run over the same file finds the same ids.
+model's defaults. Each row becomes a `BulkRequest` (a `sora.request.GenerationRequest` with its
+id and row number), checked against `sora.request.BULK_LIMITS`. Without an `id`, a row's id is
+its row number plus a hash of its prompt, so a re-run over the same file finds the same ids.
 
 The manifest (plain Parquet, `MANIFEST_SCHEMA`) has one row per input row: id, prompt,
 parameters (also as JSON), seed, path, status ("ok" | "error"), error, seconds taken.
@@ -34,14 +35,15 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Literal
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
+from pipelines.stage import Stage, StageOutput, StageResources, collect_stats
 from sora.conditioning import parse_size
+from sora.request import BULK_LIMITS, GenerationRequest
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -64,49 +66,45 @@ MANIFEST_SCHEMA = pa.schema([
     ("unit", pa.string()),  # the manifest file (work unit) it was written in
 ])
 
-MAX_SIDE = 4096
-MAX_FRAMES = 1024
+# How a prompt row (and BulkConfig) names a request's fields in its error messages.
+ROW_NAMES = {"num_frames": "frames"}
 
 
-@dataclass
-class BulkConfig:
-    """How a bulk run generates. None = the model's default (its model_index.json)."""
+@dataclass(kw_only=True)
+class BulkConfig(StageResources):
+    """How a bulk run generates (with `StageResources`: actors, num_gpus, torch_threads). The
+    generation values are defaults for rows without their own; None: the model's default."""
 
-    size: str | None = None  # default "WxH" for rows without one
-    frames: int | None = None  # default frame count
-    fps: float | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
+    size: str | None = None  # WIDTHxHEIGHT of rows without one (None: the model's)
+    frames: int | None = None  # frame count of rows without frames or seconds (None: the model's)
+    fps: float | None = None  # frame rate of rows without one (None: the model's)
+    steps: int | None = None  # sampling steps of rows without them (None: the model's)
+    guidance_scale: float | None = None  # guidance scale of rows without one (None: the model's)
     seed: int = 0  # base of the per-row seeds derived from ids (rows without a seed)
-    sampler: str | None = None  # None: the model's default (sora.pipeline.DEFAULT_SAMPLER)
+    sampler: Literal["euler", "heun", "ancestral"] | None = None  # sampler of every row (None: the model's)
     batch_size: int = 8  # requests of one shape per model call (one packed batch)
-    actors: int = 1  # actor pool size: one model copy each
-    num_gpus: float | None = None  # per actor; None = 1 if the cluster has GPUs, else 0
-    torch_threads: int | None = None  # intra-op threads per actor (None = torch's default)
     retry_errors: bool = False  # re-queue ids whose manifest row is an error
-    limit: int | None = None  # only the first `limit` rows of the prompts file
+    limit: int | None = None  # only the first N rows of the prompts file (None: all)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        width, height = parse_size(self.size) if self.size is not None else (None, None)
+        GenerationRequest("-", width=width, height=height, num_frames=self.frames, fps=self.fps, steps=self.steps,
+                          guidance_scale=self.guidance_scale, sampler=self.sampler,
+                          seed=self.seed).validate(BULK_LIMITS, names=ROW_NAMES)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (or None: every row), got {self.limit}")
 
 
 @dataclass
-class Request:
-    """One valid prompt row, with every parameter resolved (None = the model's default)."""
+class BulkRequest(GenerationRequest):
+    """One valid prompt row: its request (every field the row or BulkConfig sets; None = the
+    model's default), its id and its row number in the prompts file."""
 
-    id: str
-    row: int
-    prompt: str
-    seed: int
-    width: int | None = None
-    height: int | None = None
-    num_frames: int | None = None
-    seconds: float | None = None
-    fps: float | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    image: str | None = None
-
-    def shape_key(self) -> tuple:
-        return (self.width, self.height, self.num_frames, self.seconds, self.fps, self.steps, self.guidance_scale)
+    id: str = ""
+    row: int = 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,8 +164,8 @@ def default_id(row: int, prompt: str) -> str:
     return f"{row:06d}-{storage.stable_id(prompt, n=8)}"
 
 
-def parse_request(row: int, record: dict, cfg: BulkConfig) -> Request:
-    """A validated Request from one record; raises ValueError with a readable reason."""
+def parse_request(row: int, record: dict, cfg: BulkConfig) -> BulkRequest:
+    """A validated BulkRequest from one record; raises ValueError with a readable reason."""
     prompt = record.get("prompt")
     if _blank(prompt) or not isinstance(prompt, str):
         raise ValueError("missing or empty 'prompt'")
@@ -178,41 +176,24 @@ def parse_request(row: int, record: dict, cfg: BulkConfig) -> Request:
         width, height = parse_size(size)
     else:
         width, height = _number(record, ("width",), int, "width"), _number(record, ("height",), int, "height")
-        if (width is None) != (height is None):
-            raise ValueError("give both width and height (or size)")
-        if width is None and cfg.size:
+        if width is None and height is None and cfg.size:
             width, height = parse_size(cfg.size)
-    if width is not None:
-        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-            raise ValueError(f"size {width}x{height} out of range (1..{MAX_SIDE} per side)")
-        if width % 2 or height % 2:
-            raise ValueError(f"mp4 (H.264 4:2:0) needs even sides, got {width}x{height}")
     frames = _number(record, ("frames", "num_frames"), int, "frames")
     seconds = _number(record, ("seconds", "duration"), float, "seconds")
-    if frames is not None and seconds is not None:
-        raise ValueError("give frames or seconds, not both")
     if frames is None and seconds is None:
         frames = cfg.frames
-    if frames is not None and not (1 <= frames <= MAX_FRAMES):
-        raise ValueError(f"frames must be in 1..{MAX_FRAMES}, got {frames}")
-    if seconds is not None and not (0 < seconds <= 600):
-        raise ValueError(f"seconds must be in (0, 600], got {seconds}")
-    fps = _number(record, ("fps",), float, "fps") or cfg.fps
-    if fps is not None and not (0 < fps <= 240):
-        raise ValueError(f"fps must be in (0, 240], got {fps}")
     seed = _number(record, ("seed",), int, "seed")
     if seed is None:
         seed = int(storage.stable_id(cfg.seed, rid, n=8), 16) % (2**31)
-    if not (0 <= seed < 2**63):
-        raise ValueError(f"seed must be a non-negative 64-bit int, got {seed}")
-    steps = _number(record, ("steps", "num_inference_steps"), int, "steps") or cfg.steps
-    if steps is not None and not (1 <= steps <= 1000):
-        raise ValueError(f"steps must be in 1..1000, got {steps}")
     guidance = _number(record, ("guidance_scale", "guidance"), float, "guidance_scale")
-    guidance = cfg.guidance_scale if guidance is None else guidance
     neg, image = record.get("negative_prompt"), record.get("image")
-    return Request(rid, row, prompt, seed, width, height, frames, seconds, fps, steps, guidance,
-                   None if _blank(neg) else str(neg), None if _blank(image) else str(image))
+    request = BulkRequest(
+        id=rid, row=row, prompt=prompt, seed=seed, width=width, height=height, num_frames=frames, seconds=seconds,
+        fps=_number(record, ("fps",), float, "fps") or cfg.fps,
+        steps=_number(record, ("steps", "num_inference_steps"), int, "steps") or cfg.steps,
+        guidance_scale=cfg.guidance_scale if guidance is None else guidance, sampler=cfg.sampler,
+        negative_prompt=None if _blank(neg) else str(neg), image=None if _blank(image) else str(image))
+    return request.validate(BULK_LIMITS, names=ROW_NAMES)
 
 
 def safe_name(rid: str) -> str:
@@ -235,7 +216,7 @@ def read_manifest(out: str) -> pa.Table:
     return pa.Table.from_pylist(sorted(best.values(), key=lambda r: r["row"]), schema=MANIFEST_SCHEMA)
 
 
-def _row(req: Request | None, *, rid: str, row: int, unit: str, status: str, path: str | None = None,
+def _row(req: BulkRequest | None, *, rid: str, row: int, unit: str, status: str, path: str | None = None,
          error: str | None = None, seconds: float = 0.0, resolved: dict | None = None) -> dict:
     r = resolved or {}
     params = {} if req is None else {k: v for k, v in asdict(req).items() if k not in ("id", "row", "prompt")}
@@ -257,42 +238,37 @@ def _row(req: Request | None, *, rid: str, row: int, unit: str, status: str, pat
 # ----------------------------------------------------------------------------------------
 
 
-class GenerateStage:
-    """Ray Data callable class: one SoraPipeline per actor, one unit (a same-shape batch of
-    requests, as JSON) per call. Per-request failures become error rows, never a crash."""
+class GenerateStage(Stage):
+    """One SoraPipeline per actor, one unit (a same-shape batch of requests, as JSON) per
+    call, written as one manifest file. Per-request failures become error rows, never a crash."""
 
-    loads_in_process = 0
+    name = "generate"
+    config_cls = BulkConfig
+    output = "manifest"
+    schema = MANIFEST_SCHEMA
+    id_column = "id"
 
-    def __init__(self, model: str, out: str, cfg: dict):
-        import torch
+    def __init__(self, model: str, out: str, cfg: BulkConfig | dict):
+        self.model = model
+        super().__init__(cfg, out)
 
+    def setup(self) -> None:
         from sora.pipeline import SoraPipeline
 
-        self.cfg = BulkConfig(**cfg)
-        self.out = out
-        if self.cfg.torch_threads:
-            torch.set_num_threads(self.cfg.torch_threads)
-        device = "cuda" if (self.cfg.num_gpus or 0) > 0 and torch.cuda.is_available() else "cpu"
-        self.pipe = SoraPipeline.from_pretrained(model, device=device)
-        type(self).loads_in_process += 1
-        self.pid = os.getpid()
+        self.pipe = SoraPipeline.from_pretrained(self.model, device=self.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        stats = {"ok": [], "errors": [], "rows": [], "pid": [], "model_loads": [], "seconds": []}
-        for unit_json in batch["unit"]:
-            t0 = time.perf_counter()
-            reqs = [Request(**r) for r in json.loads(str(unit_json))]
-            unit_id = storage.stable_id("unit", *sorted(r.id for r in reqs))
-            rows = self.run_unit(reqs, unit_id)
-            storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
-                                         storage.join(self.out, "manifest", f"{unit_id}.parquet"))
-            ok = sum(r["status"] == "ok" for r in rows)
-            for k, v in (("ok", ok), ("errors", len(rows) - ok), ("rows", len(rows)), ("pid", self.pid),
-                         ("model_loads", type(self).loads_in_process), ("seconds", time.perf_counter() - t0)):
-                stats[k].append(v)
-        return stats
+    def batch_id(self, ids: list[str]) -> str:
+        return storage.stable_id("unit", *sorted(ids))
 
-    def run_unit(self, reqs: list[Request], unit_id: str) -> list[dict]:
+    def process(self, items: list[dict[str, Any]]) -> StageOutput:
+        rows = []
+        for item in items:
+            reqs = [BulkRequest.from_dict(r) for r in json.loads(str(item["unit"]))]
+            rows += self.run_unit(reqs, self.batch_id([r.id for r in reqs]))
+        ok = sum(r["status"] == "ok" for r in rows)
+        return StageOutput(rows, counters={"ok": ok, "failed": len(rows) - ok})
+
+    def run_unit(self, reqs: list[BulkRequest], unit_id: str) -> list[dict]:
         """Generate a same-shape batch; on a batch failure, retry its requests one by one so
         that only the request at fault becomes an error row."""
         from sora.pipeline import to_frames
@@ -318,22 +294,11 @@ class GenerateStage:
                                      error=f"{type(e).__name__}: {e}"))
         return rows
 
-    def _generate(self, reqs: list[Request], images: list, unit_id: str) -> list[dict]:
-        import torch
-
+    def _generate(self, reqs: list[BulkRequest], images: list, unit_id: str) -> list[dict]:
         from sora.video_io import write_video
 
         t0 = time.perf_counter()
-        r0 = reqs[0]
-        out = self.pipe(
-            [r.prompt for r in reqs],
-            negative_prompt=[r.negative_prompt for r in reqs],
-            width=r0.width, height=r0.height, num_frames=r0.num_frames, seconds=r0.seconds, fps=r0.fps,
-            num_inference_steps=r0.steps, guidance_scale=r0.guidance_scale,
-            generator=[torch.Generator().manual_seed(r.seed) for r in reqs],
-            image=images if any(im is not None for im in images) else None,
-            sampler=self.cfg.sampler,
-        )
+        out = self.pipe.generate([replace(r, image=im) for r, im in zip(reqs, images)])
         rows = []
         for r, frames, info in zip(reqs, out.frames, out.info):
             path = storage.join(self.out, "videos", f"{safe_name(r.id)}.mp4")
@@ -349,7 +314,7 @@ class GenerateStage:
 # ----------------------------------------------------------------------------------------
 
 
-def plan(prompts: str, out: str, cfg: BulkConfig) -> tuple[list[Request], list[dict], dict]:
+def plan(prompts: str, out: str, cfg: BulkConfig) -> tuple[list[BulkRequest], list[dict], dict]:
     """Parse the prompts file against the manifest. Returns (requests to run, error rows to
     write for invalid rows not yet recorded, counts)."""
     records = read_prompt_rows(prompts)
@@ -388,9 +353,10 @@ def plan(prompts: str, out: str, cfg: BulkConfig) -> tuple[list[Request], list[d
     return todo, invalid, counts
 
 
-def make_units(reqs: list[Request], batch_size: int) -> list[list[Request]]:
-    """Same-shape groups of at most ``batch_size`` requests, in a deterministic order."""
-    groups: dict[str, list[Request]] = {}
+def make_units(reqs: list[BulkRequest], batch_size: int) -> list[list[BulkRequest]]:
+    """Same-shape groups (`GenerationRequest.shape_key`) of at most ``batch_size`` requests, in
+    a deterministic order."""
+    groups: dict[str, list[BulkRequest]] = {}
     for r in sorted(reqs, key=lambda r: r.row):
         groups.setdefault(json.dumps(r.shape_key()), []).append(r)
     units = []
@@ -405,8 +371,6 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
     """Generate every prompt of PROMPTS not yet in OUT's manifest. Returns a summary (also
     written to OUT/_summary.json)."""
     import ray
-
-    from pipelines.ray_utils import has_gpus
 
     from sora.model_dir import read_index
 
@@ -424,28 +388,13 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
     result = {**counts, "generated": 0, "errors": 0, "units": 0, "actors": [], "model_loads_per_actor": {}}
     units = make_units(todo, cfg.batch_size)
     if units:
-        if cfg.num_gpus is None:
-            cfg.num_gpus = 1.0 if has_gpus() else 0.0
-        items = [{"unit": json.dumps([asdict(r) for r in u])} for u in units]
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * max(1, cfg.actors))).map_batches(
-            GenerateStage,
-            fn_constructor_kwargs={"model": os.path.abspath(model) if "://" not in model else model, "out": out,
-                                   "cfg": asdict(cfg)},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            num_gpus=cfg.num_gpus,
-        )
-        loads: dict[int, int] = {}
-        for row in ds.iter_rows():
-            result["generated"] += int(row["ok"])
-            result["errors"] += int(row["errors"])
-            result["units"] += 1
-            loads[int(row["pid"])] = max(loads.get(int(row["pid"]), 0), int(row["model_loads"]))
-            if progress:
-                progress(result["units"], len(units))
-        result["actors"] = sorted(loads)
-        result["model_loads_per_actor"] = {str(k): v for k, v in loads.items()}
+        items = [{"unit": json.dumps([r.to_dict() for r in u])} for u in units]
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * max(1, cfg.actors)))
+        ds = GenerateStage.apply(ds, cfg, out=out, batch_size=1,
+                                 model=os.path.abspath(model) if "://" not in model else model)
+        stats = collect_stats(ds, len(todo), progress)
+        result.update(generated=stats["ok"], errors=stats["failed"], units=stats["batches"], actors=stats["actors"],
+                      model_loads_per_actor=stats["model_loads_per_actor"])
     manifest = read_manifest(out)
     status = manifest["status"].to_pylist()
     result.update(manifest_rows=manifest.num_rows, manifest_ok=status.count("ok"),

@@ -32,15 +32,13 @@ Serve restarts it if it dies, and the restart resumes from STORE.
 # query parameter (every call a 400).
 import asyncio
 import hmac
-import io
 import logging
 import math
 import os
 import statistics
-import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,286 +47,34 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines.serve_config import ServeConfig
+from pipelines.stage import resolve_num_gpus
 from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
-from pipelines.video_requests import (APIError, Limits, ModelInfo, parse_body, parse_create, parse_list_query,
-                                      parse_remix, parse_variant)
+from pipelines.video_requests import (APIError, ModelInfo, parse_body, parse_create, parse_list_query, parse_remix,
+                                      parse_variant)
+from pipelines.video_runner import JobRunner, StepHook
+
+__all__ = ["ServeConfig", "JobRunner", "VideoGenerator", "VideoAPI", "build_app", "application", "run_server"]
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
 
-@dataclass
-class ServeConfig:
-    """Everything `build_app` takes (serveConfigV2 `args`, `sora serve` flags)."""
-
-    model: str  # model directory (sora.model_dir), readable where the replicas run
-    storage: str = "sora-videos"  # job records + outputs: a directory or fsspec URL shared by all replicas
-    api_key: str | None = None  # None: $SORA_API_KEY in the ingress's environment; neither: no auth (local use)
-    model_name: str = "sora-ray"  # the `model` the API reports; OpenAI's sora-2 names are accepted as aliases
-    # autoscaling of the generator (Ray Serve autoscaling_config)
-    min_replicas: int = 1
-    max_replicas: int = 4
-    target_ongoing_requests: float = 4.0  # jobs queued + running per replica before Serve adds one
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 300.0
-    metrics_interval_s: float = 2.0
-    look_back_period_s: float = 10.0
-    # batching: same-shape jobs that arrive together run as one packed pipeline call
-    max_batch_size: int = 4
-    batch_wait_timeout_s: float = 0.2
-    # durability
-    max_queue: int = 64  # unfinished jobs accepted; beyond: 429
-    max_attempts: int = 3  # a job whose replica dies is re-run this many times in all, then failed
-    heartbeat_s: float = 2.0  # how often a replica stamps its running jobs
-    stale_after_s: float = 60.0  # a running job unstamped for this long is presumed lost
-    health_check_period_s: float = 10.0
-    health_check_timeout_s: float = 30.0
-    # resources
-    num_cpus: float = 1.0  # per generator replica
-    num_gpus: float | None = None  # per generator replica; None: 1 if the Ray cluster has GPUs
-    torch_threads: int = 0  # 0: torch's default
-    ingress_max_ongoing: int = 512  # concurrent HTTP requests per ingress replica
-    poll_after_ms: int = 1000  # openai-poll-after-ms hint on unfinished jobs
-    remix_strength: float = 0.7  # SDEdit noise level of a remix (sora.pipeline DEFAULT_STRENGTH["edit"])
-    debug_step_delay_s: float = 0.0  # TEST HOOK: sleep after each denoising step (to kill a replica mid-job)
-    limits: Limits = field(default_factory=Limits)
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "ServeConfig":
-        """From a flat dict whose values may be strings (`serve run ... key=value`, YAML);
-        `limits` may be a dict of `Limits` fields. Unknown keys raise ValueError."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(args) - set(known)
-        if unknown:
-            raise ValueError(f"unknown serve options {sorted(unknown)}; known: {sorted(known)}")
-        if "model" not in args:
-            raise ValueError("serve needs model=MODEL_DIR")
-        values = {k: _coerce(k, known[k].type, v) for k, v in args.items() if k != "limits"}
-        lim = args.get("limits") or {}
-        if not isinstance(lim, Limits):
-            lknown = {f.name: f for f in fields(Limits)}
-            bad = set(lim) - set(lknown)
-            if bad:
-                raise ValueError(f"unknown limits {sorted(bad)}; known: {sorted(lknown)}")
-            lim = Limits(**{k: _coerce(k, lknown[k].type, v) for k, v in lim.items()})
-        cfg = cls(**values, limits=lim)
-        assert 0 <= cfg.min_replicas <= cfg.max_replicas and cfg.max_replicas >= 1, (
-            f"need 0 <= min_replicas <= max_replicas >= 1, got {cfg.min_replicas}..{cfg.max_replicas}")
-        assert cfg.max_queue >= 1 and cfg.max_attempts >= 1 and cfg.max_batch_size >= 1, "queue/attempts/batch >= 1"
-        assert cfg.stale_after_s > 2 * cfg.heartbeat_s, "stale_after_s must exceed two heartbeats"
-        return cfg
-
-    def to_args(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    """A config value from text (serve run key=value, YAML) to its field's type."""
-    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in kind):
-        return None
-    if kind.startswith("int"):
-        return int(value)
-    if kind.startswith("float"):
-        return float(value)
-    if kind.startswith("bool"):
-        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-    return str(value)
-
-
 # ----------------------------------------------------------------------------------------
-# The generator: a plain class (testable without Serve) and its deployment
+# The generator deployment (its work is `pipelines.video_runner.JobRunner`, testable without Serve)
 # ----------------------------------------------------------------------------------------
-
-
-def thumbnail_webp(frame) -> bytes:
-    """(H, W, 3) uint8 -> WebP bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format="WEBP", quality=90)
-    return buf.getvalue()
-
-
-def spritesheet_jpeg(frames, max_tiles: int = 16) -> bytes:
-    """(T, H, W, 3) uint8 -> a JPEG grid of up to ``max_tiles`` evenly spaced frames, row-major."""
-    import numpy as np
-    from PIL import Image
-
-    T, H, W, _ = frames.shape
-    n = min(T, max_tiles)
-    idx = np.linspace(0, T - 1, n).round().astype(int)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    sheet = np.zeros((rows * H, cols * W, 3), dtype=np.uint8)
-    for k, t in enumerate(idx):
-        r, c = divmod(k, cols)
-        sheet[r * H:(r + 1) * H, c * W:(c + 1) * W] = frames[t]
-    buf = io.BytesIO()
-    Image.fromarray(sheet).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def shape_key(job: dict[str, Any]) -> tuple:
-    """Jobs with equal keys run as one packed pipeline call (an edit also needs one source)."""
-    return (job["mode"], job["width"], job["height"], job["num_frames"], job["fps"], job["steps"],
-            job["guidance_scale"], job["strength"], job["source"])
-
-
-class JobRunner:
-    """One SoraPipeline; runs job ids from the store, heartbeats them, writes their results.
-    `run_jobs` returns, per id: "completed", "failed", "deleted" or "busy" (running elsewhere)."""
-
-    def __init__(self, cfg: ServeConfig, worker: str = "local"):
-        import torch
-
-        from sora.pipeline import SoraPipeline
-
-        self.cfg = cfg
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        device = "cuda" if torch.cuda.is_available() and cfg.num_gpus != 0 else "cpu"
-        self.pipe = SoraPipeline.from_pretrained(cfg.model, device=device)
-        self.store = JobStore(cfg.storage)
-        self.worker = {"pid": os.getpid(), "replica": worker}
-        self._lock = threading.Lock()  # guards _running and every record write of this replica
-        self._running: dict[str, dict[str, Any]] = {}
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat_loop, name="sora-heartbeat", daemon=True)
-        self._beat.start()
-
-    def check(self) -> None:
-        if not self._beat.is_alive():
-            raise RuntimeError("the heartbeat thread died")
-
-    def close(self) -> None:
-        self._stop.set()
-
-    # -- the job lifecycle ---------------------------------------------------------------
-
-    def run_jobs(self, ids: list[str]) -> list[str]:
-        outcome: dict[str, str] = {}
-        claimed: list[dict[str, Any]] = []
-        for vid in ids:
-            rec = self.store.get(vid)
-            if rec is None:
-                outcome[vid] = "deleted"
-            elif rec["status"] in FINAL:
-                outcome[vid] = rec["status"]
-            else:
-                with self._lock:
-                    fresh = rec["status"] == "in_progress" and heartbeat_age(rec) < self.cfg.stale_after_s
-                    if vid in self._running or fresh:
-                        outcome[vid] = "busy"
-                        continue
-                    now = time.time()
-                    rec.update(status="in_progress", progress=0, attempts=int(rec.get("attempts", 0)) + 1,
-                               worker=self.worker, started_at=now, heartbeat_at=now, error=None)
-                    self._running[vid] = rec
-                    self.store.put(rec)
-                claimed.append(rec)
-        groups: dict[tuple, list[dict[str, Any]]] = {}
-        for rec in claimed:
-            groups.setdefault(shape_key(rec["job"]), []).append(rec)
-        for group in groups.values():
-            outcome.update(self._run_group(group))
-        return [outcome[v] for v in ids]
-
-    def _run_group(self, recs: list[dict[str, Any]]) -> dict[str, str]:
-        try:
-            frames = self._generate(recs)
-        except Exception as e:  # noqa: BLE001
-            if len(recs) > 1:  # find the job at fault: one by one
-                out: dict[str, str] = {}
-                for rec in recs:
-                    out.update(self._run_group([rec]))
-                return out
-            logger.warning("job %s failed: %s: %s", recs[0]["id"], type(e).__name__, e)
-            return {recs[0]["id"]: self._fail(recs[0], "generation_failed", f"{type(e).__name__}: {e}"[:500])}
-        out = {}
-        for rec, f in zip(recs, frames):
-            try:
-                out[rec["id"]] = self._finish(rec, f)
-            except Exception as e:  # noqa: BLE001 - e.g. the store refused the write
-                out[rec["id"]] = self._fail(rec, "output_failed", f"{type(e).__name__}: {e}"[:500])
-        return out
-
-    def _generate(self, recs: list[dict[str, Any]]) -> list:
-        """One packed pipeline call for a same-shape group -> per job (T, H, W, 3) uint8."""
-        import torch
-
-        from sora.pipeline import to_frames
-        from sora.video_io import read_frames
-
-        job = recs[0]["job"]
-        kwargs: dict[str, Any] = {}
-        if job["mode"] == "image-to-video":
-            kwargs["image"] = [to_frames(self.store.input_url(r["id"]), "input_reference")[:1] for r in recs]
-        if job["mode"] == "edit":
-            src = self.store.get(job["source"])
-            if src is None or src.get("status") != "completed":
-                raise RuntimeError(f"the source video {job['source']} no longer exists")
-            kwargs["video"] = read_frames(self.store.output_url(job["source"], "video"))
-            kwargs["strength"] = job["strength"]
-
-        def on_step(step: int, steps: int, stage: str) -> None:
-            with self._lock:
-                for r in recs:
-                    r["progress"] = min(95, 5 + int(90 * step / max(steps, 1)))
-            if self.cfg.debug_step_delay_s:
-                time.sleep(self.cfg.debug_step_delay_s)
-
-        out = self.pipe([r["prompt"] for r in recs], width=job["width"], height=job["height"],
-                        num_frames=job["num_frames"], fps=job["fps"], num_inference_steps=job["steps"],
-                        guidance_scale=job["guidance_scale"], mode=job["mode"], callback=on_step,
-                        generator=[torch.Generator().manual_seed(int(r["job"]["seed"])) for r in recs], **kwargs)
-        return list(out.frames)
-
-    def _finish(self, rec: dict[str, Any], frames) -> str:
-        from sora.video_io import write_video
-
-        vid = rec["id"]
-        write_video(self.store.output_url(vid, "video"), frames, rec["job"]["fps"])
-        self.store.write_output(vid, "thumbnail", thumbnail_webp(frames[0]))
-        self.store.write_output(vid, "spritesheet", spritesheet_jpeg(frames))
-        return self._final(rec, status="completed", progress=100, completed_at=int(time.time()))
-
-    def _fail(self, rec: dict[str, Any], code: str, message: str) -> str:
-        return self._final(rec, status="failed", error={"code": code, "message": message})
-
-    def _final(self, rec: dict[str, Any], **changes) -> str:
-        vid = rec["id"]
-        with self._lock:
-            self._running.pop(vid, None)
-            if self.store.is_deleted(vid):  # deleted while running: leave nothing behind
-                self.store.remove_files(vid)
-                return "deleted"
-            rec.update(changes, heartbeat_at=time.time())
-            self.store.put(rec)
-        return rec["status"]
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.cfg.heartbeat_s):
-            with self._lock:
-                for vid, rec in list(self._running.items()):
-                    try:
-                        if not self.store.is_deleted(vid):
-                            rec["heartbeat_at"] = time.time()
-                            self.store.put(rec)
-                    except Exception as e:  # noqa: BLE001 - a storage hiccup must not kill the thread
-                        logger.warning("heartbeat of %s failed: %s", vid, e)
 
 
 @serve.deployment(name="VideoGenerator")
 class VideoGenerator:
     """A generator replica. Its calls are batched by `@serve.batch`, then grouped by shape."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], on_step: StepHook | None = None):
         config = ServeConfig.from_args(cfg)
         try:
             worker = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (unit tests)
             worker = "local"
-        self.runner = JobRunner(config, worker)
+        self.runner = JobRunner(config, worker, on_step)
         self.generate_batch.set_max_batch_size(config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -427,7 +173,7 @@ class VideoAPI:
                            code="invalid_api_key")
 
     async def _body(self, request: Request) -> bytes:
-        limit = self.cfg.limits.max_body_bytes
+        limit = self.cfg.http_limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.strip().isdigit():
@@ -461,11 +207,12 @@ class VideoAPI:
         self._reserved += 1  # no await between the check and this: the bound is exact
         try:
             vid = new_id()
-            if image is not None:
-                spec["job"]["input"] = self.store.input_url(vid)
+            request = spec["request"]
+            if image is not None:  # the request's image becomes the stored PNG
+                request = replace(request, image=self.store.input_url(vid))
                 await asyncio.to_thread(self.store.write_input, vid, image)
             rec = new_record(vid, model=spec["model"], prompt=spec["prompt"], size=spec["size"],
-                             seconds=spec["seconds"], output_size=spec["output_size"], job=spec["job"],
+                             seconds=spec["seconds"], output_size=spec["output_size"], job=request.to_dict(),
                              remixed_from=spec.get("remixed_from"))
             await asyncio.to_thread(self.store.create, rec)
             self._start(vid)
@@ -578,7 +325,8 @@ class VideoAPI:
             raise self._queue_full()
         body = await self._body(request)
         fields_, files = await asyncio.to_thread(parse_body, request.headers.get("content-type"), body)
-        spec, image = await asyncio.to_thread(parse_create, fields_, files, self.cfg.limits, self.model)
+        spec, image = await asyncio.to_thread(parse_create, fields_, files, self.cfg.limits, self.model,
+                                              self.cfg.http_limits)
         return await self._accept(spec, image)
 
     @api.get("/v1/videos")
@@ -628,7 +376,8 @@ class VideoAPI:
         source = await self._get(video_id)
         body = await self._body(request)
         fields_, files = await asyncio.to_thread(parse_body, request.headers.get("content-type"), body)
-        spec = parse_remix(fields_, files, self.cfg.limits, self.model, source, self.cfg.remix_strength)
+        spec = parse_remix(fields_, files, self.cfg.limits, self.model, source, self.store.request_of(source),
+                           self.store.output_url(video_id, "video"), self.cfg.remix_strength)
         return await self._accept(spec, None)
 
 
@@ -637,17 +386,16 @@ class VideoAPI:
 # ----------------------------------------------------------------------------------------
 
 
-def _cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
-
-
 def build_app(args: dict[str, Any]):
     """The Serve application (`serve run pipelines.serve:build_app model=DIR storage=URL`, or a
     RayService serveConfigV2 with import_path + args). Keys: `ServeConfig` fields."""
-    cfg = ServeConfig.from_args(dict(args))
-    gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if _cluster_gpus() > 0 else 0.0)
+    return application(ServeConfig.from_args(dict(args)))
+
+
+def application(cfg: ServeConfig, on_step: StepHook | None = None):
+    """The Serve application of a config. ``on_step`` (code, not configuration: e.g. a test
+    slowing generation down) is called after every denoising step on the generator replicas."""
+    cfg = replace(cfg, num_gpus=resolve_num_gpus(cfg.num_gpus))  # the replicas see what they were given
     generator = VideoGenerator.options(
         autoscaling_config={
             "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
@@ -659,10 +407,10 @@ def build_app(args: dict[str, Any]):
         # two batches' worth per replica: the next batch gathers while one runs; the rest wait
         # at the ingress's handle, where Serve counts them for autoscaling
         max_ongoing_requests=2 * cfg.max_batch_size,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
-    ).bind(cfg.to_args())
+    ).bind(cfg.to_args(), on_step)
     return VideoAPI.options(
         max_ongoing_requests=cfg.ingress_max_ongoing,
         ray_actor_options={"num_cpus": 0},
@@ -671,8 +419,10 @@ def build_app(args: dict[str, Any]):
     ).bind(generator, cfg.to_args())
 
 
-def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, app_name: str = "sora"):
+def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, app_name: str = "sora", *,
+               on_step: StepHook | None = None):
     """Start Serve's HTTP proxy on host:port and deploy the app (non-blocking); returns the
     ingress handle. The caller keeps the process alive and calls `serve.shutdown()`."""
     serve.start(http_options={"host": host, "port": int(port)})
-    return serve.run(build_app(args), name=app_name, route_prefix="/", blocking=False)
+    return serve.run(application(ServeConfig.from_args(dict(args)), on_step), name=app_name, route_prefix="/",
+                     blocking=False)

@@ -3,7 +3,8 @@
 The HTTP ingress and the generator replicas of `pipelines.serve` share nothing but this store,
 so a restarted ingress or replica finds every job where it left it:
 
-    STORE/jobs/<id>.json                  the record (the OpenAI video object + the job's plan)
+    STORE/jobs/<id>.json                  the record (the OpenAI video object + the job's
+                                          `sora.request.GenerationRequest` as JSON)
     STORE/active/<id>                     marker: accepted and not finished (what a restarted
                                           ingress resumes, without reading every record)
     STORE/deleted/<id>                    tombstone: a replica still running a deleted job must
@@ -31,6 +32,7 @@ import time
 from typing import Any
 
 from pipelines import storage
+from sora.request import GenerationRequest
 
 STATUSES = ("queued", "in_progress", "completed", "failed")
 FINAL = frozenset({"completed", "failed"})
@@ -80,8 +82,8 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
 
 def new_record(video_id: str, *, model: str, prompt: str, size: str, seconds: str, output_size: str,
                job: dict[str, Any], remixed_from: str | None = None, now: float | None = None) -> dict[str, Any]:
-    """A queued job. ``job`` is the generation plan the replica runs (mode, width, height,
-    num_frames, fps, steps, guidance_scale, seed, strength, input, source)."""
+    """A queued job. ``job`` is what the replica runs: a `GenerationRequest.to_dict()` whose
+    image/video are URLs in the store (read back with `JobStore.request_of`)."""
     now = time.time() if now is None else now
     return {
         "id": check_id(video_id), "object": "video", "model": model, "status": "queued", "progress": 0,
@@ -167,6 +169,16 @@ class JobStore:
             fs, path = storage.fs_and_path(storage.join(self.root, sub, check_id(video_id)))
             if fs.exists(path):
                 fs.rm(path, recursive=True)
+
+    def request_of(self, record: dict[str, Any]) -> GenerationRequest:
+        """The generation request of a record. Records of earlier versions held a plan with the
+        input image's URL as "input" and a remix's source id as "source": read those too."""
+        job = dict(record["job"])
+        if "input" in job or "source" in job:
+            source = job.pop("source", None)
+            job.update(prompt=record["prompt"], image=job.pop("input", None),
+                       video=None if source is None else self.output_url(source, "video"))
+        return GenerationRequest.from_dict(job)
 
     # -- active set (what a restarted ingress resumes) -----------------------------------
 

@@ -13,11 +13,13 @@ Accepted bodies: application/json, multipart/form-data (what the `openai` client
 the standard library's MIME parser over a body whose size was already bounded, so no extra
 dependency (python-multipart) is needed and nothing is streamed to disk.
 
-Sizes: any even WxH within `Limits`; OpenAI's preset sizes (720x1280, 1280x720, 1024x1792,
-1792x1024) are scaled down, keeping their aspect, to the model's pixel budget (its default
-width x height, or `Limits.preset_pixels`). `seconds` is a string or a number.
-Extensions beyond OpenAI's fields (send them with the client's `extra_body`): `seed`,
-`num_inference_steps`, `guidance_scale`, and `strength` for remix (SDEdit noise level).
+A create or remix becomes a `sora.request.GenerationRequest`, checked by its own `validate`
+against `sora.request.Limits` (what a request may ask for); `HTTPLimits` bounds what only HTTP
+carries (body and upload sizes). Sizes: any even WxH within the limits; OpenAI's preset sizes
+(720x1280, 1280x720, 1024x1792, 1792x1024) are scaled down, keeping their aspect, to the
+model's pixel budget (its default width x height, or `HTTPLimits.preset_pixels`). `seconds` is
+a string or a number. Extensions beyond OpenAI's fields (send them with the client's
+`extra_body`): `seed`, `num_inference_steps`, `guidance_scale`, and `strength` for remix.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.video_jobs import ID_RE, VARIANTS
+from sora.request import GenerationRequest, Limits, RequestError
 
 OPENAI_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
 OPENAI_MODELS = ("sora-2", "sora-2-pro", "sora-2-2025-10-06", "sora-2-pro-2025-10-06", "sora-2-2025-12-08")
@@ -42,6 +45,11 @@ CREATE_FIELDS = frozenset({"prompt", "model", "seconds", "size", "input_referenc
 REMIX_FIELDS = frozenset({"prompt", "seed", "num_inference_steps", "guidance_scale", "strength"})
 LIST_PARAMS = frozenset({"after", "limit", "order"})
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# How the API names a request's fields (in messages and an error's "param").
+API_NAMES = {"steps": "num_inference_steps", "num_frames": "seconds", "image": "input_reference",
+             "video": "video_id"}
+# A created image-to-video request's image until the ingress has stored it (`JobStore.input_url`).
+UPLOADED_IMAGE = "input_reference"
 
 
 class APIError(Exception):
@@ -61,21 +69,19 @@ def bad(message: str, param: str | None = None, code: str = "invalid_value") -> 
     return APIError(400, message, param=param, code=code)
 
 
-@dataclass
-class Limits:
-    """What one request may ask for. The defaults suit a GPU deployment; tests shrink them."""
+@dataclass(frozen=True)
+class HTTPLimits:
+    """What only an HTTP request carries; what it may ask for is `sora.request.Limits`."""
 
-    max_body_bytes: int = 8 << 20  # whole request body (JSON or multipart), in bytes
-    max_prompt_chars: int = 4000
-    min_side: int = 16  # the VAE's spatial stride: smaller frames carry no latent pixel
-    max_side: int = 1920
-    max_pixels: int = 1280 * 720  # width x height of one frame
-    max_seconds: float = 20.0
-    max_steps: int = 100
-    max_guidance: float = 20.0
-    max_image_bytes: int = 6 << 20  # input_reference file
-    max_image_pixels: int = 4096 * 4096  # checked from the header, before any pixel is decoded
-    preset_pixels: int | None = None  # OpenAI preset sizes are scaled to this; None: the model's default area
+    max_body_bytes: int = 8 << 20  # the whole request body (JSON or multipart), in bytes
+    max_image_bytes: int = 6 << 20  # the input_reference file, in bytes
+    max_image_pixels: int = 4096 * 4096  # input_reference width x height, read from its header before decoding
+    preset_pixels: int | None = None  # OpenAI preset sizes are scaled to this area (None: the model's default area)
+
+    def __post_init__(self) -> None:
+        for k, v in vars(self).items():
+            if v is not None and not (isinstance(v, int) and v > 0):
+                raise ValueError(f"HTTPLimits.{k} must be a positive integer, got {v!r}")
 
 
 @dataclass
@@ -203,8 +209,10 @@ _INT = re.compile(r"[+-]?\d{1,19}", re.ASCII)
 _FLOAT = re.compile(r"[+-]?(\d{1,12}(\.\d{0,12})?|\.\d{1,12})([eE][+-]?\d{1,3})?", re.ASCII)
 
 
-def number(value: Any, name: str, lo: float, hi: float, *, integer: bool = False) -> float | int:
-    """A JSON number or a decimal string, finite and within [lo, hi]; bools are not numbers."""
+def number(value: Any, name: str, lo: float | None = None, hi: float | None = None, *,
+           integer: bool = False) -> float | int:
+    """A JSON number or a decimal string, finite (and within [lo, hi] when given); bools are not
+    numbers. What a generation request may ask for is checked later, by the request itself."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, str) and len(value) <= 48:
         text = value.strip()
@@ -217,25 +225,30 @@ def number(value: Any, name: str, lo: float, hi: float, *, integer: bool = False
         if not value.is_integer():
             raise bad(f"{name} must be {kind}, got {value!r}", param=name, code="invalid_type")
         value = int(value)
-    if not math.isfinite(value) or not lo <= value <= hi:
+    if not math.isfinite(value):
+        raise bad(f"{name} must be a finite number, got {value!r}", param=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad(f"{name} must be between {lo:g} and {hi:g}, got {value!r}", param=name)
     return value
 
 
-def text_field(value: Any, name: str, max_chars: int) -> str:
+def text_field(value: Any, name: str) -> str:
+    """A string parameter, stripped (its length and content are the request's to check)."""
     if not isinstance(value, str):
         raise bad(f"{name} must be a string, got {type(value).__name__}", param=name, code="invalid_type")
-    value = value.strip()
-    if not value:
-        raise bad(f"{name} must not be empty", param=name)
-    if len(value) > max_chars:
-        raise bad(f"{name} is too long ({len(value)} > {max_chars} characters)", param=name)
-    if "\x00" in value:
-        raise bad(f"{name} contains a NUL character", param=name)
-    return value
+    return value.strip()
 
 
-def resolve_size(value: Any, limits: Limits, model: ModelInfo) -> tuple[str, int, int]:
+def checked(request: GenerationRequest, limits: Limits) -> GenerationRequest:
+    """``request.validate(limits)``, its RequestError answered as a 400 naming the API's parameter."""
+    try:
+        return request.validate(limits, names=API_NAMES)
+    except RequestError as e:
+        code = "invalid_type" if e.code == "invalid_type" else "invalid_value"
+        raise bad(str(e), param=API_NAMES.get(e.field, e.field), code=code) from None
+
+
+def resolve_size(value: Any, limits: Limits, model: ModelInfo, http: HTTPLimits | None = None) -> tuple[str, int, int]:
     """``size`` -> (the size string to report, width, height to generate)."""
     if value is None:
         return f"{model.width}x{model.height}", model.width, model.height
@@ -248,17 +261,16 @@ def resolve_size(value: Any, limits: Limits, model: ModelInfo) -> tuple[str, int
     w, h = int(m.group(1)), int(m.group(2))
     label = f"{w}x{h}"
     if label in OPENAI_SIZES:
-        budget = min(limits.preset_pixels or model.width * model.height, limits.max_pixels)
+        budget = (http.preset_pixels if http is not None else None) or model.width * model.height
+        budget = min(budget, limits.max_pixels or budget)
         scale = min(1.0, math.sqrt(budget / (w * h)))
         # floor to even sides: the area stays within the budget, and H.264 4:2:0 needs even sides
         gw, gh = (max(limits.min_side, int(s * scale) // 2 * 2) for s in (w, h))
         return label, gw, gh
-    if not (limits.min_side <= w <= limits.max_side and limits.min_side <= h <= limits.max_side):
-        raise bad(f"size sides must be between {limits.min_side} and {limits.max_side}, got {label}", param="size")
-    if w * h > limits.max_pixels:
-        raise bad(f"size {label} has {w * h} pixels, more than the limit of {limits.max_pixels}", param="size")
-    if w % 2 or h % 2:
-        raise bad(f"size sides must be even (H.264 with 4:2:0 chroma), got {label}", param="size")
+    try:
+        limits.check_size(w, h, API_NAMES)
+    except RequestError as e:
+        raise bad(str(e), param="size") from None
     return label, w, h
 
 
@@ -266,13 +278,15 @@ def resolve_seconds(value: Any, limits: Limits, model: ModelInfo) -> tuple[str, 
     """``seconds`` (string or number) -> (the seconds string to report, frames at the model's fps)."""
     if value is None:
         return format(model.num_frames / model.fps, "g"), model.num_frames
-    s = number(value, "seconds", 0.0, limits.max_seconds)
-    if s <= 0:
-        raise bad(f"seconds must be positive, got {value!r}", param="seconds")
+    s = number(value, "seconds")
+    try:
+        limits.check_seconds(s, API_NAMES)
+    except RequestError as e:
+        raise bad(str(e), param="seconds") from None
     return format(s, "g"), max(1, int(round(s * model.fps)))
 
 
-def decode_image(data: bytes, limits: Limits, param: str = "input_reference") -> tuple[bytes, tuple[int, int]]:
+def decode_image(data: bytes, limits: HTTPLimits, param: str = "input_reference") -> tuple[bytes, tuple[int, int]]:
     """Untrusted image bytes -> (a clean RGB PNG, (width, height)). Only PNG, JPEG and WebP;
     the pixel count is checked from the header before decoding (decompression bombs), and any
     decoder failure is a 400."""
@@ -351,25 +365,24 @@ def _known(fields: dict[str, Any], files: dict[str, Upload], allowed: frozenset[
         raise bad("prompt is required", param="prompt", code="missing_required_parameter")
 
 
-def _sampling(fields: dict[str, Any], limits: Limits, model: ModelInfo) -> dict[str, Any]:
-    steps = fields.get("num_inference_steps")
-    guidance = fields.get("guidance_scale")
-    seed = fields.get("seed")
+def _sampling(fields: dict[str, Any], model: ModelInfo) -> dict[str, Any]:
+    """steps, guidance and seed as numbers (the model's defaults; a fresh seed, stored with the job)."""
+    steps, guidance, seed = fields.get("num_inference_steps"), fields.get("guidance_scale"), fields.get("seed")
     return {
-        "steps": model.steps if steps is None else int(number(steps, "num_inference_steps", 1, limits.max_steps,
-                                                              integer=True)),
-        "guidance_scale": model.guidance_scale if guidance is None else float(
-            number(guidance, "guidance_scale", 0.0, limits.max_guidance)),
-        "seed": secrets.randbelow(2 ** 31) if seed is None else int(number(seed, "seed", 0, 2 ** 63 - 1,
-                                                                           integer=True)),
+        "steps": model.steps if steps is None else number(steps, "num_inference_steps", integer=True),
+        "guidance_scale": model.guidance_scale if guidance is None else float(number(guidance, "guidance_scale")),
+        "seed": secrets.randbelow(2 ** 31) if seed is None else number(seed, "seed", integer=True),
     }
 
 
-def parse_create(fields: dict[str, Any], files: dict[str, Upload], limits: Limits,
-                 model: ModelInfo) -> tuple[dict[str, Any], bytes | None]:
-    """POST /v1/videos fields -> (record fields for `video_jobs.new_record`, reference PNG or None)."""
+def parse_create(fields: dict[str, Any], files: dict[str, Upload], limits: Limits, model: ModelInfo,
+                 http: HTTPLimits | None = None) -> tuple[dict[str, Any], bytes | None]:
+    """POST /v1/videos fields -> (record fields for `video_jobs.new_record` with the checked
+    ``request``, the reference PNG or None). An image-to-video request's image is
+    `UPLOADED_IMAGE` until the ingress has stored the PNG."""
+    http = http or HTTPLimits()
     _known(fields, files, CREATE_FIELDS)
-    prompt = text_field(fields["prompt"], "prompt", limits.max_prompt_chars)
+    prompt = text_field(fields["prompt"], "prompt")
     name = fields.get("model")
     if name is None:
         name = model.name
@@ -378,34 +391,37 @@ def parse_create(fields: dict[str, Any], files: dict[str, Upload], limits: Limit
     elif name not in model.aliases:
         raise APIError(404, f"model {name[:64]!r} does not exist; this server offers {list(model.aliases)}",
                        param="model", code="model_not_found")
-    size, width, height = resolve_size(fields.get("size"), limits, model)
+    size, width, height = resolve_size(fields.get("size"), limits, model, http)
     seconds, num_frames = resolve_seconds(fields.get("seconds"), limits, model)
     raw = reference_bytes(fields, files)
-    image = None if raw is None else decode_image(raw, limits)[0]
-    job = {"mode": "image-to-video" if image is not None else "text-to-video", "width": width, "height": height,
-           "num_frames": num_frames, "fps": model.fps, "strength": None, "input": None, "source": None,
-           **_sampling(fields, limits, model)}
-    return {"model": name, "prompt": prompt, "size": size, "seconds": seconds,
-            "output_size": f"{width}x{height}", "job": job}, image
+    image = None if raw is None else decode_image(raw, http)[0]
+    request = checked(GenerationRequest(
+        prompt=prompt, mode="image-to-video" if image is not None else "text-to-video", width=width, height=height,
+        num_frames=num_frames, fps=model.fps, image=None if image is None else UPLOADED_IMAGE,
+        **_sampling(fields, model)), limits)
+    return {"model": name, "prompt": request.prompt, "size": size, "seconds": seconds,
+            "output_size": f"{width}x{height}", "request": request}, image
 
 
 def parse_remix(fields: dict[str, Any], files: dict[str, Upload], limits: Limits, model: ModelInfo,
-                source: dict[str, Any], default_strength: float) -> dict[str, Any]:
-    """POST /v1/videos/{id}/remix fields + the finished source record -> record fields of an
-    edit job (SDEdit of the source video at ``strength``), same size and length as the source."""
+                source: dict[str, Any], source_request: GenerationRequest, source_video: str,
+                default_strength: float) -> dict[str, Any]:
+    """POST /v1/videos/{id}/remix fields + the finished source record (its request, and the URL
+    of its video) -> record fields of an edit (SDEdit of the source video at ``strength``),
+    same size and length as the source."""
     _known(fields, files, REMIX_FIELDS)
-    prompt = text_field(fields["prompt"], "prompt", limits.max_prompt_chars)
+    prompt = text_field(fields["prompt"], "prompt")
     if source.get("status") != "completed":
         raise bad(f"video {source['id']} is {source.get('status')}; only a completed video can be remixed",
                   param="video_id", code="video_not_ready")
     strength = fields.get("strength")
-    strength = default_strength if strength is None else float(number(strength, "strength", 0.0, 1.0))
-    src = source["job"]
-    job = {"mode": "edit", "width": src["width"], "height": src["height"], "num_frames": src["num_frames"],
-           "fps": src["fps"], "strength": strength, "input": None, "source": source["id"],
-           **_sampling(fields, limits, model)}
-    return {"model": source["model"], "prompt": prompt, "size": source["size"], "seconds": source["seconds"],
-            "output_size": source.get("output_size"), "job": job, "remixed_from": source["id"]}
+    src = source_request
+    request = checked(GenerationRequest(
+        prompt=prompt, mode="edit", width=src.width, height=src.height, num_frames=src.num_frames, fps=src.fps,
+        strength=default_strength if strength is None else float(number(strength, "strength")), video=source_video,
+        **_sampling(fields, model)), limits)
+    return {"model": source["model"], "prompt": request.prompt, "size": source["size"], "seconds": source["seconds"],
+            "output_size": source.get("output_size"), "request": request, "remixed_from": source["id"]}
 
 
 def parse_list_query(params: dict[str, str]) -> tuple[str | None, int, str]:

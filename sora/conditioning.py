@@ -1,7 +1,7 @@
 """Generation plans: the size to generate at, and which latent frames each mode gives the model.
 
-Every generation mode is one mechanism (DESIGN.md "Generation modes"): some whole latent frames
-are *known* - encoded from given pixels and held clean at t = 0 while the rest is denoised. A
+Every generation mode (listed in `sora.pipeline`) is one mechanism: some whole latent frames are
+*known* - encoded from given pixels and held clean at t = 0 while the rest is denoised. A
 :class:`Layout` says, for one video, how many latent frames there are, which of them are known
 (:class:`Segment`), and which of the decoded frames make up the output.
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODES = ("text-to-video", "image-to-video", "extend-forward", "extend-backward", "join", "loop", "edit", "draft")
+from sora.request import MODES  # noqa: F401 - the modes these layouts serve, named where requests are
 PREFIX_GROUPS = 2  # edge-repeat groups encoded before a non-initial segment (encoder context)
 LOOP_SETTLE = 3  # frames of the loop's final static group dropped: one copy of frame 0 remains
 

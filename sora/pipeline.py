@@ -5,6 +5,7 @@
                width=160, height=90, num_frames=24, num_inference_steps=30, guidance_scale=4.0,
                generator=torch.Generator().manual_seed(0))
     export_to_video(out.frames, "red.mp4", fps=out.fps)              # out.frames: (24, 90, 160, 3) uint8
+    out = pipe.generate(GenerationRequest("A red circle.", seconds=2, seed=0))   # the same, as a request
 
 Modes (``mode=``, or the helpers ``image_to_video`` / ``extend`` / ``join`` / ``loop`` / ``edit`` /
 ``draft_and_refine``), all one mechanism - known latent frames held clean at t = 0 while the rest
@@ -25,6 +26,7 @@ length: output frames are exactly ``height`` x ``width`` and exactly ``num_frame
 round trip (``round_trip``). A prompt list of one shape is generated as one packed batch, with
 the classifier-free-guidance branches in the same forward. The same generator seed gives the
 same output; a list of generators (one per prompt) makes each video independent of its batch.
+Every call is checked as ``sora.request.GenerationRequest``s (one per prompt) before any work.
 """
 
 from __future__ import annotations
@@ -43,23 +45,21 @@ import torch
 from sora import conditioning as plans
 from sora.conditioning import Layout, Segment
 from sora.flow import interpolate, resolution_shift, time_grid
+from sora.media import export_to_video, format_frames, to_frames
 from sora.model_dir import component_path, read_index, write_index
 from sora.patches import patchify, position_ids, unpatchify
+from sora.request import DEFAULT_SAMPLER, DEFAULT_STRENGTH, NO_LIMITS, GenerationRequest, Limits
+from sora.request import SAMPLERS as request_samplers
 from sora.samplers import ancestral, euler, guided_velocity, heun, initial_noise
 
+__all__ = ["SoraPipeline", "SoraPipelineOutput", "GenerationRequest", "export_to_video", "to_frames",
+           "DEFAULT_SAMPLER", "DEFAULT_STRENGTH", "SAMPLERS"]
+
 SAMPLERS = {"euler": euler, "heun": heun, "ancestral": ancestral}
+assert tuple(SAMPLERS) == request_samplers, "sora.request.SAMPLERS must list the samplers defined here"
 STOCHASTIC = frozenset({"ancestral"})  # take fresh noise each step (from each video's generator)
-# Euler stays the default: the ancestral sampler (and a grid shifted towards noise) read held-out
-# shape 0.741 against Euler's 0.732 over four demo models x four prompt draws (BENCHMARKS.md,
-# twenty-first session), inside the noise of a 100-prompt draw.
-DEFAULT_SAMPLER = "euler"
-# Draft refinement at 0.4: on three demo models (100 held-out prompts drafted at the trained
-# sizes, refined at twice them; BENCHMARKS.md, seventeenth session) 0.4 kept the draft's shape
-# 0.74 / 0.79 / 0.80 of the time against 0.73 / 0.65 / 0.75 at 0.6, its size and motion more
-# often too, and read refined shape 0.75 / 0.70 / 0.65 against 0.80 / 0.58 / 0.55. A higher
-# strength lets the refinement pass (at a size the model may never have trained on) redraw the
-# layout, e.g. add a second object; 0.3 reads about as 0.4 but leaves less to refine.
-DEFAULT_STRENGTH = {"edit": 0.7, "draft": 0.4}
+# How the Python call names a request's fields in its errors ("mode 'edit' needs video=").
+CALL_NAMES = {"image": "image=", "video": "video=", "steps": "num_inference_steps"}
 
 # A step callback: (step, steps, stage) with stage "generate", "draft", "refine" or "first-frame".
 StepCallback = Callable[[int, int, str], None]
@@ -79,64 +79,10 @@ class SoraPipelineOutput:
     info: Any = field(default_factory=dict)
     draft_frames: Any = None  # mode "draft": the low-resolution draft, resized like ``frames``
 
-
-# ----------------------------------------------------------------------------------------
-# Inputs and outputs
-# ----------------------------------------------------------------------------------------
-
-
-def to_frames(media, name: str = "input") -> np.ndarray:
-    """Any image/video input -> (T, H, W, 3) uint8: a path or URL (image or video file), a PIL
-    image, a list of PIL images, a (H, W, 3) / (T, H, W, 3) uint8 array or float array in [0, 1],
-    or a (3, H, W) / (T, 3, H, W) float tensor in [0, 1]."""
-    if isinstance(media, (str, os.PathLike)):
-        path = os.fspath(media)
-        if path.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")):
-            import fsspec
-            from PIL import Image
-
-            with fsspec.open(path, "rb") as f:
-                return np.asarray(Image.open(f).convert("RGB"))[None]
-        from sora.video_io import read_frames
-
-        return read_frames(path)
-    if isinstance(media, torch.Tensor):
-        t = media.detach().cpu().float()
-        t = t[None] if t.dim() == 3 else t
-        assert t.dim() == 4 and t.shape[1] == 3, f"{name}: a tensor must be (3, H, W) or (T, 3, H, W), got {tuple(media.shape)}"
-        return (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    if isinstance(media, (list, tuple)) and media and not isinstance(media[0], (int, float)):
-        return np.concatenate([to_frames(m, name) for m in media])
-    if hasattr(media, "convert"):  # a PIL image
-        return np.asarray(media.convert("RGB"))[None]
-    a = np.asarray(media)
-    a = a[None] if a.ndim == 3 else a
-    assert a.ndim == 4 and a.shape[-1] == 3, f"{name}: frames must be (H, W, 3) or (T, H, W, 3), got {a.shape}"
-    if a.dtype != np.uint8:
-        a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-    assert len(a) >= 1, f"{name}: no frames"
-    return a
-
-
-def export_to_video(frames, path: str, fps: float = 12.0, **kwargs) -> str:
-    """Write frames (any form ``to_frames`` accepts, e.g. ``output.frames``) to a video file or
-    fsspec URL (container from the extension; H.264 for .mp4). Returns ``path``."""
-    from sora.video_io import write_video
-
-    write_video(path, to_frames(frames, "frames"), fps, **kwargs)
-    return path
-
-
-def _format(frames: np.ndarray, output_type: str):
-    if output_type == "np":
-        return frames
-    if output_type == "pil":
-        from PIL import Image
-
-        return [Image.fromarray(f) for f in frames]
-    if output_type == "pt":
-        return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # (T, 3, H, W)
-    raise ValueError(f"output_type must be 'np', 'pil' or 'pt', got {output_type!r}")
+    def first(self) -> "SoraPipelineOutput":
+        """The output of a one-prompt batch as a single prompt's (frames, info, draft unwrapped)."""
+        return SoraPipelineOutput(self.frames[0], self.fps, self.latents, self.info[0],
+                                  None if self.draft_frames is None else self.draft_frames[0])
 
 
 def _per_prompt(value, B: int) -> list:
@@ -406,7 +352,7 @@ class SoraPipeline:
                 frames[b, lo:hi] = frames[b, :1] if seg.still_of_first else decoded
         return frames, latents.cpu()
 
-    # -- the diffusers-style call --------------------------------------------------------
+    # -- the diffusers-style call, and requests ------------------------------------------
 
     def __call__(
         self,
@@ -443,122 +389,111 @@ class SoraPipeline:
         or "ancestral" (stochastic: its step noise also comes from each prompt's generator);
         default: the model index's, else DEFAULT_SAMPLER.
         """
-        t0 = time.perf_counter()
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
-        assert prompts and all(isinstance(p, str) for p in prompts), "prompt must be a string or a list of strings"
+        prompts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else []
+        if not prompts:
+            raise ValueError("prompt must be a string or a non-empty list of strings")
         B = len(prompts)
-        d = self.defaults
-        width, height = int(width or d["width"]), int(height or d["height"])
-        fps = float(fps or d["fps"])
-        steps = int(num_inference_steps or d["num_inference_steps"])
-        guidance = float(d["guidance_scale"] if guidance_scale is None else guidance_scale)
-        sampler = sampler or d.get("sampler", DEFAULT_SAMPLER)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
-        mode = self._resolve_mode(mode, image, video)
-        if seconds is not None:
-            if num_frames is not None:
-                raise ValueError("give num_frames or seconds, not both")
-            num_frames = plans.frames_for(seconds, fps)
-        videos = self._videos(mode, video, B)
-        if num_frames is None:
-            num_frames = len(videos[0]) if mode == "edit" else int(d["num_frames"])
-        num_frames = int(num_frames)
-        images = [None if im is None else to_frames(im, "image")[:1] for im in _per_prompt(image, B)]
-        negative = _per_prompt(negative_prompt, B)
-        generators = self._generators(generator, B)
-        if upsample_prompt:
-            prompts = self.upsample_prompts(prompts)
+        requests = [GenerationRequest(
+            prompt=p, negative_prompt=neg, mode=mode, width=width, height=height, num_frames=num_frames,
+            seconds=seconds, fps=fps, steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+            strength=strength, context_frames=context_frames, draft_scale=draft_scale,
+            upsample_prompt=upsample_prompt, image=im, video=video)
+            for p, neg, im in zip(prompts, _per_prompt(negative_prompt, B), _per_prompt(image, B))]
+        out = self._generate(requests, self._generators(generator, B), NO_LIMITS, callback, output_type)
+        return out.first() if single else out
+
+    def generate(self, requests: GenerationRequest | Sequence[GenerationRequest], *, limits: Limits = NO_LIMITS,
+                 callback: StepCallback | None = None, output_type: str = "np") -> SoraPipelineOutput:
+        """Generate ``sora.request.GenerationRequest``s as one packed batch (they must share one
+        ``shape_key()``; group them first). Each request's ``seed`` seeds its own generator;
+        image/video references (paths or URLs) are read here. Checked against ``limits`` first.
+        One request gives a single prompt's output, a list a batch's."""
+        single = isinstance(requests, GenerationRequest)
+        reqs = [requests] if single else list(requests)
+        if not reqs:
+            raise ValueError("no requests to generate")
+        generators = [None if r.seed is None else torch.Generator().manual_seed(int(r.seed)) for r in reqs]
+        out = self._generate(reqs, generators, limits, callback, output_type)
+        return out.first() if single else out
+
+    def _generate(self, requests: list[GenerationRequest], generators: list, limits: Limits,
+                  callback: StepCallback | None, output_type: str) -> SoraPipelineOutput:
+        t0 = time.perf_counter()
+        reqs = [r.validate(limits, names=CALL_NAMES) for r in requests]
+        B = len(reqs)
+        video = self._load_video(reqs[0].mode, reqs[0].video)  # one video per batch (shape_key holds it)
+        reqs = [r.resolve(self.defaults, None if video is None else len(video)) for r in reqs]
+        if any(r.shape_key() != reqs[0].shape_key() for r in reqs):
+            raise ValueError("requests of one call must share one shape_key() (size, length, steps, mode, ...): "
+                             "group them first")
+        r0 = reqs[0]
+        width, height, num_frames, fps, steps = r0.width, r0.height, r0.num_frames, r0.fps, r0.steps
+        guidance, sampler, s = r0.guidance_scale, r0.sampler, 1.0 if r0.strength is None else r0.strength
+        images = [None if r.image is None else to_frames(r.image, "image")[:1] for r in reqs]
+        negative = [r.negative_prompt for r in reqs]
+        prompts = self.upsample_prompts([r.prompt for r in reqs]) if r0.upsample_prompt else [r.prompt for r in reqs]
         gw, gh = plans.plan_size(width, height, self.stride)
         progress = callback
-        if mode in ("edit", "draft"):
-            s = DEFAULT_STRENGTH[mode] if strength is None else float(strength)
-            if not 0.0 <= s <= 1.0:
-                raise ValueError(f"strength must be in [0, 1], got {s}")
-        elif strength is not None:
-            raise ValueError(f"strength applies to modes 'edit' and 'draft', not {mode!r}")
-        else:
-            s = 1.0
 
-        if mode == "loop":
-            firsts = [videos[b] if videos[b] is not None else images[b] for b in range(B)]
+        if r0.mode == "loop":
+            firsts = [video if video is not None else images[b] for b in range(B)]
             sources = [None if f is not None else "generated" for f in firsts]
             if any(f is None for f in firsts):  # text-to-loop: draw frame 0 first (a short clip)
                 short = self._sample([plans.text_to_video(5)] * B, prompts, negative, gw, gh, steps, guidance,
                                      generators, sampler, 1.0, None, progress, "first-frame")[0]
                 firsts = [f if f is not None else short[b, :1] for b, f in enumerate(firsts)]
-            layouts = [plans.loop(f, num_frames, context_frames, src) for f, src in zip(firsts, sources)]
+            layouts = [plans.loop(f, num_frames, r0.context_frames, src) for f, src in zip(firsts, sources)]
         else:
-            layouts = [self._layout(mode, images[b], videos[b], num_frames, context_frames) for b in range(B)]
+            layouts = [self._layout(r.mode, images[b], video, num_frames, r0.context_frames)
+                       for b, r in enumerate(reqs)]
         assert all(lay.keep == layouts[0].keep for lay in layouts), "prompts of one call must share one layout"
 
         init = small = None
-        if mode == "edit":
+        if r0.mode == "edit":
             init = torch.cat([self.vae.encode_latents(self._pixels_in(lay.init_frames, gw, gh)) for lay in layouts])
-        if mode == "draft":
-            dw, dh = plans.plan_size(*self._draft_size(gw, gh, draft_scale), self.stride)
+        if r0.mode == "draft":
+            dw, dh = plans.plan_size(*self._draft_size(gw, gh, r0.draft_scale), self.stride)
             small, _ = self._sample(layouts, prompts, negative, dw, dh, steps, guidance, generators, sampler,
                                     1.0, None, progress, "draft")
             # upsample in pixel space and re-encode: interpolated latents are off the VAE's
             # manifold, re-encoded pixels are not; the refinement then only has to add detail
             init = torch.cat([self.vae.encode_latents(self._pixels_in(small[b], gw, gh)) for b in range(B)])
         frames, latents = self._sample(layouts, prompts, negative, gw, gh, steps, guidance, generators, sampler,
-                                       s, init, progress, "refine" if mode == "draft" else "generate")
+                                       s, init, progress, "refine" if r0.mode == "draft" else "generate")
 
         from sora.video_io import resize_frames
 
         keep = layouts[0].keep
-        outs = [_format(resize_frames(frames[b][keep], width, height), output_type) for b in range(B)]
-        drafts = None if small is None else [_format(resize_frames(small[b][keep], width, height), output_type)
+        outs = [format_frames(resize_frames(frames[b][keep], width, height), output_type) for b in range(B)]
+        drafts = None if small is None else [format_frames(resize_frames(small[b][keep], width, height), output_type)
                                              for b in range(B)]
         seconds_taken = time.perf_counter() - t0
-        infos = [{"mode": mode, "prompt": prompts[b], "width": width, "height": height, "num_frames": num_frames,
-                  "fps": fps, "generated_size": [gw, gh], "generated_frames": layouts[b].decoded_frames,
-                  "latent_frames": layouts[b].latent_frames, "steps": steps, "guidance_scale": guidance,
-                  "sampler": sampler, "strength": s if mode in ("edit", "draft") else None,
+        infos = [{"mode": reqs[b].mode, "prompt": prompts[b], "width": width, "height": height,
+                  "num_frames": num_frames, "fps": fps, "generated_size": [gw, gh],
+                  "generated_frames": layouts[b].decoded_frames, "latent_frames": layouts[b].latent_frames,
+                  "steps": steps, "guidance_scale": guidance, "sampler": sampler, "strength": r0.strength,
                   "given": layouts[b].given(), "seconds": seconds_taken / B} for b in range(B)]
-        if single:
-            return SoraPipelineOutput(outs[0], fps, latents, infos[0], None if drafts is None else drafts[0])
         return SoraPipelineOutput(outs, fps, latents, infos, drafts)
 
     # -- helpers for the call ------------------------------------------------------------
 
     @staticmethod
-    def _resolve_mode(mode: str | None, image, video) -> str:
-        if mode is None:
-            mode = "image-to-video" if image is not None else "extend-forward" if video is not None else "text-to-video"
-        aliases = {"t2v": "text-to-video", "i2v": "image-to-video", "extend": "extend-forward",
-                   "forward": "extend-forward", "backward": "extend-backward", "interpolate": "join"}
-        mode = aliases.get(mode, mode)
-        if mode not in plans.MODES:
-            raise ValueError(f"unknown mode {mode!r}; modes: {list(plans.MODES)}")
-        if mode in ("extend-forward", "extend-backward", "edit", "join") and video is None:
-            raise ValueError(f"mode {mode!r} needs video=" + (" (a, b)" if mode == "join" else ""))
-        if mode == "image-to-video" and image is None:
-            raise ValueError("mode 'image-to-video' needs image=")
-        if image is not None and mode not in ("image-to-video", "loop", "draft"):
-            raise ValueError(f"image= does not apply to mode {mode!r}")
-        return mode
-
-    @staticmethod
-    def _videos(mode: str, video, B: int) -> list:
+    def _load_video(mode: str, video):
+        """The batch's video as (T, H, W, 3) uint8 frames, a pair of them for join, or None."""
         if video is None:
-            return [None] * B
+            return None
         if mode == "join":
-            assert isinstance(video, (list, tuple)) and len(video) == 2, "join needs video=(a, b)"
-            pair = (to_frames(video[0], "video a"), to_frames(video[1], "video b"))
-            return [pair] * B
-        return [to_frames(video, "video")] * B
+            return to_frames(video[0], "video a"), to_frames(video[1], "video b")
+        return to_frames(video, "video")
 
     @staticmethod
     def _generators(generator, B: int) -> list:
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
         if isinstance(generator, (list, tuple)):
-            assert len(generator) == B, f"{len(generator)} generators for {B} prompts"
+            if len(generator) != B:
+                raise ValueError(f"{len(generator)} generators for {B} prompts")
             return [torch.Generator().manual_seed(g) if isinstance(g, int) else g for g in generator]
         return [generator] * B
 
@@ -580,7 +515,6 @@ class SoraPipeline:
 
     @staticmethod
     def _draft_size(width: int, height: int, scale: float) -> tuple[int, int]:
-        assert 0 < scale <= 1, f"draft_scale must be in (0, 1], got {scale}"
         return max(16, round(width * scale / 16) * 16), max(16, round(height * scale / 16) * 16)
 
     # -- named helpers (the same call, spelled out) --------------------------------------
@@ -589,7 +523,8 @@ class SoraPipeline:
         return self(prompt, image=image, mode="image-to-video", **kwargs)
 
     def extend(self, prompt, video, direction: str = "forward", **kwargs) -> SoraPipelineOutput:
-        assert direction in ("forward", "backward"), f"direction must be forward or backward, got {direction!r}"
+        if direction not in ("forward", "backward"):
+            raise ValueError(f"direction must be forward or backward, got {direction!r}")
         return self(prompt, video=video, mode=f"extend-{direction}", **kwargs)
 
     def join(self, a, b, prompt, **kwargs) -> SoraPipelineOutput:

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from pipelines.encode import EncodeConfig, chunk_latent_frames, run_encode
@@ -95,3 +96,26 @@ def test_table_blocks_spread_a_table_over_batch_sized_blocks():
     assert len(many) <= 256 and sum(b.num_rows for b in many) == 1000
     empty = pa.table({"i": pa.array([], pa.int64())})
     assert [b.num_rows for b in table_blocks(empty, 4)] == [0]
+
+
+def test_encode_without_captions_names_the_command_to_run_first(shapes_ds, tiny_vae_dir, tmp_path, ray_session,
+                                                                capsys):
+    """Through the real CLI: nothing can be encoded before `sora caption`, so it says so and fails."""
+    from flows.cli import main
+
+    data = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, data)
+    shutil.rmtree(os.path.join(data, "captions"))
+    with pytest.raises(SystemExit) as e:
+        main(["encode", "--data", data, "--vae", tiny_vae_dir])
+    message = str(e.value.code)  # a message, so the process exits 1
+    n = read_clips(data).num_rows
+    assert message == (f"sora encode: {data}: none of its {n} clips has a caption yet; "
+                       f"run `sora caption --data {data}` first"), message
+    assert not os.path.exists(os.path.join(data, "latents"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=f"make one with `sora ingest SOURCES --out {empty}`"):
+        main(["encode", "--data", str(empty), "--vae", tiny_vae_dir])
+    with pytest.raises(SystemExit, match="batch_size must be at least 1"):
+        main(["encode", "--data", data, "--vae", tiny_vae_dir, "--batch-size", "0"])

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.generate_bulk import BulkConfig, GenerateStage, Request, plan, read_manifest, run_generate_bulk
+from pipelines.generate_bulk import BulkConfig, BulkRequest, GenerateStage, plan, read_manifest, run_generate_bulk
 
 N = 1000
 BAD = {  # row -> (what is wrong with it, the line written)
@@ -104,15 +104,15 @@ def test_a_thousand_prompts_killed_and_resumed(ray_session, model_dir, tmp_path)
 def test_one_failing_request_does_not_fail_its_batch(model_dir, tmp_path):
     """A batch that raises is retried request by request: only the culprit becomes an error."""
     stage = GenerateStage(model_dir, str(tmp_path / "out"), BulkConfig(size="32x32", frames=5, steps=1).__dict__)
-    real = stage.pipe.__class__.__call__
+    real = stage.pipe.__class__.generate
 
-    def flaky(pipe, prompts, **kw):
-        if any("poison" in p for p in prompts):
+    def flaky(pipe, requests, **kw):
+        if any("poison" in r.prompt for r in requests):
             raise RuntimeError("poisoned prompt")
-        return real(pipe, prompts, **kw)
+        return real(pipe, requests, **kw)
 
-    stage.pipe.__class__ = type("Flaky", (stage.pipe.__class__,), {"__call__": flaky})
-    reqs = [Request(id=f"r{i}", row=i, prompt="poison" if i == 1 else f"ok {i}", seed=i, width=32, height=32,
+    stage.pipe.__class__ = type("Flaky", (stage.pipe.__class__,), {"generate": flaky})
+    reqs = [BulkRequest(id=f"r{i}", row=i, prompt="poison" if i == 1 else f"ok {i}", seed=i, width=32, height=32,
                     num_frames=5, steps=1) for i in range(3)]
     rows = {r["id"]: r for r in stage.run_unit(reqs, "u")}
     assert [rows[f"r{i}"]["status"] for i in range(3)] == ["ok", "error", "ok"]
@@ -141,3 +141,18 @@ def test_jsonl_csv_and_parquet_give_the_same_requests(tmp_path):
     assert results[0] == results[1] == results[2]
     assert results[0][0][2:5] == (64, 48, 9) and results[0][1][2:7] == (32, 32, None, 2.0, 4.0)
     assert results[0][2][2:5] == (32, 32, 5)  # the defaults
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--size", "wide"], "size must look like WIDTHxHEIGHT"),
+    (["--frames", "2000"], "frames must be between 1 and 1024"),
+    (["--actors", "0"], "actors must be at least 1"),
+])
+def test_bulk_flags_are_checked_by_the_config_before_ray_starts(model_dir, tmp_path, argv, message):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate-bulk", "--model", model_dir, "--prompts", str(tmp_path / "p.jsonl"), "--out",
+              str(tmp_path / "out"), *argv])
+    assert str(e.value.code).startswith("sora generate-bulk: ") and message in str(e.value.code)

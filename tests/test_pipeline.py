@@ -295,3 +295,29 @@ def test_prompt_upsampler_rewrites_the_prompt_and_travels_with_the_model(model_d
     pipe.save_pretrained(str(tmp_path / "copy"))
     again = SoraPipeline.from_pretrained(str(tmp_path / "copy"))
     assert again.upsample_prompts(["red circle"]) == [caption]
+
+
+def test_generate_takes_requests_and_equals_the_call(pipe, clip, tmp_path):
+    """`generate(requests)` is the call spelled as requests: seeds become generators, paths are
+    read, a batch must share one shape key, and the call's own checks are the request's."""
+    from sora.request import GenerationRequest
+
+    path = str(tmp_path / "clip.mp4")
+    export_to_video(clip, path, fps=8)
+    reqs = [GenerationRequest("a red circle", width=48, height=32, num_frames=9, steps=2, seed=3),
+            GenerationRequest("a blue square", width=48, height=32, num_frames=9, steps=2, seed=4, image=clip[0])]
+    out = pipe.generate(reqs)
+    assert [i["mode"] for i in out.info] == ["text-to-video", "image-to-video"]  # one batch, one layout
+    call = pipe(["a red circle", "a blue square"], image=[None, clip[0]], width=48, height=32, num_frames=9,
+                num_inference_steps=2, generator=[gen(3), gen(4)])
+    assert all(np.array_equal(a, b) for a, b in zip(out.frames, call.frames))
+    single = pipe.generate(GenerationRequest("a green square", mode="extend-forward", video=path, width=48,
+                                             height=32, num_frames=13, steps=1, seed=0))
+    assert single.frames.shape == (13, 32, 48, 3) and single.info["given"][0]["source"] == "video"
+    joined = pipe(["a", "b"], video=(clip, clip[::-1]), mode="join", width=48, height=32, num_frames=13,
+                  num_inference_steps=1, generator=[gen(0), gen(1)])  # one pair of arrays for the whole batch
+    assert len(joined.frames) == 2 and joined.frames[0].shape == (13, 32, 48, 3)
+    with pytest.raises(ValueError, match="share one shape_key"):
+        pipe.generate([reqs[0], GenerationRequest("x", width=32, height=32, num_frames=9, steps=2)])
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1"):
+        pipe("x", num_inference_steps=0)

@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 
 from pipelines.video_jobs import JobStore, new_id, new_record
-from pipelines.video_requests import APIError, Limits, ModelInfo, decode_image, parse_body, parse_create, resolve_size
+from pipelines.video_requests import APIError, HTTPLimits, ModelInfo, decode_image, parse_body, parse_create, resolve_size
+from sora.request import Limits
 from tiny_model import build_tiny_model, moving_square
 
 KEY = "test-key-0123456789"
-LIMITS = {"max_side": 64, "max_pixels": 64 * 64, "max_seconds": 4, "max_steps": 60, "max_prompt_chars": 500,
-          "max_body_bytes": 256 << 10, "max_image_bytes": 128 << 10, "max_image_pixels": 512 * 512}
+LIMITS = {"max_side": 64, "max_pixels": 64 * 64, "max_seconds": 4, "max_steps": 60, "max_prompt_chars": 500}
+HTTP_LIMITS = {"max_body_bytes": 256 << 10, "max_image_bytes": 128 << 10, "max_image_pixels": 512 * 512}
+STEP_DELAY_S = 0.05  # each denoising step on the replicas sleeps this long (to kill a replica mid-job)
 CONFIG = {
     "api_key": KEY, "num_cpus": 0.5, "num_gpus": 0, "torch_threads": 1,  # CPU replicas even on a GPU box
     "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
@@ -33,7 +35,7 @@ CONFIG = {
     "upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "metrics_interval_s": 0.5, "look_back_period_s": 1.0,
     "max_batch_size": 4, "batch_wait_timeout_s": 0.1, "max_queue": 24,
     "heartbeat_s": 0.2, "stale_after_s": 8.0, "health_check_period_s": 1.0, "health_check_timeout_s": 20.0,
-    "poll_after_ms": 100, "debug_step_delay_s": 0.05, "limits": LIMITS,
+    "poll_after_ms": 100, "limits": LIMITS, "http_limits": HTTP_LIMITS,
 }
 FINAL = ("completed", "failed")
 
@@ -58,7 +60,9 @@ def server(ray_session, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run_server({**CONFIG, "model": model, "storage": store}, host="127.0.0.1", port=port)
+    # the replicas sleep after each step: a hook (code), not a config field; a lambda travels by value
+    run_server({**CONFIG, "model": model, "storage": store}, host="127.0.0.1", port=port,
+               on_step=lambda step, steps, stage: time.sleep(STEP_DELAY_S))
     try:
         yield {"url": f"http://127.0.0.1:{port}", "model": model, "store": JobStore(store)}
     finally:
@@ -74,7 +78,7 @@ def http(server):
 
 
 def create(http, prompt: str, steps: int) -> str:
-    """A 1-second 32x32 job with ``steps`` sampling steps (each at least debug_step_delay_s long)."""
+    """A 1-second 32x32 job with ``steps`` sampling steps (each at least STEP_DELAY_S long)."""
     r = http.post("/v1/videos", json={"prompt": prompt, "seconds": 1, "num_inference_steps": steps})
     assert r.status_code == 200, r.text
     return r.json()["id"]
@@ -134,7 +138,7 @@ TINY = ModelInfo(name="sora-ray", width=32, height=32, fps=8, num_frames=9, step
 
 
 def test_sizes_seconds_and_multipart_parse():
-    lim = Limits(**LIMITS)
+    lim, http = Limits(**LIMITS), HTTPLimits(**HTTP_LIMITS)
     # OpenAI presets keep their aspect within the model's pixel budget (32 x 32), even sides
     assert resolve_size("1280x720", lim, TINY) == ("1280x720", 42, 24)
     assert resolve_size("720x1280", lim, TINY) == ("720x1280", 24, 42)
@@ -151,14 +155,14 @@ def test_sizes_seconds_and_multipart_parse():
     req = httpx.Request("POST", "http://x/v1/videos", data={"prompt": "a red square", "seconds": "2.5"},
                         files={"input_reference": ("ref.png", png_bytes(frame), "image/png")})
     fields, files = parse_body(req.headers["content-type"], req.read())
-    spec, image = parse_create(fields, files, lim, TINY)
-    assert (spec["seconds"], spec["job"]["num_frames"], spec["job"]["mode"]) == ("2.5", 20, "image-to-video")
+    spec, image = parse_create(fields, files, lim, TINY, http)
+    assert (spec["seconds"], spec["request"].num_frames, spec["request"].mode) == ("2.5", 20, "image-to-video")
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(image))), frame)  # re-encoded losslessly
     # a decompression bomb is refused from its header, before any pixel is decoded
     with pytest.raises(APIError) as e:
-        decode_image(png_bytes(np.zeros((600, 600, 3), np.uint8)), lim)
+        decode_image(png_bytes(np.zeros((600, 600, 3), np.uint8)), http)
     assert e.value.code == "image_too_large"
 
 
@@ -175,6 +179,39 @@ def test_job_store_pages_by_creation_time(tmp_path):
     assert [r["id"] for r in page] == ids[::-1] and not more
     assert store.delete(ids[2]) and store.get(ids[2]) is None and ids[2] not in store.ids()
     assert store.active_ids() == sorted(set(ids) - {ids[2]})
+
+
+def test_serve_config_from_args_flags_and_old_records(tmp_path):
+    from dataclasses import fields
+
+    from flows.cli import build_parser
+    from flows.commands.serve import config_of
+    from pipelines.serve_config import ServeConfig
+
+    cfg = ServeConfig.from_args({"model": "m", "max_queue": "8", "num_gpus": "none", "limits": {"max_side": "64"},
+                                 "http_limits": {"max_body_bytes": 1000}})
+    assert (cfg.max_queue, cfg.num_gpus, cfg.limits.max_side, cfg.http_limits.max_body_bytes) == (8, None, 64, 1000)
+    assert ServeConfig.from_args(cfg.to_args()) == cfg  # what build_app hands its deployments
+    with pytest.raises(ValueError, match="belong in http_limits"):
+        ServeConfig.from_args({"model": "m", "limits": {"max_body_bytes": 1}})
+    with pytest.raises(ValueError, match="stale_after_s"):
+        ServeConfig(model="m", heartbeat_s=5.0, stale_after_s=6.0)
+    assert not [f.name for f in fields(ServeConfig) if f.name.startswith("debug")]  # test hooks are not config
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--max-side", "64", "--max-body-bytes",
+                                      "1000", "--max-replicas", "2"])
+    flagged = config_of(args)
+    assert (flagged.limits.max_side, flagged.http_limits.max_body_bytes, flagged.max_replicas) == (64, 1000, 2)
+    assert flagged.limits.max_pixels == Limits().max_pixels and flagged.model == str(tmp_path)
+    with pytest.raises(SystemExit, match="sora serve: need 0 <= min_replicas <= max_replicas"):
+        config_of(build_parser().parse_args(["serve", "--model", "m", "--min-replicas", "3", "--max-replicas", "2"]))
+    # a record written before jobs held a GenerationRequest still reads as one
+    store = JobStore(str(tmp_path / "store"))
+    old = new_record(new_id(), model="m", prompt="a red square", size="32x32", seconds="1", output_size="32x32",
+                     job={"mode": "edit", "width": 32, "height": 32, "num_frames": 8, "fps": 8.0, "strength": 0.7,
+                          "input": None, "source": new_id(now=1.0), "steps": 2, "guidance_scale": 2.0, "seed": 3})
+    req = store.request_of(old)
+    assert (req.prompt, req.mode, req.strength, req.seed) == ("a red square", "edit", 0.7, 3)
+    assert req.video == store.output_url(old["job"]["source"], "video") and req.image is None
 
 
 # ----------------------------------------------------------------------------------------

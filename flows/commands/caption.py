@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from flows.commands.common import Progress, formatter
+from flows.commands.config_args import add_config_arguments, config_from_args
+from pipelines.caption import CaptionConfig
+from pipelines.stage import own_fields_first
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -23,20 +27,19 @@ def add(sub: argparse._SubParsersAction) -> None:
         "  sora caption --data data/ds --model runs/captioner --batch-size 16",
     )
     p.add_argument("--data", required=True, help="dataset directory or URL (from `sora ingest`)")
-    p.add_argument("--model", default=None, help="local Hugging Face captioner directory (default: use sidecars)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per model call (default 8)")
-    p.add_argument("--frames", type=int, default=4, help="frames sampled per clip (default 4)")
-    p.add_argument("--actors", type=int, default=1, help="model replicas (actors) (default 1)")
+    add_config_arguments(p, CaptionConfig, include=own_fields_first(CaptionConfig), flags={"num_frames": "--frames"})
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.caption import CaptionConfig, run_caption
+    from pipelines.caption import run_caption
     from pipelines.ray_utils import ensure_ray
 
-    if args.batch_size < 1 or args.frames < 1 or args.actors < 1:
-        raise SystemExit("sora caption: --batch-size, --frames and --actors must be at least 1")
-    if args.model:
+    try:
+        cfg = config_from_args(CaptionConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"sora caption: {e}")
+    if cfg.model:
         ensure_ray()
     bar = Progress(None, "caption clips")
 
@@ -44,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
         bar.total = total
         bar(done - bar.done)
 
-    cfg = CaptionConfig(model=args.model, batch_size=args.batch_size, num_frames=args.frames, actors=args.actors)
-    result = run_caption(args.data, cfg, progress=progress)
+    try:
+        result = run_caption(args.data, cfg, progress=progress)
+    except FileNotFoundError as e:  # no clips (`sora ingest`), or no sidecar for any clip
+        raise SystemExit(f"sora caption: {e}")
     print(json.dumps(result))
+    if result.get("without_sidecar"):
+        print(f"sora caption: {result['without_sidecar']} clips have no sidecar caption; caption them with a "
+              f"model: `sora caption --data {args.data} --model CAPTIONER_DIR`", file=sys.stderr)
     return 0

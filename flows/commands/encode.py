@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from flows.commands.common import Progress, formatter
+from flows.commands.config_args import add_config_arguments, config_from_args
+from pipelines.encode import EncodeConfig
+from pipelines.stage import own_fields_first
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -23,25 +27,21 @@ def add(sub: argparse._SubParsersAction) -> None:
         "  sora encode --data s3://bucket/ds --vae runs/vae --text-encoder models/t5-encoder --actors 4",
     )
     p.add_argument("--data", required=True, help="dataset directory or URL (clips + captions)")
-    p.add_argument("--vae", required=True, help="VAE directory (from `sora train-vae`, or a diffusers video VAE)")
-    p.add_argument("--text-encoder", default=None, help="local HF text encoder dir (default: the offline MiniLM)")
-    p.add_argument("--patch-size", default="1,2,2", help="spacetime patch size t,h,w (default 1,2,2)")
-    p.add_argument("--batch-size", type=int, default=4, help="clips per actor call (default 4)")
-    p.add_argument("--actors", type=int, default=1, help="actors (model replicas) (default 1)")
+    add_config_arguments(p, EncodeConfig, include=own_fields_first(EncodeConfig), help={
+        "vae": "VAE directory (from `sora train-vae`, or a diffusers video VAE)"})
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.encode import EncodeConfig, run_encode
+    from pipelines.encode import run_encode
     from pipelines.ray_utils import ensure_ray
 
     if not os.path.isfile(os.path.join(args.vae, "config.json")):
         raise SystemExit(f"sora encode: {args.vae} is not a VAE directory (no config.json)")
     try:
-        patch = tuple(int(v) for v in args.patch_size.split(","))
-        assert len(patch) == 3 and min(patch) >= 1
-    except (ValueError, AssertionError):
-        raise SystemExit(f"sora encode: --patch-size must be three positive integers t,h,w, got {args.patch_size!r}")
+        cfg = config_from_args(EncodeConfig, args, vae=os.path.abspath(args.vae))
+    except ValueError as e:
+        raise SystemExit(f"sora encode: {e}")
     ensure_ray()
     bar = Progress(None, "encode clips")
 
@@ -49,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
         bar.total = total
         bar(done - bar.done)
 
-    cfg = EncodeConfig(vae=os.path.abspath(args.vae), text_encoder=args.text_encoder, patch_size=patch,
-                       batch_size=args.batch_size, actors=args.actors)
-    print(json.dumps(run_encode(args.data, cfg, progress=progress)))
+    try:
+        result = run_encode(args.data, cfg, progress=progress)
+    except FileNotFoundError as e:  # no clips (`sora ingest`), or none captioned (`sora caption`)
+        raise SystemExit(f"sora encode: {e}")
+    print(json.dumps(result))
+    if result["without_caption"]:
+        print(f"sora encode: {result['without_caption']} clips have no caption and were left out; "
+              f"`sora caption --data {args.data}` captions them", file=sys.stderr)
     return 0

@@ -7,12 +7,20 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields, replace
 
 from flows.commands.common import formatter
+from flows.commands.config_args import add_config_arguments, config_from_args
+from sora.request import NO_LIMITS, GenerationRequest, RequestError
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 PREVIEW_EXTS = (".gif", ".webp")
 MODES = ("extend-forward", "extend-backward", "edit", "loop")
+# The request's fields whose flag is not --field-name.
+FLAGS = {"num_frames": "--frames", "guidance_scale": "--guidance"}
+# How errors name a request's fields: by their flags.
+NAMES = {**{f.name: "--" + f.name.replace("_", "-") for f in fields(GenerationRequest)}, **FLAGS,
+         "size": "--size", "width": "--size", "height": "--size"}
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -35,26 +43,19 @@ def add(sub: argparse._SubParsersAction) -> None:
         "  sora generate --model model --prompt 'A shape moves.' --join a.mp4 b.mp4 --out ab.mp4",
     )
     p.add_argument("--model", required=True, help="model directory (model_index.json, vae/, dit/)")
-    p.add_argument("--prompt", required=True, help="what the video shows")
-    p.add_argument("--negative-prompt", default=None, help="what to steer away from (CFG's other branch)")
+    add_config_arguments(p, GenerationRequest, include=("prompt", "negative_prompt"))
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, any size (default: the model's)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--frames", type=int, default=None, help="number of output frames")
-    length.add_argument("--seconds", type=float, default=None, help="duration in seconds (frames = seconds x fps)")
-    p.add_argument("--fps", type=float, default=None, help="frame rate (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same video")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=("euler", "heun", "ancestral"), default=None,
-                   help="the ODE samplers euler, heun or the stochastic ancestral (default: the model's, euler)")
+    add_config_arguments(length, GenerationRequest, include=("num_frames", "seconds"), flags=FLAGS)
+    add_config_arguments(p, GenerationRequest, include=("fps", "seed", "steps", "guidance_scale", "sampler"),
+                         flags=FLAGS, defaults={"seed": 0})
     p.add_argument("--image", default=None, help="an image (or video: its first frame) to start from")
     p.add_argument("--video", default=None, help="a video to extend, edit or loop (see --mode)")
     p.add_argument("--mode", choices=MODES, default=None, help="what to do with --video (default extend-forward)")
     p.add_argument("--join", nargs=2, metavar=("A", "B"), default=None, help="generate from the end of A to the start of B")
     p.add_argument("--draft", action="store_true", help="low-resolution draft, then refine at full size")
-    p.add_argument("--strength", type=float, default=None, help="edit / draft refinement noise level in [0, 1] (defaults: edit 0.7, draft 0.4)")
-    p.add_argument("--context-frames", type=int, default=None, help="keep at most this many given frames")
-    p.add_argument("--upsample-prompt", action="store_true", help="rewrite the prompt with the model's upsampler")
+    add_config_arguments(p, GenerationRequest, include=("strength", "context_frames", "draft_scale", "upsample_prompt"),
+                         flags=FLAGS)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output video (.mp4 .webm .mov .mkv .avi, or .gif .webp), path or URL")
     p.set_defaults(func=run)
@@ -73,8 +74,10 @@ def _exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
-    """Every input check that needs no model: a clear message instead of a traceback."""
+def check_args(args: argparse.Namespace) -> GenerationRequest:
+    """The request the flags ask for, checked before any model is loaded: a clear message
+    instead of a traceback. What the request itself may ask is `GenerationRequest.validate`'s
+    to say; here only what belongs to the command line (files, flag combinations, --out)."""
     from sora.conditioning import parse_size
 
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
@@ -88,22 +91,8 @@ def check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
     ext = os.path.splitext(args.out.rsplit("/", 1)[-1])[1].lower()
     if ext not in VIDEO_EXTS + PREVIEW_EXTS:
         _fail(f"--out {args.out!r}: unknown extension; use one of {' '.join(VIDEO_EXTS + PREVIEW_EXTS)}")
-    if ext in VIDEO_EXTS and width is not None and (width % 2 or height % 2):
-        _fail(f"--size {args.size}: {ext} video (4:2:0 chroma) needs even width and height; use .gif/.webp for odd sizes")
-    if args.frames is not None and args.frames < 1:
-        _fail(f"--frames must be at least 1, got {args.frames}")
-    if args.seconds is not None and args.seconds <= 0:
-        _fail(f"--seconds must be positive, got {args.seconds}")
-    if args.fps is not None and args.fps <= 0:
-        _fail(f"--fps must be positive, got {args.fps}")
-    if args.steps is not None and args.steps < 1:
-        _fail(f"--steps must be at least 1, got {args.steps}")
-    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
-        _fail(f"--strength must be in [0, 1], got {args.strength}")
     if args.video is not None and args.join is not None:
         _fail("give --video or --join, not both")
-    if args.mode is not None and args.mode != "loop" and args.video is None:
-        _fail(f"--mode {args.mode} needs --video")
     if args.image is not None and (args.join is not None or (args.video is not None)):
         _fail("--image cannot be combined with --video or --join")
     if args.draft and (args.video is not None or args.join is not None or args.mode is not None):
@@ -112,28 +101,31 @@ def check_args(args: argparse.Namespace) -> tuple[int | None, int | None]:
             (("--join", args.join[0]), ("--join", args.join[1])) if args.join else ()):
         if value is not None and not _exists(value):
             _fail(f"{flag}: no such file: {value}")
-    if not args.prompt.strip():
-        _fail("--prompt is empty")
-    return width, height
+    request = config_from_args(GenerationRequest, args, width=width, height=height, mode=mode_of(args),
+                               image=args.image, video=tuple(args.join) if args.join else args.video)
+    # any size for GIF/WebP; video containers (H.264, 4:2:0 chroma) need even sides
+    limits = replace(NO_LIMITS, empty_prompt=False, even_sides=ext in VIDEO_EXTS)
+    try:
+        return request.validate(limits, names=NAMES)
+    except RequestError as e:
+        _fail(f"{e}; use .gif/.webp for odd sizes" if e.code == "odd_size" else str(e))
 
 
-def mode_of(args: argparse.Namespace) -> str:
+def mode_of(args: argparse.Namespace) -> str | None:
     if args.join is not None:
         return "join"
     if args.draft:
         return "draft"
-    if args.video is not None:
-        return args.mode or "extend-forward"
-    if args.mode == "loop":
-        return "loop"
-    return "image-to-video" if args.image is not None else "text-to-video"
+    if args.mode is not None:
+        return args.mode
+    return "extend-forward" if args.video is not None else None  # None: from --image
 
 
 def run(args: argparse.Namespace) -> int:
-    width, height = check_args(args)
+    request = check_args(args)
     import torch
 
-    from sora.pipeline import SoraPipeline, export_to_video, to_frames
+    from sora.pipeline import SoraPipeline, export_to_video
     from sora.video_io import VideoError, write_gif, write_webp
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,16 +134,6 @@ def run(args: argparse.Namespace) -> int:
         pipe = SoraPipeline.from_pretrained(args.model, device=device)
     except (OSError, ValueError, AssertionError) as e:
         _fail(f"cannot load model {args.model!r}: {e}")
-    mode = mode_of(args)
-    try:
-        image = None if args.image is None else to_frames(args.image, "image")[:1]
-        video = None
-        if args.video is not None:
-            video = to_frames(args.video, "video")
-        if args.join is not None:
-            video = (to_frames(args.join[0], "A"), to_frames(args.join[1], "B"))
-    except (VideoError, OSError, ValueError) as e:
-        _fail(f"cannot read input: {e}")
 
     def on_step(step: int, total: int, stage: str) -> None:
         sys.stderr.write(f"\r{stage}: step {step}/{total}")
@@ -160,11 +142,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     try:
-        out = pipe(args.prompt, negative_prompt=args.negative_prompt, width=width, height=height,
-                   num_frames=args.frames, seconds=args.seconds, fps=args.fps, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed), image=image,
-                   video=video, strength=args.strength, mode=mode, upsample_prompt=args.upsample_prompt,
-                   sampler=args.sampler, callback=on_step, context_frames=args.context_frames)
+        out = pipe.generate(request, callback=on_step)
+    except (VideoError, OSError) as e:
+        _fail(f"cannot read input: {e}")
     except ValueError as e:
         _fail(str(e))
     ext = os.path.splitext(args.out.rsplit("/", 1)[-1])[1].lower()
@@ -175,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         export_to_video(out.frames, args.out, fps=out.fps)
     T, H, W, _ = out.frames.shape
-    print(json.dumps({"out": args.out, "mode": mode, "width": W, "height": H, "frames": T, "fps": out.fps,
-                      "seed": args.seed, "generated_size": out.info["generated_size"], "prompt": out.info["prompt"],
-                      "seconds": round(time.perf_counter() - t0, 3)}))
+    print(json.dumps({"out": args.out, "mode": out.info["mode"], "width": W, "height": H, "frames": T,
+                      "fps": out.fps, "seed": request.seed, "generated_size": out.info["generated_size"],
+                      "prompt": out.info["prompt"], "seconds": round(time.perf_counter() - t0, 3)}))
     return 0

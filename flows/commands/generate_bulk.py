@@ -6,6 +6,9 @@ import argparse
 import json
 
 from flows.commands.common import Progress, formatter
+from flows.commands.config_args import add_config_arguments, config_from_args
+from pipelines.generate_bulk import BulkConfig
+from pipelines.stage import own_fields_first
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -25,45 +28,28 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--prompts", required=True, help="prompts file or URL (.jsonl, .csv, .parquet)")
     p.add_argument("--out", required=True, help="output directory or URL")
-    p.add_argument("--size", default=None, help="default WxH for rows without one (default: the model's)")
-    p.add_argument("--frames", type=int, default=None, help="default frame count for rows without one")
-    p.add_argument("--fps", type=float, default=None, help="default fps")
-    p.add_argument("--steps", type=int, default=None, help="default sampling steps")
-    p.add_argument("--guidance", type=float, default=None, help="default guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="base seed for rows without a seed")
-    p.add_argument("--batch-size", type=int, default=8, help="same-shape requests per model call (default 8)")
-    p.add_argument("--actors", type=int, default=1, help="model replicas (Ray actors, default 1)")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has any)")
-    p.add_argument("--retry-errors", action="store_true", help="re-run ids whose manifest row is an error")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    add_config_arguments(p, BulkConfig, include=own_fields_first(BulkConfig), flags={"guidance_scale": "--guidance"})
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from pipelines.generate_bulk import BulkConfig, run_generate_bulk
+    from pipelines.generate_bulk import run_generate_bulk
     from pipelines.ray_utils import ensure_ray
-    from sora.conditioning import parse_size
 
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise SystemExit(f"sora generate-bulk: --model {args.model!r} is not a model directory (no model_index.json)")
-    if args.size is not None:
-        try:
-            parse_size(args.size)
-        except ValueError as e:
-            raise SystemExit(f"sora generate-bulk: --size: {e}")
-    if args.batch_size < 1 or args.actors < 1:
-        raise SystemExit("sora generate-bulk: --batch-size and --actors must be at least 1")
-    cfg = BulkConfig(size=args.size, frames=args.frames, fps=args.fps, steps=args.steps,
-                     guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                     actors=args.actors, num_gpus=args.num_gpus, retry_errors=args.retry_errors, limit=args.limit)
+    try:
+        cfg = config_from_args(BulkConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"sora generate-bulk: {e}")
     ensure_ray()
-    bar = Progress(None, "generate-bulk batches")
+    bar = Progress(None, "generate-bulk videos")
 
     def progress(done: int, total: int) -> None:
         bar.total = total
-        bar(1)
+        bar(done - bar.done)
 
     try:
         summary = run_generate_bulk(args.model, args.prompts, args.out, cfg, progress=progress)

@@ -9,6 +9,10 @@ import signal
 import threading
 
 from flows.commands.common import formatter
+from flows.commands.config_args import add_config_arguments, config_from_args
+from pipelines.serve_config import ServeConfig
+from pipelines.video_requests import HTTPLimits
+from sora.request import Limits
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -28,43 +32,44 @@ def add(sub: argparse._SubParsersAction) -> None:
         "  OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=$KEY python -c \\\n"
         "    \"from openai import OpenAI; print(OpenAI().videos.create(prompt='A red circle moves left.'))\"",
     )
-    p.add_argument("--model", required=True, help="model directory")
+    add_config_arguments(p, ServeConfig, exclude=("limits", "http_limits"), help={
+        "model": "model directory", "api_key": "required Bearer key (None: $SORA_API_KEY, else none: open)"})
+    # an mp4 needs even sides and a request a prompt: those two limits are not for the command line
+    add_config_arguments(p.add_argument_group("what one request may ask for"), Limits,
+                         exclude=("empty_prompt", "even_sides"))
+    add_config_arguments(p.add_argument_group("what one HTTP request may carry"), HTTPLimits)
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--api-key", default=None, help="required Bearer key (default: $SORA_API_KEY; none: open)")
-    p.add_argument("--storage", default="sora-videos", help="job records + videos: directory or fsspec URL")
-    p.add_argument("--min-replicas", type=int, default=1, help="generator replicas kept up (default 1)")
-    p.add_argument("--max-replicas", type=int, default=4, help="most generator replicas (default 4)")
-    p.add_argument("--max-queue", type=int, default=64, help="unfinished jobs before 429 (default 64)")
-    p.add_argument("--max-batch-size", type=int, default=4, help="same-shape jobs per model call (default 4)")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if the cluster has any)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
     p.set_defaults(func=run)
+
+
+def config_of(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig the flags ask for (its own checks as a `sora serve: ...` exit)."""
+    try:
+        return config_from_args(ServeConfig, args, model=os.path.abspath(args.model),
+                                limits=config_from_args(Limits, args), http_limits=config_from_args(HTTPLimits, args))
+    except ValueError as e:
+        raise SystemExit(f"sora serve: {e}")
 
 
 def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise SystemExit(f"sora serve: --model {args.model!r} is not a model directory (no model_index.json)")
-    if not 0 <= args.min_replicas <= args.max_replicas or args.max_replicas < 1:
-        raise SystemExit("sora serve: need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1")
     if not 0 < args.port < 65536:
         raise SystemExit(f"sora serve: --port must be 1..65535, got {args.port}")
+    cfg = config_of(args)
     from ray import serve
 
     from pipelines.ray_utils import ensure_ray
     from pipelines.serve import run_server
 
-    config = {"model": os.path.abspath(args.model), "storage": args.storage, "min_replicas": args.min_replicas,
-              "max_replicas": args.max_replicas, "max_queue": args.max_queue, "max_batch_size": args.max_batch_size,
-              "num_gpus": args.num_gpus, "num_cpus": args.num_cpus}
-    if args.api_key is not None:
-        config["api_key"] = args.api_key
-    elif os.environ.get("SORA_API_KEY"):  # the replicas of a local Ray may not share this shell's env
+    config = cfg.to_args()
+    if cfg.api_key is None and os.environ.get("SORA_API_KEY"):  # the replicas of a local Ray may not share this env
         config["api_key"] = os.environ["SORA_API_KEY"]
     ensure_ray()
     run_server(config, host=args.host, port=args.port)
-    print(json.dumps({"api": f"http://{args.host}:{args.port}/v1", "storage": args.storage,
-                      "auth": "bearer" if "api_key" in config else "none"}), flush=True)
+    print(json.dumps({"api": f"http://{args.host}:{args.port}/v1", "storage": cfg.storage,
+                      "auth": "bearer" if config["api_key"] else "none"}), flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

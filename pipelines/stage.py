@@ -1,0 +1,265 @@
+"""A stage of a Ray Data pipeline: one class per stage, one shape for all of them.
+
+    @dataclass(kw_only=True)
+    class ScoreConfig(StageResources):
+        model: str                      # the scorer's weights
+        batch_size: int = 16            # clips per call
+
+    class ScoreStage(Stage):
+        name = "score"                  # the quarantine table's `stage`
+        config_cls = ScoreConfig
+
+        def setup(self):                # once per actor, on self.device
+            self.model = load(self.cfg.model, device=self.device)
+
+        def process_item(self, clip):   # pure: one item in, its output row out (or raise)
+            return {**clip, "score": float(self.model(read_frames(clip["source"])))}
+
+    ds = ScoreStage.apply(ray.data.from_arrow(blocks), cfg, out=DATA, batch_size=cfg.batch_size)
+
+The base class does the rest, the same way for every stage (cosmos-curate's and NeMo Curator's
+stage interface; Ray's batch-inference pattern underneath: a callable class per actor):
+
+- resources are declared by the config (`StageResources`: actors, GPUs per actor, threads);
+  `resolve_resources` fills in GPUs from the cluster without touching the caller's config;
+- the device is resolved once per actor and the model loaded once (`setup`), counted per
+  stage name in `loads_in_process` so a test or a stats row can show it;
+- `process` maps one batch; by default it calls `process_item` on each item, and an item that
+  raises becomes a quarantine row (`DATA/quarantine/<stage>-<hash>.parquet`) - never a crash;
+- a stage with an `output` table writes its rows there atomically under a name hashed from the
+  batch's ids (`DATA/<output>/<hash>.parquet`): a retried batch rewrites the same file, so
+  results are exactly-once though Ray runs work at least once. It returns one stats row per
+  batch (pid, model loads, seconds, ok/failed counts, the stage's own counters) that
+  `collect_stats` sums on the driver. A stage without `output` is a map: it returns its rows
+  (e.g. the clips with a score column added) for the next stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: a config built for command-line flags loads no pyarrow
+    import numpy as np
+    import pyarrow as pa
+
+
+# stage name -> how many times its `setup` ran in this process. Kept here, not on the class: a
+# subclass (or the wrapper Ray Data makes of a stage class) would start from its parent's count.
+_LOADS: dict[str, int] = {}
+
+
+def loads_in_process(name: str) -> int:
+    """How many times stage ``name`` loaded its model in this process."""
+    return _LOADS.get(name, 0)
+
+
+class MissingInputError(FileNotFoundError):
+    """A stage found nothing it could work on because an earlier step has not run (or made
+    nothing); the message names the command that makes its input."""
+
+
+@dataclass(kw_only=True)
+class StageResources:
+    """What each actor of a stage's pool gets: the fields every stage config starts with."""
+
+    actors: int = 1  # actor pool size: one model copy per actor
+    num_gpus: float | None = None  # GPUs per actor; None: 1 where the Ray cluster has GPUs, else 0
+    torch_threads: int | None = None  # intra-op threads per actor (None: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"actors must be at least 1, got {self.actors}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0 (or None: from the cluster), got {self.num_gpus}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be at least 1 (or None: torch's default), got {self.torch_threads}")
+
+
+def own_fields_first(cls: type) -> list[str]:
+    """A stage config's field names, its own first and the `StageResources` ones last (the
+    order its command-line flags read best in)."""
+    shared = [f.name for f in dataclasses.fields(StageResources)]
+    return [f.name for f in dataclasses.fields(cls) if f.name not in shared] + shared
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster (0 when Ray is not started here)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def resolve_num_gpus(num_gpus: float | None) -> float:
+    """GPUs per actor or replica: ``num_gpus`` when given, else 1 where the cluster has GPUs."""
+    return float(num_gpus) if num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+
+
+def resolve_resources(cfg):
+    """A copy of a config with ``num_gpus`` resolved (`resolve_num_gpus`); ``cfg`` is untouched."""
+    return dataclasses.replace(cfg, num_gpus=resolve_num_gpus(cfg.num_gpus))
+
+
+def device_for(num_gpus: float | None) -> str:
+    """"cuda" when this process may use a GPU and has one, else "cpu" (None: any GPU it has)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and (num_gpus is None or num_gpus > 0) else "cpu"
+
+
+def error_reason(e: BaseException) -> str:
+    """A quarantine reason: the error's own ``reason`` (e.g. `sora.video_io.VideoError`) or its type and text."""
+    return getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+
+
+def batch_items(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """A Ray Data numpy batch -> one dict per row, numpy scalars as Python values."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()} for i in range(n)]
+
+
+@dataclass
+class StageOutput:
+    """What ``process`` makes of one batch: output ``rows``, ``errors`` as (item, reason) for
+    the quarantine, and the stage's own ``counters`` (summed over batches by `collect_stats`;
+    "ok" and "failed" there replace the counts of rows and errors, e.g. for error rows kept in
+    the output as bulk generation's manifest keeps them)."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    errors: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)
+    counters: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Stage:
+    """A Ray Data callable class (see the module docstring). Subclasses set ``name``,
+    ``config_cls`` (a `StageResources` dataclass), and for a writing stage ``output`` and
+    ``schema``; they implement ``setup`` and ``process_item`` (or ``process`` for a batch)."""
+
+    name: ClassVar[str] = "stage"  # the quarantine table's `stage` value and file prefix
+    config_cls: ClassVar[type] = StageResources
+    output: ClassVar[str | None] = None  # table directory under `out` the rows go to; None: rows pass on
+    schema: ClassVar[pa.Schema | None] = None  # the output table's schema
+    id_column: ClassVar[str] = "clip_id"  # names an item and an output row (file names hash it)
+
+    def __init__(self, cfg: Any, out: str | None = None):
+        import torch
+
+        self.cfg = cfg if isinstance(cfg, self.config_cls) else self.config_cls(**cfg)
+        self.out = out
+        self.pid = os.getpid()
+        if getattr(self.cfg, "torch_threads", None):
+            torch.set_num_threads(self.cfg.torch_threads)
+        self.device = device_for(getattr(self.cfg, "num_gpus", None))
+        t0 = time.perf_counter()
+        self.setup()
+        _LOADS[self.name] = loads_in_process(self.name) + 1
+        self.setup_seconds = time.perf_counter() - t0
+
+    # -- what a stage implements -----------------------------------------------------------
+
+    def setup(self) -> None:
+        """Load models onto ``self.device``: once per actor."""
+
+    def process_item(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One item -> its output row; raise for an item that fails (it is quarantined)."""
+        raise NotImplementedError(f"{type(self).__name__} implements process_item or process")
+
+    def process(self, items: list[dict[str, Any]]) -> StageOutput:
+        """One batch -> StageOutput. By default `process_item` on each item (see `each`)."""
+        done, errors = self.each(items, self.process_item)
+        return StageOutput([row for _, row in done], errors)
+
+    def quarantine_row(self, item: dict[str, Any], reason: str) -> dict[str, Any]:
+        """The quarantine row of a failed clip (the `pipelines.ingest` quarantine contract)."""
+        return {"source": str(item["source"]), "reason": reason, "stage": self.name, "clip_id": str(item["clip_id"]),
+                "start_frame": int(item["start_frame"]), "num_frames": int(item["num_frames"])}
+
+    # -- helpers for subclasses ----------------------------------------------------------
+
+    @staticmethod
+    def each(items: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any]) -> tuple[list, list]:
+        """``fn`` on every item: ([(item, result)], [(item, reason)]); one failure never stops the batch."""
+        done, errors = [], []
+        for item in items:
+            try:
+                done.append((item, fn(item)))
+            except Exception as e:  # noqa: BLE001 - any per-item failure is that item's quarantine reason
+                errors.append((item, error_reason(e)))
+        return done, errors
+
+    def batch_id(self, ids: list[str]) -> str:
+        """The deterministic name of a batch's output file: a hash of its ids."""
+        from pipelines import storage
+
+        return storage.stable_id(*sorted(ids))
+
+    # -- the Ray Data side -----------------------------------------------------------------
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        import pyarrow as pa
+
+        from pipelines import storage
+
+        t0 = time.perf_counter()
+        items = batch_items(batch)
+        result = self.process(items)
+        if result.errors:
+            from pipelines.ingest import QUARANTINE_SCHEMA
+
+            rows = [self.quarantine_row(item, reason) for item, reason in result.errors]
+            err_id = storage.stable_id(f"{self.name}-errors", *sorted(r["clip_id"] for r in rows))
+            storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA),
+                                         storage.join(self.out, "quarantine", f"{self.name}-{err_id}.parquet"))
+        if self.output is None:  # a map stage: its rows go on to the next stage
+            columns = result.rows[0] if result.rows else items[0] if items else {}
+            return {k: [r[k] for r in result.rows] for k in columns}
+        if result.rows:
+            name = self.batch_id([str(r[self.id_column]) for r in result.rows])
+            storage.write_parquet_atomic(pa.Table.from_pylist(result.rows, schema=self.schema),
+                                         storage.join(self.out, self.output, f"{name}.parquet"))
+        stats = {"ok": len(result.rows), "failed": len(result.errors), "pid": self.pid,
+                 "model_loads": loads_in_process(self.name), "seconds": time.perf_counter() - t0,
+                 **result.counters}
+        return {k: [v] for k, v in stats.items()}
+
+    @classmethod
+    def apply(cls, ds, cfg: Any, *, out: str | None, batch_size: int, **constructor):
+        """``ds.map_batches`` with this stage on an actor pool of ``cfg.actors`` actors, each
+        with the config's resources (resolved by `resolve_resources`; ``cfg`` is untouched)."""
+        import ray
+
+        cfg = resolve_resources(cfg)
+        return ds.map_batches(
+            cls,
+            fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "out": out, **constructor},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_gpus=cfg.num_gpus,
+        )
+
+
+def collect_stats(ds, total: int | None = None, progress: Callable[[int, int | None], None] | None = None) -> dict:
+    """Run a writing stage's dataset to the end and sum its stats rows: ok, failed, the stage's
+    counters, ``batches``, ``actors`` (worker pids) and ``model_loads_per_actor``. ``progress``
+    is called with (items done, ``total``) after each batch."""
+    sums: dict[str, float] = {"ok": 0, "failed": 0}
+    loads: dict[int, int] = {}
+    batches = 0
+    for row in ds.iter_rows():
+        batches += 1
+        for k, v in row.items():
+            if k not in ("pid", "model_loads", "seconds"):
+                sums[k] = sums.get(k, 0) + v
+        pid = int(row["pid"])
+        loads[pid] = max(loads.get(pid, 0), int(row["model_loads"]))
+        if progress is not None:
+            progress(int(sums["ok"] + sums["failed"]), total)
+    out: dict[str, Any] = {k: int(v) if float(v).is_integer() else v for k, v in sums.items()}
+    out.update(batches=batches, actors=sorted(loads), model_loads_per_actor={str(p): n for p, n in loads.items()})
+    return out

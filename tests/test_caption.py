@@ -1,0 +1,58 @@
+"""`sora caption` through the real CLI: sidecar captions are written once; with nothing to caption
+because an earlier step is missing it names the command to run and fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from pipelines.caption import read_captions
+from pipelines.ingest import read_clips
+
+
+def test_sidecar_captions_once_then_nothing_new(shapes_ds, tmp_path, capsys):
+    data = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, data)
+    shutil.rmtree(os.path.join(data, "captions"))
+    n = read_clips(data).num_rows
+    assert main(["caption", "--data", data]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (first["captioned"], first["already_captioned"], first["without_sidecar"]) == (n, 0, 0)
+    assert main(["caption", "--data", data]) == 0  # a re-run adds no rows
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["captioned"], again["already_captioned"]) == (0, n) and read_captions(data).num_rows == n
+
+
+def test_caption_without_clips_or_sidecars_names_what_to_run(shapes_ds, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["caption", "--data", str(tmp_path / "nothing")])
+    assert str(e.value.code) == (f"sora caption: {tmp_path / 'nothing'}: no such dataset; "
+                                 f"make one with `sora ingest SOURCES --out {tmp_path / 'nothing'}`")
+    # clips whose sources have no captions.jsonl: sidecar captioning can do nothing for them
+    data = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, data)
+    shutil.rmtree(os.path.join(data, "captions"))
+    clips = read_clips(data)
+    raw = tmp_path / "raw"  # the same videos, without their sidecar
+    raw.mkdir()
+    for s in set(clips["source"].to_pylist()):
+        shutil.copy(s, raw / os.path.basename(s))
+    moved = pa.array([str(raw / os.path.basename(s)) for s in clips["source"].to_pylist()])
+    shutil.rmtree(os.path.join(data, "clips"))
+    os.makedirs(os.path.join(data, "clips"))
+    pq.write_table(clips.set_column(clips.schema.get_field_index("source"), "source", moved),
+                   os.path.join(data, "clips", "clips.parquet"))
+    with pytest.raises(SystemExit) as e:
+        main(["caption", "--data", data])
+    message = str(e.value.code)
+    assert message.startswith(f"sora caption: {data}: none of its") and "has a sidecar caption" in message
+    assert f"`sora caption --data {data} --model CAPTIONER_DIR`" in message
+    assert read_captions(data).num_rows == 0
+    with pytest.raises(SystemExit, match="num_frames must be at least 1"):
+        main(["caption", "--data", data, "--frames", "0"])

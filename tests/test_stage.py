@@ -1,0 +1,137 @@
+"""The stage base class: a model-backed scorer written on it adds a column, loads its model once
+per actor, quarantines a clip that fails (never crashes), writes its table exactly once, and runs
+on a Ray Data actor pool without touching the caller's config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipelines.ingest import read_clips, read_quarantine
+from pipelines.stage import (Stage, StageResources, batch_items, collect_stats, loads_in_process, own_fields_first,
+                             resolve_resources)
+from pipelines.storage import read_table
+
+SCORES_SCHEMA = pa.schema([("clip_id", pa.string()), ("brightness", pa.float64())])
+
+
+@dataclass(kw_only=True)
+class BrightnessConfig(StageResources):
+    size: int = 16  # frames are decoded at size x size
+    batch_size: int = 4  # clips per call
+
+
+class BrightnessScorer(Stage):
+    """A scorer in the shape curation scorers take: a "model" (mean over RGB) loaded in setup,
+    a pure per-clip method that adds a `brightness` column."""
+
+    name = "brightness"
+    config_cls = BrightnessConfig
+
+    def setup(self) -> None:
+        self.model = torch.nn.Linear(3, 1, bias=False)
+        torch.nn.init.constant_(self.model.weight, 1 / 3)
+        self.model.to(self.device)
+
+    def process_item(self, clip: dict) -> dict:
+        from sora.video_io import read_frames
+
+        frames = read_frames(clip["source"], [int(clip["start_frame"])], size=(self.cfg.size, self.cfg.size))
+        x = torch.from_numpy(frames).float().to(self.device) / 255.0  # (1, H, W, 3)
+        with torch.no_grad():
+            return {**clip, "brightness": float(self.model(x).mean())}
+
+
+class BrightnessTable(BrightnessScorer):
+    """The same scorer writing its own table (DATA/scores) instead of passing rows on."""
+
+    output = "scores"
+    schema = SCORES_SCHEMA
+
+    def process_item(self, clip: dict) -> dict:
+        return {"clip_id": clip["clip_id"], "brightness": super().process_item(clip)["brightness"]}
+
+
+def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """What Ray Data hands a stage: one numpy column per key."""
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.fixture()
+def data(shapes_ds, tmp_path):
+    d = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, d)
+    return d
+
+
+def test_a_scorer_adds_a_column_loads_once_and_quarantines_a_bad_clip(data, tmp_path):
+    clips = read_clips(data).to_pylist()[:5]
+    broken = dict(clips[2], source=str(tmp_path / "gone.mp4"))  # its file vanished after ingest
+    before = loads_in_process("brightness")
+    scorer = BrightnessScorer({"size": 8}, out=data)
+    first = scorer(as_batch(clips[:2] + [broken]))
+    second = scorer(as_batch(clips[3:]))
+    assert loads_in_process("brightness") == before + 1  # one setup, however many batches
+    assert scorer.device == "cpu" and scorer.cfg == BrightnessConfig(size=8)
+    # the good clips come back with every column plus the score; the broken one is dropped
+    assert list(first["clip_id"]) == [clips[0]["clip_id"], clips[1]["clip_id"]]
+    assert set(first) == set(clips[0]) | {"brightness"} and list(second["clip_id"]) == [c["clip_id"] for c in clips[3:]]
+    from sora.video_io import read_frames
+
+    frame = read_frames(clips[0]["source"], [clips[0]["start_frame"]], size=(8, 8)).astype(np.float64) / 255.0
+    assert first["brightness"][0] == pytest.approx(frame.mean(), abs=1e-6)
+    q = [r for r in read_quarantine(data).to_pylist() if r["stage"] == "brightness"]
+    assert len(q) == 1 and q[0]["clip_id"] == broken["clip_id"] and q[0]["source"] == broken["source"]
+    assert q[0]["reason"]  # why, in words
+
+
+def test_a_writing_stage_writes_each_batch_once_under_one_name(data):
+    clips = read_clips(data).to_pylist()[:3]
+    stage = BrightnessTable(BrightnessConfig(), out=data)
+    stats = stage(as_batch(clips))
+    assert (stats["ok"], stats["failed"], stats["pid"], stats["model_loads"]) == ([3], [0], [os.getpid()],
+                                                                                   [loads_in_process("brightness")])
+    again = stage(as_batch(clips[::-1]))  # a retried batch (any order) rewrites the same file
+    assert again["ok"] == [3]
+    files = os.listdir(os.path.join(data, "scores"))
+    assert len(files) == 1 and files[0] == f"{stage.batch_id([c['clip_id'] for c in clips])}.parquet"
+    table = read_table(os.path.join(data, "scores"), schema=SCORES_SCHEMA)
+    assert sorted(table["clip_id"].to_pylist()) == sorted(c["clip_id"] for c in clips)
+
+
+def test_on_an_actor_pool_the_callers_config_is_left_alone(data, ray_session):
+    import ray
+
+    from pipelines.ray_utils import table_blocks
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors import no test module
+    cfg = BrightnessConfig(actors=2)
+    assert resolve_resources(cfg).num_gpus == 0.0 and cfg.num_gpus is None  # no GPUs here; cfg untouched
+    clips = read_clips(data)
+    ds = BrightnessTable.apply(ray.data.from_arrow(table_blocks(clips, cfg.batch_size)), cfg, out=data,
+                               batch_size=cfg.batch_size)
+    seen = []
+    stats = collect_stats(ds, clips.num_rows, lambda done, total: seen.append((done, total)))
+    assert cfg.num_gpus is None  # still: the actors got a resolved copy
+    assert stats["ok"] == clips.num_rows and stats["failed"] == 0
+    assert stats["batches"] == -(-clips.num_rows // cfg.batch_size) and 1 <= len(stats["actors"]) <= 2
+    assert set(stats["model_loads_per_actor"].values()) == {1}  # one load per actor for all its batches
+    assert seen[-1] == (clips.num_rows, clips.num_rows)
+    scores = read_table(os.path.join(data, "scores"), schema=SCORES_SCHEMA)
+    assert sorted(scores["clip_id"].to_pylist()) == sorted(clips["clip_id"].to_pylist())
+
+
+def test_config_checks_raise_value_errors_and_flags_put_resources_last():
+    with pytest.raises(ValueError, match="actors must be at least 1"):
+        BrightnessConfig(actors=0)
+    with pytest.raises(ValueError, match="num_gpus"):
+        BrightnessConfig(num_gpus=-1)
+    assert own_fields_first(BrightnessConfig) == ["size", "batch_size", "actors", "num_gpus", "torch_threads"]
+    assert batch_items({"a": np.array([1, 2]), "b": np.array(["x", "y"])}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
