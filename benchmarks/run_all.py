@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,12 +47,14 @@ def run_one(path: str, quick: bool, timeout: float) -> tuple[list[dict], str]:
     """Run one bench script; return its JSON rows and "" or a one-line note of what went wrong."""
     cmd = [sys.executable, "-m", f"benchmarks.{os.path.basename(path)[:-3]}"] + (["--quick"] if quick else [])
     print(f"== {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return [], f"timed out after {timeout:.0f} s"
     rows = parse_rows(proc.stdout)
     sys.stderr.write(proc.stderr[-2000:])
+    print(f"== {os.path.basename(path)}: {len(rows)} row(s) in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     if proc.returncode == 0:
         return rows, ""
     missing = re.search(r"No module named '([\w.]+)'", proc.stderr)
@@ -146,7 +149,7 @@ def figure_from_row(row: dict[str, Any], date: str) -> tuple[dict[str, Any], dic
 
 
 def module_of(command: str) -> str:
-    """`benchmarks/bench_x.py --quick` -> `benchmarks.bench_x --quick`."""
+    """`benchmarks/bench_<name>.py --quick` -> `benchmarks.bench_<name> --quick`."""
     head, _, rest = command.partition(" ")
     mod = head[:-3].replace("/", ".") if head.endswith(".py") else head
     return f"{mod} {rest}".strip()
@@ -209,11 +212,11 @@ def render(results: list[tuple[str, list[dict], str]], rec: dict[str, Any], *, q
             if err:
                 notes.append(f"- `{os.path.basename(path)}`: {cell(err)}")
             for r in rows:
-                unit = f" ({r['unit']})" if r.get("unit") else ""
+                unit = f" ({cell(r['unit'])})" if r.get("unit") and r["unit"] not in r["metric"] else ""
                 lines.append(
-                    f"| {cell(r['benchmark'])} | {cell(r['metric'])}{cell(unit)} | "
+                    f"| {cell(r['benchmark'])} | {cell(r['metric'])}{unit} | "
                     f"{cell(r['baseline']['name'])}: {fmt(r['baseline']['value'])} | "
-                    f"{cell(r['ours']['name'])}: {fmt(r['ours']['value'])} | **{r.get('ratio')}** | "
+                    f"{cell(r['ours']['name'])}: {fmt(r['ours']['value'])} | **{fmt(r.get('ratio'))}** | "
                     f"{'higher' if r.get('higher_is_better') else 'lower'} | {cell(describe_machine(r.get('machine', {})))} |"
                 )
         if notes:
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="pass --quick to each bench (small inputs, a smoke run)")
     ap.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"), help="markdown file to write")
     ap.add_argument("--recorded", default=RECORDED, help="the recorded figures (JSON) to render and merge into")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds per bench script (default 3600, quick 900)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per bench script (default 3600, quick 1800)")
     ap.add_argument("--record", action="store_true", help="keep this run's rows in the recorded figures")
     ap.add_argument("--merge", nargs="*", default=[], metavar="FILE",
                     help="JSON lines printed by bench scripts elsewhere (e.g. on a GPU machine) to keep")
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             print(f"no benchmark matches {args.only!r}", file=sys.stderr)
             return 2
-        timeout = args.timeout or (900 if args.quick else 3600)
+        timeout = args.timeout or (1800 if args.quick else 3600)
         results = [(p, *run_one(p, args.quick, timeout)) for p in paths]
         if args.record:
             merged += merge_rows(rec, [r for _, rows, _ in results for r in rows], today)
