@@ -35,9 +35,11 @@ SESSION_REF = re.compile(r"\b(?:(?:twenty|thirty|forty)-)?(?:%s)\s+(?:and\s+\w+\
 
 
 def tracked_files() -> list[Path]:
+    """The repository's text files, except this one (its scanner test holds dangling examples)."""
     out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     files = [ROOT / p for p in out.decode().split("\0") if p]
-    return [f for f in files if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.name == "Dockerfile")]
+    return [f for f in files if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.name == "Dockerfile")
+            and f != Path(__file__).resolve()]
 
 
 def md_refs(text: str) -> list[str]:
