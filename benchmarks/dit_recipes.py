@@ -1,7 +1,7 @@
 """Side-by-side DiT training recipes on the shapes world: does the model learn a coherent object?
 
 Not a pass/fail benchmark: a small controlled harness for the comparisons recorded in
-BENCHMARKS.md and in `DiTConfig.parameterization` / `VAETrainConfig.latent_stats`. One process,
+docs/experiments.md and in `DiTConfig.parameterization` / `VAETrainConfig.latent_stats`. One process,
 one thread, a fixed number of optimizer steps (not a time budget, so a busy machine changes
 only how long it takes, never the result). It trains a bare tiny DiT on the first N clips of
 a `DATA/latents` table (sorted by clip id), then regenerates each of the first 48 of those clips

@@ -53,7 +53,7 @@ PLANS = {
     # memorises them - its loss keeps falling (0.088 at step 2,000, 0.046 at 7,000) while held-out
     # shape stops rising near 0.76 from step ~3,500 on. The same recipe on 2,400 clips (same VAE):
     # shape over four prompt draws 0.78 at step 4,000 and 0.82 at 4,500 against 0.75 / 0.77 on 480,
-    # size 0.88-0.93 against 0.74-0.86 (BENCHMARKS.md, twenty-second session). The extra clips cost
+    # size 0.88-0.93 against 0.74-0.86 (docs/experiments.md, DiT recipe). The extra clips cost
     # ~5 minutes of synth, ingest and encode; the DiT's 20 minutes are unchanged.
     "default": DemoPlan(clips=2400, tiny_clips=False, vae_minutes=7.0, vae_holdout=48, captioner_minutes=3.0,
                         captioner_eval=100, dit_minutes=20.0, dit_steps=None, eval_prompts=100, steps=20,
@@ -63,7 +63,7 @@ PLANS = {
                         # colour 0.90 / shape 0.31 / motion 0.21, 2e-3 0.94 / 0.48 / 0.29, 4e-3
                         # 0.92 / 0.38 / 0.25), and an EMA short enough to follow the weights.
                         # Packs of 2,048 tokens a worker (4,096 a step, ~3,000 steps in the 20
-                        # minutes). On one demo's data (BENCHMARKS.md, fifteenth session), 2 x 512 /
+                        # minutes). On one demo's data (docs/experiments.md, DiT recipe), 2 x 512 /
                         # 1024 / 2048 tokens made ~5,900 / 5,200 / 2,750 steps and read held-out
                         # shape ~0.50 / 0.69 / 0.74 over the last checkpoints; 2 x 4096 (1,500 steps)
                         # 0.66 on another. A step of 512 tokens a worker takes ~200 ms, of 1024
@@ -72,14 +72,14 @@ PLANS = {
                         # learning rate (lr 3e-3, Muon 6e-3): on the second demo's data its last
                         # three checkpoints read 0.72-0.76 on every draw, against 0.66 / 0.73 for
                         # that demo's own DiT at 2e-3 / 4e-3. Two whole demos with it read 0.75 /
-                        # 0.77 and 0.70 / 0.69 (sixteenth session), a third 0.67 / 0.66 (seventeenth):
+                        # 0.77 and 0.70 / 0.69, a third 0.67 / 0.66 (docs/experiments.md, DiT recipe):
                         # the 0.70 bar sits inside the run-to-run spread. A 2x rate reads 0.53-0.65.
                         # Muon on the blocks' matrices (AdamW on the rest): at 2,000 steps it
                         # reaches the loss AdamW reaches at ~3,500 and motion above AdamW's at
-                        # 6,000 (BENCHMARKS.md, eleventh session). The learning rate cools down
+                        # 6,000 (docs/experiments.md, DiT recipe). The learning rate cools down
                         # linearly to 0 over the last 20% of the 20 minutes: on demo J's data the
                         # final loss fell 0.083 -> 0.063 and held-out shape read 0.79 against the
-                        # constant rate's 0.75 over five prompt draws (twenty-third session).
+                        # constant rate's 0.75 over five prompt draws (docs/experiments.md).
                         dit_overrides={"lr": 3e-3, "warmup_steps": 100, "ema_decay": 0.995, "tokens_per_step": 2048,
                                        "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 6e-3,
                                        "schedule": "cooldown", "cooldown_fraction": 0.2, "min_lr_ratio": 0.0},
@@ -227,8 +227,8 @@ def demo_flow(out: str = "demo", quick: bool = False) -> dict:
     report = eval_task(model, plan.eval_prompts, plan.steps)
     metrics["eval"] = {k: v for k, v in report.items() if k != "rows"}
     if plan.draft_prompts:
-        # drafted at the 64p sizes the DiT trained on, refined at twice them (BENCHMARKS.md,
-        # sixteenth session: a half-size draft of a 64p target is 32 x 32, and misses objects)
+        # drafted at the 64p sizes the DiT trained on, refined at twice them (docs/experiments.md,
+        # Sampling and guidance: a half-size draft of a 64p target is 32 x 32, and misses objects)
         draft = eval_task(model, plan.draft_prompts, plan.steps, draft=True, size_scale=2)
         metrics["eval_draft"] = {k: v for k, v in draft.items() if k != "rows"}
     phase("eval", s)

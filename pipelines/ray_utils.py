@@ -16,7 +16,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # a private local instance: no token auth to set up (ENV.md), no dashboard
+        # a private local instance: no token auth to set up (docs/setup-notes.md), no dashboard
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, include_dashboard=False)  # worker prints (training progress) reach the console
 

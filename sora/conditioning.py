@@ -1,6 +1,6 @@
 """Generation plans: the size to generate at, and which latent frames each mode gives the model.
 
-Every generation mode is one mechanism (DESIGN.md "Generation modes"): some whole latent frames
+Every generation mode is one mechanism (docs/architecture.md, "Generation modes"): some whole latent frames
 are *known* - encoded from given pixels and held clean at t = 0 while the rest is denoised. A
 :class:`Layout` says, for one video, how many latent frames there are, which of them are known
 (:class:`Segment`), and which of the decoded frames make up the output.

@@ -117,7 +117,7 @@ class DiTConfig:
     # (stretched with it), and a stretched square reads as a circle; the shapes world sizes
     # objects by the short side, so in fractional units every extent depends on the aspect
     # ratio only - and the ratio, unlike the grid size, is the same for a draft and its
-    # refinement at twice the size. Measured (BENCHMARKS.md, eighteenth session): the demo DiTs
+    # refinement at twice the size. Measured (docs/experiments.md, DiT recipe): the demo DiTs
     # stretch little (log object w/h against log frame w/h: slope ~0.14), and the demo recipe
     # retrained with it on three demos' data read held-out shape 0.82 / 0.78, 0.71 / 0.65 and
     # 0.68 / 0.66 against 0.75 / 0.74, 0.69 / 0.71 and 0.69 / 0.73 without: no gain shown, so

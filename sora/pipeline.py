@@ -50,11 +50,11 @@ from sora.samplers import ancestral, euler, guided_velocity, heun, initial_noise
 SAMPLERS = {"euler": euler, "heun": heun, "ancestral": ancestral}
 STOCHASTIC = frozenset({"ancestral"})  # take fresh noise each step (from each video's generator)
 # Euler stays the default: the ancestral sampler (and a grid shifted towards noise) read held-out
-# shape 0.741 against Euler's 0.732 over four demo models x four prompt draws (BENCHMARKS.md,
-# twenty-first session), inside the noise of a 100-prompt draw.
+# shape 0.741 against Euler's 0.732 over four demo models x four prompt draws (docs/experiments.md,
+# Sampling and guidance), inside the noise of a 100-prompt draw.
 DEFAULT_SAMPLER = "euler"
 # Draft refinement at 0.4: on three demo models (100 held-out prompts drafted at the trained
-# sizes, refined at twice them; BENCHMARKS.md, seventeenth session) 0.4 kept the draft's shape
+# sizes, refined at twice them; docs/experiments.md, Sampling and guidance) 0.4 kept the draft's shape
 # 0.74 / 0.79 / 0.80 of the time against 0.73 / 0.65 / 0.75 at 0.6, its size and motion more
 # often too, and read refined shape 0.75 / 0.70 / 0.65 against 0.80 / 0.58 / 0.55. A higher
 # strength lets the refinement pass (at a size the model may never have trained on) redraw the
