@@ -10,7 +10,8 @@ Every benchmark script calls `report(...)` once per comparison; it prints one JS
 `ratio` is always ours/baseline of the metric, so >1 is better when higher_is_better and
 <1 is better otherwise. `side_by_side` interleaves the two (A B A B ...) so drifting load
 on a shared machine hits both equally, and reports medians.
-`python -m benchmarks.run_all` runs every `bench_*.py` and writes BENCHMARKS.md.
+`python -m benchmarks.run_all` runs every `bench_*.py` and writes BENCHMARKS.md (a table, one row per
+figure, with the machine it was measured on).
 """
 
 from __future__ import annotations
@@ -24,8 +25,40 @@ import time
 from typing import Any, Callable
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux; what `platform` knows elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports ("avx512_bf16", "avx512f", "avx2"), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return next((isa for isa in ("avx512_bf16", "avx512f", "avx2") if isa in flags), "")
+
+
+def memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.machine()}
+    """What a figure was measured on: cores, CPU model, memory, GPU (if any), software versions."""
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "cpu": cpu_model(), "isa": cpu_vector_isa(),
+                            "memory_gib": memory_gib(), "python": platform.python_version(),
+                            "platform": platform.machine()}
     try:
         import torch
 

@@ -18,7 +18,7 @@ import sys
 
 from flows.commands.common import formatter
 
-# Offline by design (ENV.md): never reach a model hub; keep Ray's telemetry off.
+# Offline by design (docs/setup-notes.md): never reach a model hub; keep Ray's telemetry off.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

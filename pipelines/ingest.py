@@ -10,7 +10,7 @@ carries its source's whole state as one JSON string, so no frames cross stage bo
 Arrow never has to guess a schema for nested, optional fields.
 
 Outputs (DATA may be any fsspec URL):
-- DATA/clips/<source-id>.parquet        one row per clip (contract in DESIGN.md)
+- DATA/clips/<source-id>.parquet        one row per clip (contract: CLIPS_SCHEMA, docs/architecture.md)
 - DATA/quarantine/<source-id>.parquet   one row per rejected input or clip: source, reason, stage
 - DATA/_done/<source-id>.json           written last: the source is finished
 - DATA/_summary.json                    per-stage counts, throughput, bucket histogram
@@ -137,7 +137,7 @@ def source_id(source: str) -> str:
 
 
 def clip_id(source: str, start: int, num_frames: int) -> str:
-    """Deterministic from source + span (DESIGN.md): re-runs give the same ids."""
+    """Deterministic from source + span (docs/architecture.md): re-runs give the same ids."""
     return storage.stable_id(source, start, num_frames)
 
 

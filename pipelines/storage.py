@@ -1,6 +1,6 @@
 """Storage helpers over fsspec: every path here may be local, `s3://`, `gs://`, `memory://`.
 
-The tables of the data contract (DESIGN.md) are directories of Parquet files readable with
+The tables of the data contract (docs/architecture.md) are directories of Parquet files readable with
 plain pyarrow. Stages write one file per unit of work under a deterministic name and move it
 into place only when complete, so a retried or re-run unit overwrites its own file with the
 same rows: the results are exactly-once even though Ray runs work at least once.

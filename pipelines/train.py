@@ -82,7 +82,7 @@ class TrainConfig:
     # matrices inside the DiT blocks, AdamW for everything else (embeddings, the final layer,
     # biases, norms). Muon's step is scaled to AdamW's update size ("match_rms_adamw"), so the
     # same ``lr`` fits both; ``muon_lr`` overrides it for the Muon part. Needs whole matrices:
-    # with several GPUs use ``fsdp=False`` (DDP). See BENCHMARKS.md for what it bought here.
+    # with several GPUs use ``fsdp=False`` (DDP). See docs/experiments.md for what it bought here.
     optimizer: str = "adamw"
     muon_lr: float | None = None
     muon_momentum: float = 0.95

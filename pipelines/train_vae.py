@@ -44,7 +44,7 @@ class VAETrainConfig:
     crop_candidates: int = 4
     # fraction of steps that train on single images (1-frame videos). Image steps cost ~1/5 of
     # a 9-frame step and teach the same spatial detail: 0.6 beat 0.25 on the shape ceiling
-    # (BENCHMARKS.md, twelfth session)
+    # (docs/experiments.md, VAE)
     image_prob: float = 0.6
     holdout: int = 100  # clips held out for the PSNR evaluation (never trained on)
     max_train_clips: int = 2000  # clips decoded per run (in memory) - enough for the shapes world

@@ -107,7 +107,7 @@ def ancestral(
     :math:`q(x_s \mid x_t, x_0)`. eta = 1 is the ancestral (DDPM-like) sampler: each step
     replaces part of the noise it came from with fresh noise; eta = 0 is exactly :func:`euler`.
     With few steps it draws a narrower distribution than the data's (more so than Euler; see
-    BENCHMARKS.md, twenty-first session). The step that lands on t = 0 returns
+    docs/experiments.md, Sampling and guidance). The step that lands on t = 0 returns
     :math:`\hat x_0`. ``noise_fn`` gives z (default: ``torch.randn`` from the global RNG; pass
     one per video seeded generators for reproducible videos). S model calls."""
     assert 0.0 <= eta <= 1.0, f"eta must be in [0, 1], got {eta}"

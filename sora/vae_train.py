@@ -73,7 +73,7 @@ class VAELossConfig:
     # per-channel median) weigh 1 + fg_weight in the reconstruction term. Small objects are a few
     # percent of a crop's pixels, so a plain mean lets the easy background outvote them: with
     # fg_weight 0 the round trip of small triangles reads as circles (shapes-world evaluator,
-    # 3 of 20), with 8 it keeps more of them (BENCHMARKS.md, twelfth session). 0 disables it.
+    # 3 of 20), with 8 it keeps more of them (docs/experiments.md, VAE). 0 disables it.
     # On natural video most pixels differ from the median by more than the threshold, so the
     # weights (normalised by their mean) fade towards uniform there: harmless, not a gain.
     fg_weight: float = 0.0

@@ -3,7 +3,7 @@
 Everything that reads an untrusted file goes through one persistent child process (the
 "decode worker") that the caller kills when a deadline passes. Why a process and not a thread:
 decord can hang inside C code while holding the GIL on files whose container over-reports frames
-(see ENV.md), so no Python-level timeout in the calling process would ever fire. A crash of the
+(see docs/setup-notes.md), so no Python-level timeout in the calling process would ever fire. A crash of the
 decoder (segfault) likewise only kills the child. Both become a `VideoError`.
 
 Shapes: frames are `(T, H, W, 3)` uint8 RGB. Sizes are given as `(width, height)` like PIL.

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-# Offline and quiet everywhere (ENV.md). Set before anything imports transformers or ray.
+# Offline and quiet everywhere (docs/setup-notes.md). Set before anything imports transformers or ray.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -9,7 +9,7 @@ import numpy as np
 
 from sora.video_io import write_video  # imported before decord: its libvpx must load first
 
-# (name, width, height): the aspect ratios DESIGN.md asks for, at small sizes
+# (name, width, height): the shapes world's aspect ratios (docs/architecture.md), at small sizes
 ASPECTS = [("16x9", 160, 90), ("9x16", 90, 160), ("1x1", 96, 96), ("4x3", 128, 96), ("3x4", 96, 128), ("239x100", 240, 100)]
 CONTAINERS = [(".mp4", None), (".webm", None), (".avi", None), (".mov", "mjpeg")]
 

@@ -111,7 +111,7 @@ def test_cluster_launcher_node_types_and_install_order():
     for name, t in types.items():
         if name != config["head_node_type"]:
             assert 0 <= t["min_workers"] <= t["max_workers"], name
-    # torch pinned and installed before the project (ENV.md: otherwise pip resolves a new torch)
+    # torch pinned and installed before the project (docs/setup-notes.md: otherwise pip resolves a new torch)
     cmds = config["setup_commands"]
     torch_i = next(i for i, c in enumerate(cmds) if "torch==2.13.0" in c)
     project_i = next(i for i, c in enumerate(cmds) if re.search(r"pip install .*-e ~/sora\b", c))

@@ -21,7 +21,7 @@ from sora import video_io
 from sora.video_io import (VideoError, cover_crop_box, probe, read_frames, resize_frames,
                            write_gif, write_video, write_webp)
 
-# (name, width, height): the aspect ratios of DESIGN.md at small, even sizes.
+# (name, width, height): the shapes world's aspect ratios (docs/architecture.md) at small, even sizes.
 ASPECTS = [("16:9", 128, 72), ("9:16", 72, 128), ("1:1", 80, 80), ("4:3", 96, 72),
            ("3:4", 72, 96), ("2.39:1", 172, 72)]
 # (extension, codec passed to write_video, codec probe reports, container probe reports, fps)

@@ -13,7 +13,7 @@ def add(sub: argparse._SubParsersAction) -> None:
         "synth",
         help="write a shapes-world video dataset (videos + captions.jsonl)",
         formatter_class=formatter,
-        description="Render the procedural shapes world (DESIGN.md) to H.264 mp4 files of many\n"
+        description="Render the procedural shapes world (docs/architecture.md) to H.264 mp4 files of many\n"
         "aspect ratios, sizes, lengths and frame rates, plus captions.jsonl with the\n"
         "attributes and both caption forms of every clip. The same seed gives the same bytes.",
         epilog="example:\n  sora synth --out data/raw --n 200 --seed 1",

@@ -38,7 +38,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                    help="adamw, or muon: Muon on the blocks' weight matrices, AdamW on the rest; on the "
-                        "shapes world it reaches AdamW's loss in ~half the steps (BENCHMARKS.md). With --gpu "
+                        "shapes world it reaches AdamW's loss in ~half the steps (docs/experiments.md). With --gpu "
                         "it trains with DDP instead of FSDP2 (Muon needs whole matrices) (default adamw)")
     p.add_argument("--muon-lr", type=float, default=None, help="learning rate of the Muon part (default: --lr)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup steps (default 100)")
