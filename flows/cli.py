@@ -41,7 +41,10 @@ def command_modules() -> list[str]:
     return [n for n in named if n in found] + sorted(found - set(named))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `sora` parser. With ``command`` (a subcommand's name), only that subcommand is built:
+    building a subcommand imports the config dataclasses its flags come from, which is most of
+    the start-up time of a command."""
     parser = argparse.ArgumentParser(
         prog="sora",
         formatter_class=formatter,
@@ -53,12 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in command_modules():
-        importlib.import_module(f"flows.commands.{name}").add(sub)
+        if command is None or name == command.replace("-", "_"):
+            importlib.import_module(f"flows.commands.{name}").add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    known = {n.replace("_", "-") for n in command_modules()}
+    args = build_parser(first if first in known else None).parse_args(argv)
     return int(args.func(args) or 0)
 
 
