@@ -8,14 +8,15 @@ import json
 from flows.commands.common import formatter
 
 # TrainConfig fields that keep the flag names the command had before its flags were generated
-FLAGS = {"use_gpu": "--gpu", "checkpoint_every_steps": "--checkpoint-every"}
-NOT_FLAGS = ("cond_mode_probs",)  # a dict: set it from Python (TrainConfig) or a training flow's overrides
+FLAGS = {"checkpoint_every_steps": "--checkpoint-every"}
+# cond_mode_probs: a dict, set it from Python or a training flow's overrides; use_gpu: --gpu (below)
+NOT_FLAGS = ("cond_mode_probs", "use_gpu")
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     from pipelines.train import TrainConfig
 
-    from flows.commands.config_args import add_config_arguments
+    from flows.commands.config_args import add_config_arguments, field_comments
 
     p = sub.add_parser(
         "train",
@@ -39,6 +40,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--storage", default=None, help="checkpoint storage dir or URL (default OUT/checkpoints)")
     p.add_argument("--name", default="dit", help="run name under --storage; same name = resume (default: dit)")
+    p.add_argument("--gpu", action="store_true", help=field_comments(TrainConfig)["use_gpu"])
     steps = TrainConfig.__dataclass_fields__["max_steps"].default
     add_config_arguments(p, TrainConfig, exclude=NOT_FLAGS, flags=FLAGS, defaults={"max_steps": None},
                          help={"max_steps": f"stop at this global step (without it and --max-minutes: {steps})"})
@@ -68,7 +70,7 @@ def config(args: argparse.Namespace):
 
     from flows.commands.config_args import config_from_args
 
-    overrides = {"fsdp": args.fsdp and args.optimizer != "muon"}
+    overrides = {"fsdp": args.fsdp and args.optimizer != "muon", "use_gpu": args.gpu}
     if args.max_steps is None and args.max_minutes is None:
         overrides["max_steps"] = TrainConfig.__dataclass_fields__["max_steps"].default
     return config_from_args(TrainConfig, args, **overrides)

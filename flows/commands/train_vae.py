@@ -7,13 +7,12 @@ import json
 
 from flows.commands.common import formatter
 
-FLAGS = {"use_gpu": "--gpu"}  # the flag name the command had before its flags were generated
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     from pipelines.train_vae import VAETrainConfig
 
-    from flows.commands.config_args import add_config_arguments
+    from flows.commands.config_args import add_config_arguments, field_comments
 
     p = sub.add_parser(
         "train-vae",
@@ -28,7 +27,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="dataset directory or URL (from `sora ingest`)")
     p.add_argument("--out", required=True, help="output VAE directory")
-    add_config_arguments(p, VAETrainConfig, exclude=("data", "out"), flags=FLAGS)
+    p.add_argument("--gpu", action="store_true", help=field_comments(VAETrainConfig)["use_gpu"])
+    add_config_arguments(p, VAETrainConfig, exclude=("data", "out", "use_gpu"))
     p.set_defaults(func=run)
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.commands.config_args import config_from_args
 
     try:
-        cfg = config_from_args(VAETrainConfig, args)
+        cfg = config_from_args(VAETrainConfig, args, use_gpu=args.gpu)
     except ValueError as e:  # VAETrainConfig's own checks: say which value is wrong
         raise SystemExit(f"sora train-vae: {e}")
     ensure_ray()
