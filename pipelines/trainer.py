@@ -26,9 +26,11 @@ a run at storage someone else can write. Published models are config.json + safe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -92,6 +94,15 @@ def read_state(url: str) -> dict[str, Any]:
     return storage.read_json(storage.join(url, STATE_FILE))
 
 
+@contextlib.contextmanager
+def _single_process_intended():
+    """DCP warns whenever it runs without a process group; here that is the intent (a test, a
+    one-worker run, the driver's export)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _reader(url: str):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -111,8 +122,9 @@ def save_checkpoint(directory: str, model: nn.Module, optimizers, state: dict[st
 
     model_sd, optim_sd = get_state_dict(model, optimizers)
     alone = not (dist.is_available() and dist.is_initialized())
-    dcp.save({"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})},
-             storage_writer=dcp.FileSystemWriter(directory), no_dist=alone)
+    with _single_process_intended():
+        dcp.save({"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})},
+                 storage_writer=dcp.FileSystemWriter(directory), no_dist=alone)
     if alone or dist.get_rank() == 0:
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump(state, f, indent=1)
@@ -133,7 +145,8 @@ def load_checkpoint(url: str, model: nn.Module, optimizers, extra: dict[str, tor
     state = read_state(url)
     model_sd, optim_sd = get_state_dict(model, optimizers)  # templates: this rank's shards, optimizer state initialised
     sd = {"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})}
-    dcp.load(sd, storage_reader=_reader(url), no_dist=not (dist.is_available() and dist.is_initialized()))
+    with _single_process_intended():
+        dcp.load(sd, storage_reader=_reader(url), no_dist=not (dist.is_available() and dist.is_initialized()))
     set_state_dict(model, optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return state
 
@@ -144,7 +157,8 @@ def load_tensors(url: str, template: dict[str, dict[str, torch.Tensor]]) -> dict
     ``state_dict()``, which are filled in place from every rank's shards and returned."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(template, storage_reader=_reader(url), no_dist=True)
+    with _single_process_intended():
+        dcp.load(template, storage_reader=_reader(url), no_dist=True)
     return template
 
 

@@ -229,10 +229,11 @@ def test_time_budgeted_cooldown_ends_at_the_floor(ray_session, latents, tmp_path
     """The clock reaches both workers through the step's all-reduce: a run with no max_steps
     ends its time budget at min_lr_ratio * lr (a constant run would end at lr)."""
     data, vae = latents
+    # no warmup: however few steps a loaded machine fits into the budget, the last one is past it
     cfg = small_config(max_steps=None, max_minutes=0.15, schedule="cooldown", cooldown_fraction=0.5,
-                       min_lr_ratio=0.25, checkpoint_every_steps=10_000)
+                       min_lr_ratio=0.25, checkpoint_every_steps=10_000, warmup_steps=0)
     summary = run_training(data, str(tmp_path / "out"), vae, cfg, storage_path=str(tmp_path / "store"), name="cool")
-    assert summary["steps"] > 5
+    assert summary["steps"] > 0
     assert summary["final_lr"] == pytest.approx(0.25 * cfg.lr)
     with open(tmp_path / "out" / "model_index.json") as f:
         assert json.load(f)["training"]["schedule"] == "cooldown"
