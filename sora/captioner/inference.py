@@ -11,11 +11,13 @@ import torch
 
 from sora.captioner.frames import frame_grid, sample_frame_indices
 
+# Asked of every model. Short on purpose: our own model reads it on every example, and it is a
 # plain instruction any instruction-tuned VLM follows.
 DEFAULT_PROMPT = "Describe this video in one sentence."
 # Prepended in grid mode so a general VLM knows how to read the picture.
 GRID_NOTE = "The image shows {k} frames in time order, left to right, top to bottom."
 SIDECAR = "captioner.json"  # how a model dir wants to be asked: num_frames and prompt
+
 
 class _ImageTextProcessor:
     """An image processor and a tokenizer glued together, for model types with no processor
