@@ -379,7 +379,7 @@ def test_rerun_continues_from_the_last_step_on_any_number_of_workers(runs, laten
     """A checkpoint written by 2 workers resumes on 1 (run 2) and a 1-worker one on 2 (run 3):
     one history over the three runs and the restart, every step exactly once, in order, and the
     resumed runs carry on from where the weights were (the loss curve continues)."""
-    from pipelines.train import load_ema
+    from sora.dit import DiT
 
     first, second, third = runs["first"], runs["second"], runs["third"]
     assert first["steps"] == 20 and first["resumed_from"] == []
@@ -390,7 +390,8 @@ def test_rerun_continues_from_the_last_step_on_any_number_of_workers(runs, laten
     np.testing.assert_array_equal(np.array(third["history"][:40]), np.array(second["history"]))
     # the models the runs exported (their checkpoints' EMA) get better run after run on the same fixed noise:
     # a resume that lost the weights would start again from the initial loss
-    exported = [fixed_flow_loss(load_ema(r["checkpoint"])[0].eval(), latents[0]) for r in (first, second, third)]
+    exported = [fixed_flow_loss(DiT.from_pretrained(os.path.join(runs["root"], out, "dit")).eval(), latents[0])
+                for out in ("out1", "out2", "out3")]
     print(f"\nfixed-noise loss of the exported EMA after 20 / 40 / 80 steps: {exported}")
     assert exported[0] > exported[1] > exported[2], exported
 
