@@ -112,7 +112,7 @@ def main() -> int:
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="what --minutes measures")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--workers", type=int, default=1,
-                    help="data-parallel training processes (each with --threads threads); 2 uses both cores of a 2-core box")
+                    help="data-parallel Ray Train workers (each with --threads threads); 2 uses both cores of a 2-core box")
     ap.add_argument("--preset", default="tiny", help="CaptionerConfig preset")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -136,10 +136,19 @@ def main() -> int:
     cfg = with_overrides(CaptionerConfig.preset(args.preset), args.set)
     k = cfg.num_frames
     examples = ((shapes.render(s, frames=sample_frame_indices(s.num_frames, k)), s.caption()) for s in train_specs)
-    stats = train_captioner(examples, out_dir, preset=args.preset, config=cfg,
-                            max_minutes=args.minutes, seed=args.seed, clock=args.clock, workers=args.workers,
-                            progress=lambda step, total, loss: print(f"step {step} loss {loss:.3f}", file=sys.stderr)
-                            if step % 100 == 0 else None)
+    if args.workers > 1:  # data parallel on Ray Train workers, --threads torch threads each
+        from pipelines.ray_utils import ensure_ray
+        from pipelines.train_captioner import train_captioner_on_ray
+
+        ensure_ray()
+        stats = train_captioner_on_ray(examples, out_dir, preset=args.preset, config=cfg, max_minutes=args.minutes,
+                                       seed=args.seed, clock=args.clock, workers=args.workers,
+                                       cpus_per_worker=args.threads)
+    else:
+        stats = train_captioner(examples, out_dir, preset=args.preset, config=cfg,
+                                max_minutes=args.minutes, seed=args.seed, clock=args.clock,
+                                progress=lambda step, total, loss: print(f"step {step} loss {loss:.3f}", file=sys.stderr)
+                                if step % 100 == 0 else None)
     total_min = (time.perf_counter() - t0) / 60
     load_after = load_average()
 

@@ -55,6 +55,7 @@ def main() -> None:
     from sora.dit import DiT, DiTConfig
     from sora.evaluator import score
     from sora.flow import flow_matching_loss, resolution_shift, time_grid
+    from sora.optim import LRSchedule, lr_at
     from sora.packing import batch_by_token_budget, pack
     from sora.patches import unpatchify
     from sora.samplers import euler, guided_velocity
@@ -76,6 +77,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = DiT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    schedule = LRSchedule(lr=args.lr, warmup_steps=100)  # 100 warmup steps, then constant
     flow = TrainConfig().flow()  # the timestep/conditioning/dropout settings `sora train` uses
     if args.base_shift is not None:
         flow.shift = args.base_shift
@@ -93,7 +95,7 @@ def main() -> None:
         order = torch.randperm(len(samples), generator=g).tolist()
         for batch in batch_by_token_budget([samples[i] for i in order], args.tokens):
             for group in opt.param_groups:
-                group["lr"] = args.lr * min(1.0, (step + 1) / 100)  # 100 warmup steps
+                group["lr"] = lr_at(step + 1, schedule)
             loss, _ = flow_matching_loss(model, pack(batch), flow, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()

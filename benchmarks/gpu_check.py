@@ -43,22 +43,17 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.bench_dit_vs_wan import WAN_2_1_1_3B, build_wan, randomize_zero_params, wan_config_like, wan_flops_per_token
+from benchmarks.bench_dit_vs_wan import WAN_2_1_1_3B, build_wan, randomize_zero_params, wan_flops_per_token
 from benchmarks.bench_packing import mixed_aspect_samples
 from benchmarks.common import machine
 from sora.attention import VarlenMask, attention, build_attention_mask
-from sora.dit import DiT, DiTConfig, flops_per_token, pack_flops
+from sora.dit import DiT, DiTConfig, flops_per_token, pack_flops, peak_bf16_flops
 from sora.flow import FlowConfig, flow_matching_loss
 from sora.packing import Sample, batch_by_token_budget, pack
 from sora.patches import patchify_batch, position_ids
 from sora.samplers import guided_velocity
 
 PARTS = ("train", "wan", "attention", "sampling", "vae")
-
-# Dense bf16 peak FLOP/s by CUDA device name (first match wins; vendor data sheets, no sparsity).
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-
 
 @dataclass
 class Sizes:
@@ -202,11 +197,6 @@ def _version(package: str) -> str | None:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-
-
-def peak_bf16_flops(name: str) -> float | None:
-    """The dense bf16 peak of a CUDA device by its name, or None when unknown."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def sync(device: torch.device) -> None:

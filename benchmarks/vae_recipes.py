@@ -1,6 +1,6 @@
 """Side-by-side VAE training recipes on the shapes world: which settings learn fastest on a CPU.
 
-Not a pass/fail benchmark: a small harness for the comparisons recorded in sora/vae_train.py.
+Not a pass/fail benchmark: a small harness for the VAE recipe comparisons in docs/experiments.md.
 One process, one thread, a fixed wall-clock budget; run two at once on a 2-core box to compare
 two recipes under the same conditions. Each run prints one JSON line (and appends it to
 --results): steps done, held-out PSNR over 16 whole clips (cropped to multiples of 8), and the
@@ -10,7 +10,7 @@ eval references at 64p (what a DiT on these latents could at best score).
     python -m benchmarks.vae_recipes --name adamw --optimizer adamw --fg-weight 0 --image-prob 0.25 &
     python -m benchmarks.vae_recipes --name recipe &        # the defaults: pipelines.train_vae's
 
-(The first table in sora/vae_train.py predates --optimizer/--fg-weight: it ran AdamW, weight 0.)
+(The first recipe table predates --optimizer/--fg-weight: it ran AdamW, weight 0.)
 
 Clips are rendered (not encoded to video) from sora.shapes with the default ranges: 240 for
 training (seed 11), 16 held out (seed 12), cached in --cache.
@@ -71,6 +71,7 @@ def shape_ceiling(vae, n_prompts: int) -> dict:
 def main() -> None:
     from sora.vae import CausalVideoVAE, VAEConfig
     from pipelines.train_vae import VAETrainConfig, make_vae_optimizer
+    from sora.optim import LRSchedule, lr_at
     from sora.vae_train import VAELossConfig, psnr, vae_loss
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,12 +123,10 @@ def main() -> None:
             out.append(best)
         return torch.from_numpy(np.stack(out)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B, 3, T, h, w)
 
+    schedule = LRSchedule(lr=a.lr, warmup_steps=a.warmup, decay="cosine", min_lr_ratio=0.05)  # over the time budget
     t_start, step, budget = time.monotonic(), 0, a.minutes * 60
     while time.monotonic() - t_start < budget:
-        progress = (time.monotonic() - t_start) / budget
-        lr = a.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress))) * min(1.0, (step + 1) / max(1, a.warmup))
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+        opt.set_lr(lr_at(step + 1, schedule, (time.monotonic() - t_start) / budget))
         vae.train()
         opt.zero_grad(set_to_none=True)
         loss, metrics = vae_loss(vae, batch(), loss_cfg)

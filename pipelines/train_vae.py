@@ -2,76 +2,76 @@
 
     DATA/clips -> each worker decodes its shard of clips at their native-aspect bucket sizes
     -> random windows (images = 1 frame, videos = 4k+1 frames) and random spatial crops
-    -> DDP (gloo on CPU, NCCL on GPU) -> checkpoints -> held-out PSNR -> OUT/ (config.json +
-    model.safetensors, latent statistics fitted on the training clips)
+    -> DDP (gloo on CPU, NCCL on GPU) -> sharded checkpoints (`pipelines.trainer`) -> held-out
+    PSNR -> OUT/ (config.json + model.safetensors, latent statistics fitted on the training clips)
 
 Resume: re-running with the same output (same Ray Train storage path and name) continues from
-the last checkpoint; a worker that dies is replaced and training continues from it.
+the last checkpoint, with any number of workers; a worker that dies is replaced and training
+continues from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 
 
 @dataclass
 class VAETrainConfig:
-    data: str = ""
-    out: str = ""
-    preset: str = "tiny"
-    workers: int = 2
+    data: str = ""  # dataset directory or URL (from `sora ingest`)
+    out: str = ""  # output VAE directory
+    preset: str = "tiny"  # VAE size (sora.vae.VAEConfig.preset)
+    workers: int = 2  # Ray Train workers (DDP)
     max_minutes: float = 10.0  # wall-clock budget of the training loop (decode time included)
-    max_steps: int | None = None
-    lr: float = 1e-3  # AdamW; 2e-3 diverged on the shapes world (sora/vae_train.py has the figures)
-    # "muon": sora.vae_train.KernelMuon on the hidden conv kernels (AdamW on biases and the
-    # first/last convs); "adamw": AdamW on everything. Muon ends ~3.7 dB higher in equal time.
-    optimizer: str = "muon"
-    muon_lr: float = 1.5e-3  # KernelMuon's lr (AdamW-matched scale): 1e-3 and 2e-3 alike, 3e-3 unstable, 5e-3 diverged
-    min_lr_ratio: float = 0.05  # cosine decay to lr * this over the time/step budget
+    max_steps: int | None = None  # stop after this many steps (None: the time budget only)
+    lr: float = 1e-3  # AdamW learning rate (the cosine schedule's peak)
+    # "muon": sora.optim.Muon on the hidden conv kernels, AdamW on biases and the first/last convs;
+    # "adamw": AdamW on everything
+    optimizer: Literal["muon", "adamw"] = "muon"
+    muon_lr: float = 1.5e-3  # Muon's learning rate (AdamW-matched scale)
+    min_lr_ratio: float = 0.05  # the cosine schedule ends at lr x this, over the time/step budget
     batch_size: int = 4  # crops per worker per step
-    window_frames: int = 9  # 4k+1 frames per video crop
-    # spatial crops of at most this many pixels per side (multiple of 8): 32 beat 64 and 16 on
-    # held-out PSNR in equal time (more, cheaper steps; sora/vae_train.py has the figures)
-    crop: int = 32
-    # content-aware crops: draw this many candidate windows, keep the most varied one (flat
-    # background windows teach nothing once the colours are right); 1 = plain random crops
+    window_frames: int = 9  # frames per video crop (4k+1)
+    crop: int = 32  # spatial crops of at most this many pixels per side (multiple of 8)
+    # content-aware crops: draw this many candidate windows, keep the most varied one (1: plain random crops)
     crop_candidates: int = 4
-    # fraction of steps that train on single images (1-frame videos). Image steps cost ~1/5 of
-    # a 9-frame step and teach the same spatial detail: 0.6 beat 0.25 on the shape ceiling
-    # (docs/experiments.md, VAE)
-    image_prob: float = 0.6
+    image_prob: float = 0.6  # fraction of steps that train on single images (1-frame videos)
     holdout: int = 100  # clips held out for the PSNR evaluation (never trained on)
-    max_train_clips: int = 2000  # clips decoded per run (in memory) - enough for the shapes world
-    kl_weight: float = 1e-6
-    # latent normalisation fitted after training: "scalar" (one shift/scale) or "channel" (a
-    # mean/std per latent channel; see VAEConfig.latents_std). The shortcut's detail channels
-    # spread ~4x less than its colour channels, so "channel" should help shape; measured on the
-    # shapes world (tiny DiT, 64 clips, 800 steps, captions regenerated and scored) it did not
-    # clearly (shape 0.35 vs 0.31, motion 0.27 vs 0.21, within noise) and cost colour (0.79 vs
-    # 0.90), so "scalar" stays the default.
-    latent_stats: str = "scalar"
-    grad_weight: float = 0.5
-    fg_weight: float = 8.0  # extra weight of object pixels in the reconstruction loss (VAELossConfig)
-    checkpoint_every: int = 200  # steps
-    seed: int = 0
-    use_gpu: bool = False
-    storage: str | None = None  # Ray Train storage path (default OUT/_train); local or s3://
-    name: str = "vae"
+    max_train_clips: int = 2000  # clips decoded per run (held in memory)
+    kl_weight: float = 1e-6  # per-element KL weight (sora.vae_train.VAELossConfig)
+    # latent normalisation fitted after training: "scalar" (one shift/scale) or "channel" (a mean/std per latent channel)
+    latent_stats: Literal["scalar", "channel"] = "scalar"
+    grad_weight: float = 0.5  # weight of the finite-difference (edge) loss
+    fg_weight: float = 8.0  # extra weight of object pixels in the reconstruction loss (0: plain mean)
+    checkpoint_every: int = 200  # a checkpoint every this many steps
+    seed: int = 0  # model init and crop sampling
+    use_gpu: bool = False  # one GPU per worker
+    storage: str | None = None  # Ray Train storage path or URL for checkpoints (None: OUT/_train)
+    name: str = "vae"  # run name under storage; the same name resumes
 
     def __post_init__(self) -> None:
         # checked here, not after training: a typo must not cost a whole training run
-        assert self.latent_stats in ("channel", "scalar"), (
-            f"latent_stats must be 'channel' or 'scalar', got {self.latent_stats!r}")
-        assert self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}"
-        assert 0.0 <= self.image_prob <= 1.0 and self.fg_weight >= 0, (
-            f"need 0 <= image_prob <= 1 and fg_weight >= 0, got {self.image_prob}, {self.fg_weight}")
-        assert self.lr > 0 and self.muon_lr > 0, f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}"
+        if self.latent_stats not in ("channel", "scalar"):
+            raise ValueError(f"latent_stats must be 'channel' or 'scalar', got {self.latent_stats!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if not (0.0 <= self.image_prob <= 1.0 and self.fg_weight >= 0):
+            raise ValueError(f"need 0 <= image_prob <= 1 and fg_weight >= 0, got {self.image_prob}, {self.fg_weight}")
+        if not (self.lr > 0 and self.muon_lr > 0):
+            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}")
+        if self.workers < 1 or self.max_minutes <= 0:
+            raise ValueError(f"need workers >= 1 and max_minutes > 0, got {self.workers}, {self.max_minutes}")
+        self.lr_schedule()
+
+    def lr_schedule(self):
+        from sora.optim import LRSchedule
+
+        return LRSchedule(lr=self.lr, decay="cosine", min_lr_ratio=self.min_lr_ratio, max_steps=self.max_steps)
 
 
 def split_clips(clip_ids: list[str], holdout: int) -> tuple[set[str], set[str]]:
@@ -123,49 +123,32 @@ def random_batch(clips: list[np.ndarray], cfg: VAETrainConfig, rng: np.random.Ge
     return x
 
 
-def _cosine_lr(cfg: VAETrainConfig, progress: float) -> float:
-    progress = min(max(progress, 0.0), 1.0)
-    # a plain float: numpy scalars in the optimizer state would not load with weights_only=True
-    return float(cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * progress))))
-
-
 def make_vae_optimizer(model, cfg: VAETrainConfig, data_parallel: bool = False):
-    """AdamW alone, or KernelMuon on the hidden conv kernels + AdamW on the rest, as one
-    `pipelines.train.Optimizers` (each group's ``lr_scale`` multiplies the schedule's lr).
-    ``data_parallel``: the model is DDP-replicated, so KernelMuon splits its Newton-Schulz work
-    over the ranks (same numbers, each rank does its share)."""
+    """AdamW alone, or Muon on the hidden conv kernels (`sora.vae_train.muon_kernel_names`) +
+    AdamW on the rest, as one `sora.optim.Optimizers` (each group's ``lr_scale`` multiplies the
+    schedule's lr). Muon's Newton-Schulz runs in float32 here. ``data_parallel``: the model is
+    DDP-replicated, so Muon splits its Newton-Schulz work over the ranks (the same numbers)."""
     import torch
 
-    from pipelines.train import Optimizers
-    from sora.vae_train import KernelMuon, muon_kernel_names
+    from sora.optim import make_optimizers
+    from sora.vae_train import muon_kernel_names
 
-    muon = set(muon_kernel_names(model)) if cfg.optimizer == "muon" else set()
-    rest = [p for n, p in model.named_parameters() if n not in muon]
-    opts = Optimizers([torch.optim.AdamW([{"params": rest, "lr_scale": 1.0}], lr=cfg.lr, weight_decay=0.0)])
-    if muon:
-        opts.insert(0, KernelMuon([{"params": [p for n, p in model.named_parameters() if n in muon],
-                                    "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr, across_ranks=data_parallel))
-    return opts
+    muon = muon_kernel_names(model) if cfg.optimizer == "muon" else []
+    return make_optimizers(model, lr=cfg.lr, muon=muon, muon_lr=cfg.muon_lr, ns_dtype=torch.float32,
+                           across_ranks=data_parallel)
 
 
-def load_vae_checkpoint(directory: str, model, opt, cfg: VAETrainConfig) -> dict:
-    """Load a training checkpoint (model, optimizer states) into `model` and `opt` (from
-    `make_vae_optimizer`); returns its state.json. A checkpoint of the other optimizer is an
-    error: its moments mean nothing to this one."""
-    import torch
-    from safetensors.torch import load_file
+def load_vae_checkpoint(url: str, model, opt, cfg: VAETrainConfig) -> dict:
+    """Load a training checkpoint (a directory or URL, written by any number of workers) into
+    `model` and `opt` (from `make_vae_optimizer`) on every rank; returns its state.json. A
+    checkpoint of the other optimizer is an error: its moments mean nothing to this one."""
+    from pipelines import trainer
 
-    with open(os.path.join(directory, "state.json")) as f:
-        state = json.load(f)
-    saved = state.get("optimizer", "adamw")  # checkpoints from before the option were AdamW
+    saved = trainer.read_state(url).get("optimizer", "adamw")
     if saved != cfg.optimizer:
-        raise ValueError(f"the checkpoint in {directory} was trained with optimizer={saved!r}, not "
+        raise ValueError(f"the checkpoint in {url} was trained with optimizer={saved!r}, not "
                          f"{cfg.optimizer!r}: resume with the same optimizer or train into a new output")
-    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-    opt_states = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
-    for o, sd in zip(opt, opt_states if isinstance(opt_states, list) else [opt_states], strict=True):
-        o.load_state_dict(sd)
-    return state
+    return trainer.load_checkpoint(url, model, opt)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -174,9 +157,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
+    from pipelines import trainer
     from pipelines.ingest import read_clips
+    from sora.optim import lr_at
     from sora.vae import CausalVideoVAE, VAEConfig
     from sora.vae_train import VAELossConfig, vae_loss
 
@@ -195,21 +179,26 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = CausalVideoVAE(VAEConfig.preset(cfg.preset))
     opt = make_vae_optimizer(model, cfg, data_parallel=world > 1)
-    step, elapsed_before, resumed_from = 0, 0.0, None
+    state = {"step": 0, "elapsed_minutes": 0.0, "resumed_from": None, "optimizer": cfg.optimizer,
+             "config": asdict(model.config)}
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = load_vae_checkpoint(d, model, opt, cfg)
-            step, elapsed_before = state["step"], state["elapsed_minutes"]
-            resumed_from = step
+    if ckpt:  # every rank reads the shards it needs, whatever the number of workers that wrote them
+        state = load_vae_checkpoint(trainer.checkpoint_url(ckpt), model, opt, cfg)
+        state["resumed_from"] = state["step"]
+    step, elapsed_before = state["step"], state["elapsed_minutes"]
     ddp = ray.train.torch.prepare_model(model)
     loss_cfg = VAELossConfig(kl_weight=cfg.kl_weight, grad_weight=cfg.grad_weight, fg_weight=cfg.fg_weight)
-    budget = cfg.max_minutes
+    schedule, budget = cfg.lr_schedule(), cfg.max_minutes
     t_loop = time.monotonic()
     history: list[float] = []
 
     def minutes_used() -> float:
         return elapsed_before + (time.monotonic() - t_start) / 60
+
+    def report(metrics: dict, checkpoint: bool) -> None:  # every rank, the same steps
+        state.update(step=step, elapsed_minutes=minutes_used())
+        metrics = {"step": step, **metrics, "minutes": state["elapsed_minutes"]}
+        trainer.report(metrics, **({"model": model, "optimizers": opt, "state": state} if checkpoint else {}))
 
     while True:
         done = minutes_used() >= budget or (cfg.max_steps is not None and step >= cfg.max_steps)
@@ -218,9 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops on the same step
         if flag.item() > 0:
             break
-        progress = max(minutes_used() / budget, step / cfg.max_steps if cfg.max_steps else 0.0)
-        for g in opt.param_groups:
-            g["lr"] = _cosine_lr(cfg, progress) * g["lr_scale"]
+        opt.set_lr(lr_at(step + 1, schedule, minutes_used() / budget))
         x = random_batch(frames, cfg, rng)
         model.train()
         opt.zero_grad(set_to_none=True)
@@ -231,34 +218,15 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         history.append(metrics["loss"])
         if step % cfg.checkpoint_every == 0:
-            _report(step, metrics, model, opt, minutes_used(), rank, save_file, resumed_from, cfg.optimizer)
+            report(metrics, checkpoint=True)
         elif step % 25 == 0:
-            ray.train.report({"step": step, **metrics, "minutes": minutes_used()})
+            report(metrics, checkpoint=False)
             if rank == 0:
                 print(f"[train-vae] step {step} loss {metrics['loss']:.4f} psnr {metrics['psnr']:.2f} dB "
                       f"({minutes_used():.1f}/{budget} min)", flush=True)
-    # final checkpoint + metrics (rank 0 writes the model; everyone reports)
-    _report(step, {"loss": history[-1] if history else float("nan"), "final": 1.0,
-                   "train_seconds": time.monotonic() - t_loop}, model, opt, minutes_used(), rank, save_file, resumed_from,
-            cfg.optimizer)
-
-
-def _report(step, metrics, model, opt, minutes, rank, save_file, resumed_from=None, optimizer="adamw") -> None:
-    import ray.train
-    import torch
-    from ray.train import Checkpoint
-
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                      os.path.join(d, "model.safetensors"))
-            torch.save([o.state_dict() for o in opt], os.path.join(d, "optimizer.pt"))  # tensors + plain types
-            json.dump({"step": step, "elapsed_minutes": minutes, "resumed_from": resumed_from, "optimizer": optimizer,
-                       "config": asdict(model.config)},
-                      open(os.path.join(d, "state.json"), "w"))
-            ray.train.report({"step": step, **metrics, "minutes": minutes}, checkpoint=Checkpoint.from_directory(d))
-    else:
-        ray.train.report({"step": step, **metrics, "minutes": minutes})
+    # the final checkpoint and metrics
+    report({"loss": history[-1] if history else float("nan"), "final": 1.0,
+            "train_seconds": time.monotonic() - t_loop}, checkpoint=True)
 
 
 # --------------------------------------------------------------------------- driver
@@ -319,11 +287,7 @@ def _check_resume_optimizer(run_dir: str, cfg: VAETrainConfig) -> None:
 
 def run_train_vae(cfg: VAETrainConfig) -> dict:
     """Train on Ray Train, then evaluate held-out PSNR and write OUT (a loadable VAE dir)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
-
-    from pipelines import storage
+    from pipelines import storage, trainer
     from pipelines.ingest import require_clips
     from sora.vae import CausalVideoVAE, VAEConfig
 
@@ -333,25 +297,15 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
     cfg.data = cfg.data if "://" in cfg.data else os.path.abspath(cfg.data)
     require_clips(cfg.data)  # before starting workers: a wrong path is a clear error, not a worker crash
     _check_resume_optimizer(os.path.join(storage_path, cfg.name), cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=3),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
     t0 = time.monotonic()
-    result = trainer.fit()
+    result = trainer.run_trainer(train_loop_per_worker, asdict(cfg), workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                 storage_path=storage_path, name=cfg.name)
     train_seconds = time.monotonic() - t0
     assert result.checkpoint is not None, "training finished without a checkpoint"
+    checkpoint = trainer.checkpoint_url(result.checkpoint)
     vae = CausalVideoVAE(VAEConfig.preset(cfg.preset))
-    with result.checkpoint.as_directory() as d:
-        vae.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-        state = json.load(open(os.path.join(d, "state.json")))
+    trainer.load_tensors(checkpoint, {"model": vae.state_dict()})  # consolidated here, in place
+    state = trainer.read_state(checkpoint)
     score, n_held = heldout_psnr(vae, cfg.data, cfg.holdout)
     shift, scale = fit_stats(vae, cfg.data, cfg.holdout, per_channel=cfg.latent_stats == "channel")
     vae.save_pretrained(cfg.out)
@@ -359,6 +313,7 @@ def run_train_vae(cfg: VAETrainConfig) -> dict:
                "wall_seconds": round(train_seconds, 1), "heldout_psnr_db": round(score, 2), "heldout_clips": n_held,
                "shift_factor": shift, "scaling_factor": scale, "preset": cfg.preset, "workers": cfg.workers,
                "optimizer": cfg.optimizer, "lr": cfg.lr, "muon_lr": cfg.muon_lr if cfg.optimizer == "muon" else None,
+               "checkpoint": checkpoint,
                "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}}
     storage.write_json_atomic(summary, os.path.join(os.path.abspath(cfg.out), "train_summary.json"))
     return summary

@@ -598,3 +598,13 @@ def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0, training
 def pack_flops(samples, config: DiTConfig, training: bool = True) -> float:
     """FLOPs of a pack of ``sora.packing.Sample``: each video's tokens cost flops_per_token at its own length."""
     return sum(s.num_tokens * flops_per_token(config, s.num_tokens, int(s.text_mask.sum()), training) for s in samples)
+
+
+# Dense bf16 peak FLOP/s by CUDA device name (first match wins; vendor data sheets, no sparsity).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_bf16_flops(name: str) -> float | None:
+    """The dense bf16 peak of a CUDA device by its name, or None when unknown."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

@@ -181,35 +181,13 @@ class FlowConfig:
 
     t_mean: float = 0.0  # logit-normal location (SD3: 0)
     t_std: float = 1.0  # logit-normal scale (SD3: 1)
-    shift: float = 1.0  # fixed timestep shift, used when base_tokens is None
-    # When set, each video's shift is resolution_shift(its tokens, base_tokens, shift).
+    shift: float = 1.0  # timestep shift: fixed when base_tokens is None, else the shift at base_tokens
+    # tokens per video where the shift is `shift`; each video then gets resolution_shift(its tokens, ...)
     base_tokens: int | None = None
+    # probability of each conditioning mode (CONDITIONING_MODES) per training video
     cond_mode_probs: dict[str, float] = field(default_factory=lambda: {"none": 1.0})
     cond_k: int | None = None  # frames for the *_k modes; None = random in [1, T-1]
     p_uncond: float = 0.1  # CFG text dropout probability
-    # Salience weighting: a token's loss weighs 1 + (fg_weight - 1) * s, s in [0, 1] its distance
-    # from the median token of its own latent frame over the frame's largest such distance
-    # (`salience_weights`). 1.0: every token alike. Objects on a plain background are a few
-    # tokens of each frame; this makes their shape count for more than the flat rest.
-    fg_weight: float = 1.0
-
-
-def salience_weights(x0: torch.Tensor, grids: list[tuple[int, int, int]], starts: list[int],
-                     fg_weight: float) -> torch.Tensor:
-    """(N,) loss weights in [1, fg_weight] for tokens ``x0`` (N, D_in) that hold videos of
-    ``grids`` (t-major patchify order) starting at rows ``starts``; rows of no video get 1.
-
-    Per latent frame: d = ||token - the frame's median token||, weight 1 + (fg_weight - 1) *
-    d / max(d). A median, so a flat background is the reference even when the object is
-    large; relative to the frame's own farthest token, so no latent-scale threshold is needed."""
-    w = torch.ones(x0.shape[0], dtype=torch.float32, device=x0.device)
-    for g, start in zip(grids, starts):
-        t, hw = int(g[0]), int(g[1]) * int(g[2])
-        xs = x0[start: start + t * hw].detach().float().reshape(t, hw, -1)  # (t, h*w, D_in)
-        d = (xs - xs.median(dim=1, keepdim=True).values).norm(dim=-1)  # (t, h*w)
-        s = d / d.amax(dim=1, keepdim=True).clamp_min(1e-6)
-        w[start: start + t * hw] = 1.0 + (fg_weight - 1.0) * s.reshape(-1)
-    return w
 
 
 def flow_matching_loss(model, batch, cfg: FlowConfig, generator: torch.Generator | None = None, text=None, text_mask=None):
@@ -218,7 +196,7 @@ def flow_matching_loss(model, batch, cfg: FlowConfig, generator: torch.Generator
     Per video: t ~ shifted logit-normal; a conditioning mode picks clean frames (t = 0, kept
     clean in x_t, no loss); its prompt is dropped with probability p_uncond. Loss = mean of
     ||v_theta - (eps - x0)||^2 / D_in over the tokens that are neither conditioning nor
-    padding (weighted by ``salience_weights`` when ``cfg.fg_weight`` > 1). ``text``/``text_mask``
+    padding. ``text``/``text_mask``
     (B, L, text_dim)/(B, L) override the batch's own text (for batches that carry a
     ``text_index``). All randomness comes from ``generator`` (CPU).
     Returns (loss, stats) with stats a dict of floats.
@@ -269,10 +247,7 @@ def flow_matching_loss(model, batch, cfg: FlowConfig, generator: torch.Generator
     weight = ~cond if valid is None else (~cond & valid)  # (N,)
     n_loss = weight.sum()
     assert n_loss > 0, "every token is conditioning or padding: nothing to learn from"
-    w = weight.float()  # a weighted mean over the loss tokens (all weights 1 unless salience is on)
-    if cfg.fg_weight != 1.0:
-        starts = batch.cu_seqlens[:-1].tolist() if valid is None else [b * Nmax for b in range(B)]
-        w = w * salience_weights(x0, batch.grids, starts, cfg.fg_weight)
+    w = weight.float()  # (N,) 1 on the loss tokens
     loss = (per_token * w).sum() / w.sum()
     stats = {
         "loss": loss.item(),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import time
@@ -33,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from sora.optim import LRSchedule, lr_at, make_optimizers
 
 SPECIALS = ("<pad>", "</s>", "<unk>")  # T5 convention: pad (also the decoder start), eos, unk
 SIDECAR = "upsampler.json"
@@ -64,7 +65,8 @@ class PromptUpsampler:
         says their outputs are lower-case and need `_sentence_case`."""
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        assert os.path.isdir(path), f"upsampler path {path!r} is not a directory"
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"upsampler path {path!r} is not a directory: give a model directory")
         model = AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         sidecar = os.path.join(path, SIDECAR)
@@ -158,18 +160,31 @@ def shapes_pairs(n: int, seed: int, exclude=None, ranges=None) -> list[tuple[str
 class UpsamplerConfig:
     """Size of our T5 upsampler and of its training run."""
 
-    d_model: int = 128
-    d_ff: int = 256
-    num_layers: int = 2  # encoder; the decoder gets the same
-    num_heads: int = 4
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 30
+    d_model: int = 128  # model width
+    d_ff: int = 256  # feed-forward width
+    num_layers: int = 2  # encoder layers; the decoder gets the same
+    num_heads: int = 4  # attention heads (d_model must be a multiple)
+    batch_size: int = 64  # pairs per step (the global batch, split over data-parallel workers)
+    lr: float = 3e-3  # AdamW peak learning rate
+    warmup_steps: int = 30  # linear warmup steps
     max_steps: int = 1500  # the cosine schedule's length; the time budget may stop it earlier
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
+        if not (self.lr > 0 and self.batch_size >= 1 and self.max_steps >= 1):
+            raise ValueError(f"need lr > 0, batch_size >= 1, max_steps >= 1, got {self.lr}, {self.batch_size}, "
+                             f"{self.max_steps}")
+
+    def lr_schedule(self) -> LRSchedule:
+        """Warmup, then a cosine to 5% of lr over max_steps (or the time budget, if it ends first)."""
+        return LRSchedule(lr=self.lr, warmup_steps=self.warmup_steps, decay="cosine", min_lr_ratio=0.05,
+                          max_steps=self.max_steps)
 
     @staticmethod
     def preset(name: str) -> "UpsamplerConfig":
-        assert name in PRESETS, f"unknown upsampler preset {name!r}, have {sorted(PRESETS)}"
+        if name not in PRESETS:
+            raise ValueError(f"unknown upsampler preset {name!r}: use one of {sorted(PRESETS)}")
         return replace(PRESETS[name])
 
 
@@ -203,7 +218,6 @@ def build_upsampler(cfg: UpsamplerConfig, texts: Sequence[str]):
     from transformers import T5Config, T5ForConditionalGeneration
 
     tok = build_tokenizer(texts)
-    assert cfg.d_model % cfg.num_heads == 0, "d_model must be a multiple of num_heads"
     config = T5Config(vocab_size=len(tok), d_model=cfg.d_model, d_ff=cfg.d_ff, d_kv=cfg.d_model // cfg.num_heads,
                       num_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers, num_heads=cfg.num_heads,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0,
@@ -219,66 +233,102 @@ def build_upsampler(cfg: UpsamplerConfig, texts: Sequence[str]):
     return model, tok
 
 
-def train_upsampler(pairs: Sequence[tuple[str, str]], out_dir: str, max_minutes: float = 2.0, seed: int = 0,
-                    preset: str = "tiny", config: UpsamplerConfig | None = None,
-                    progress: Callable[[int, int, float], None] | None = None,
-                    clock: str = "wall") -> dict[str, Any]:
-    """Train our T5 upsampler on (short prompt, descriptive caption) pairs and save it to
-    `out_dir` (config.json, model.safetensors, tokenizer, upsampler.json).
+def fit_upsampler(model, tok, pairs: Sequence[tuple[str, str]], cfg: UpsamplerConfig, *, max_minutes: float = 2.0,
+                  seed: int = 0, clock: str = "wall", progress: Callable[[int, int, float], None] | None = None,
+                  rank: int = 0, world: int = 1, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+                  ) -> dict[str, Any]:
+    """Train `model` in place on (short prompt, descriptive caption) pairs (teacher forcing).
 
-    Warmup + cosine learning rate over progress = max(step / max_steps, elapsed / budget), as in
-    `sora.captioner.train_captioner`; `clock` ("wall" or "cpu") is what `max_minutes` measures,
-    as there. Returns stats: steps, first_loss, final_loss (mean of the
-    last 20 steps), loss_history (every 10th step), minutes, pairs, params.
-    """
-    cfg = config if config is not None else UpsamplerConfig.preset(preset)
-    assert len(pairs) > 0, "train_upsampler needs at least one pair"
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    model, tok = build_upsampler(cfg, [t for p in pairs for t in p])
+    The learning rate follows `cfg.lr_schedule()` over progress = max(step / max_steps,
+    elapsed / budget); `clock` ("wall" or "cpu") is what `max_minutes` measures, and data
+    parallelism (world > 1 with ``wrap``, e.g. DDP; each rank takes every world-th pair of the
+    same global batch; rank 0's clock rules) works as in `sora.captioner.fit_captioner`.
+    Returns stats: steps, first_loss, final_loss (mean of the last 20 steps), loss_history
+    (every 10th step), pairs, params, cpu_minutes, clock, seed, workers."""
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    if not pairs:
+        raise ValueError("the upsampler needs at least one (prompt, caption) pair")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} workers")
+    if world > 1 and wrap is None:
+        raise ValueError("world > 1 needs `wrap`, a data-parallel wrapper that averages gradients (e.g. DDP)")
     src = tok([s for s, _ in pairs], return_tensors="pt", padding=True)
     tgt = tok([t for _, t in pairs], return_tensors="pt", padding=True)["input_ids"]
     labels = tgt.masked_fill(tgt == tok.pad_token_id, -100)  # (N, L) ; no loss on padding
     n = len(pairs)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = make_optimizers(model, lr=cfg.lr, weight_decay=0.01, decays=lambda name, p: True, betas=(0.9, 0.98))
+    net = wrap(model) if wrap is not None else model
+    schedule = cfg.lr_schedule()
     gen = torch.Generator().manual_seed(seed)
     budget_s = max_minutes * 60.0
-    assert clock in ("wall", "cpu"), f"clock must be 'wall' or 'cpu', got {clock!r}"
     now = time.perf_counter if clock == "wall" else time.process_time
     order, pos, step, losses = torch.randperm(n, generator=gen), 0, 0, []
     model.train()
     tb, c0 = now(), time.process_time()
-    while step < cfg.max_steps and now() - tb < budget_s:
-        frac = max(step / cfg.max_steps, (now() - tb) / budget_s)
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    while True:
+        frac = (now() - tb) / budget_s
+        if world > 1:  # rank 0's clock rules: the same schedule and the same last step everywhere
+            sync = torch.tensor([frac], dtype=torch.float64)
+            torch.distributed.broadcast(sync, src=0)
+            frac = float(sync[0])
+        if step >= cfg.max_steps or frac >= 1.0:
+            break
+        opt.set_lr(lr_at(step + 1, schedule, frac))
         if pos + cfg.batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + cfg.batch_size]
+        idx = order[pos:pos + cfg.batch_size][rank::world]  # this rank's share of the global batch
         pos += cfg.batch_size
         mask = src["attention_mask"][idx]
         ws, wt = int(mask.sum(1).max()), int((labels[idx] != -100).sum(1).max())  # trim padding
-        out = model(input_ids=src["input_ids"][idx, :ws], attention_mask=mask[:, :ws], labels=labels[idx, :wt])
+        out = net(input_ids=src["input_ids"][idx, :ws], attention_mask=mask[:, :ws], labels=labels[idx, :wt])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        loss = out.loss.item()
+        if world > 1:  # the logged loss: the mean over the ranks' shares
+            mean = torch.tensor([loss / world])
+            torch.distributed.all_reduce(mean)
+            loss = float(mean[0])
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(out.loss.item())
+        losses.append(loss)
         step += 1
         if progress is not None and step % 10 == 0:
             progress(step, cfg.max_steps, losses[-1])
-    assert losses, "the time budget ended training before the first step"
+    if not losses:
+        raise ValueError("the time budget ended training before the first step: raise max_minutes")
     model.eval()
-    stats = {"preset": preset if config is None else "custom", "steps": step, "pairs": n,
-             "params": sum(p.numel() for p in model.parameters()), "first_loss": losses[0],
-             "final_loss": float(np.mean(losses[-20:])), "loss_history": losses[::10],
-             "minutes": (time.perf_counter() - t0) / 60,
-             "cpu_minutes": (time.process_time() - c0) / 60, "clock": clock, "vocab_size": len(tok), "seed": seed}
+    return {"steps": step, "pairs": n, "params": sum(p.numel() for p in model.parameters()), "first_loss": losses[0],
+            "final_loss": float(np.mean(losses[-20:])), "loss_history": losses[::10],
+            "cpu_minutes": (time.process_time() - c0) / 60, "clock": clock, "seed": seed, "workers": world}
+
+
+def save_upsampler(model, tok, out_dir: str, cfg: UpsamplerConfig, stats: dict[str, Any]) -> None:
+    """Write a normal HF model dir (config.json, model.safetensors, tokenizer) plus upsampler.json."""
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     with open(os.path.join(out_dir, SIDECAR), "w") as f:
         json.dump({"lowercase": True, "config": asdict(cfg),
                    "training": {k: v for k, v in stats.items() if k != "loss_history"}}, f, indent=2)
+
+
+def train_upsampler(pairs: Sequence[tuple[str, str]], out_dir: str, max_minutes: float = 2.0, seed: int = 0,
+                    preset: str = "tiny", config: UpsamplerConfig | None = None,
+                    progress: Callable[[int, int, float], None] | None = None,
+                    clock: str = "wall") -> dict[str, Any]:
+    """Train our T5 upsampler in this process on (short prompt, descriptive caption) pairs and
+    save it to `out_dir` (config.json, model.safetensors, tokenizer, upsampler.json). (Several
+    workers: `pipelines.train_upsampler`.) Returns the stats of `fit_upsampler` plus preset,
+    minutes and vocab_size."""
+    cfg = config if config is not None else UpsamplerConfig.preset(preset)
+    if not pairs:
+        raise ValueError("train_upsampler needs at least one (prompt, caption) pair")
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model, tok = build_upsampler(cfg, [t for p in pairs for t in p])
+    stats = fit_upsampler(model, tok, pairs, cfg, max_minutes=max_minutes, seed=seed, clock=clock, progress=progress)
+    stats.update(preset=preset if config is None else "custom", minutes=(time.perf_counter() - t0) / 60,
+                 vocab_size=len(tok))
+    save_upsampler(model, tok, out_dir, cfg, stats)
     return stats

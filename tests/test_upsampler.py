@@ -71,14 +71,20 @@ def test_random_t5_from_dir_greedy_and_seeded_sampling(tmp_path):
     assert upsample(prompts, str(tmp_path / "u"), max_new_tokens=8) == greedy
 
 
-def test_quick_training_keeps_the_users_attributes(tmp_path):
-    """A ~10 cpu-second run on single-object pairs: colour and shape of unseen prompts survive,
-    and so do size, motion and background whenever the prompt names them."""
+def test_quick_training_keeps_the_users_attributes(tmp_path, ray_session):
+    """A ~10 cpu-second run on single-object pairs, on a Ray Train worker (the loop shape every
+    model trains through): colour and shape of unseen prompts survive, and so do size, motion
+    and background whenever the prompt names them."""
+    from pipelines.train_upsampler import train_upsampler_on_ray
+
     cfg = UpsamplerConfig(d_model=64, d_ff=128, num_layers=2, num_heads=4, batch_size=32, lr=5e-3,
                           warmup_steps=20, max_steps=250)
-    stats = train_upsampler(shapes_pairs(1000, 0, ranges=SINGLE), str(tmp_path / "u"), config=cfg,
-                            max_minutes=10.0)
+    stats = train_upsampler_on_ray(shapes_pairs(1000, 0, ranges=SINGLE), str(tmp_path / "u"), config=cfg,
+                                   max_minutes=10.0)
     assert stats["steps"] == 250 and stats["final_loss"] < 0.15 * stats["first_loss"], stats
+    names = {p.name for p in (tmp_path / "u").iterdir()}
+    assert stats["workers"] == 1 and {"config.json", "model.safetensors", "upsampler.json"} <= names, names
+    assert "_train" not in names  # the run's storage is gone, the model dir is clean
     prompts = [p for p, _ in shapes_pairs(120, 99, ranges=SINGLE)]  # another seed: unseen pairs
     outs = upsample(prompts, str(tmp_path / "u"))
     kept = {k: [0, 0] for k in ATTRS}
@@ -92,3 +98,13 @@ def test_quick_training_keeps_the_users_attributes(tmp_path):
     rate = {k: a / n for k, (a, n) in kept.items()}
     assert rate["color"] >= 0.95 and rate["shape"] >= 0.95, rate
     assert min(rate.values()) >= 0.85, rate
+
+
+def test_train_upsampler_in_one_process_writes_a_model_dir(tmp_path):
+    pairs = shapes_pairs(64, 0)
+    stats = train_upsampler(pairs, str(tmp_path / "u"), preset="debug", max_minutes=5.0)
+    assert stats["steps"] == UpsamplerConfig.preset("debug").max_steps and stats["workers"] == 1
+    assert stats["final_loss"] < stats["first_loss"]
+    assert len(upsample(["red circle"], str(tmp_path / "u"), max_new_tokens=8)) == 1
+    with pytest.raises(ValueError, match="at least one"):
+        train_upsampler([], str(tmp_path / "none"), preset="debug")
