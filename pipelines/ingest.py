@@ -26,14 +26,16 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
+from pipelines.ingest_config import IngestConfig
 from sora.buckets import assign_bucket
+from sora.curation.letterbox import content_box, scale_box
 from sora.video_io import VideoError, probe, read_frames
 
 CLIPS_SCHEMA = pa.schema(
@@ -53,6 +55,12 @@ CLIPS_SCHEMA = pa.schema(
         ("motion_score", pa.float64()),
         ("codec", pa.string()),
         ("container", pa.string()),
+        # Added columns (older datasets read them as null):
+        ("decoder", pa.string()),  # which decoder read the source: "decord" or "pyav"
+        ("crop_x", pa.int64()),  # the content box inside black bars, in displayed pixels;
+        ("crop_y", pa.int64()),  # width/height above are the whole displayed picture and
+        ("crop_width", pa.int64()),  # the bucket follows the content box
+        ("crop_height", pa.int64()),
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -69,28 +77,6 @@ QUARANTINE_SCHEMA = pa.schema(
 # Files a directory listing skips: sidecars and metadata that travel with videos. A file named
 # explicitly on the command line is always ingested (and quarantined if it is not a video).
 SIDECAR_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".md", ".srt", ".vtt", ".parquet", ".yaml", ".yml")
-
-
-@dataclass
-class IngestConfig:
-    """Knobs of the ingest pipeline. Defaults suit real footage; the shapes world sets
-    `min_motion=0` because it contains deliberately still objects."""
-
-    max_clip_seconds: float = 8.0  # long shots are cut into pieces of at most this length
-    max_clip_frames: int = 257  # ... and at most this many frames
-    min_clip_frames: int = 9  # shorter pieces are dropped (quarantined as "too short")
-    min_side: int = 32  # pixels; smaller videos are rejected
-    max_aspect: float = 3.0  # reject wider than 3:1 or taller than 1:3
-    min_motion: float = 0.0005  # mean |frame diff| in [0, 1]; below is a near-static clip
-    scene_threshold: float = 0.12  # mean |frame diff| that marks a hard cut
-    analysis_short_side: int = 48  # frames are analysed at this small size
-    max_analysis_frames: int = 2048  # longer videos are analysed at a frame stride
-    resolution: str | None = None  # force a bucket resolution class (e.g. "144p")
-    probe_timeout: float = 20.0  # seconds before a probe is killed
-    decode_timeout: float = 120.0  # seconds before an analysis decode is killed
-    # Test hook, off by default: sources whose path contains this string make the decoder
-    # hang (in its child process), which proves the deadline kills it and quarantines the file.
-    debug_hang_pattern: str | None = None
 
 
 # --------------------------------------------------------------------------- listing
@@ -211,9 +197,8 @@ def start_row(source: str) -> dict:
 
 @_timed("probe")
 def probe_stage(state: dict, cfg: IngestConfig) -> None:
-    hang = cfg.probe_timeout + 30 if cfg.debug_hang_pattern and cfg.debug_hang_pattern in state["source"] else 0.0
     with _local_copy(state["source"]) as local:
-        info = probe(local, timeout=cfg.probe_timeout, _simulate_hang_seconds=hang)
+        info = probe(local, timeout=cfg.probe_timeout)
     if info.num_frames < 1 or info.width < 1 or info.height < 1:
         raise VideoError(state["source"], f"no decodable frames ({info.width}x{info.height}, {info.num_frames} frames)")
     state["info"] = asdict(info)
@@ -235,28 +220,62 @@ def find_shots(diffs: np.ndarray, indices: np.ndarray, num_frames: int, threshol
     return [(s, e) for s, e in zip(starts, ends) if e > s]
 
 
+def _even_size(w: int, h: int, short_side: int) -> tuple[int, int]:
+    """(w, h) scaled so the short side is `short_side` (never up), both sides even."""
+    scale = min(1.0, short_side / min(w, h))
+    return max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
+
+
+def shot_content_boxes(source: str, shots: list[tuple[int, int]], info: dict,
+                       cfg: IngestConfig) -> list[tuple[int, int, int, int]]:
+    """Per shot, the content box (x0, y0, x1, y1) inside black bars, in displayed pixels, from
+    `cfg.bar_frames` frames spread over the shot (one decode for all shots)."""
+    w, h = info["width"], info["height"]
+    if not cfg.crop_bars:
+        return [(0, 0, w, h)] * len(shots)
+    picks = [np.unique(np.linspace(s, e - 1, min(cfg.bar_frames, e - s)).round().astype(int)) for s, e in shots]
+    size = (w, h) if min(w, h) <= cfg.bar_short_side else _even_size(w, h, cfg.bar_short_side)
+    with _local_copy(source) as local:
+        frames = read_frames(local, np.concatenate(picks).tolist(), size=size, timeout=cfg.decode_timeout)
+    boxes, at = [], 0
+    for p in picks:
+        box = content_box(frames[at:at + len(p)], threshold=cfg.bar_threshold)
+        boxes.append(scale_box(box, size, (w, h)))
+        at += len(p)
+    return boxes
+
+
 @_timed("split")
 def split_stage(state: dict, cfg: IngestConfig) -> None:
     info = state["info"]
     n, w, h, fps = info["num_frames"], info["width"], info["height"], info["fps"]
     stride = max(1, int(np.ceil(n / cfg.max_analysis_frames)))
     indices = np.arange(0, n, stride)
-    scale = cfg.analysis_short_side / min(w, h)
-    size = (max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2))
+    size = _even_size(w, h, cfg.analysis_short_side) if min(w, h) > cfg.analysis_short_side else \
+        (max(2, w // 2 * 2), max(2, h // 2 * 2))
     with _local_copy(state["source"]) as local:
         frames = read_frames(local, indices.tolist(), size=size, timeout=cfg.decode_timeout)
-    diffs = frame_differences(frames)
+    # Cuts are found inside the bars common to the whole video (static bars dilute differences).
+    ax0, ay0, ax1, ay1 = content_box(frames, threshold=cfg.bar_threshold) if cfg.crop_bars else (0, 0, *size)
+    diffs = frame_differences(frames[:, ay0:ay1, ax0:ax1])
+    shots = find_shots(diffs, indices, n, cfg.scene_threshold)
+    boxes = shot_content_boxes(state["source"], shots, info, cfg)
     max_len = max(1, min(cfg.max_clip_frames, int(cfg.max_clip_seconds * fps) if fps > 0 else cfg.max_clip_frames))
-    for shot_start, shot_end in find_shots(diffs, indices, n, cfg.scene_threshold):
+    for (shot_start, shot_end), (x0, y0, x1, y1) in zip(shots, boxes):
+        # motion is measured inside the shot's content box (mapped to the analysis frames)
+        bx0, by0, bx1, by1 = (int(round(x0 * size[0] / w)), int(round(y0 * size[1] / h)),
+                              max(1, int(round(x1 * size[0] / w))), max(1, int(round(y1 * size[1] / h))))
+        content = frame_differences(frames[:, by0:by1, bx0:bx1]) if (bx1 > bx0 and by1 > by0) else diffs
         for start in range(shot_start, shot_end, max_len):
             length = min(max_len, shot_end - start)
-            clip = {"clip_id": clip_id(state["source"], start, length), "start_frame": start, "num_frames": length}
+            clip = {"clip_id": clip_id(state["source"], start, length), "start_frame": start, "num_frames": length,
+                    "crop_x": x0, "crop_y": y0, "crop_width": x1 - x0, "crop_height": y1 - y0}
             if length < cfg.min_clip_frames:
                 _reject(state, "split", f"too short: {length} frames < {cfg.min_clip_frames}", clip)
                 continue
             # motion: mean analysed difference inside the clip, excluding the cut into it
             inside = (indices[1:] > start) & (indices[1:] < start + length) & (indices[:-1] >= start)
-            clip["motion_score"] = float(diffs[inside].mean()) if inside.any() else 0.0
+            clip["motion_score"] = float(content[inside].mean()) if inside.any() else 0.0
             state["clips"].append(clip)
     if not state["clips"] and not state["quarantine"]:
         _reject(state, "split", "no clips found")
@@ -264,17 +283,13 @@ def split_stage(state: dict, cfg: IngestConfig) -> None:
 
 @_timed("filter")
 def filter_stage(state: dict, cfg: IngestConfig) -> None:
-    info = state["info"]
-    w, h = info["width"], info["height"]
-    source_problem = None
-    if min(w, h) < cfg.min_side:
-        source_problem = f"too small: {w}x{h} (minimum side {cfg.min_side})"
-    elif max(w / h, h / w) > cfg.max_aspect:
-        source_problem = f"extreme aspect ratio {w}x{h} ({max(w / h, h / w):.2f}:1 > {cfg.max_aspect}:1)"
     kept = []
     for clip in state["clips"]:
-        if source_problem:
-            _reject(state, "filter", source_problem, clip)
+        w, h = clip["crop_width"], clip["crop_height"]  # the content, inside any black bars
+        if min(w, h) < cfg.min_side:
+            _reject(state, "filter", f"too small: {w}x{h} (minimum side {cfg.min_side})", clip)
+        elif max(w / h, h / w) > cfg.max_aspect:
+            _reject(state, "filter", f"extreme aspect ratio {w}x{h} ({max(w / h, h / w):.2f}:1 > {cfg.max_aspect}:1)", clip)
         elif clip["num_frames"] < cfg.min_clip_frames:
             _reject(state, "filter", f"too few frames: {clip['num_frames']} < {cfg.min_clip_frames}", clip)
         elif clip["motion_score"] < cfg.min_motion:
@@ -286,9 +301,8 @@ def filter_stage(state: dict, cfg: IngestConfig) -> None:
 
 @_timed("bucket")
 def bucket_stage(state: dict, cfg: IngestConfig) -> None:
-    info = state["info"]
-    for clip in state["clips"]:
-        b = assign_bucket(info["width"], info["height"], clip["num_frames"], resolution=cfg.resolution)
+    for clip in state["clips"]:  # the bucket follows the content's aspect, not the frame's
+        b = assign_bucket(clip["crop_width"], clip["crop_height"], clip["num_frames"], resolution=cfg.resolution)
         clip.update(
             bucket=b.key, bucket_width=b.width, bucket_height=b.height, bucket_frames=b.num_frames, resolution=b.resolution
         )
@@ -310,7 +324,9 @@ def write_stage(row: dict, out: str) -> dict:
             "height": info.get("height"),
             "codec": info.get("codec"),
             "container": info.get("container"),
-            **{k: c[k] for k in ("bucket", "bucket_width", "bucket_height", "bucket_frames", "resolution")},
+            "decoder": info.get("decoder"),
+            **{k: c[k] for k in ("bucket", "bucket_width", "bucket_height", "bucket_frames", "resolution",
+                                 "crop_x", "crop_y", "crop_width", "crop_height")},
         }
         for c in state["clips"]
     ]
