@@ -261,3 +261,23 @@ def test_static_and_tiny_and_extreme_aspect_are_filtered(tmp_path):
     assert "too small" in reasons["tiny.mp4"]
     assert "extreme aspect" in reasons["wide.mp4"]
     assert read_clips(data).num_rows == 0
+
+
+def test_config_checks_and_cli_flags_from_the_config():
+    """Every IngestConfig field is a flag of `sora ingest` with its default in --help; a bad
+    value is one clear error before any work starts."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match="min_motion"):
+        IngestConfig(min_motion=2.0)
+    with pytest.raises(ValueError, match="resolution"):
+        IngestConfig(resolution="123p")
+    with pytest.raises(ValueError, match="max_aspect"):
+        IngestConfig(max_aspect=0.5)
+    env = cli_env()
+    help_text = run_cli(["ingest", "--help"], env, timeout=120).stdout
+    for f in dataclasses.fields(IngestConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    assert "(default: 0.0005)" in help_text and "--no-crop-bars" in help_text
+    bad = run_cli(["ingest", "nowhere", "--out", "x", "--scene-threshold", "7"], env, timeout=120)
+    assert bad.returncode != 0 and "sora ingest: IngestConfig.scene_threshold" in bad.stderr
