@@ -22,10 +22,8 @@ Shapes: frames are (T, H, W, 3) uint8 RGB.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -399,11 +397,30 @@ def read(src: Source, reader, indices: list[int] | None) -> np.ndarray:
     return np.ascontiguousarray(decoded[[at[int(src.grid[i])] for i in indices]])
 
 
+# The last few files inspected, with their open decord readers: a stage that reads many clips
+# of one source inspects it once. Keyed by (path, size, mtime) so a rewritten file is re-read.
+_OPEN: "OrderedDict[tuple, tuple[Source, object]]" = OrderedDict()
+_OPEN_MAX = 4
+
+
+def _inspect_cached(path: str) -> tuple[Source, object]:
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key in _OPEN:
+        _OPEN.move_to_end(key)
+        return _OPEN[key]
+    found = inspect(path)
+    _OPEN[key] = found
+    while len(_OPEN) > _OPEN_MAX:
+        _OPEN.popitem(last=False)
+    return found
+
+
 def serve(job: dict) -> tuple[dict, np.ndarray | None]:
     """The decode worker's job handler: {"op": "probe" | "read", "path", "indices", "size",
     "crop"} -> (reply header, frames or None)."""
     try:
-        src, reader = inspect(job["path"])
+        src, reader = _inspect_cached(job["path"])
         if job["op"] == "probe":
             return {"info": src.info()}, None
         frames = read(src, reader, job.get("indices"))
