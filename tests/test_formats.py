@@ -211,3 +211,21 @@ def test_squeeze_and_write_round_trip_are_what_the_corpus_claims(tmp_path):
                       sar=__import__("fractions").Fraction(4, 3))
     info = probe(path)
     assert (info.coded_width, info.width, info.height) == (48, 64, 36)
+
+
+def test_a_stream_no_decoder_reads_is_rejected_with_both_reasons(tmp_path):
+    """A valid container whose video data is garbage: decord and PyAV both fail, and the
+    reason says so in words (no C++ locations)."""
+    from sora.video_io import write_video
+
+    path = str(tmp_path / "garbled.mp4")
+    write_video(path, scene(128, 72, 12), 24)  # index first, so the container still opens
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"mdat") + 4
+    data[at:] = np.random.default_rng(0).integers(0, 256, len(data) - at, dtype=np.uint8).tobytes()
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(VideoError) as err:
+        probe(path)
+    reason = err.value.reason
+    assert reason.startswith("corrupt video: no decoder can read it (decord: ") and "PyAV: " in reason
+    assert ".cc:" not in reason and len(reason) < 300
