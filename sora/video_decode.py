@@ -322,18 +322,23 @@ def _decord_padded_rows(reader, indices: list[int], n: int) -> np.ndarray:
 
 
 def _decode_pyav(src: Source, indices: list[int]) -> list[np.ndarray]:
-    """Frames (stored orientation) for source `indices`, matched by timestamp: seek to the key
-    frame before the first one, decode forward. Raises Reject for frames that never come."""
+    """Frames (stored orientation) for source `indices`, matched by timestamp: seek to a key
+    frame before the first one, decode forward. Raises Reject for frames that never come.
+
+    Seeking is by timestamp and some containers (MPEG-TS) land past the key frame asked for:
+    then an earlier key frame is tried, and at last a decode from the start."""
     want = {int(src.pts[i]): i for i in indices}
     got: dict[int, np.ndarray] = {}
+    first = min(want)
+    earlier = src.keyframe_pts[(src.keyframe_pts <= first) & (src.keyframe_pts > src.pts[0])]
+    starts = [int(k) for k in earlier[::-1][:3]] + [None]  # None: from the start, no seek
     errors = []
-    for seek in (True, False):  # a seek that lands past the target falls back to decoding from 0
+    for start in starts:
         try:
-            _decode_pass(src, want, got, seek)
+            if _decode_pass(src, want, got, start):
+                break
         except (av.error.FFmpegError, ValueError) as e:
             errors.append(e)
-        if len(got) == len(want):
-            break
     missing = sorted(i for p, i in want.items() if p not in got)
     if missing:
         why = f" ({_short(errors[-1])})" if errors else ""
@@ -342,22 +347,31 @@ def _decode_pyav(src: Source, indices: list[int]) -> list[np.ndarray]:
     return [got[int(src.pts[i])] for i in indices]
 
 
-def _decode_pass(src: Source, want: dict[int, int], got: dict, seek: bool) -> None:
-    first, last = min(want), max(want)
+def _decode_pass(src: Source, want: dict[int, int], got: dict, start: int | None) -> bool:
+    """Decode from the key frame at pts `start` (None: the beginning) until every frame in
+    `want` is in `got`. False when a seek landed past the first frame still missing."""
+    missing = [p for p in want if p not in got]
+    if not missing:
+        return True
+    first, last = min(missing), max(want)
     with av.open(src.path) as container:
         stream = _video_stream(container)
         stream.thread_type = "AUTO"
-        if seek:
-            before = src.keyframe_pts[src.keyframe_pts <= first]
-            if len(before) and before[-1] > src.pts[0]:
-                container.seek(int(before[-1]), stream=stream, backward=True)
+        if start is not None:
+            container.seek(start, stream=stream, backward=True)
+        landed = start is None
         for frame in container.decode(stream):
             src.rotation = _rotation(frame)  # one display matrix per stream
             stamp = frame.pts if frame.pts is not None else frame.dts
+            if not landed:
+                if stamp is None or stamp > first:
+                    return False
+                landed = True
             if stamp in want and stamp not in got:
                 got[stamp] = frame.to_ndarray(format="rgb24")
             if stamp is not None and stamp >= last and len(got) == len(want):
-                return
+                return True
+    return len(got) == len(want)
 
 
 # --------------------------------------------------------------------------------------------
