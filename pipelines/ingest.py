@@ -36,6 +36,7 @@ from pipelines import storage
 from pipelines.ingest_config import IngestConfig
 from sora.buckets import assign_bucket
 from sora.curation.letterbox import content_box, scale_box
+from sora.curation.shots import find_shots, frame_differences  # noqa: F401  (re-exported)
 from sora.video_io import VideoError, probe, read_frames
 
 CLIPS_SCHEMA = pa.schema(
@@ -202,22 +203,6 @@ def probe_stage(state: dict, cfg: IngestConfig) -> None:
     if info.num_frames < 1 or info.width < 1 or info.height < 1:
         raise VideoError(state["source"], f"no decodable frames ({info.width}x{info.height}, {info.num_frames} frames)")
     state["info"] = asdict(info)
-
-
-def frame_differences(frames: np.ndarray) -> np.ndarray:
-    """Mean absolute difference of consecutive frames in [0, 1]: (T, H, W, 3) -> (T-1,)."""
-    f = frames.astype(np.float32) / 255.0
-    return np.abs(f[1:] - f[:-1]).mean(axis=(1, 2, 3)) if len(f) > 1 else np.zeros(0, np.float32)
-
-
-def find_shots(diffs: np.ndarray, indices: np.ndarray, num_frames: int, threshold: float) -> list[tuple[int, int]]:
-    """Shots [start, end) in source frames, cut where the analysed difference jumps.
-
-    `indices` are the source frames that were analysed (a stride on long videos); a cut
-    between analysed frames i and i+1 starts the new shot at source frame indices[i+1]."""
-    starts = [0] + [int(indices[i + 1]) for i in np.nonzero(diffs >= threshold)[0]]
-    ends = starts[1:] + [num_frames]
-    return [(s, e) for s, e in zip(starts, ends) if e > s]
 
 
 def _even_size(w: int, h: int, short_side: int) -> tuple[int, int]:

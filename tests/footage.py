@@ -52,35 +52,50 @@ def _value_noise(height: int, width: int, rng: np.random.Generator, scales=(48, 
     return np.clip((out - out.min()) / max(out.max() - out.min(), 1e-9), 0, 1)
 
 
+def _hue_rotation(angle: float) -> np.ndarray:
+    """3x3 matrix turning RGB colours by `angle` radians about the grey axis (Rodrigues)."""
+    k = np.ones(3) / np.sqrt(3)
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+
+
 def scene(width: int, height: int, frames: int, seed: int = 0, *, speed: float = 1.5,
-          times: np.ndarray | None = None) -> np.ndarray:
+          times: np.ndarray | None = None, hue: float | None = None) -> np.ndarray:
     """(T, H, W, 3) uint8 real-looking footage: a camera panning over a textured landscape
-    (sky to ground), two textured objects crossing it, a slow flicker and sensor grain.
+    (sky to ground), two textured objects crossing it, a slow flicker and sensor grain. The
+    seed also picks the palette (a hue turn), the horizon, the pan's direction and pace and the
+    objects' paths, so two seeds look like two different shots.
     Brightness stays within about [35, 235]: no black pixels anywhere.
     times: per-frame time in frame units (default 0..T-1); motion follows it, so frames with
-    uneven timestamps show uneven motion (variable frame rate)."""
+    uneven timestamps show uneven motion (variable frame rate). hue: the palette's turn in
+    radians (default: drawn from the seed)."""
     rng = np.random.default_rng(seed)
     times = np.arange(frames, dtype=np.float64) if times is None else np.asarray(times, np.float64)
-    pad = int(np.ceil(speed * (times.max() + 2))) + 4
+    pan = speed * rng.uniform(0.6, 1.4) * rng.choice([-1.0, 1.0])
+    pad = 2 * int(np.ceil(abs(pan) * (times.max() + 2))) + 8
     tex = _value_noise(height + 8, width + pad, rng)
     detail = _value_noise(height + 8, width + pad, rng, scales=(6, 3))
     y = np.linspace(0, 1, height + 8)[:, None]
     sky = np.stack([0.45 + 0.2 * tex, 0.55 + 0.2 * tex, 0.8 + 0.15 * tex], -1)
     ground = np.stack([0.3 + 0.4 * tex, 0.45 + 0.3 * tex * (1 - detail), 0.2 + 0.25 * detail], -1)
-    mix = np.clip((y - 0.45) * 6, 0, 1)[..., None]
-    land = (1 - mix) * sky + mix * ground  # (H + 8, W + pad, 3)
+    mix = np.clip((y - rng.uniform(0.3, 0.65)) * 6, 0, 1)[..., None]
+    land = (1 - mix) * sky + mix * ground  # (H + 8, W + pad, 3) in about [0.2, 1]
+    grey = land.mean(-1, keepdims=True)
+    turn = rng.uniform(0, 2 * np.pi)
+    land = grey + (land - grey) @ _hue_rotation(turn if hue is None else hue).T
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     blob_tex = _value_noise(height, width, rng, scales=(8, 4))
+    blobs = [(rng.uniform(0.3, 1.0, 3), rng.uniform(0.1, 0.9), rng.uniform(0.3, 0.8),
+              rng.uniform(-2.0, 2.0), rng.uniform(-0.5, 0.5)) for _ in range(2)]
     out = np.empty((len(times), height, width, 3), np.uint8)
     for i, t in enumerate(times):
-        x0 = int(round(speed * t)) % (pad - 2)
+        x0 = pad // 2 + int(round(pan * t))
         img = land[4:4 + height, x0:x0 + width].copy()
-        for k, (color, vx, vy) in enumerate((((0.9, 0.35, 0.25), 2.0, 0.4), ((0.95, 0.9, 0.5), -1.2, -0.5))):
-            cx = (0.25 + 0.5 * k) * width + vx * t
-            cy = (0.6 - 0.2 * k) * height + vy * t
+        for color, fx, fy, vx, vy in blobs:
+            cx, cy = fx * width + vx * t, fy * height + vy * t
             r = 0.18 * min(width, height)
             inside = ((xx - cx) ** 2 + ((yy - cy) * 1.3) ** 2) < r * r
-            img[inside] = np.asarray(color) * (0.75 + 0.25 * blob_tex[inside, None])
+            img[inside] = color * (0.75 + 0.25 * blob_tex[inside, None])
         gain = 1.0 + 0.04 * np.sin(t / 3.0)
         grain = rng.normal(0, 0.008, img.shape)
         out[i] = np.clip((img * gain + grain) * 200 + 35, 35, 235).astype(np.uint8)
@@ -95,6 +110,47 @@ def letterbox(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     y0, x0 = (height - h) // 2, (width - w) // 2
     out[:, y0:y0 + h, x0:x0 + w] = frames
     return out
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow's bundled scalable font
+
+
+def with_subtitle(frames: np.ndarray, text: str = "Where are you going tonight?") -> np.ndarray:
+    """Burn a subtitle line into `frames`: white letters with a black outline, bottom centre,
+    sized like a TV subtitle (about 1/13 of the frame height)."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    H, W = frames.shape[1:3]
+    font = _font(max(10, H // 13))
+    for f in frames:
+        img = Image.fromarray(f)
+        draw = ImageDraw.Draw(img)
+        w = draw.textlength(text, font=font)
+        draw.text(((W - w) / 2, H * 0.82), text, font=font, fill=(255, 255, 255),
+                  stroke_width=max(1, H // 180), stroke_fill=(0, 0, 0))
+        out.append(np.asarray(img))
+    return np.stack(out)
+
+
+def with_watermark(frames: np.ndarray, text: str = "STOCKCLIPS.COM") -> np.ndarray:
+    """Blend a semi-transparent watermark into the top-right corner of `frames`."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    H, W = frames.shape[1:3]
+    font = _font(max(10, H // 14))
+    for f in frames:
+        img = Image.fromarray(f).convert("RGBA")
+        layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        w = draw.textlength(text, font=font)
+        draw.text((W - w - W * 0.04, H * 0.05), text, font=font, fill=(255, 255, 255, 170))
+        out.append(np.asarray(Image.alpha_composite(img, layer).convert("RGB")))
+    return np.stack(out)
 
 
 def squeeze(frames: np.ndarray, width: int) -> np.ndarray:
@@ -374,3 +430,51 @@ def fault_hook_dir(root: str) -> str:
     with open(os.path.join(root, "sitecustomize.py"), "w") as f:
         f.write(_HOOK.format(tests=TESTS))
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# Shot transitions
+# --------------------------------------------------------------------------------------------
+
+
+def transition_video(kind: str, transitions: int, seed: int = 0, size: tuple[int, int] = (128, 72),
+                     shot_frames: tuple[int, int] = (30, 60), span: tuple[int, int] = (8, 24)):
+    """Shots of `scene` (a fresh seed each) joined by `transitions` transitions of one kind:
+    "cut", "dissolve" (the shots cross-fade over 8-24 frames) or "fade" (out to black, then in,
+    8-24 frames in all). Returns (frames (T, H, W, 3) uint8, [(start, end)] of each transition:
+    the frames that belong to neither shot; a cut at frame c is (c, c))."""
+    assert kind in ("cut", "dissolve", "fade"), kind
+    rng = np.random.default_rng(seed)
+    W, H = size
+    parts, truth, at = [], [], 0
+    # consecutive shots' palettes turn by the golden angle (at least ~100 degrees apart), as an
+    # edit usually joins shots that look different
+    hue = rng.uniform(0, 2 * np.pi)
+    shot = scene(W, H, int(rng.integers(*shot_frames)), seed=seed * 1000, hue=hue)
+    for k in range(transitions):
+        hue += np.deg2rad(137.5)
+        nxt = scene(W, H, int(rng.integers(*shot_frames)) + span[1], seed=seed * 1000 + k + 1, hue=hue)
+        length = int(rng.integers(span[0], span[1] + 1))
+        if kind == "cut":
+            parts.append(shot)
+            at += len(shot)
+            truth.append((at, at))
+        elif kind == "dissolve":
+            a = np.linspace(0, 1, length + 2)[1:-1, None, None, None]  # strictly between the shots
+            mixed = (shot[-length:] * (1 - a) + nxt[:length] * a).round().astype(np.uint8)
+            parts += [shot[:-length], mixed]
+            truth.append((at + len(shot) - length, at + len(shot)))
+            at += len(shot)
+            nxt = nxt[length:]
+        else:
+            out_len = length // 2
+            down = np.linspace(1, 0, out_len + 1)[1:, None, None, None]  # ends on black
+            up = np.linspace(0, 1, length - out_len + 1)[:-1, None, None, None]  # starts black
+            faded = np.concatenate([(shot[-out_len:] * down).round(), (nxt[:length - out_len] * up).round()])
+            parts += [shot[:-out_len], faded.astype(np.uint8)]
+            truth.append((at + len(shot) - out_len, at + len(shot) - out_len + length))
+            at += len(shot) - out_len + length
+            nxt = nxt[length - out_len:]
+        shot = nxt
+    parts.append(shot)
+    return np.concatenate(parts), truth
