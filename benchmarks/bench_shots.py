@@ -28,8 +28,9 @@ from footage import transition_video  # noqa: E402
 TOLERANCE = 2  # frames
 
 
-def match(detected: list[tuple[int, int]], truth: list[tuple[int, int]]) -> tuple[float, float]:
-    """(precision, recall) with one-to-one matching of overlapping intervals (+-TOLERANCE)."""
+def match(detected: list[tuple[int, int]], truth: list[tuple[int, int]]) -> tuple[float | None, float]:
+    """(precision, recall) with one-to-one matching of overlapping intervals (+-TOLERANCE);
+    precision is None when nothing was detected."""
     used, hits = set(), 0
     for ds, de in detected:
         for k, (ts, te) in enumerate(truth):
@@ -37,7 +38,7 @@ def match(detected: list[tuple[int, int]], truth: list[tuple[int, int]]) -> tupl
                 used.add(k)
                 hits += 1
                 break
-    precision = hits / len(detected) if detected else 1.0
+    precision = hits / len(detected) if detected else None
     return precision, len(used) / len(truth)
 
 
@@ -78,8 +79,9 @@ def main() -> None:
         (rp, rr), (np_, nr) = match(rule, truth), match(net, truth)
         results[kind] = {"diff": {"precision": rp, "recall": rr}, "transnetv2": {"precision": np_, "recall": nr}}
         report(f"shots_{kind}", "recall", ("frame-difference rule", rr), ("TransNetV2", nr), higher_is_better=True,
-               extra={"transitions": len(truth), "frames": len(frames), "precision_baseline": round(rp, 3),
-                      "precision_ours": round(np_, 3), "frames_per_s_baseline": round(len(frames) / rule_s, 1),
+               extra={"transitions": len(truth), "frames": len(frames),
+                      "precision_baseline": None if rp is None else round(rp, 3),
+                      "precision_ours": None if np_ is None else round(np_, 3), "frames_per_s_baseline": round(len(frames) / rule_s, 1),
                       "frames_per_s_ours": round(len(frames) / net_s, 1), "torch_threads": torch.get_num_threads(),
                       "model_load_s": round(load_s, 2)})
     print(json.dumps({"summary": results}))

@@ -62,6 +62,10 @@ CLIPS_SCHEMA = pa.schema(
         ("crop_y", pa.int64()),  # width/height above are the whole displayed picture and
         ("crop_width", pa.int64()),  # the bucket follows the content box
         ("crop_height", pa.int64()),
+        ("shot_detector", pa.string()),  # "diff" or "transnetv2"
+        ("text_area", pa.float64()),  # share of the frame under on-screen text (PP-OCR); null: not run
+        ("aesthetic", pa.float64()),  # CLIP aesthetic score; null: no CLIP model given
+        ("signature", pa.string()),  # near-duplicate signature (sora.curation.dedup); null: not run
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -168,14 +172,14 @@ def _local_copy(uri: str) -> Iterator[str]:
 
 
 def _timed(stage: str):
-    def wrap(fn: Callable[[dict, IngestConfig], None]):
-        def run(row: dict, cfg: IngestConfig | dict) -> dict:
+    def wrap(fn: Callable[..., None]):
+        def run(row: dict, cfg: IngestConfig | dict, **models) -> dict:
             cfg = cfg if isinstance(cfg, IngestConfig) else IngestConfig(**cfg)
             state = _load(row)
             t0 = time.perf_counter()
             if not state["failed"]:
                 try:
-                    fn(state, cfg)
+                    fn(state, cfg, **models)
                 except VideoError as e:
                     state["failed"] = True
                     _reject(state, stage, e.reason)
@@ -230,8 +234,20 @@ def shot_content_boxes(source: str, shots: list[tuple[int, int]], info: dict,
     return boxes
 
 
+def _transnet_shots(model, frames: np.ndarray, indices: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Shots in source frames from TransNetV2 on the analysed frames: the frames of a cut,
+    dissolve or fade belong to no shot."""
+    from sora.curation.shots import shots_between
+    from sora.curation.transnetv2 import detect_transitions
+
+    shots = shots_between(detect_transitions(model, frames), len(indices))
+    return [(int(indices[a]), int(indices[b]) if b < len(indices) else n) for a, b in shots]
+
+
 @_timed("split")
-def split_stage(state: dict, cfg: IngestConfig) -> None:
+def split_stage(state: dict, cfg: IngestConfig, shot_model=None) -> None:
+    """Shots (the frame-difference rule, or TransNetV2 when `shot_model` is given), black bars
+    per shot, then clips of at most the maximum length with their motion score."""
     info = state["info"]
     n, w, h, fps = info["num_frames"], info["width"], info["height"], info["fps"]
     stride = max(1, int(np.ceil(n / cfg.max_analysis_frames)))
@@ -243,7 +259,11 @@ def split_stage(state: dict, cfg: IngestConfig) -> None:
     # Cuts are found inside the bars common to the whole video (static bars dilute differences).
     ax0, ay0, ax1, ay1 = content_box(frames, threshold=cfg.bar_threshold) if cfg.crop_bars else (0, 0, *size)
     diffs = frame_differences(frames[:, ay0:ay1, ax0:ax1])
-    shots = find_shots(diffs, indices, n, cfg.scene_threshold)
+    if cfg.shots == "transnetv2":
+        assert shot_model is not None, "shots='transnetv2' runs split_stage through ingest_scores.ShotSplit"
+        shots = _transnet_shots(shot_model, frames[:, ay0:ay1, ax0:ax1], indices, n)
+    else:
+        shots = find_shots(diffs, indices, n, cfg.scene_threshold)
     boxes = shot_content_boxes(state["source"], shots, info, cfg)
     max_len = max(1, min(cfg.max_clip_frames, int(cfg.max_clip_seconds * fps) if fps > 0 else cfg.max_clip_frames))
     for (shot_start, shot_end), (x0, y0, x1, y1) in zip(shots, boxes):
@@ -254,7 +274,8 @@ def split_stage(state: dict, cfg: IngestConfig) -> None:
         for start in range(shot_start, shot_end, max_len):
             length = min(max_len, shot_end - start)
             clip = {"clip_id": clip_id(state["source"], start, length), "start_frame": start, "num_frames": length,
-                    "crop_x": x0, "crop_y": y0, "crop_width": x1 - x0, "crop_height": y1 - y0}
+                    "crop_x": x0, "crop_y": y0, "crop_width": x1 - x0, "crop_height": y1 - y0,
+                    "shot_detector": cfg.shots}
             if length < cfg.min_clip_frames:
                 _reject(state, "split", f"too short: {length} frames < {cfg.min_clip_frames}", clip)
                 continue
@@ -293,6 +314,34 @@ def bucket_stage(state: dict, cfg: IngestConfig) -> None:
         )
 
 
+@_timed("score")
+def score_stage(state: dict, cfg: IngestConfig, scorers=None) -> None:
+    """Per clip: near-duplicate signature, on-screen text area and aesthetic score (where
+    configured; `scorers` holds the loaded models, see `pipelines.ingest_scores.ClipScores`);
+    clips past a threshold are quarantined. A clip that fails to score is quarantined alone."""
+    from pipelines.ingest_scores import score_clip, threshold_problem
+
+    if not (cfg.signatures or scorers is not None):
+        return
+    kept = []
+    with _local_copy(state["source"]) as local:
+        for clip in state["clips"]:
+            try:
+                clip.update(score_clip(local, clip, cfg, scorers))
+            except VideoError as e:
+                _reject(state, "score", e.reason, clip)
+                continue
+            except Exception as e:  # one clip's failure never drops its source
+                _reject(state, "score", f"{type(e).__name__}: {e}", clip)
+                continue
+            problem = threshold_problem(clip, cfg)
+            if problem:
+                _reject(state, "score", problem, clip)
+            else:
+                kept.append(clip)
+    state["clips"] = kept
+
+
 def write_stage(row: dict, out: str) -> dict:
     """Write the source's clips and quarantine rows, then its _done marker. Returns a small
     summary row (the only thing that travels back to the driver)."""
@@ -311,7 +360,8 @@ def write_stage(row: dict, out: str) -> dict:
             "container": info.get("container"),
             "decoder": info.get("decoder"),
             **{k: c[k] for k in ("bucket", "bucket_width", "bucket_height", "bucket_frames", "resolution",
-                                 "crop_x", "crop_y", "crop_width", "crop_height")},
+                                 "crop_x", "crop_y", "crop_width", "crop_height", "shot_detector")},
+            **{k: c.get(k) for k in ("text_area", "aesthetic", "signature")},
         }
         for c in state["clips"]
     ]
@@ -332,6 +382,7 @@ def write_stage(row: dict, out: str) -> dict:
         "stages": {q["stage"] for q in state["quarantine"]},
         "buckets": [c["bucket"] for c in clips],
         "seconds": state["seconds"],
+        "models": state.get("models"),
     }
     summary["stages"] = sorted(summary["stages"])
     state["seconds"]["write"] = time.perf_counter() - t0
@@ -339,14 +390,23 @@ def write_stage(row: dict, out: str) -> dict:
     return {"summary": json.dumps(summary)}
 
 
-STAGES = (probe_stage, split_stage, filter_stage, bucket_stage)
+STAGES = (probe_stage, split_stage, filter_stage, bucket_stage, score_stage)
 
 
-def process_source(source: str, out: str, cfg: IngestConfig) -> dict:
+def _stage_callables(cfg: IngestConfig) -> list[Callable[[dict], dict]]:
+    """Every stage as a function of a row, with its models loaded (once) in this process."""
+    from pipelines.ingest_scores import ClipScores, ShotSplit, needs_models
+
+    models = {split_stage: ShotSplit(cfg) if cfg.shots == "transnetv2" else None,
+              score_stage: ClipScores(cfg) if needs_models(cfg) else None}
+    return [models[s] if models.get(s) is not None else (lambda row, s=s: s(row, cfg)) for s in STAGES]
+
+
+def process_source(source: str, out: str, cfg: IngestConfig, stages: list | None = None) -> dict:
     """All stages for one source in this process (the sequential baseline)."""
     row = start_row(source)
-    for stage in STAGES:
-        row = stage(row, cfg)
+    for stage in stages or _stage_callables(cfg):
+        row = stage(row)
     return json.loads(write_stage(row, out)["summary"])
 
 
@@ -425,7 +485,8 @@ def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = Non
     t0 = time.perf_counter()
     sources = list_sources(srcs)
     todo, done = _pending(sources, out, overwrite)
-    summaries = done + [process_source(s, out, cfg) for s in todo]
+    stages = _stage_callables(cfg) if todo else []  # models load once for the whole loop
+    summaries = done + [process_source(s, out, cfg, stages) for s in todo]
     return summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
 
 
@@ -433,12 +494,20 @@ def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):
     """The streaming Ray Data pipeline: one row per source through every stage."""
     import ray
 
+    from pipelines.ingest_scores import ClipScores, ShotSplit, needs_models
+
     cfg_dict = asdict(cfg)
+    actors = {split_stage: ShotSplit if cfg.shots == "transnetv2" else None,
+              score_stage: ClipScores if needs_models(cfg) else None}
     ds = ray.data.from_items([start_row(s) for s in sources], override_num_blocks=max(1, len(sources)))
     for stage in STAGES:
         # num_cpus=1: decode work is CPU-bound. Ray Data retries a task whose worker died
         # (max_retries=-1 by default for its tasks); idempotent writes keep that exactly-once.
-        ds = ds.map(stage, fn_kwargs={"cfg": cfg_dict}, num_cpus=1)
+        if actors.get(stage) is not None:  # a model stage: the model loads once per actor
+            ds = ds.map(actors[stage], fn_constructor_kwargs={"cfg": cfg_dict}, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+        else:
+            ds = ds.map(stage, fn_kwargs={"cfg": cfg_dict}, num_cpus=1)
     return ds.map(write_stage, fn_kwargs={"out": out}, num_cpus=1)
 
 

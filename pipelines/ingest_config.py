@@ -6,7 +6,9 @@ flag without loading pyarrow, PyAV or decord.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -40,6 +42,18 @@ class IngestConfig:
     bar_frames: int = 4
     # Short side, in pixels, of the frames examined for black bars (smaller videos: full size).
     bar_short_side: int = 360
+    # Shot detector: "diff" (frame-difference rule, hard cuts only) or "transnetv2" (pretrained, also dissolves and fades).
+    shots: Literal["diff", "transnetv2"] = "diff"
+    # Measure on-screen text with PP-OCR (column text_area); off leaves the column null.
+    score_text: bool = False
+    # Clips whose on-screen text covers more of the frame than this share are quarantined.
+    max_text_area: float = 0.005
+    # Local CLIP model directory with aesthetic_head.safetensors (column aesthetic); none: null.
+    clip_model: str | None = None
+    # Clips with an aesthetic score below this are quarantined; none keeps all.
+    min_aesthetic: float | None = None
+    # Near-duplicate signature of every clip (column signature: perceptual hashes of 4 frames).
+    signatures: bool = True
     # Force a bucket resolution class (e.g. "144p"); none picks one per clip.
     resolution: str | None = None
     # Seconds before a probe (opening a file) is killed and the file quarantined.
@@ -63,6 +77,14 @@ class IngestConfig:
                                  f"got {getattr(self, name)}")
         if not 0 <= self.bar_threshold < 255:
             raise ValueError(f"IngestConfig.bar_threshold is a luma level in [0, 255), got {self.bar_threshold}")
+        if not 0 <= self.max_text_area <= 1:
+            raise ValueError(f"IngestConfig.max_text_area is a share of the frame in [0, 1], got {self.max_text_area}")
+        if self.clip_model is not None and not os.path.isdir(self.clip_model):
+            raise ValueError(f"IngestConfig.clip_model {self.clip_model!r} is not a directory: pass a local "
+                             "CLIPModel directory (save_pretrained) or none")
+        if self.min_aesthetic is not None and self.clip_model is None:
+            raise ValueError("IngestConfig.min_aesthetic needs clip_model: pass the CLIP model directory "
+                             "that scores aesthetics, or drop min_aesthetic")
         if self.resolution is not None:
             from sora.buckets import RESOLUTIONS
 

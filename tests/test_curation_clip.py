@@ -10,37 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from footage import scene
+from footage import scene, tiny_clip_dir
 from sora.curation.clip_scores import ClipScorer, aesthetic_or_none, alignment_or_none, save_aesthetic_head
-
-WORDS = ["a", "red", "ball", "over", "green", "field", "blue", "sky", "city", "at", "night"]
-
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
-
-    d = str(tmp_path_factory.mktemp("clip") / "tiny-clip")
-    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(d)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=3),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
-    torch.manual_seed(1)
-    save_aesthetic_head(d, torch.randn(1, 16), torch.tensor([0.25]))
-    return d
+    return tiny_clip_dir(str(tmp_path_factory.mktemp("clip") / "tiny-clip"))
 
 
 def reference_embeddings(clip_dir: str, frames: np.ndarray, caption: str):

@@ -193,8 +193,9 @@ def test_old_datasets_read_new_columns_as_null(tmp_path):
 
     from pipelines.ingest import CLIPS_SCHEMA
 
-    old = pa.schema([f for f in CLIPS_SCHEMA if f.name not in
-                     ("decoder", "crop_x", "crop_y", "crop_width", "crop_height")])
+    added = ("decoder", "crop_x", "crop_y", "crop_width", "crop_height", "shot_detector", "text_area",
+             "aesthetic", "signature")
+    old = pa.schema([f for f in CLIPS_SCHEMA if f.name not in added])
     row = {"clip_id": "c", "source": "s.mp4", "start_frame": 0, "num_frames": 9, "fps": 8.0,
            "width": 64, "height": 64, "bucket": "b", "bucket_width": 64, "bucket_height": 64,
            "bucket_frames": 9, "resolution": "64p", "motion_score": 0.1, "codec": "h264",
@@ -202,8 +203,7 @@ def test_old_datasets_read_new_columns_as_null(tmp_path):
     os.makedirs(tmp_path / "ds" / "clips")
     pq.write_table(pa.Table.from_pylist([row], schema=old), str(tmp_path / "ds" / "clips" / "x.parquet"))
     got = read_clips(str(tmp_path / "ds")).to_pylist()
-    assert got == [{**row, "decoder": None, "crop_x": None, "crop_y": None, "crop_width": None,
-                    "crop_height": None}]
+    assert got == [{**row, **{name: None for name in added}}]
 
 
 def test_squeeze_and_write_round_trip_are_what_the_corpus_claims(tmp_path):
