@@ -3,7 +3,6 @@ another container matches; other footage does not."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from footage import scene, write_clip
