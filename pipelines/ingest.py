@@ -66,6 +66,7 @@ CLIPS_SCHEMA = pa.schema(
         ("text_area", pa.float64()),  # share of the frame under on-screen text (PP-OCR); null: not run
         ("aesthetic", pa.float64()),  # CLIP aesthetic score; null: no CLIP model given
         ("signature", pa.string()),  # near-duplicate signature (sora.curation.dedup); null: not run
+        ("bit_rate", pa.int64()),  # the source file's bits per second (ranks near-duplicates)
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -359,6 +360,7 @@ def write_stage(row: dict, out: str) -> dict:
             "codec": info.get("codec"),
             "container": info.get("container"),
             "decoder": info.get("decoder"),
+            "bit_rate": info.get("bit_rate"),
             **{k: c[k] for k in ("bucket", "bucket_width", "bucket_height", "bucket_frames", "resolution",
                                  "crop_x", "crop_y", "crop_width", "crop_height", "shot_detector")},
             **{k: c.get(k) for k in ("text_area", "aesthetic", "signature")},
@@ -487,7 +489,18 @@ def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = Non
     todo, done = _pending(sources, out, overwrite)
     stages = _stage_callables(cfg) if todo else []  # models load once for the whole loop
     summaries = done + [process_source(s, out, cfg, stages) for s in todo]
-    return summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    dedup = _dedup(out, cfg)
+    summary = summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    return {**summary, "dedup": dedup} if dedup else summary
+
+
+def _dedup(out: str, cfg: IngestConfig) -> dict | None:
+    """The dataset-wide near-duplicate pass when cfg.dedup (pipelines.ingest_dedup)."""
+    if not cfg.dedup:
+        return None
+    from pipelines.ingest_dedup import dedup_dataset
+
+    return dedup_dataset(out, cfg.dedup_max_bits)
 
 
 def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):
@@ -533,7 +546,10 @@ def run_ingest(
             summaries.append(s)
             if progress:
                 progress(s, i + 1, len(todo))
+    dedup = _dedup(out, cfg)
     summary = summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    if dedup:
+        summary["dedup"] = dedup
     summary["config"] = asdict(cfg)
     storage.write_json_atomic(summary, storage.join(out, "_summary.json"))
     return summary

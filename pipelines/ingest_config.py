@@ -54,6 +54,10 @@ class IngestConfig:
     min_aesthetic: float | None = None
     # Near-duplicate signature of every clip (column signature: perceptual hashes of 4 frames).
     signatures: bool = True
+    # Keep one clip of the same footage across the dataset (highest resolution, then bitrate); needs signatures.
+    dedup: bool = False
+    # Mean differing bits per 64-bit frame hash at or below which two clips are the same footage.
+    dedup_max_bits: float = 10.0
     # Force a bucket resolution class (e.g. "144p"); none picks one per clip.
     resolution: str | None = None
     # Seconds before a probe (opening a file) is killed and the file quarantined.
@@ -85,6 +89,10 @@ class IngestConfig:
         if self.min_aesthetic is not None and self.clip_model is None:
             raise ValueError("IngestConfig.min_aesthetic needs clip_model: pass the CLIP model directory "
                              "that scores aesthetics, or drop min_aesthetic")
+        if self.dedup and not self.signatures:
+            raise ValueError("IngestConfig.dedup needs signatures: turn signatures on or dedup off")
+        if not 0 <= self.dedup_max_bits <= 64:
+            raise ValueError(f"IngestConfig.dedup_max_bits counts bits of a 64-bit hash, got {self.dedup_max_bits}")
         if self.resolution is not None:
             from sora.buckets import RESOLUTIONS
 

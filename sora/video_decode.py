@@ -72,6 +72,7 @@ class Source:
     decoder: str = "pyav"
     width: int = 0  # displayed
     height: int = 0
+    bit_rate: int = 0  # bits per second of the whole file (size / duration)
 
     def info(self) -> dict:
         """The fields of `sora.video_io.VideoInfo`."""
@@ -81,7 +82,7 @@ class Source:
                 "decoder": self.decoder, "rotation": self.rotation,
                 "sample_aspect": self.sample_aspect, "vfr": self.vfr,
                 "coded_width": self.coded_width, "coded_height": self.coded_height,
-                "pix_fmt": self.pix_fmt}
+                "pix_fmt": self.pix_fmt, "bit_rate": self.bit_rate}
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +225,7 @@ def inspect(path: str) -> tuple[Source, object]:
         raise Reject(f"corrupt video: the stream says {w}x{h} pixels")
     if not src.fps > 0:
         raise Reject(f"corrupt video: frame rate is {src.fps}")
+    src.bit_rate = int(os.path.getsize(path) * 8 * src.fps / len(src.grid))
     return src, reader
 
 

@@ -101,6 +101,7 @@ class VideoInfo:
     coded_width: int = 0  # the stored picture, before rotation and pixel aspect
     coded_height: int = 0
     pix_fmt: str = ""  # e.g. "yuv420p", "yuv420p10le"
+    bit_rate: int = 0  # bits per second of the whole file (its size over its duration)
 
     @property
     def aspect(self) -> float:

@@ -194,7 +194,7 @@ def test_old_datasets_read_new_columns_as_null(tmp_path):
     from pipelines.ingest import CLIPS_SCHEMA
 
     added = ("decoder", "crop_x", "crop_y", "crop_width", "crop_height", "shot_detector", "text_area",
-             "aesthetic", "signature")
+             "aesthetic", "signature", "bit_rate")
     old = pa.schema([f for f in CLIPS_SCHEMA if f.name not in added])
     row = {"clip_id": "c", "source": "s.mp4", "start_frame": 0, "num_frames": 9, "fps": 8.0,
            "width": 64, "height": 64, "bucket": "b", "bucket_width": 64, "bucket_height": 64,
