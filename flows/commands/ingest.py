@@ -21,8 +21,12 @@ def add(sub: argparse._SubParsersAction) -> None:
         "write DATA/clips and DATA/quarantine (Parquet). Reads what phones and cameras write\n"
         "(rotation, H.264/HEVC/AV1/VP9/ProRes/FFV1/MPEG-2/MJPEG, variable frame rate). Re-runs\n"
         "skip finished sources; results are exactly-once. Never stops on a bad file: it goes to\n"
-        "DATA/quarantine with the reason. Summary in DATA/_summary.json.",
-        epilog="example:\n  sora ingest data/raw 's3://bucket/videos/*.mp4' --out data/ds",
+        "DATA/quarantine with the reason. Summary in DATA/_summary.json.\n"
+        "Curation (columns of DATA/clips, null where not run): --shots transnetv2 (pretrained\n"
+        "shot detector: also dissolves and fades), --score-text (PP-OCR text area), --clip-model\n"
+        "DIR (aesthetic score), signatures for --dedup (same footage kept once).",
+        epilog="examples:\n  sora ingest data/raw 's3://bucket/videos/*.mp4' --out data/ds\n"
+        "  sora ingest footage/ --out data/curated --shots transnetv2 --score-text --dedup",
     )
     p.add_argument("src", nargs="+", help="video files, directories, globs or fsspec URLs")
     p.add_argument("--out", required=True, help="dataset directory or URL (DATA)")
