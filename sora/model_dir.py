@@ -21,10 +21,16 @@
      "training": {...free-form provenance: data, steps, loss...}}
 
 Nothing is pickled: every weight file is safetensors, every setting JSON.
+
+A diffusers Wan directory (``sora.wan``) is a model directory too: ``read_index`` gives the
+equivalent index, built from its configs (``"wan"`` says so; its ``"flow"`` holds the scheduler
+config whose time grid it samples on). Any model directory may be given as an fsspec URL
+(``s3://...``): ``fetch_model_dir`` copies it to a local cache first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -58,11 +64,18 @@ def write_index(directory: str, index: dict[str, Any]) -> None:
 
 
 def read_index(directory: str) -> dict[str, Any]:
+    """The index of a local model directory: ours as stored (missing keys from
+    ``default_index``), or a diffusers Wan directory's equivalent (``sora.wan.wan_index``, from
+    its JSON files alone). A directory of another architecture raises ValueError naming it."""
     path = os.path.join(directory, INDEX)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not a model directory: no {INDEX} (train one with `sora train`)")
     with open(path) as f:
         index = json.load(f)
+    if "format" not in index and "_class_name" in index:  # a diffusers pipeline directory
+        from sora.wan import wan_index
+
+        return wan_index(directory)
     if index.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown format {index.get('format')!r}, expected {FORMAT!r}")
     merged = default_index()
@@ -75,3 +88,69 @@ def component_path(directory: str, ref: str | None) -> str | None:
     if ref is None:
         return None
     return ref if os.path.isabs(ref) else os.path.join(directory, ref)
+
+
+# ----------------------------------------------------------------------------------------
+# Model directories at fsspec URLs
+# ----------------------------------------------------------------------------------------
+
+DEFAULT_CACHE = os.path.join("~", ".cache", "sora-ray", "models")  # where fetch_model_dir copies URLs to
+
+
+def is_url(path: str) -> bool:
+    """True for an fsspec URL other than a local file (``s3://``, ``gs://``, ``memory://``)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def fetch_model_dir(path: str, cache_dir: str | None = None) -> str:
+    """A local directory holding the directory ``path`` (a model, or a LoRA adapter): ``path``
+    itself when local, else a copy of the URL's directory under ``cache_dir`` (default
+    ``~/.cache/sora-ray/models``).
+
+    The copy is named by a hash of the URL and of its files' names, sizes and modification
+    stamps, so a changed remote directory is fetched again; it is written to a temporary
+    directory and renamed into place whole, so an interrupted fetch is never taken for a model."""
+    path = str(path)
+    if not is_url(path):
+        return path[len("file://"):] if path.startswith("file://") else path
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{path}: no such directory")
+    files = sorted(fs.find(root, detail=True).items())
+    h = hashlib.sha1(path.encode())
+    for name, info in files:
+        stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")
+        h.update(f"\x1f{name[len(root):]}:{info.get('size')}:{stamp}".encode())
+    cache = os.path.expanduser(cache_dir or DEFAULT_CACHE)
+    target = os.path.join(cache, f"{path.rstrip('/').rsplit('/', 1)[-1]}-{h.hexdigest()[:16]}")
+    if os.path.isdir(target):
+        return target
+    tmp = f"{target}.tmp-{os.getpid()}"
+    for name, _ in files:
+        local = os.path.join(tmp, *name[len(root):].strip("/").split("/"))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get_file(name, local)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process put the same copy in place first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_model_dir(path: str) -> None:
+    """Raise FileNotFoundError / ValueError (naming the fix) unless ``path`` is a model
+    directory we can load: read its index locally (JSON only, no weights); at a URL, check
+    that it holds a model_index.json."""
+    if is_url(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(path))
+        if not fs.isfile(root.rstrip("/") + "/" + INDEX):
+            raise FileNotFoundError(f"{path} is not a model directory: no {INDEX}")
+        return
+    read_index(fetch_model_dir(path))
