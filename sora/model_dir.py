@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 FORMAT = "sora-ray/1"
@@ -154,3 +156,41 @@ def check_model_dir(path: str) -> None:
             raise FileNotFoundError(f"{path} is not a model directory: no {INDEX}")
         return
     read_index(fetch_model_dir(path))
+
+
+@dataclass
+class ModelSource:
+    """Which model a command generates with: a model directory and an optional LoRA adapter
+    (``SoraPipeline.from_pretrained(model, lora=lora, lora_scale=lora_scale)``)."""
+
+    model: str  # model directory: ours (from `sora train`) or a diffusers Wan directory; a path or fsspec URL
+    lora: str | None = None  # LoRA adapter directory for a Wan model (diffusers' layout), a path or URL
+    lora_scale: float = 1.0  # strength of the LoRA adapter (1: as trained, 0: the base model)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
+
+    def check(self) -> None:
+        """FileNotFoundError / ValueError naming the fix unless the model directory loads and the
+        adapter fits it: JSON files and the adapter only, no model weights (at URLs, only that
+        the directories hold what they should)."""
+        check_model_dir(self.model)
+        if self.lora is None:
+            return
+        if is_url(self.lora) or is_url(self.model):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(str(self.lora))
+            if not fs.isfile(root.rstrip("/") + "/pytorch_lora_weights.safetensors"):
+                raise FileNotFoundError(f"{self.lora} holds no pytorch_lora_weights.safetensors (a LoRA adapter "
+                                        "directory)")
+            return
+        from sora.wan_lora import check_adapter
+
+        check_adapter(self.model, self.lora)
+
+    def absolute(self) -> "ModelSource":
+        """The same source with local paths made absolute (for Ray actors and replicas)."""
+        fix = lambda p: p if p is None or is_url(p) else os.path.abspath(p)  # noqa: E731
+        return ModelSource(fix(self.model), fix(self.lora), self.lora_scale)

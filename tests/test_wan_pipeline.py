@@ -17,7 +17,7 @@ import torch
 
 from sora.pipeline import SoraPipeline
 from tiny_model import moving_square, psnr
-from wan_tiny import build_tiny_wan, still_image
+from wan_tiny import build_tiny_lora, build_tiny_wan, still_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 SIZE = {"t2v": (32, 32), "ti2v": (64, 64)}  # (H, W): one 2x2 token grid per latent frame for both
@@ -37,21 +37,8 @@ def pipes(wan_dirs):
 
 @pytest.fixture(scope="module")
 def adapter(wan_dirs, tmp_path_factory):
-    """A rank-4 alpha-8 adapter of the t2v model made with sora.wan_lora, its B matrices random
-    (as after training: a fresh adapter changes nothing)."""
-    from sora.wan import load_wan
-    from sora.wan_lora import add_lora, save_lora
-
-    model = load_wan(wan_dirs["t2v"], text_encoder=False)
-    add_lora(model.denoiser, rank=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.denoiser.named_parameters():
-            if ".lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    out = str(tmp_path_factory.mktemp("lora") / "adapter")
-    save_lora(model.denoiser, out)
-    return out
+    """A rank-4 alpha-8 adapter of the t2v model made with sora.wan_lora (tests/wan_tiny.py)."""
+    return build_tiny_lora(str(tmp_path_factory.mktemp("lora") / "adapter"), wan_dirs["t2v"])
 
 
 def gen(seed: int) -> torch.Generator:

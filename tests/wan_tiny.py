@@ -78,6 +78,28 @@ def build_tiny_wan(directory: str, flavour: str = "t2v", seed: int = 0, shift: f
     return directory
 
 
+def build_tiny_lora(directory: str, wan_dir: str, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> str:
+    """Write a LoRA adapter of the Wan directory ``wan_dir`` with sora.wan_lora (rank 4, alpha 8 on
+    the attention projections), its B matrices random as after training (a fresh adapter changes
+    nothing), and return it - or the one already built in this process with these arguments."""
+    key = ("lora", wan_dir, rank, alpha, seed)
+    if key in _BUILT and os.path.isdir(_BUILT[key]):
+        return _BUILT[key]
+    from sora.wan import load_wan
+    from sora.wan_lora import add_lora, save_lora
+
+    model = load_wan(wan_dir, text_encoder=False)
+    add_lora(model.denoiser, rank=rank, alpha=alpha)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.denoiser.named_parameters():
+            if ".lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_lora(model.denoiser, directory)
+    _BUILT[key] = directory
+    return directory
+
+
 def sora_generate(model, prompts: list[str], height: int, width: int, num_frames: int, steps: int,
                   guidance_scale: float, generators: list[torch.Generator], image: np.ndarray | None = None):
     """Text-to-video (or image-to-video with ``image`` (H, W, 3) uint8 as frame 0) written with the
