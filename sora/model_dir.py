@@ -92,6 +92,21 @@ def component_path(directory: str, ref: str | None) -> str | None:
     return ref if os.path.isabs(ref) else os.path.join(directory, ref)
 
 
+def load_text_encoder(directory: str, index: dict[str, Any] | None = None, device="cpu"):
+    """The text encoder a model directory generates with, with its tokenizer settings: a Wan
+    directory's UMT5 (512 tokens, Wan's prompt cleaning), else the index's encoder."""
+    index = read_index(directory) if index is None else index
+    if index.get("wan"):
+        from sora.wan import load_text_encoder as load_umt5
+
+        return load_umt5(directory, device=device)
+    from sora.text_encoder import TextEncoder
+
+    te = index.get("text_encoder") or {}
+    return TextEncoder.from_pretrained(component_path(directory, te.get("path")),
+                                       max_length=int(te.get("max_length", 64)), device=device)
+
+
 # ----------------------------------------------------------------------------------------
 # Model directories at fsspec URLs
 # ----------------------------------------------------------------------------------------

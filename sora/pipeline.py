@@ -54,7 +54,7 @@ from sora.conditioning import Layout, Segment
 from sora.denoiser import spec_of
 from sora.flow import interpolate, resolution_shift, time_grid
 from sora.media import export_to_video, format_frames, to_frames
-from sora.model_dir import component_path, fetch_model_dir, read_index, write_index
+from sora.model_dir import component_path, fetch_model_dir, load_text_encoder, read_index, write_index
 from sora.patches import patchify, position_ids, unpatchify
 from sora.request import DEFAULT_SAMPLER, DEFAULT_STRENGTH, NO_LIMITS, GenerationRequest, Limits
 from sora.request import SAMPLERS as request_samplers
@@ -136,7 +136,6 @@ class SoraPipeline:
         torch.bfloat16 on a GPU); the VAE and the text encoder stay float32. ``lora``: a LoRA
         adapter directory for this model (``sora.wan_lora``), applied at ``lora_scale``.
         The directory and the adapter are checked before any weights load."""
-        from sora.text_encoder import TextEncoder
         from sora.vae import load_vae
 
         directory = os.path.abspath(fetch_model_dir(directory, cache_dir))
@@ -156,9 +155,7 @@ class SoraPipeline:
 
             vae = load_vae(component_path(directory, index["vae"]), device=device)
             dit = DiT.from_pretrained(component_path(directory, index["dit"]), device=device, dtype=dtype).eval()
-            te = index.get("text_encoder") or {}
-            text_encoder = TextEncoder.from_pretrained(component_path(directory, te.get("path")),
-                                                       max_length=int(te.get("max_length", 64)), device=device)
+            text_encoder = load_text_encoder(directory, index, device=device)
         pipe = cls(vae, dit, text_encoder, index, source_dir=directory)
         if lora_dir is not None:
             pipe.load_lora(lora_dir, lora_scale)
