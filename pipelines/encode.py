@@ -8,9 +8,10 @@
 failures quarantined). The VAE and text encoder are given one by one (``vae``, ``text_encoder``)
 or as a model directory (``model``: ours or a diffusers Wan directory, a path or URL) whose VAE,
 text encoder, tokenizer length (512 for UMT5) and patch size are used. Rows record the VAE
-(``vae_id``) and text encoder (``text_encoder_name``) they came from; the states of the empty
-prompt under that text encoder (what a dropped caption becomes in training: Wan's unconditional
-prompt) are stored once per dataset and encoder in DATA/null_text (``read_null_text``).
+(``vae_id``) and text encoder (``sora.model_dir.text_encoder_name``) they came from; the states
+of the empty prompt under that text encoder (what a dropped caption becomes in training: Wan's
+unconditional prompt) are stored once per dataset and encoder in DATA/null_text
+(``read_null_text``).
 
 Exactly-once like the caption stage: deterministic per-batch file names written whole, and a
 re-run drops the clips that already have latents. With nothing to encode because no clip has a
@@ -19,7 +20,6 @@ caption yet, `run_encode` raises `MissingInputError` naming `sora caption`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -78,28 +78,9 @@ class EncodeConfig(StageResources):
 
 def vae_id(vae_dir: str) -> str:
     """Which VAE made the latents: its directory name plus a hash of its config and weights' size."""
-    h = hashlib.sha1()
-    for name in sorted(os.listdir(vae_dir)):
-        p = os.path.join(vae_dir, name)
-        if name == "config.json":
-            h.update(open(p, "rb").read())
-        elif name.endswith(".safetensors"):
-            h.update(f"{name}:{os.path.getsize(p)}".encode())
-    return f"{os.path.basename(os.path.normpath(vae_dir))}@{h.hexdigest()[:12]}"
+    from sora.model_dir import component_id
 
-
-def text_encoder_name(model_dir: str, index: dict | None = None) -> str:
-    """The ``text_encoder`` value of latents encoded with a model directory's text encoder: for a
-    Wan directory "wan:" + the id of its text_encoder/ (as ``vae_id``) and its token length;
-    for ours the encoder's directory (None: "minilm"), which `sora train` references."""
-    from sora.model_dir import component_path, read_index
-
-    index = read_index(model_dir) if index is None else index
-    te = index.get("text_encoder") or {}
-    path = component_path(model_dir, te.get("path"))
-    if index.get("wan"):
-        return f"wan:{vae_id(path)}/{te['max_length']}"
-    return path or "minilm"
+    return component_id(vae_dir)
 
 
 def chunk_latent_frames(cfg: EncodeConfig, frames: int, height: int, width: int, temporal: int) -> int | None:
@@ -119,7 +100,7 @@ class EncodeStage(Stage):
     schema = LATENTS_SCHEMA
 
     def setup(self) -> None:
-        from sora.model_dir import component_path, fetch_model_dir, load_text_encoder, read_index
+        from sora.model_dir import component_path, fetch_model_dir, load_text_encoder, read_index, text_encoder_name
         from sora.text_encoder import TextEncoder
         from sora.vae import load_vae
 

@@ -66,9 +66,12 @@ def write_index(directory: str, index: dict[str, Any]) -> None:
 
 
 def read_index(directory: str) -> dict[str, Any]:
-    """The index of a local model directory: ours as stored (missing keys from
-    ``default_index``), or a diffusers Wan directory's equivalent (``sora.wan.wan_index``, from
-    its JSON files alone). A directory of another architecture raises ValueError naming it."""
+    """The index of a model directory: ours as stored (missing keys from ``default_index``), or a
+    diffusers Wan directory's equivalent (``sora.wan.wan_index``, from its JSON files alone). A
+    directory of another architecture raises ValueError naming it. At a URL, only its JSON files
+    are fetched (``fetch_model_dir(json_only=True)``)."""
+    if is_url(directory):  # its settings only: no weights are fetched to read an index
+        directory = fetch_model_dir(directory, json_only=True)
     path = os.path.join(directory, INDEX)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not a model directory: no {INDEX} (train one with `sora train`)")
@@ -107,6 +110,32 @@ def load_text_encoder(directory: str, index: dict[str, Any] | None = None, devic
                                        max_length=int(te.get("max_length", 64)), device=device)
 
 
+def component_id(path: str) -> str:
+    """A component directory's identity: its name plus a hash of its config.json and its weight
+    files' names and sizes (e.g. "vae@1a2b3c4d5e6f"; what latents record as their ``vae``)."""
+    h = hashlib.sha1()
+    for name in sorted(os.listdir(path)):
+        p = os.path.join(path, name)
+        if name == "config.json":
+            with open(p, "rb") as f:
+                h.update(f.read())
+        elif name.endswith(".safetensors"):
+            h.update(f"{name}:{os.path.getsize(p)}".encode())
+    return f"{os.path.basename(os.path.normpath(path))}@{h.hexdigest()[:12]}"
+
+
+def text_encoder_name(directory: str, index: dict[str, Any] | None = None) -> str:
+    """What latents record as their ``text_encoder`` when encoded with a model directory's text
+    encoder: for a Wan directory "wan:" + ``component_id`` of its text_encoder/ + "/" + its token
+    length; for ours the encoder's directory (None: "minilm"), which `sora train` references."""
+    index = read_index(directory) if index is None else index
+    te = index.get("text_encoder") or {}
+    path = component_path(directory, te.get("path"))
+    if index.get("wan"):
+        return f"wan:{component_id(path)}/{te['max_length']}"
+    return path or "minilm"
+
+
 # ----------------------------------------------------------------------------------------
 # Model directories at fsspec URLs
 # ----------------------------------------------------------------------------------------
@@ -119,10 +148,10 @@ def is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-def fetch_model_dir(path: str, cache_dir: str | None = None) -> str:
+def fetch_model_dir(path: str, cache_dir: str | None = None, json_only: bool = False) -> str:
     """A local directory holding the directory ``path`` (a model, or a LoRA adapter): ``path``
     itself when local, else a copy of the URL's directory under ``cache_dir`` (default
-    ``~/.cache/sora-ray/models``).
+    ``~/.cache/sora-ray/models``); ``json_only``: its JSON files alone (settings, no weights).
 
     The copy is named by a hash of the URL and of its files' names, sizes and modification
     stamps, so a changed remote directory is fetched again; it is written to a temporary
@@ -136,8 +165,8 @@ def fetch_model_dir(path: str, cache_dir: str | None = None) -> str:
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise FileNotFoundError(f"{path}: no such directory")
-    files = sorted(fs.find(root, detail=True).items())
-    h = hashlib.sha1(path.encode())
+    files = sorted((k, v) for k, v in fs.find(root, detail=True).items() if not json_only or k.endswith(".json"))
+    h = hashlib.sha1(f"{path}{' json' if json_only else ''}".encode())
     for name, info in files:
         stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")
         h.update(f"\x1f{name[len(root):]}:{info.get('size')}:{stamp}".encode())
@@ -161,16 +190,8 @@ def fetch_model_dir(path: str, cache_dir: str | None = None) -> str:
 
 def check_model_dir(path: str) -> None:
     """Raise FileNotFoundError / ValueError (naming the fix) unless ``path`` is a model
-    directory we can load: read its index locally (JSON only, no weights); at a URL, check
-    that it holds a model_index.json."""
-    if is_url(path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(str(path))
-        if not fs.isfile(root.rstrip("/") + "/" + INDEX):
-            raise FileNotFoundError(f"{path} is not a model directory: no {INDEX}")
-        return
-    read_index(fetch_model_dir(path))
+    directory we can load: its index is read from its JSON files alone (no weights)."""
+    read_index(path)
 
 
 @dataclass
@@ -188,22 +209,12 @@ class ModelSource:
 
     def check(self) -> None:
         """FileNotFoundError / ValueError naming the fix unless the model directory loads and the
-        adapter fits it: JSON files and the adapter only, no model weights (at URLs, only that
-        the directories hold what they should)."""
+        adapter fits it: the model's JSON files and the adapter are read, no model weights."""
         check_model_dir(self.model)
-        if self.lora is None:
-            return
-        if is_url(self.lora) or is_url(self.model):
-            import fsspec
+        if self.lora is not None:
+            from sora.wan_lora import check_adapter
 
-            fs, root = fsspec.core.url_to_fs(str(self.lora))
-            if not fs.isfile(root.rstrip("/") + "/pytorch_lora_weights.safetensors"):
-                raise FileNotFoundError(f"{self.lora} holds no pytorch_lora_weights.safetensors (a LoRA adapter "
-                                        "directory)")
-            return
-        from sora.wan_lora import check_adapter
-
-        check_adapter(self.model, self.lora)
+            check_adapter(fetch_model_dir(self.model, json_only=True), fetch_model_dir(self.lora))
 
     def absolute(self) -> "ModelSource":
         """The same source with local paths made absolute (for Ray actors and replicas)."""

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from flows.cli import main
-from pipelines.encode import EncodeConfig, EncodeStage, read_null_text, text_encoder_name, vae_id
+from pipelines.encode import EncodeConfig, EncodeStage, read_null_text, vae_id
 from pipelines.ingest import read_clips
 from pipelines.latents import read_latents, tensors_from_row
+from sora.model_dir import text_encoder_name
 from wan_tiny import build_tiny_wan
 
 

@@ -240,8 +240,11 @@ def s3(monkeypatch):
         server.stop()
 
 
-def test_a_wan_directory_and_adapter_at_urls_are_fetched_once_then_loaded(wan_dirs, pipes, adapter, s3, tmp_path):
+def test_a_wan_directory_and_adapter_at_urls_are_fetched_once_then_loaded(wan_dirs, pipes, adapter, s3, tmp_path,
+                                                                          monkeypatch):
     import fsspec
+
+    from sora.model_dir import ModelSource
 
     s3.put(wan_dirs["t2v"], "wan-pipeline-test/models/wan", recursive=True)
     memory = fsspec.filesystem("memory")
@@ -261,5 +264,13 @@ def test_a_wan_directory_and_adapter_at_urls_are_fetched_once_then_loaded(wan_di
                               local("a red circle", generator=gen(1), **kw).frames)
         with pytest.raises(FileNotFoundError, match="no such directory"):
             SoraPipeline.from_pretrained("s3://wan-pipeline-test/models/nothing", cache_dir=cache)
+
+        # what the commands check before loading: the model's JSON files alone, and the adapter
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default cache, ~/.cache/sora-ray/models
+        ModelSource("s3://wan-pipeline-test/models/wan", "memory://wan-pipeline-test/adapter").check()
+        fetched = [f for _, _, files in os.walk(tmp_path / "home") for f in files]
+        assert "model_index.json" in fetched and all(f.endswith(".json") or "lora" in f for f in fetched), fetched
+        with pytest.raises(FileNotFoundError, match="no such directory"):
+            ModelSource("s3://wan-pipeline-test/models/nothing").check()
     finally:
         memory.rm("/wan-pipeline-test", recursive=True)
