@@ -21,7 +21,7 @@ class ServeConfig:
     """Everything `build_app` takes (serveConfigV2 `args`, `sora serve` flags)."""
 
     model: str  # model directory (ours or a diffusers Wan directory, sora.model_dir), readable where the replicas run
-    lora: str | None = None  # LoRA adapter directory for a Wan model (diffusers' layout), readable where the replicas run
+    lora: str | None = None  # LoRA adapter directory for a Wan model (diffusers' layout), readable by the replicas
     lora_scale: float = 1.0  # strength of the LoRA adapter (1: as trained, 0: the base model)
     storage: str = "sora-videos"  # job records and videos: a directory or fsspec URL shared by all replicas
     api_key: str | None = None  # required Bearer key (None: $SORA_API_KEY in the ingress's environment; neither: open)

@@ -12,6 +12,7 @@ from flows.commands.common import formatter
 from flows.commands.config_args import add_config_arguments, config_from_args
 from pipelines.serve_config import ServeConfig
 from pipelines.video_requests import HTTPLimits
+from sora.model_dir import ModelSource
 from sora.request import Limits
 
 
@@ -47,16 +48,14 @@ def add(sub: argparse._SubParsersAction) -> None:
 def config_of(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig the flags ask for (its own checks as a `sora serve: ...` exit)."""
     try:
-        return config_from_args(ServeConfig, args, model=os.path.abspath(args.model),
-                                lora=None if args.lora is None else os.path.abspath(args.lora),
+        source = ModelSource(args.model, args.lora, args.lora_scale).absolute()  # as the replicas see them
+        return config_from_args(ServeConfig, args, model=source.model, lora=source.lora,
                                 limits=config_from_args(Limits, args), http_limits=config_from_args(HTTPLimits, args))
     except ValueError as e:
         raise SystemExit(f"sora serve: {e}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sora.model_dir import ModelSource
-
     try:  # the model directory and adapter (their JSON, no weights), before Ray starts
         ModelSource(args.model, args.lora, args.lora_scale).check()
     except (OSError, ValueError) as e:
