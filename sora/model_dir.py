@@ -24,7 +24,9 @@ Nothing is pickled: every weight file is safetensors, every setting JSON.
 
 A diffusers Wan directory (``sora.wan``) is a model directory too: ``read_index`` gives the
 equivalent index, built from its configs (``"wan"`` says so; its ``"flow"`` holds the scheduler
-config whose time grid it samples on). Any model directory may be given as an fsspec URL
+config whose time grid it samples on). A directory of ours may reference a Wan base instead of
+copying it, e.g. a LoRA fine-tune: ``{"format": "sora-ray/1", "wan": {"base": BASE}, "lora":
+{"path": "lora", "scale": 1.0}, ...}``; its index is the base's, its own keys on top. Any model directory may be given as an fsspec URL
 (``s3://...``): ``fetch_model_dir`` copies it to a local cache first.
 """
 
@@ -83,6 +85,11 @@ def read_index(directory: str) -> dict[str, Any]:
         return wan_index(directory)
     if index.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown format {index.get('format')!r}, expected {FORMAT!r}")
+    if index.get("wan"):  # ours, referencing a Wan base directory (e.g. a LoRA fine-tune of it)
+        from sora.wan import wan_index
+
+        base = wan_index(component_path(directory, index["wan"]["base"]))
+        return {**base, **index, "wan": {**base["wan"], **index["wan"], "base": base["wan"]["base"]}}
     merged = default_index()
     merged.update(index)
     return merged
@@ -102,7 +109,7 @@ def load_text_encoder(directory: str, index: dict[str, Any] | None = None, devic
     if index.get("wan"):
         from sora.wan import load_text_encoder as load_umt5
 
-        return load_umt5(directory, device=device)
+        return load_umt5(index["wan"]["base"], device=device)
     from sora.text_encoder import TextEncoder
 
     te = index.get("text_encoder") or {}

@@ -29,9 +29,8 @@ same output; a list of generators (one per prompt) makes each video independent 
 Every call is checked as ``sora.request.GenerationRequest``s (one per prompt) before any work,
 and its mode against what the model can do (``sora.denoiser.DenoiserSpec``).
 
-The model directory is ours or a diffusers Wan directory (``sora.wan``; optionally with a LoRA
-adapter, ``sora.wan_lora``), local or at an fsspec URL: the same calls run on either, sampling
-on the model's own time grid with its own text encoder.
+The model directory is ours or a diffusers Wan directory (``sora.wan``, optionally with a LoRA
+adapter), local or at a URL: the same calls run on either, on the model's own time grid.
 
     pipe = SoraPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", lora="adapter", lora_scale=0.8)
 """
@@ -59,6 +58,7 @@ from sora.patches import patchify, position_ids, unpatchify
 from sora.request import DEFAULT_SAMPLER, DEFAULT_STRENGTH, NO_LIMITS, GenerationRequest, Limits
 from sora.request import SAMPLERS as request_samplers
 from sora.samplers import ancestral, euler, guided_velocity, heun, initial_noise
+from sora.wan_lora import check_adapter, load_lora
 
 __all__ = ["SoraPipeline", "SoraPipelineOutput", "GenerationRequest", "export_to_video", "to_frames",
            "DEFAULT_SAMPLER", "DEFAULT_STRENGTH", "SAMPLERS"]
@@ -140,15 +140,18 @@ class SoraPipeline:
 
         directory = os.path.abspath(fetch_model_dir(directory, cache_dir))
         index = read_index(directory)
+        if index.get("lora"):  # the directory applies an adapter of its own (a LoRA fine-tune's)
+            if lora is not None:
+                raise ValueError(f"{directory} already applies the LoRA adapter {index['lora']['path']}: load its base "
+                                 f"{index['wan']['base']} with lora= instead")
+            lora, lora_scale = component_path(directory, index["lora"]["path"]), float(index["lora"].get("scale", 1))
         lora_dir = None if lora is None else os.path.abspath(fetch_model_dir(lora, cache_dir))
         if lora_dir is not None:
-            from sora.wan_lora import check_adapter
-
             check_adapter(directory, lora_dir)
         if index.get("wan"):
             from sora.wan import load_wan
 
-            wan = load_wan(directory, device=device, dtype=dtype)
+            wan = load_wan(index["wan"]["base"], device=device, dtype=dtype)
             vae, dit, text_encoder = wan.vae, wan.denoiser, wan.text_encoder
         else:
             from sora.dit import DiT
@@ -164,8 +167,6 @@ class SoraPipeline:
     def load_lora(self, directory: str, scale: float = 1.0) -> None:
         """Apply a LoRA adapter directory (diffusers' Wan LoRA layout, ``sora.wan_lora``) at
         ``scale``; an adapter of another base model fails before the model changes."""
-        from sora.wan_lora import load_lora
-
         if not np.isfinite(scale):
             raise ValueError(f"lora_scale must be a finite number, got {scale}")
         load_lora(self.dit, directory, scale=float(scale))

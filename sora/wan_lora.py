@@ -119,11 +119,12 @@ def check_adapter(model_dir: str, directory: str) -> None:
     from sora.model_dir import read_index
 
     directory = str(directory)
-    if not read_index(model_dir).get("wan"):
+    index = read_index(model_dir)
+    if not index.get("wan"):
         raise ValueError(f"{directory} is a Wan LoRA adapter; {model_dir} is not a Wan model directory: load the "
                          "adapter with the Wan directory it was made for")
     state, _ = _read_adapter(directory)
-    config = WanTransformer3DModel.load_config(os.path.join(model_dir, "transformer"), local_files_only=True)
+    config = WanTransformer3DModel.load_config(index["dit"], local_files_only=True)
     with torch.device("meta"):
         transformer = WanTransformer3DModel.from_config(config)
     check_lora_fits(SimpleNamespace(transformer=transformer, name=f"the Wan model at {model_dir}"), state, directory)

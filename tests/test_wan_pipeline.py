@@ -114,6 +114,31 @@ def test_a_lora_adapter_gives_wan_pipelines_video(wan_dirs, pipes, adapter):
     assert (base.latents - ours.latents).abs().max() > 1e-2
 
 
+def test_a_directory_referencing_a_wan_base_and_its_adapter(wan_dirs, adapter, tmp_path):
+    """What a LoRA fine-tune leaves: an index of ours that references the base instead of copying
+    it, and its adapter - loaded as the base with that adapter."""
+    from sora.model_dir import FORMAT, read_index
+
+    out = tmp_path / "finetune"
+    shutil.copytree(adapter, out / "lora")
+    (out / "model_index.json").write_text(json.dumps({
+        "format": FORMAT, "wan": {"base": wan_dirs["t2v"]}, "lora": {"path": "lora", "scale": 0.5},
+        "defaults": {"fps": 8, "width": 32, "height": 32, "num_frames": 5, "num_inference_steps": 2,
+                     "guidance_scale": 3.0}, "training": {"note": "written by hand, as a fine-tune would"}}))
+    index = read_index(str(out))
+    assert index["wan"]["base"] == wan_dirs["t2v"] and index["wan"]["expand_timesteps"] is False
+    assert index["flow"]["scheduler"]["_class_name"] == "FlowMatchEulerDiscreteScheduler"  # from the base
+    pipe = SoraPipeline.from_pretrained(str(out))
+    assert pipe.index["lora"] == {"path": str(out / "lora"), "scale": 0.5}
+    direct = SoraPipeline.from_pretrained(wan_dirs["t2v"], lora=adapter, lora_scale=0.5)
+    ours = pipe("a red circle moves left", generator=gen(2))  # the directory's own defaults
+    assert ours.frames.shape == (5, 32, 32, 3) and ours.fps == 8.0
+    assert np.array_equal(ours.frames, direct("a red circle moves left", width=32, height=32, num_frames=5,
+                                              num_inference_steps=2, guidance_scale=3.0, generator=gen(2)).frames)
+    with pytest.raises(ValueError, match="already applies the LoRA adapter"):
+        SoraPipeline.from_pretrained(str(out), lora=adapter)
+
+
 # ----------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------
