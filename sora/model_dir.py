@@ -25,9 +25,12 @@ Nothing is pickled: every weight file is safetensors, every setting JSON.
 A diffusers Wan directory (``sora.wan``) is a model directory too: ``read_index`` gives the
 equivalent index, built from its configs (``"wan"`` says so; its ``"flow"`` holds the scheduler
 config whose time grid it samples on). A directory of ours may reference a Wan base instead of
-copying it, e.g. a LoRA fine-tune: ``{"format": "sora-ray/1", "wan": {"base": BASE}, "lora":
-{"path": "lora", "scale": 1.0}, ...}``; its index is the base's, its own keys on top. Any model directory may be given as an fsspec URL
-(``s3://...``): ``fetch_model_dir`` copies it to a local cache first.
+copying it, e.g. a LoRA fine-tune:
+
+    {"format": "sora-ray/1", "wan": {"base": BASE}, "lora": {"path": "lora", "scale": 1.0}, ...}
+
+its index is then the base's with its own keys on top. Any model directory may be given as an
+fsspec URL (``s3://...``): ``fetch_model_dir`` copies it to a local cache first.
 """
 
 from __future__ import annotations
