@@ -89,7 +89,7 @@ def wan_app(server, tmp_path_factory):
     try:
         yield {"url": server["url"] + "/wan", "model": model}
     finally:
-        serve.delete("wan")
+        serve.delete("wan", _blocking=False)  # its replica goes while the next tests run
 
 
 @pytest.fixture(scope="module")
