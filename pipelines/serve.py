@@ -267,7 +267,8 @@ class VideoAPI:
     async def _accept(self, spec: dict[str, Any], image: bytes | None) -> JSONResponse:
         if self._unfinished() >= self.cfg.max_queue:
             raise self._queue_full()
-        self._reserved += 1  # no await between the check and this: the bound holds
+        self._reserved += 1  # no await between the check and this: the bound is exact
+        handed = False  # once queued for the journal, the commit loop moves the slot to _pending
         try:
             vid = new_id()
             request = spec["request"]
@@ -277,9 +278,11 @@ class VideoAPI:
             rec = new_record(vid, model=spec["model"], prompt=spec["prompt"], size=spec["size"],
                              seconds=spec["seconds"], output_size=spec["output_size"], job=request.to_dict(),
                              remixed_from=spec.get("remixed_from"))
+            handed = True
             await self._commit(rec)
         finally:
-            self._reserved -= 1
+            if not handed:
+                self._reserved -= 1
         return JSONResponse(public_view(rec))
 
     # -- the write path: a group commit to the journal, then each job's record ------------
@@ -304,10 +307,12 @@ class VideoAPI:
                     url = await loop.run_in_executor(self._commit_pool, self.store.journal, records)
                 except Exception as e:  # noqa: BLE001 - the store refused: these POSTs fail, nothing is kept
                     logger.exception("journal write of %d jobs failed", len(records))
+                    self._reserved -= len(batch)
                     for _, done in batch:
                         if not done.done():
                             done.set_exception(e)
                     continue
+                self._reserved -= len(batch)  # their queue slots, from now on held by _pending
                 for r in records:
                     self._pending[r["id"]] = r
                 self._to_store.append((url, records))
