@@ -1,6 +1,6 @@
 """Serving under load: N clients submit at once and poll, `sora serve` vs a naive synchronous endpoint.
 
-    python -m benchmarks.bench_serve [--quick] [--clients N] [--steps S] [--repeats R]
+    python -m benchmarks.bench_serve [--quick] [--clients N] [--steps S] [--repeats R] [--direct-ingress]
 
 Both run on one local Ray (2 CPUs) behind Serve's HTTP proxy, with the same tiny random model,
 the same request (32x32, 9 frames, S steps) and the same autoscaling (1..2 generator replicas of
@@ -16,15 +16,20 @@ half a CPU each, one intra-op thread):
 Each client has its own keep-alive connection, opened before the burst; then all N send their
 POST at once. Submission latency is the time from a client writing its POST to reading the
 answer (for the baseline that is also when the video exists: it has no other way to answer); a
-429 is an answer too, counted, and the client retries after its Retry-After. A job is lost when it was accepted (200 with an
-id) and is neither "completed" nor "failed" within the deadline, or when a request got no
-answer. Replicas added / time to add: the generator replicas, sampled from `serve.status()`
-every 0.2 s, against the count before the burst: when the autoscaler asked for one more, when it
-was RUNNING (a replica starts a Ray worker and loads the model), and how many more ran at peak. Throughput is N / the time
-until every job is final. As context, the same burst is sent to a no-op Serve endpoint (FastAPI,
-answers at once): the latency floor of Serve's proxy on this machine. Runs are interleaved
-(naive, ours, naive, ours ...) with the replicas back at the minimum before each, and the
-figures are medians over the repeats, so drifting load on a shared machine hits both.
+429 is an answer too, counted, and the client retries after its Retry-After. A job is lost when
+it was accepted (200 with an id) and is neither "completed" nor "failed" within the deadline, or
+when a request got no answer. Replicas added / time to add: the generator replicas, sampled from
+`serve.status()` every 0.2 s, against the count before the burst: when the autoscaler asked for
+one more, when it was RUNNING (a replica starts a Ray worker and loads the model), and how many
+more ran at peak. Throughput is N / the time until every job is final. As context, the same
+burst is sent to a no-op Serve endpoint (FastAPI, answers at once): the latency floor of Serve's
+proxy on this machine. Runs are interleaved (naive, ours, naive, ours ...) with the replicas
+back at the minimum before each, and the figures are medians over the repeats, so drifting load
+on a shared machine hits both.
+
+--direct-ingress runs the same with Ray Serve's throughput-optimized mode
+(RAY_SERVE_THROUGHPUT_OPTIMIZED=1, set before Ray starts): each app's ingress replica answers
+HTTP on a port of its own, with no proxy hop (the clients are pointed at that port).
 
 The client is a few lines of asyncio over raw HTTP/1.1 on purpose: a full client library costs
 about a millisecond of CPU per request, and 200 of them from one process would time the client.
@@ -236,6 +241,23 @@ class ReplicaWatch:
             time.sleep(0.5)
 
 
+def app_port(app: str, proxy_port: int, direct: bool, timeout: float = 120.0) -> int:
+    """The port that serves ``app``: Serve's proxy, or with direct ingress its ingress replica's own."""
+    if not direct:
+        return proxy_port
+    import ray
+
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        groups = ray.get(controller.get_target_groups.remote(app_name=app))
+        ports = {t.port for g in groups if g.protocol == "HTTP" for t in g.targets} - {proxy_port}
+        if ports:
+            return min(ports)
+        time.sleep(0.5)
+    raise RuntimeError(f"no direct ingress port for {app}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="50 clients, 1 repeat")
@@ -244,7 +266,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="runs of each (default 3; medians reported)")
     ap.add_argument("--max-queue", type=int, default=None,
                     help="ours: unfinished jobs before 429 (default: the number of clients, so all are accepted)")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="Serve's throughput-optimized mode: ingress replicas answer HTTP themselves, no proxy")
     args = ap.parse_args()
+    if args.direct_ingress:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     n = args.clients or (50 if args.quick else 200)
     repeats = args.repeats or (1 if args.quick else 3)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -259,7 +285,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-serve-")
     model = build_tiny_model(os.path.join(work, "model"))
     os.makedirs(os.path.join(work, "naive"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -279,15 +305,16 @@ def main() -> None:
                   .bind(model, os.path.join(work, "naive"), 1), name="naive", route_prefix="/naive", blocking=False)
         serve.run(Noop.options(ray_actor_options={"num_cpus": 0}).bind(), name="noop", route_prefix="/noop",
                   blocking=False)
-        sides = {"naive": ("/naive", None, False, "NaiveSync"), "ours": ("", key, True, "VideoGenerator")}
+        sides = {"naive": ("naive", "/naive", None, False, "NaiveSync"),
+                 "ours": ("sora", "", key, True, "VideoGenerator")}
+        ports = {app: app_port(app, port, args.direct_ingress) for app in ("naive", "sora", "noop")}
 
         def run(side: str, warm: bool = False) -> None:
-            prefix, k, poll, deployment = sides[side]
-            app = "naive" if side == "naive" else "sora"
+            app, prefix, k, poll, deployment = sides[side]
             ReplicaWatch(app, deployment).wait_for(AUTOSCALING["min_replicas"])
             loads.append(os.getloadavg()[0])
             with ReplicaWatch(app, deployment) as watch:
-                result = asyncio.run(burst(port, prefix, k, n, args.steps, poll, deadline_s))
+                result = asyncio.run(burst(ports[app], prefix, k, n, args.steps, poll, deadline_s))
             result.update(watch.summary())
             if not warm:
                 runs[side].append(result)
@@ -299,7 +326,7 @@ def main() -> None:
         for _ in range(repeats):
             run("naive")
             run("ours")
-            runs["noop"].append(asyncio.run(burst(port, "/noop", None, n, args.steps, False, deadline_s)))
+            runs["noop"].append(asyncio.run(burst(ports["noop"], "/noop", None, n, args.steps, False, deadline_s)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -316,7 +343,8 @@ def main() -> None:
                                                              "replicas_added", "replica_asked_after_s",
                                                              "replica_running_after_s")}
               for side in ("naive", "ours")}
-    extra = {"clients": n, "runs": repeats, "steps": args.steps, "size": "32x32x9",
+    extra = {"clients": n, "http": "direct ingress (no proxy)" if args.direct_ingress else "Serve's proxy",
+             "runs": repeats, "steps": args.steps, "size": "32x32x9",
              "autoscaling": {k: AUTOSCALING[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
                                                           "upscale_delay_s")},
              "cpus_per_replica": REPLICA_CPUS, "ours_max_queue": ours_cfg["max_queue"],
@@ -331,6 +359,9 @@ def main() -> None:
                higher_is_better=False, unit="s", extra=extra)
     report("serve_jobs_lost", "jobs", (names[0], med("naive", lambda r: r["lost"])),
            (names[1], med("ours", lambda r: r["lost"])), higher_is_better=False, unit="jobs", extra=extra)
+    report("serve_replica_asked_after", "seconds", (names[0], med("naive", lambda r: r["replica_asked_after_s"])),
+           (names[1], med("ours", lambda r: r["replica_asked_after_s"])), higher_is_better=False, unit="s",
+           extra=extra)
     report("serve_replica_running_after", "seconds", (names[0], med("naive", lambda r: r["replica_running_after_s"])),
            (names[1], med("ours", lambda r: r["replica_running_after_s"])), higher_is_better=False, unit="s",
            extra=extra)
