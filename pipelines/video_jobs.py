@@ -20,8 +20,9 @@ sees half a record. The ingress answers a POST once the job is in a journal file
 ingress first moves every journal file's records to jobs/ + active/ (`replay_journal`), so an
 answered job is never lost, and a record already there is never overwritten. There is no
 cross-process lock: the ingress writes a record when it accepts, re-queues or fails a job, a
-generator replica while it owns the job (claim, heartbeats, result). Outputs are deterministic (the seed is chosen once, at creation, and stored), so when a job runs
-twice - a replica presumed dead that was only slow - both runs write the same bytes.
+generator replica while it owns the job (claim, heartbeats, result). Outputs are deterministic
+(the seed is chosen once, at creation, and stored), so when a job runs twice - a replica presumed
+dead that was only slow - both runs write the same bytes.
 
 Ids are `video_` + 12 hex digits of the creation time in ms + 20 random hex digits, so sorting
 ids sorts by creation time (cursor pagination needs no index) and an id is never a path: every
