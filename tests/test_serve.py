@@ -5,7 +5,9 @@ it end to end (and a second app on the same Serve, serving a tiny Wan 2.2 TI2V d
 the same client test); 200+ hostile requests all get 4xx JSON; a generator replica is SIGKILLed mid-job
 and the job still completes; the ingress is killed and its restart resumes the jobs; a queue
 makes Serve start a second replica; 200 concurrent creates are each accepted or 429'd and every
-accepted job completes. Plus fast unit checks of request parsing and the job store."""
+accepted job completes; a second app takes 100 concurrent creates, its ingress is killed right
+after answering them, and every accepted job completes exactly once. Plus fast unit checks of
+request parsing and the job store (its journal)."""
 
 from __future__ import annotations
 
@@ -202,6 +204,24 @@ def test_job_store_pages_by_creation_time(tmp_path):
     assert [r["id"] for r in page] == ids[::-1] and not more
     assert store.delete(ids[2]) and store.get(ids[2]) is None and ids[2] not in store.ids()
     assert store.active_ids() == sorted(set(ids) - {ids[2]})
+
+
+def test_journal_replay_stores_answered_jobs_once(tmp_path):
+    store = JobStore(str(tmp_path))
+    recs = [new_record(new_id(now=2000.0 + i), model="m", prompt=f"p{i}", size="32x32", seconds="1",
+                       output_size="32x32", job={}) for i in range(4)]
+    store.journal(recs[:3])
+    store.journal(recs[3:])
+    assert store.get(recs[1]["id"])["prompt"] == "p1"  # readable while only journaled
+    assert store.ids() == [] and store.active_ids() == []
+    store.adopt(recs[0])  # stored before a crash, then moved on by a replica
+    store.put({**store.get(recs[0]["id"]), "status": "in_progress", "progress": 40})
+    store.delete(recs[2]["id"])  # deleted meanwhile: its tombstone wins
+    assert store.replay_journal() == [recs[1]["id"], recs[3]["id"]]
+    assert store.journal_files() == [] and store.replay_journal() == []
+    assert store.ids() == [recs[0]["id"], recs[1]["id"], recs[3]["id"]] == store.active_ids()
+    assert store.get(recs[0]["id"])["progress"] == 40  # never overwritten by the journal's copy
+    assert store.get(recs[2]["id"]) is None
 
 
 def test_serve_config_from_args_flags_and_old_records(tmp_path):
@@ -561,3 +581,59 @@ def test_200_concurrent_creates_accepted_or_429_none_lost(server, http):
     assert set(accepted) <= listed
     wait_inactive(server["store"], accepted)
     print(json.dumps({"accepted": len(accepted), "rejected_429": len(rejected), "max_depth": int(depth.max())}))
+
+
+def test_100_concurrent_creates_survive_an_ingress_killed_right_after_answering(server, ray_session, tmp_path):
+    """A second app with room for all of them: every create is answered 200, the ingress is killed
+    at once (jobs still in the journal), and each accepted job completes, once, none is lost."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from pipelines.serve import application
+    from pipelines.serve_config import ServeConfig
+
+    n = 100
+    store = JobStore(str(tmp_path / "store"))
+    cfg = ServeConfig.from_args({**CONFIG, "model": server["model"], "storage": store.root, "max_queue": 2 * n,
+                                 "max_replicas": 1, "max_batch_size": 8})
+    serve.run(application(cfg), name="load", route_prefix="/load", blocking=False)
+
+    def ingress() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "::load#VideoAPI#" in a["name"]]
+
+    try:
+        with httpx.Client(base_url=server["url"] + "/load", headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60) as http:
+            wait_healthy(http)
+
+            async def flood() -> list[httpx.Response]:
+                limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+                async with httpx.AsyncClient(base_url=server["url"] + "/load", timeout=60, limits=limits,
+                                             headers={"Authorization": f"Bearer {KEY}"}) as c:
+                    return await asyncio.gather(*[c.post("/v1/videos", json={
+                        "prompt": f"shape {i}", "seconds": 1, "num_inference_steps": 1}) for i in range(n)])
+
+            responses = asyncio.run(flood())
+            (name,) = ingress()
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            journaled = len(store.journal_files())
+            assert [r.status_code for r in responses] == [200] * n, {r.status_code for r in responses}
+            accepted = [r.json()["id"] for r in responses]
+            assert len(set(accepted)) == n and all(r.json()["status"] == "queued" for r in responses)
+            deadline = time.monotonic() + 60
+            while ingress() in ([], [name]):
+                assert time.monotonic() < deadline, "the ingress was not restarted"
+                time.sleep(0.2)
+            wait_healthy(http)
+            results = wait_final(http, accepted, timeout=240)
+        assert all(r["status"] == "completed" for r in results.values()), [r for r in results.values()
+                                                                           if r["status"] != "completed"]
+        assert store.ids() == sorted(accepted)  # each accepted job once, nothing else
+        assert store.journal_files() == []
+        assert all(os.path.exists(store.output_url(v, "video")) for v in accepted)
+        wait_inactive(store, accepted)
+        print(json.dumps({"accepted": n, "journal_files_at_kill": journaled,
+                          "attempts": sorted({store.get(v)["attempts"] for v in accepted})}))
+    finally:
+        serve.delete("load")
