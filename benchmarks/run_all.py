@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RECORDED = os.path.join(HERE, "recorded.json")
 FIGURE_KEYS = ("area", "figure", "value", "machine", "date", "how")
-AREAS = ("demo", "training", "data", "generation", "benchmark")
+AREAS = ("demo", "training", "data", "curation", "generation", "serving", "open weights", "benchmark")
 
 
 # ----------------------------------------------------------------------------- running benches
