@@ -166,6 +166,32 @@ def test_train_step_loss_equals_direct_diffusers_computation(wan_dirs, data, fla
         assert "transformer.proj_out.weight" in moved and len(moved) > 0.9 * len(before)
 
 
+def test_activation_checkpointing_gives_the_same_lora_step(wan_dirs, data):
+    """What `parallelize` switches on for GPU runs (``gradient_checkpointing``: diffusers'
+    non-reentrant per-block recompute) still reaches the adapter inside the frozen blocks: the
+    same loss and the same updated adapter as without it."""
+    plan = plan_model(data, inspect_latents(data), TrainConfig(init=wan_dirs["t2v"], lora_rank=4, lr=1e-2,
+                                                               warmup_steps=0, p_uncond=0.0), None)
+    from pipelines.storage import read_table
+    from pipelines.train import sample_from_row
+
+    rows = read_table(os.path.join(data, "latents")).to_pylist()
+    samples = [sample_from_row(r) for r in rows if (r["grid_t"], r["grid_h"], r["grid_w"]) == (3, 2, 2)][:3]
+    results = []
+    with torch_threads(1):
+        for checkpointing in (False, True):
+            core, model, optimizer, flops = build_model(plan.loop_config(), plan.cfg, torch.device("cpu"), 1)
+            core.gradient_checkpointing = checkpointing
+            start = {n: p.detach().clone() for n, p in core.named_parameters() if ".lora_A." in n}
+            outs = [train_step(model, samples, step, optimizer, plan.cfg, plan.cfg.flow(), flops, torch.device("cpu"),
+                               0, 1, contextlib.nullcontext())["loss"] for step in (1, 2)]
+            results.append((outs, {n: p.detach().clone() for n, p in core.named_parameters() if p.requires_grad}))
+    (plain, a), (ckpt, b) = results
+    assert plain == pytest.approx(ckpt, rel=1e-6)
+    assert all(torch.allclose(a[n], b[n], atol=1e-7) for n in a)
+    assert all(not torch.equal(a[n], start[n]) for n in start)  # A learns from step 2 on, through the recompute
+
+
 # ----------------------------------------------------------------------------------------
 # The LoRA runs
 # ----------------------------------------------------------------------------------------
@@ -216,6 +242,19 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume(lora_runs):
     assert optim and all(".lora_" in k for k in optim)  # AdamW's moments of the adapter only
     with open(os.path.join(lora_runs["out"], "lora", "pytorch_lora_weights.safetensors"), "rb") as f:
         assert f.read() != first["adapter_bytes"]  # the resumed run exported its own adapter
+
+
+def test_a_run_resumes_only_the_model_it_trains(lora_runs, wan_dirs, data, tmp_path, no_ray_work):
+    """The run directory remembers its model: the same run name with other LoRA settings, full
+    fine-tuning or our DiT is refused before any worker starts (a worker would fail to load)."""
+    store, out = lora_runs["store"], str(tmp_path / "out")
+    with open(os.path.join(store, "wan-lora", "sora_model.json")) as f:
+        assert json.load(f) == {"kind": "wan-lora", "init": os.path.abspath(wan_dirs["t2v"]),
+                                "lora": {"rank": 8, "alpha": 16.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}}
+    for cfg in (TrainConfig(init=wan_dirs["t2v"], lora_rank=4), TrainConfig(init=wan_dirs["t2v"])):
+        with pytest.raises(ValueError, match="resume it with the same --init and LoRA settings"):
+            run_training(data, out, None, cfg, storage_path=store, name="wan-lora")
+    assert not os.path.exists(out)
 
 
 def test_lora_output_dir_references_the_base(lora_runs, wan_dirs):

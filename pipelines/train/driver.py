@@ -11,7 +11,20 @@ from pipelines.train.checkpoint import export_model
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import inspect_latents
 from pipelines.train.loop import LossFn, train_loop_per_worker
-from pipelines.train.models import export_wan, plan_model
+from pipelines.train.models import check_resumable, export_wan, plan_model
+
+RUN_MODEL = "sora_model.json"  # in a run's directory: which model its checkpoints train (ModelPlan.identity)
+
+
+def claim_run(run_dir: str, identity: dict[str, Any]) -> None:
+    """A run directory remembers the model it trains: running it again with another model (a
+    Wan directory, LoRA settings, or our DiT) fails here, before any worker starts, instead of
+    when a worker loads the checkpoint."""
+    marker = storage.join(run_dir, RUN_MODEL)
+    if storage.exists(marker):
+        check_resumable({"model": storage.read_json(marker)}, identity, run_dir)
+    else:
+        storage.write_json_atomic(identity, marker)
 
 
 def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, storage_path: str | None = None,
@@ -42,6 +55,8 @@ def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, stor
         print(f"[train] fine-tuning {plan.spec.name}"
               f"{' with a rank-' + str(plan.lora['rank']) + ' LoRA adapter' if plan.lora else ' (every weight)'}; "
               f"conditioning modes {cfg.cond_mode_probs}, timestep shift {cfg.base_shift:g}", flush=True)
+    storage_path = storage_path or os.path.join(out, "checkpoints")
+    claim_run(storage.join(storage_path, name or plan.kind), plan.identity())
     ensure_ray()
     data_fs, data_path = trainer.pyarrow_fs(storage.join(data, "latents"))
     ds = ray.data.read_parquet(data_path, filesystem=data_fs, file_extensions=["parquet"], num_cpus=cfg.read_cpus)
@@ -58,7 +73,7 @@ def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, stor
                    | ({"loss_fn": loss_fn} if loss_fn else {}))
     result = trainer.run_trainer(
         train_loop_per_worker, loop_config, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
-        use_gpu=cfg.use_gpu, storage_path=storage_path or os.path.join(out, "checkpoints"), name=name or plan.kind,
+        use_gpu=cfg.use_gpu, storage_path=storage_path, name=name or plan.kind,
         max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints, datasets={"train": ds})
     assert result.checkpoint is not None, "training reported no checkpoint"
     checkpoint = trainer.checkpoint_url(result.checkpoint)
