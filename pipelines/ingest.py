@@ -26,14 +26,17 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
+from pipelines.ingest_config import IngestConfig
 from sora.buckets import assign_bucket
+from sora.curation.letterbox import content_box, scale_box
+from sora.curation.shots import find_shots, frame_differences  # noqa: F401  (re-exported)
 from sora.video_io import VideoError, probe, read_frames
 
 CLIPS_SCHEMA = pa.schema(
@@ -53,6 +56,17 @@ CLIPS_SCHEMA = pa.schema(
         ("motion_score", pa.float64()),
         ("codec", pa.string()),
         ("container", pa.string()),
+        # Added columns (older datasets read them as null):
+        ("decoder", pa.string()),  # which decoder read the source: "decord" or "pyav"
+        ("crop_x", pa.int64()),  # the content box inside black bars, in displayed pixels;
+        ("crop_y", pa.int64()),  # width/height above are the whole displayed picture and
+        ("crop_width", pa.int64()),  # the bucket follows the content box
+        ("crop_height", pa.int64()),
+        ("shot_detector", pa.string()),  # "diff" or "transnetv2"
+        ("text_area", pa.float64()),  # share of the frame under on-screen text (PP-OCR); null: not run
+        ("aesthetic", pa.float64()),  # CLIP aesthetic score; null: no CLIP model given
+        ("signature", pa.string()),  # near-duplicate signature (sora.curation.dedup); null: not run
+        ("bit_rate", pa.int64()),  # the source file's bits per second (ranks near-duplicates)
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -69,28 +83,6 @@ QUARANTINE_SCHEMA = pa.schema(
 # Files a directory listing skips: sidecars and metadata that travel with videos. A file named
 # explicitly on the command line is always ingested (and quarantined if it is not a video).
 SIDECAR_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".md", ".srt", ".vtt", ".parquet", ".yaml", ".yml")
-
-
-@dataclass
-class IngestConfig:
-    """Knobs of the ingest pipeline. Defaults suit real footage; the shapes world sets
-    `min_motion=0` because it contains deliberately still objects."""
-
-    max_clip_seconds: float = 8.0  # long shots are cut into pieces of at most this length
-    max_clip_frames: int = 257  # ... and at most this many frames
-    min_clip_frames: int = 9  # shorter pieces are dropped (quarantined as "too short")
-    min_side: int = 32  # pixels; smaller videos are rejected
-    max_aspect: float = 3.0  # reject wider than 3:1 or taller than 1:3
-    min_motion: float = 0.0005  # mean |frame diff| in [0, 1]; below is a near-static clip
-    scene_threshold: float = 0.12  # mean |frame diff| that marks a hard cut
-    analysis_short_side: int = 48  # frames are analysed at this small size
-    max_analysis_frames: int = 2048  # longer videos are analysed at a frame stride
-    resolution: str | None = None  # force a bucket resolution class (e.g. "144p")
-    probe_timeout: float = 20.0  # seconds before a probe is killed
-    decode_timeout: float = 120.0  # seconds before an analysis decode is killed
-    # Test hook, off by default: sources whose path contains this string make the decoder
-    # hang (in its child process), which proves the deadline kills it and quarantines the file.
-    debug_hang_pattern: str | None = None
 
 
 # --------------------------------------------------------------------------- listing
@@ -181,14 +173,14 @@ def _local_copy(uri: str) -> Iterator[str]:
 
 
 def _timed(stage: str):
-    def wrap(fn: Callable[[dict, IngestConfig], None]):
-        def run(row: dict, cfg: IngestConfig | dict) -> dict:
+    def wrap(fn: Callable[..., None]):
+        def run(row: dict, cfg: IngestConfig | dict, **models) -> dict:
             cfg = cfg if isinstance(cfg, IngestConfig) else IngestConfig(**cfg)
             state = _load(row)
             t0 = time.perf_counter()
             if not state["failed"]:
                 try:
-                    fn(state, cfg)
+                    fn(state, cfg, **models)
                 except VideoError as e:
                     state["failed"] = True
                     _reject(state, stage, e.reason)
@@ -211,52 +203,86 @@ def start_row(source: str) -> dict:
 
 @_timed("probe")
 def probe_stage(state: dict, cfg: IngestConfig) -> None:
-    hang = cfg.probe_timeout + 30 if cfg.debug_hang_pattern and cfg.debug_hang_pattern in state["source"] else 0.0
     with _local_copy(state["source"]) as local:
-        info = probe(local, timeout=cfg.probe_timeout, _simulate_hang_seconds=hang)
+        info = probe(local, timeout=cfg.probe_timeout)
     if info.num_frames < 1 or info.width < 1 or info.height < 1:
         raise VideoError(state["source"], f"no decodable frames ({info.width}x{info.height}, {info.num_frames} frames)")
     state["info"] = asdict(info)
 
 
-def frame_differences(frames: np.ndarray) -> np.ndarray:
-    """Mean absolute difference of consecutive frames in [0, 1]: (T, H, W, 3) -> (T-1,)."""
-    f = frames.astype(np.float32) / 255.0
-    return np.abs(f[1:] - f[:-1]).mean(axis=(1, 2, 3)) if len(f) > 1 else np.zeros(0, np.float32)
+def _even_size(w: int, h: int, short_side: int) -> tuple[int, int]:
+    """(w, h) scaled so the short side is `short_side` (never up), both sides even."""
+    scale = min(1.0, short_side / min(w, h))
+    return max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
 
 
-def find_shots(diffs: np.ndarray, indices: np.ndarray, num_frames: int, threshold: float) -> list[tuple[int, int]]:
-    """Shots [start, end) in source frames, cut where the analysed difference jumps.
+def shot_content_boxes(source: str, shots: list[tuple[int, int]], info: dict,
+                       cfg: IngestConfig) -> list[tuple[int, int, int, int]]:
+    """Per shot, the content box (x0, y0, x1, y1) inside black bars, in displayed pixels, from
+    `cfg.bar_frames` frames spread over the shot (one decode for all shots)."""
+    w, h = info["width"], info["height"]
+    if not cfg.crop_bars:
+        return [(0, 0, w, h)] * len(shots)
+    picks = [np.unique(np.linspace(s, e - 1, min(cfg.bar_frames, e - s)).round().astype(int)) for s, e in shots]
+    size = (w, h) if min(w, h) <= cfg.bar_short_side else _even_size(w, h, cfg.bar_short_side)
+    with _local_copy(source) as local:
+        frames = read_frames(local, np.concatenate(picks).tolist(), size=size, timeout=cfg.decode_timeout)
+    boxes, at = [], 0
+    for p in picks:
+        box = content_box(frames[at:at + len(p)], threshold=cfg.bar_threshold)
+        boxes.append(scale_box(box, size, (w, h)))
+        at += len(p)
+    return boxes
 
-    `indices` are the source frames that were analysed (a stride on long videos); a cut
-    between analysed frames i and i+1 starts the new shot at source frame indices[i+1]."""
-    starts = [0] + [int(indices[i + 1]) for i in np.nonzero(diffs >= threshold)[0]]
-    ends = starts[1:] + [num_frames]
-    return [(s, e) for s, e in zip(starts, ends) if e > s]
+
+def _transnet_shots(model, frames: np.ndarray, indices: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Shots in source frames from TransNetV2 on the analysed frames: the frames of a cut,
+    dissolve or fade belong to no shot."""
+    from sora.curation.shots import shots_between
+    from sora.curation.transnetv2 import detect_transitions
+
+    shots = shots_between(detect_transitions(model, frames), len(indices))
+    return [(int(indices[a]), int(indices[b]) if b < len(indices) else n) for a, b in shots]
 
 
 @_timed("split")
-def split_stage(state: dict, cfg: IngestConfig) -> None:
+def split_stage(state: dict, cfg: IngestConfig, shot_model=None) -> None:
+    """Shots (the frame-difference rule, or TransNetV2 when `shot_model` is given), black bars
+    per shot, then clips of at most the maximum length with their motion score."""
     info = state["info"]
     n, w, h, fps = info["num_frames"], info["width"], info["height"], info["fps"]
     stride = max(1, int(np.ceil(n / cfg.max_analysis_frames)))
     indices = np.arange(0, n, stride)
-    scale = cfg.analysis_short_side / min(w, h)
-    size = (max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2))
+    size = _even_size(w, h, cfg.analysis_short_side) if min(w, h) > cfg.analysis_short_side else \
+        (max(2, w // 2 * 2), max(2, h // 2 * 2))
     with _local_copy(state["source"]) as local:
         frames = read_frames(local, indices.tolist(), size=size, timeout=cfg.decode_timeout)
-    diffs = frame_differences(frames)
+    # Cuts are found inside the bars common to the whole video (static bars dilute differences).
+    ax0, ay0, ax1, ay1 = content_box(frames, threshold=cfg.bar_threshold) if cfg.crop_bars else (0, 0, *size)
+    diffs = frame_differences(frames[:, ay0:ay1, ax0:ax1])
+    if cfg.shots == "transnetv2":
+        assert shot_model is not None, "shots='transnetv2' runs split_stage through ingest_scores.ShotSplit"
+        shots = _transnet_shots(shot_model, frames[:, ay0:ay1, ax0:ax1], indices, n)
+    else:
+        shots = find_shots(diffs, indices, n, cfg.scene_threshold)
+    boxes = shot_content_boxes(state["source"], shots, info, cfg)
     max_len = max(1, min(cfg.max_clip_frames, int(cfg.max_clip_seconds * fps) if fps > 0 else cfg.max_clip_frames))
-    for shot_start, shot_end in find_shots(diffs, indices, n, cfg.scene_threshold):
+    for (shot_start, shot_end), (x0, y0, x1, y1) in zip(shots, boxes):
+        # motion is measured inside the shot's content box (mapped to the analysis frames)
+        bx0, by0, bx1, by1 = (int(round(x0 * size[0] / w)), int(round(y0 * size[1] / h)),
+                              max(1, int(round(x1 * size[0] / w))), max(1, int(round(y1 * size[1] / h))))
+        content = frame_differences(frames[:, by0:by1, bx0:bx1]) if (bx1 > bx0 and by1 > by0) else diffs
         for start in range(shot_start, shot_end, max_len):
             length = min(max_len, shot_end - start)
-            clip = {"clip_id": clip_id(state["source"], start, length), "start_frame": start, "num_frames": length}
+            clip = {"clip_id": clip_id(state["source"], start, length), "start_frame": start, "num_frames": length,
+                    "crop_x": x0, "crop_y": y0, "crop_width": x1 - x0, "crop_height": y1 - y0,
+                    "shot_detector": cfg.shots}
             if length < cfg.min_clip_frames:
                 _reject(state, "split", f"too short: {length} frames < {cfg.min_clip_frames}", clip)
                 continue
             # motion: mean analysed difference inside the clip, excluding the cut into it
             inside = (indices[1:] > start) & (indices[1:] < start + length) & (indices[:-1] >= start)
-            clip["motion_score"] = float(diffs[inside].mean()) if inside.any() else 0.0
+            clip["motion_score"] = float(content[inside].mean()) if inside.any() else 0.0
             state["clips"].append(clip)
     if not state["clips"] and not state["quarantine"]:
         _reject(state, "split", "no clips found")
@@ -264,17 +290,13 @@ def split_stage(state: dict, cfg: IngestConfig) -> None:
 
 @_timed("filter")
 def filter_stage(state: dict, cfg: IngestConfig) -> None:
-    info = state["info"]
-    w, h = info["width"], info["height"]
-    source_problem = None
-    if min(w, h) < cfg.min_side:
-        source_problem = f"too small: {w}x{h} (minimum side {cfg.min_side})"
-    elif max(w / h, h / w) > cfg.max_aspect:
-        source_problem = f"extreme aspect ratio {w}x{h} ({max(w / h, h / w):.2f}:1 > {cfg.max_aspect}:1)"
     kept = []
     for clip in state["clips"]:
-        if source_problem:
-            _reject(state, "filter", source_problem, clip)
+        w, h = clip["crop_width"], clip["crop_height"]  # the content, inside any black bars
+        if min(w, h) < cfg.min_side:
+            _reject(state, "filter", f"too small: {w}x{h} (minimum side {cfg.min_side})", clip)
+        elif max(w / h, h / w) > cfg.max_aspect:
+            _reject(state, "filter", f"extreme aspect ratio {w}x{h} ({max(w / h, h / w):.2f}:1 > {cfg.max_aspect}:1)", clip)
         elif clip["num_frames"] < cfg.min_clip_frames:
             _reject(state, "filter", f"too few frames: {clip['num_frames']} < {cfg.min_clip_frames}", clip)
         elif clip["motion_score"] < cfg.min_motion:
@@ -286,12 +308,39 @@ def filter_stage(state: dict, cfg: IngestConfig) -> None:
 
 @_timed("bucket")
 def bucket_stage(state: dict, cfg: IngestConfig) -> None:
-    info = state["info"]
-    for clip in state["clips"]:
-        b = assign_bucket(info["width"], info["height"], clip["num_frames"], resolution=cfg.resolution)
+    for clip in state["clips"]:  # the bucket follows the content's aspect, not the frame's
+        b = assign_bucket(clip["crop_width"], clip["crop_height"], clip["num_frames"], resolution=cfg.resolution)
         clip.update(
             bucket=b.key, bucket_width=b.width, bucket_height=b.height, bucket_frames=b.num_frames, resolution=b.resolution
         )
+
+
+@_timed("score")
+def score_stage(state: dict, cfg: IngestConfig, scorers=None) -> None:
+    """Per clip: near-duplicate signature, on-screen text area and aesthetic score (where
+    configured; `scorers` holds the loaded models, see `pipelines.ingest_scores.ClipScores`);
+    clips past a threshold are quarantined. A clip that fails to score is quarantined alone."""
+    from pipelines.ingest_scores import score_clip, threshold_problem
+
+    if not (cfg.signatures or scorers is not None):
+        return
+    kept = []
+    with _local_copy(state["source"]) as local:
+        for clip in state["clips"]:
+            try:
+                clip.update(score_clip(local, clip, cfg, scorers))
+            except VideoError as e:
+                _reject(state, "score", e.reason, clip)
+                continue
+            except Exception as e:  # one clip's failure never drops its source
+                _reject(state, "score", f"{type(e).__name__}: {e}", clip)
+                continue
+            problem = threshold_problem(clip, cfg)
+            if problem:
+                _reject(state, "score", problem, clip)
+            else:
+                kept.append(clip)
+    state["clips"] = kept
 
 
 def write_stage(row: dict, out: str) -> dict:
@@ -310,7 +359,11 @@ def write_stage(row: dict, out: str) -> dict:
             "height": info.get("height"),
             "codec": info.get("codec"),
             "container": info.get("container"),
-            **{k: c[k] for k in ("bucket", "bucket_width", "bucket_height", "bucket_frames", "resolution")},
+            "decoder": info.get("decoder"),
+            "bit_rate": info.get("bit_rate"),
+            **{k: c[k] for k in ("bucket", "bucket_width", "bucket_height", "bucket_frames", "resolution",
+                                 "crop_x", "crop_y", "crop_width", "crop_height", "shot_detector")},
+            **{k: c.get(k) for k in ("text_area", "aesthetic", "signature")},
         }
         for c in state["clips"]
     ]
@@ -331,6 +384,7 @@ def write_stage(row: dict, out: str) -> dict:
         "stages": {q["stage"] for q in state["quarantine"]},
         "buckets": [c["bucket"] for c in clips],
         "seconds": state["seconds"],
+        "models": state.get("models"),
     }
     summary["stages"] = sorted(summary["stages"])
     state["seconds"]["write"] = time.perf_counter() - t0
@@ -338,14 +392,23 @@ def write_stage(row: dict, out: str) -> dict:
     return {"summary": json.dumps(summary)}
 
 
-STAGES = (probe_stage, split_stage, filter_stage, bucket_stage)
+STAGES = (probe_stage, split_stage, filter_stage, bucket_stage, score_stage)
 
 
-def process_source(source: str, out: str, cfg: IngestConfig) -> dict:
+def _stage_callables(cfg: IngestConfig) -> list[Callable[[dict], dict]]:
+    """Every stage as a function of a row, with its models loaded (once) in this process."""
+    from pipelines.ingest_scores import ClipScores, ShotSplit, needs_models
+
+    models = {split_stage: ShotSplit(cfg) if cfg.shots == "transnetv2" else None,
+              score_stage: ClipScores(cfg) if needs_models(cfg) else None}
+    return [models[s] if models.get(s) is not None else (lambda row, s=s: s(row, cfg)) for s in STAGES]
+
+
+def process_source(source: str, out: str, cfg: IngestConfig, stages: list | None = None) -> dict:
     """All stages for one source in this process (the sequential baseline)."""
     row = start_row(source)
-    for stage in STAGES:
-        row = stage(row, cfg)
+    for stage in stages or _stage_callables(cfg):
+        row = stage(row)
     return json.loads(write_stage(row, out)["summary"])
 
 
@@ -424,20 +487,40 @@ def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = Non
     t0 = time.perf_counter()
     sources = list_sources(srcs)
     todo, done = _pending(sources, out, overwrite)
-    summaries = done + [process_source(s, out, cfg) for s in todo]
-    return summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    stages = _stage_callables(cfg) if todo else []  # models load once for the whole loop
+    summaries = done + [process_source(s, out, cfg, stages) for s in todo]
+    dedup = _dedup(out, cfg)
+    summary = summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    return {**summary, "dedup": dedup} if dedup else summary
+
+
+def _dedup(out: str, cfg: IngestConfig) -> dict | None:
+    """The dataset-wide near-duplicate pass when cfg.dedup (pipelines.ingest_dedup)."""
+    if not cfg.dedup:
+        return None
+    from pipelines.ingest_dedup import dedup_dataset
+
+    return dedup_dataset(out, cfg.dedup_max_bits)
 
 
 def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):
     """The streaming Ray Data pipeline: one row per source through every stage."""
     import ray
 
+    from pipelines.ingest_scores import ClipScores, ShotSplit, needs_models
+
     cfg_dict = asdict(cfg)
+    actors = {split_stage: ShotSplit if cfg.shots == "transnetv2" else None,
+              score_stage: ClipScores if needs_models(cfg) else None}
     ds = ray.data.from_items([start_row(s) for s in sources], override_num_blocks=max(1, len(sources)))
     for stage in STAGES:
         # num_cpus=1: decode work is CPU-bound. Ray Data retries a task whose worker died
         # (max_retries=-1 by default for its tasks); idempotent writes keep that exactly-once.
-        ds = ds.map(stage, fn_kwargs={"cfg": cfg_dict}, num_cpus=1)
+        if actors.get(stage) is not None:  # a model stage: the model loads once per actor
+            ds = ds.map(actors[stage], fn_constructor_kwargs={"cfg": cfg_dict}, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+        else:
+            ds = ds.map(stage, fn_kwargs={"cfg": cfg_dict}, num_cpus=1)
     return ds.map(write_stage, fn_kwargs={"out": out}, num_cpus=1)
 
 
@@ -463,7 +546,10 @@ def run_ingest(
             summaries.append(s)
             if progress:
                 progress(s, i + 1, len(todo))
+    dedup = _dedup(out, cfg)
     summary = summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    if dedup:
+        summary["dedup"] = dedup
     summary["config"] = asdict(cfg)
     storage.write_json_atomic(summary, storage.join(out, "_summary.json"))
     return summary

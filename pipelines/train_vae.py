@@ -29,6 +29,7 @@ class VAETrainConfig:
     workers: int = 2  # Ray Train workers (DDP)
     max_minutes: float = 10.0  # wall-clock budget of the training loop (decode time included)
     max_steps: int | None = None  # stop after this many steps (None: the time budget only)
+    min_steps: int = 1  # steps trained even when the time budget is already used up (e.g. by decoding)
     lr: float = 1e-3  # AdamW learning rate (the cosine schedule's peak)
     # "muon": sora.optim.Muon on the hidden conv kernels, AdamW on biases and the first/last convs;
     # "adamw": AdamW on everything
@@ -64,6 +65,8 @@ class VAETrainConfig:
             raise ValueError(f"need 0 <= image_prob <= 1 and fg_weight >= 0, got {self.image_prob}, {self.fg_weight}")
         if not (self.lr > 0 and self.muon_lr > 0):
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.workers < 1 or self.max_minutes <= 0:
             raise ValueError(f"need workers >= 1 and max_minutes > 0, got {self.workers}, {self.max_minutes}")
         self.lr_schedule()
@@ -201,7 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
         trainer.report(metrics, **({"model": model, "optimizers": opt, "state": state} if checkpoint else {}))
 
     while True:
-        done = minutes_used() >= budget or (cfg.max_steps is not None and step >= cfg.max_steps)
+        out_of_time = minutes_used() >= budget and step >= cfg.min_steps
+        done = out_of_time or (cfg.max_steps is not None and step >= cfg.max_steps)
         flag = torch.tensor(float(done))
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops on the same step

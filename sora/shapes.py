@@ -153,11 +153,24 @@ class ClipRanges:
     """What `sample_clip` draws from. Defaults keep clips small enough to train on 2 CPU cores.
     `TINY` (below) is for fast tests."""
 
-    short_sides: tuple[int, ...] = tuple(range(64, 145, 8))  # even, so H.264 4:2:0 works
-    frame_counts: tuple[int, ...] = tuple(range(9, 42, 4))  # 4k+1, what the causal VAE eats
-    fps: tuple[int, ...] = (8, 12, 16, 24)
-    aspects: tuple[str, ...] = tuple(ASPECT_RATIOS)  # cycled by clip index, not drawn
-    two_object_prob: float = 0.3
+    short_sides: tuple[int, ...] = tuple(range(64, 145, 8))  # short sides in pixels (even, for 4:2:0)
+    frame_counts: tuple[int, ...] = tuple(range(9, 42, 4))  # frame counts to draw from (4k+1 suits the causal VAE)
+    fps: tuple[int, ...] = (8, 12, 16, 24)  # frame rates to draw from
+    aspects: tuple[str, ...] = tuple(ASPECT_RATIOS)  # aspect ratios, cycled by clip index (not drawn)
+    two_object_prob: float = 0.3  # chance that a clip has a second object
+
+    def __post_init__(self):
+        if not self.short_sides or any(s < 16 or s % 2 for s in self.short_sides):
+            raise ValueError(f"short_sides must be even and >= 16 (H.264 4:2:0), got {self.short_sides}")
+        if not self.frame_counts or min(self.frame_counts) < 1:
+            raise ValueError(f"frame_counts must be >= 1, got {self.frame_counts}")
+        if not self.fps or min(self.fps) < 1:
+            raise ValueError(f"fps must be >= 1, got {self.fps}")
+        unknown = [a for a in self.aspects if a not in ASPECT_RATIOS]
+        if not self.aspects or unknown:
+            raise ValueError(f"aspects must be among {list(ASPECT_RATIOS)}, got {list(self.aspects)}")
+        if not 0 <= self.two_object_prob <= 1:
+            raise ValueError(f"two_object_prob is a probability in [0, 1], got {self.two_object_prob}")
 
 
 DEFAULT_RANGES = ClipRanges()

@@ -1,14 +1,16 @@
-"""Video I/O: probe, decode (decord), resize, and write (PyAV, pillow).
+"""Video I/O: probe, decode, resize, and write (PyAV, pillow).
 
-Everything that reads an untrusted file goes through one persistent child process (the
-"decode worker") that the caller kills when a deadline passes. Why a process and not a thread:
-decord can hang inside C code while holding the GIL on files whose container over-reports frames
-(see docs/setup-notes.md), so no Python-level timeout in the calling process would ever fire. A crash of the
-decoder (segfault) likewise only kills the child. Both become a `VideoError`.
+Reading decodes what phones, cameras and the web write (rotation tags, H.264/HEVC/AV1/VP9/
+ProRes/FFV1/MPEG-2/MJPEG, variable frame rate, non-square pixels) and returns the picture as
+displayed; `sora.video_decode` says how. Everything that reads an untrusted file runs in one
+persistent child process (`sora.video_worker`) that the caller kills when a deadline passes:
+decord can hang inside C code holding the GIL, and a decoder can segfault. Both become a
+`VideoError`.
 
 Shapes: frames are `(T, H, W, 3)` uint8 RGB. Sizes are given as `(width, height)` like PIL.
 
-Writers are plain functions that run in the caller (encoding our own arrays is trusted work).
+Writers are plain functions that run in the caller (encoding our own arrays is trusted work);
+the same frames give the same bytes, on an idle machine or a busy one.
 Every function accepts a local path or any fsspec URL (`memory://`, `file://`, `s3://` ...);
 remote inputs are copied to a local temp file first because decord and PyAV need a real file.
 """
@@ -19,16 +21,9 @@ import atexit
 import contextlib
 import fractions
 import io
-import json
 import os
-import select
-import signal
-import struct
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -39,6 +34,8 @@ import numpy as np
 # ("avcodec_open2(libvpx-vp9) returned 22"). Importing av here, at the top, makes `import
 # sora.video_io` enough; the decode worker imports av before decord for the same reason.
 import av  # noqa: E402  (order matters, see above)
+
+from sora.video_worker import DecodeWorker, WorkerCrash, WorkerTimeout  # noqa: E402
 
 __all__ = [
     "VideoError",
@@ -78,12 +75,16 @@ class VideoError(Exception):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What `probe` learns about a video without decoding its frames.
+    """What `probe` learns about a video (it decodes one frame, to read its rotation).
 
-    `num_frames` is the count decord will index (`read_frames` accepts `0..num_frames-1`);
-    on a truncated file it may over-report, and reading the missing frames raises VideoError.
-    `codec` is the FFmpeg codec name ("h264", "vp9", "mpeg4", "mjpeg", ...); `container` is a
-    short format name ("mp4", "mov", "webm", "matroska", "avi", ...).
+    width/height are the displayed size: rotation applied (a phone's portrait clip stored
+    landscape with a 90-degree tag is portrait here) and non-square pixels stretched.
+    `num_frames` frames are readable (`read_frames` accepts `0..num_frames-1`): frame i is the
+    picture on screen at i / fps. For variable-frame-rate video (`vfr`) `fps` is the real
+    average rate and frames are resampled to it on the stream's timestamps.
+    `codec` is the FFmpeg codec name ("h264", "hevc", "av1", "vp9", "prores", ...); `container`
+    a short format name ("mp4", "mov", "webm", "matroska", "avi", "mpegts", ...); `decoder`
+    the one that reads the frames ("decord", the fast path, or "pyav").
     """
 
     width: int
@@ -93,6 +94,14 @@ class VideoInfo:
     duration: float  # seconds, num_frames / fps
     codec: str
     container: str
+    decoder: str = "decord"
+    rotation: int = 0  # clockwise degrees the stored picture is turned for display
+    sample_aspect: float = 1.0  # stored pixel width / height (anamorphic video: != 1)
+    vfr: bool = False  # variable frame rate: resampled to `fps` on the timestamps
+    coded_width: int = 0  # the stored picture, before rotation and pixel aspect
+    coded_height: int = 0
+    pix_fmt: str = ""  # e.g. "yuv420p", "yuv420p10le"
+    bit_rate: int = 0  # bits per second of the whole file (its size over its duration)
 
     @property
     def aspect(self) -> float:
@@ -187,19 +196,23 @@ def cover_crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[floa
     return (x0, y0, x0 + crop_w, y0 + crop_h)
 
 
-def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize_frames(frames: np.ndarray, width: int, height: int, *,
+                  box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Resize (T, H, W, 3) uint8 frames to (T, height, width, 3) keeping the aspect ratio.
 
     Scale to cover the target, centre-crop the excess (see `cover_crop_box`). Uses PIL's
     antialiased bicubic filter, whose kernel widens when shrinking, so downscaling does not alias.
+    box: the source region (x0, y0, x1, y1) to scale instead, exactly as given (fractional
+    allowed); the decoder uses it to crop and undo non-square pixels in one resampling.
     """
     from PIL import Image
 
     frames = _check_frames(frames)
     T, H, W, _ = frames.shape
-    if (W, H) == (width, height):
-        return frames
-    box = cover_crop_box(W, H, width, height)
+    if box is None:
+        if (W, H) == (width, height):
+            return frames
+        box = cover_crop_box(W, H, width, height)
     out = np.empty((T, height, width, 3), dtype=np.uint8)
     for t in range(T):
         img = Image.fromarray(frames[t])
@@ -208,21 +221,18 @@ def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading: public API (runs in the caller, talks to the decode worker)
+# Reading: runs in the caller, the work happens in the decode worker
 # --------------------------------------------------------------------------------------------
 
 
-def probe(uri: str, timeout: float = 20.0, *, _simulate_hang_seconds: float = 0.0,
-          _simulate_crash: bool = False) -> VideoInfo:
-    """Open `uri` (local path or fsspec URL) and describe its first video stream.
+def probe(uri: str, timeout: float = 20.0) -> VideoInfo:
+    """Open `uri` (local path or fsspec URL) and describe its video stream (see VideoInfo).
 
     Raises VideoError for anything that is not a readable video, or when opening takes longer
     than `timeout` seconds (the decode process is killed). Fetching a remote URL to a temp file
-    is not counted in `timeout`. The `_simulate_*` arguments are test hooks: the worker sleeps
-    (as a hung decoder would) or kills itself with SIGSEGV before doing the work.
+    is not counted in `timeout`.
     """
-    job = {"op": "probe", "hang": float(_simulate_hang_seconds), "crash": bool(_simulate_crash)}
-    header, _ = _run_job(uri, job, timeout)
+    header, _ = _run_job(uri, {"op": "probe"}, timeout)
     return VideoInfo(**header["info"])
 
 
@@ -231,19 +241,22 @@ def read_frames(
     indices: Sequence[int] | None = None,
     *,
     size: tuple[int, int] | None = None,
+    crop: tuple[float, float, float, float] | None = None,
     timeout: float = 60.0,
-    _simulate_hang_seconds: float = 0.0,
-    _simulate_crash: bool = False,
 ) -> np.ndarray:
-    """Decode frames of `uri` with decord. Returns (T, H, W, 3) uint8 RGB.
+    """Decode frames of `uri` as displayed. Returns (T, H, W, 3) uint8 RGB.
 
     indices: frame numbers in `0..num_frames-1` (any order, repeats allowed); None = all frames.
+        Frame i is the picture on screen at i / fps (see VideoInfo for variable-rate video).
     size: (width, height) of the output; frames are resized keeping their aspect ratio (cover,
-        then centre-crop, see `resize_frames`). None keeps the stored size.
+        then centre-crop, see `resize_frames`). None keeps the displayed size (of the crop).
+    crop: (x0, y0, x1, y1) in displayed pixels: only that box of the picture (e.g. the content
+        inside black bars, see `sora.curation.letterbox`); None = the whole picture.
     timeout: seconds for opening + decoding + transfer; past it the decode process is killed
         and VideoError is raised.
     Raises VideoError for unreadable input, including frames missing from a truncated file
-    (never returns made-up frames), and IndexError for an index outside the video.
+    (never returns made-up frames), IndexError for an index outside the video and ValueError
+    for a crop box outside the picture.
     """
     if size is not None:
         assert len(size) == 2 and min(size) > 0, f"size must be (width, height) > 0, got {size}"
@@ -251,8 +264,7 @@ def read_frames(
         "op": "read",
         "indices": None if indices is None else [int(i) for i in indices],
         "size": None if size is None else [int(size[0]), int(size[1])],
-        "hang": float(_simulate_hang_seconds),
-        "crash": bool(_simulate_crash),
+        "crop": None if crop is None else [float(c) for c in crop],
     }
     header, frames = _run_job(uri, job, timeout)
     assert frames is not None and frames.shape == tuple(header["shape"]), "worker sent no frames"
@@ -270,368 +282,26 @@ def _run_job(uri: str, job: dict, timeout: float) -> tuple[dict, np.ndarray | No
             if os.path.getsize(path) == 0:
                 raise VideoError(uri, "empty file (0 bytes)")
             job["path"] = os.path.abspath(path)
-            header, frames = _WORKER.run(job, timeout, uri)
+            header, frames = _WORKER.run(job, timeout)
     except FileNotFoundError as e:  # fsspec: remote object missing
         raise VideoError(uri, f"no such file ({e})") from None
+    except WorkerTimeout:
+        raise VideoError(uri, f"decode timed out after {timeout:.1f} s") from None
+    except WorkerCrash as e:
+        raise VideoError(uri, f"decoder crashed ({e})") from None
     if header.get("error") == "index":
         raise IndexError(f"{uri}: {header['reason']}")
+    if header.get("error") == "value":
+        raise ValueError(f"{uri}: {header['reason']}")
     if header.get("error"):
         raise VideoError(uri, header["reason"])
     return header, frames
 
 
-class _DecodeWorker:
-    """One persistent child process that probes and decodes; killed and restarted on a
-    deadline or crash.
-
-    Why subprocess + pipes and not multiprocessing: the child is started as a fresh interpreter
-    (`python -c ...`), so it never re-imports the caller's `__main__` (spawn's footgun in
-    scripts without a main guard) and never inherits torch/Ray state (fork's footgun).
-    Protocol on the child's stdin/stdout: a 4-byte length + JSON header each way; frames follow
-    a reply header as raw bytes, read straight into the result array (no extra copy).
-    """
-
-    # Starting the child (interpreter + numpy + av + decord imports) is not part of a call's
-    # deadline; it has its own generous limit because a loaded machine can be slow to import.
-    START_TIMEOUT = 120.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
-        self._pid_owner = -1  # the caller pid that started _proc (a forked caller starts its own)
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def _alive(self) -> bool:
-        return (self._proc is not None and self._pid_owner == os.getpid()
-                and self._proc.poll() is None)
-
-    def _start(self) -> None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        boot = (f"import sys; sys.path.insert(0, {root!r}); "
-                f"from {__name__} import _worker_main; _worker_main()")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, close_fds=True)
-        self._pid_owner = os.getpid()
-        _grow_pipe(self._proc.stdout.fileno())
-        deadline = time.monotonic() + self.START_TIMEOUT
-        try:
-            hello = json.loads(self._recv_message(deadline))
-        except (TimeoutError, EOFError) as e:
-            self.kill()
-            raise RuntimeError(f"video decode worker failed to start: {e}") from e
-        assert hello.get("ready"), f"unexpected worker greeting {hello}"
-
-    def close(self) -> None:
-        """Let the child exit on its own (it stops at end of input); kill it if it lingers."""
-        proc = self._proc
-        if proc is None or self._pid_owner != os.getpid():
-            return
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=2.0)
-        self.kill()
-
-    def forget(self) -> None:
-        """In a forked child: drop the parent's worker and lock without touching them."""
-        self._lock = threading.Lock()
-        self._proc = None
-
-    def kill(self) -> None:
-        """Kill the child now (SIGKILL works even when it is stuck in C code holding the GIL)."""
-        proc, self._proc = self._proc, None
-        if proc is not None and self._pid_owner == os.getpid():
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-            for f in (proc.stdin, proc.stdout):
-                with contextlib.suppress(OSError):
-                    f.close()
-
-    # -- one call ----------------------------------------------------------------------------
-
-    def run(self, job: dict, timeout: float, uri: str) -> tuple[dict, np.ndarray | None]:
-        with self._lock:
-            if not self._alive():
-                self.kill()  # reap a crashed child (no-op if none)
-                self._start()
-            deadline = time.monotonic() + timeout
-            try:
-                data = json.dumps(job).encode()
-                self._proc.stdin.write(_LEN.pack(len(data)) + data)
-                self._proc.stdin.flush()
-                header = json.loads(self._recv_message(deadline))
-                frames = None
-                if "shape" in header:
-                    frames = np.empty(header["shape"], dtype=np.uint8)
-                    self._recv_into(frames.reshape(-1).data, deadline)  # 1-D view, no copy
-                return header, frames
-            except TimeoutError:
-                self.kill()
-                raise VideoError(uri, f"decode timed out after {timeout:.1f} s") from None
-            except (EOFError, BrokenPipeError):
-                code = self._proc.wait() if self._proc else None
-                self.kill()
-                raise VideoError(uri, f"decoder crashed ({_describe_exit(code)})") from None
-            except BaseException:
-                self.kill()  # e.g. KeyboardInterrupt mid-transfer: the stream is out of sync
-                raise
-
-    def _recv_into(self, buf: memoryview, deadline: float) -> None:
-        fd = self._proc.stdout.fileno()
-        poller = select.poll()  # not select.select: it fails on fds >= 1024 (busy Ray workers)
-        poller.register(fd, select.POLLIN)
-        pos = 0
-        while pos < len(buf):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(remaining * 1000):
-                raise TimeoutError
-            n = os.readv(fd, [buf[pos:]])
-            if n == 0:
-                raise EOFError
-            pos += n
-
-    def _recv_message(self, deadline: float) -> bytes:
-        """Read one length-prefixed message."""
-        head = bytearray(_LEN.size)
-        self._recv_into(memoryview(head), deadline)
-        (n,) = _LEN.unpack(head)
-        body = bytearray(n)
-        self._recv_into(memoryview(body), deadline)
-        return bytes(body)
-
-
-_LEN = struct.Struct("<I")
-_WORKER = _DecodeWorker()
-atexit.register(_WORKER.close)
-os.register_at_fork(after_in_child=_WORKER.forget)  # a fork mid-call would inherit a held lock
-
-
-def _grow_pipe(fd: int) -> None:
-    """Ask Linux for a 1 MiB pipe buffer (default 64 KiB) so big frame transfers take fewer
-    context switches. Best effort: other systems, or a capped limit, keep the default."""
-    with contextlib.suppress(Exception):
-        import fcntl
-
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
-# --------------------------------------------------------------------------------------------
-# Reading: the decode worker (runs in the child process)
-# --------------------------------------------------------------------------------------------
-
-
-class _Reject(Exception):
-    """Raised inside the worker for an input that is not a readable video; carries the reason."""
-
-
-_IMAGE_DEMUXERS = ("image2", "_pipe")  # FFmpeg opens a single PNG/JPEG as a 1-frame "video"
-
-
-def _container_name(fmt: str, path: str, metadata: dict) -> str:
-    """A short container name from FFmpeg's demuxer name (which lumps mp4/mov, mkv/webm)."""
-    if fmt.startswith("mov,mp4"):
-        return "mov" if metadata.get("major_brand", "").strip() == "qt" else "mp4"
-    if fmt.startswith("matroska"):
-        with open(path, "rb") as f:  # the EBML header names its DocType in the first bytes
-            return "webm" if b"webm" in f.read(64) else "matroska"
-    return fmt.split(",")[0]
-
-
-def _inspect(path: str) -> dict:
-    """What PyAV sees: container, codec, declared frame count. Raises _Reject."""
-    try:
-        container = av.open(path)
-    except av.error.FFmpegError as e:
-        with open(path, "rb") as f:
-            head = f.read(12)
-        if head[4:8] == b"ftyp":  # an ISO-BMFF file whose index (moov) never got written
-            raise _Reject("truncated or incomplete mp4/mov: no index (moov atom) found; "
-                          "the file was probably cut off while being written") from None
-        raise _Reject(f"not a video: unrecognised or corrupt container ({e.strerror or e})") from None
-    with container:
-        fmt = container.format.name
-        if not container.streams.video:
-            others = [f"{len(s)} {kind}" for kind, s in
-                      (("audio", container.streams.audio), ("subtitle", container.streams.subtitles))
-                      if len(s)]
-            found = f" (found {', '.join(others)} stream(s))" if others else ""
-            raise _Reject(f"not a video: no video stream{found}")
-        stream = container.streams.video[0]
-        codec = stream.codec_context.name
-        if any(tag in fmt for tag in _IMAGE_DEMUXERS):
-            raise _Reject(f"not a video: a still image ({codec})")
-        return {"container": _container_name(fmt, path, dict(container.metadata)),
-                "codec": codec, "declared_frames": int(stream.frames or 0),
-                "width": int(stream.codec_context.width), "height": int(stream.codec_context.height)}
-
-
-def _count_packets(path: str) -> int:
-    """Video packets actually present in the file (demux only, no decode)."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
-
-
-def _short(e: Exception) -> str:
-    """decord errors carry a C++ location and stack; keep the last meaningful line."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Stack trace" not in ln]
-    text = lines[0] if lines else type(e).__name__
-    return text.split("] ", 1)[-1][:200]
-
-
-def _open_decord(path: str, seen: dict):
-    import decord
-
-    try:
-        reader = decord.VideoReader(path)
-    except Exception as e:  # DECORDError or RuntimeError, depending on where decord fails
-        try:
-            present = _count_packets(path)
-        except Exception:
-            present = -1
-        declared = seen["declared_frames"]
-        if 0 <= present < declared:
-            raise _Reject(f"truncated: container lists {declared} frames but only "
-                          f"{present} are present") from None
-        raise _Reject(f"corrupt video: decord cannot open it ({_short(e)})") from None
-    if len(reader) <= 0:
-        raise _Reject("not a video: the video stream has no frames")
-    return reader
-
-
-def _probe_local(path: str) -> tuple[dict, object]:
-    seen = _inspect(path)
-    reader = _open_decord(path, seen)
-    fps = float(reader.get_avg_fps())
-    n = len(reader)
-    if not fps > 0:
-        raise _Reject(f"corrupt video: frame rate is {fps}")
-    info = {"width": seen["width"], "height": seen["height"], "fps": fps, "num_frames": n,
-            "duration": n / fps, "codec": seen["codec"], "container": seen["container"]}
-    return info, reader
-
-
-def _decode(reader, indices: list[int] | None, info: dict) -> np.ndarray:
-    """(T, H, W, 3) uint8 for `indices`; raises _Reject naming the first frame that fails."""
-    n, width, height = info["num_frames"], info["width"], info["height"]
-    indices = list(range(n)) if indices is None else indices
-    bad = [i for i in indices if not 0 <= i < n]
-    if bad:
-        raise IndexError(f"frame index {bad[0]} out of range for a video of {n} frames")
-    if not indices:
-        return np.empty((0, height, width, 3), dtype=np.uint8)
-    try:
-        frames = reader.get_batch(indices).asnumpy()
-    except Exception as e:
-        if "DECORDArrayCopyFromTo" in str(e):
-            return _decode_padded_rows(reader, indices, width, height)
-    else:
-        if frames.shape != (len(indices), height, width, 3):  # never hand back misshapen data
-            raise _Reject(f"corrupt video: decoded frames of shape {frames.shape[1:]} but the "
-                          f"stream says {width}x{height}")
-        return frames
-    # Find the first failing frame to say where the file breaks (error path only).
-    for i in sorted(set(indices)):
-        try:
-            reader[i].asnumpy()
-        except Exception:
-            raise _Reject(f"truncated or corrupt: frame {i} of {n} could not be decoded") from None
-    raise _Reject("corrupt video: decord failed to decode the batch")
-
-
-def _decode_padded_rows(reader, indices: list[int], width: int, height: int) -> np.ndarray:
-    """Work around a decord 0.6.0 bug. For a few small widths (8, 12, 16, 24, 48, 72 px; we
-    scanned 8..3840) FFmpeg pads each RGB row to an aligned length and decord reports the padded
-    buffer as (H, W, linesize / W) instead of (H, W, 3); `get_batch` then fails with
-    "DECORDArrayCopyFromTo: The size must exactly match". Single frames still come out, so we
-    cut the real W * 3 bytes out of each padded row: exact pixels, no resampling.
-    """
-    out = np.empty((len(indices), height, width, 3), dtype=np.uint8)
-    for t, i in enumerate(indices):
-        try:
-            raw = reader[i].asnumpy()
-        except Exception:
-            raise _Reject(f"truncated or corrupt: frame {i} of {len(reader)} could not be "
-                          "decoded") from None
-        rows = raw.reshape(height, -1)  # (H, linesize): one padded row of bytes per image row
-        assert rows.shape[1] >= width * 3, f"decord row of {rows.shape[1]} bytes < {width} px"
-        out[t] = rows[:, : width * 3].reshape(height, width, 3)
-    return out
-
-
-def _serve_one(job: dict) -> tuple[dict, np.ndarray | None]:
-    if job.get("hang"):
-        time.sleep(job["hang"])  # test hook: behave like a decoder stuck in C code
-    if job.get("crash"):
-        os.kill(os.getpid(), signal.SIGSEGV)  # test hook: behave like a decoder segfault
-    try:
-        info, reader = _probe_local(job["path"])
-        if job["op"] == "probe":
-            return {"info": info}, None
-        frames = _decode(reader, job["indices"], info)
-        if job["size"] is not None:
-            w, h = job["size"]
-            frames = resize_frames(frames, w, h) if len(frames) else np.empty((0, h, w, 3), np.uint8)
-        return {"shape": list(frames.shape)}, np.ascontiguousarray(frames)
-    except _Reject as e:
-        return {"error": "video", "reason": str(e)}, None
-    except IndexError as e:
-        return {"error": "index", "reason": str(e)}, None
-    except Exception as e:  # anything else a hostile file provokes is still the file's fault
-        return {"error": "video", "reason": f"decoder error: {type(e).__name__}: {_short(e)}"}, None
-
-
-def _worker_main() -> None:
-    """Entry point of the decode worker: serve jobs from stdin until it closes."""
-    # Keep the protocol stream private: C libraries (FFmpeg, decord) may print to fd 1, which
-    # would corrupt the frames. Move our channel to a new fd and point fd 1 at stderr.
-    out_fd = os.dup(1)
-    os.dup2(2, 1)
-    in_fd = sys.stdin.buffer.fileno()
-    import decord  # noqa: F401  (after av, see the FOOTGUN note at the top)
-
-    def send(payload: bytes) -> None:
-        view = memoryview(payload)  # bytes, or a 1-D uint8 view of the frames
-        while view:
-            view = view[os.write(out_fd, view):]
-
-    def recv(n: int) -> bytes | None:
-        chunks, got = [], 0
-        while got < n:
-            chunk = os.read(in_fd, n - got)
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
-
-    def send_header(header: dict) -> None:
-        data = json.dumps(header).encode()
-        send(_LEN.pack(len(data)) + data)
-
-    send_header({"ready": True})
-    while True:
-        head = recv(_LEN.size)
-        if head is None:
-            return  # the caller closed the pipe or exited
-        body = recv(_LEN.unpack(head)[0])
-        if body is None:
-            return
-        header, frames = _serve_one(json.loads(body))
-        send_header(header)
-        if frames is not None:
-            send(frames.reshape(-1).data)
-
+# The process-wide decode worker (tests swap in one with another handler).
+_WORKER = DecodeWorker()
+atexit.register(lambda: _WORKER.close())
+os.register_at_fork(after_in_child=lambda: _WORKER.forget())  # a fork mid-call would inherit a held lock
 
 # --------------------------------------------------------------------------------------------
 # Writers (PyAV, pillow)
@@ -655,19 +325,27 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 
 
 def _encoder_options(codec: str, crf: int) -> tuple[str, dict[str, str]]:
-    """(pixel format, encoder options) for `codec` at quality `crf` (lower = better)."""
+    """(pixel format, encoder options) for `codec` at quality `crf` (lower = better).
+
+    Every option that could let a thread schedule decide the bits is pinned: one encoder
+    thread (also set on the codec context), and for the encoders with their own thread pools
+    no lookahead, slice or row threads. `flags=+bitexact` keeps the FFmpeg version out of
+    the bitstream (MPEG-4 and MJPEG write it as user data otherwise)."""
     if codec in ("h264", "libx264"):
-        return "yuv420p", {"crf": str(crf), "preset": "medium"}
+        return "yuv420p", {"crf": str(crf), "preset": "medium", "flags": "+bitexact",
+                           "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:"
+                                          "sync-lookahead=0"}
     if codec in ("libvpx-vp9", "vp9"):
-        # crf with b:v 0 is VP9's constant-quality mode; row-mt off keeps bytes deterministic.
+        # crf with b:v 0 is VP9's constant-quality mode.
         return "yuv420p", {"crf": str(crf), "b:v": "0", "row-mt": "0", "cpu-used": "4",
-                           "deadline": "good"}
+                           "deadline": "good", "flags": "+bitexact"}
     if codec in ("mpeg4", "mjpeg"):
         # These have no crf; qscale ~ crf / 6 maps x264's "visually lossless" crf 18 to
         # qscale 3, which is near-transparent for MPEG-4 part 2 and MJPEG too.
         qscale = int(np.clip(round(crf / 6), 1, 31))
-        return ("yuvj420p" if codec == "mjpeg" else "yuv420p"), {"qscale": str(qscale)}
-    return "yuv420p", {}
+        return ("yuvj420p" if codec == "mjpeg" else "yuv420p"), {"qscale": str(qscale),
+                                                                 "flags": "+bitexact"}
+    return "yuv420p", {"flags": "+bitexact"}
 
 
 def write_video(
@@ -686,8 +364,11 @@ def write_video(
     MPEG-4 part 2 ("mpeg4") for avi. Any other FFmpeg encoder name works too, e.g. "mjpeg".
     All codecs write 4:2:0 chroma, so width and height must be even: we raise ValueError
     rather than pad, because silent padding would change the size the caller asked for.
-    Output is deterministic: the same frames give the same bytes (one encoder thread,
-    `fflags=+bitexact` so no encoder version string or random segment id is written).
+    Output is deterministic: the same frames give the same bytes, however busy the machine.
+    Nothing on the way runs on a thread pool: the RGB -> YUV conversion is single-threaded
+    (swscale's automatic slice threads hand out slices in whatever order threads come free),
+    the encoder has one thread (see `_encoder_options`), and `+bitexact` on the muxer writes no
+    version string or random segment id.
     """
     frames = _check_frames(frames)
     T, H, W, _ = frames.shape
@@ -711,12 +392,13 @@ def write_video(
             stream = out.add_stream(codec, rate=rate)
             stream.width, stream.height, stream.pix_fmt = W, H, pix_fmt
             stream.thread_count = 1  # multi-threaded encoders are not bit-exact run to run
+            stream.thread_type = "NONE"
             stream.codec_context.time_base = 1 / rate
             stream.options = options
             try:
                 for t in range(T):
                     frame = av.VideoFrame.from_ndarray(frames[t], format="rgb24")
-                    frame = frame.reformat(format=pix_fmt)
+                    frame = frame.reformat(format=pix_fmt, threads=1)
                     frame.pts = t
                     out.mux(stream.encode(frame))
                 out.mux(stream.encode(None))  # flush delayed frames (B-frames, lookahead)

@@ -14,8 +14,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from footage import fault_hook_dir, fault_worker
 from media import ASPECTS, write_bad_files, write_good_clips
 from pipelines.ingest import IngestConfig, list_sources, read_clips, read_quarantine, run_ingest, run_sequential
+from sora import video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +33,7 @@ def mixed(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("mixed"))
     good = write_good_clips(root)
     bad = write_bad_files(os.path.join(root, "bad"), next(p for p in good if p.endswith(".mp4")))
-    # a file whose decoder "hangs": the CLI test makes it hang through the debug hook
+    # a file whose decoder "hangs" where a test injects faults (tests/footage.py)
     shutil.copy(next(p for p in good if p.endswith(".mp4")), os.path.join(root, "bad", "hangs.mp4"))
     with open(os.path.join(root, "captions.jsonl"), "w") as f:  # a sidecar: skipped by listing
         f.write("{}\n")
@@ -44,6 +46,13 @@ def cli_env(**extra) -> dict:
     return env
 
 
+def faulty_env(tmp_path) -> dict:
+    """The CLI's environment with decode-worker faults injected into every process it starts
+    (files named *hangs* make the decoder hang): no test hook in the production config."""
+    hooks = fault_hook_dir(str(tmp_path / "hooks"))
+    return cli_env(PYTHONPATH=os.pathsep.join([hooks, REPO]))
+
+
 def run_cli(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
@@ -53,7 +62,7 @@ def test_cli_mixed_directory_every_input_once_hang_killed(mixed, tmp_path):
     root, good, bad = mixed
     data = str(tmp_path / "data")
     t0 = time.monotonic()
-    proc = run_cli(["ingest", root, "--out", data, "--probe-timeout", "3"], cli_env(SORA_DEBUG_HANG_PATTERN="hangs.mp4"))
+    proc = run_cli(["ingest", root, "--out", data, "--probe-timeout", "3"], faulty_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.monotonic() - t0 < 200
     clips = read_clips(data)
@@ -134,15 +143,15 @@ def test_killed_ray_worker_keeps_results_exactly_once(mixed, tmp_path, ray_sessi
     assert clip_rows(data) == clip_rows(clean)
 
 
-def test_killed_run_restarted_gives_the_same_rows(mixed, tmp_path):
+def test_killed_run_restarted_gives_the_same_rows(mixed, tmp_path, monkeypatch):
     root, good, _ = mixed
     data = str(tmp_path / "data")
     # a slow source keeps the first run busy long enough to be killed halfway
-    env = cli_env(SORA_DEBUG_HANG_PATTERN="hangs.mp4")
+    env = faulty_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", root, "--out", data, "--probe-timeout", "20"],
                             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done_dir = os.path.join(data, "_done")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # Ray's start alone can take a minute on a loaded machine
     while time.monotonic() < deadline:
         if os.path.isdir(done_dir) and len(os.listdir(done_dir)) >= 3:
             break
@@ -152,10 +161,15 @@ def test_killed_run_restarted_gives_the_same_rows(mixed, tmp_path):
     n_done = len([n for n in os.listdir(done_dir) if not n.startswith(".")])
     n_inputs = len(list_sources([root]))
     assert 3 <= n_done < n_inputs, f"kill came too late or too early: {n_done}/{n_inputs}"
-    proc = run_cli(["ingest", root, "--out", data, "--probe-timeout", "3"], cli_env(SORA_DEBUG_HANG_PATTERN="hangs.mp4"))
+    proc = run_cli(["ingest", root, "--out", data, "--probe-timeout", "3"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     clean = str(tmp_path / "clean")
-    run_sequential([root], clean, IngestConfig(probe_timeout=3, debug_hang_pattern="hangs.mp4"))
+    worker = fault_worker()  # the same faults in this process's decode worker
+    monkeypatch.setattr(video_io, "_WORKER", worker)
+    try:
+        run_sequential([root], clean, IngestConfig(probe_timeout=3))
+    finally:
+        worker.close()
     assert clip_rows(data) == clip_rows(clean)
     q1 = sorted(read_quarantine(data)["source"].to_pylist())
     q2 = sorted(read_quarantine(clean)["source"].to_pylist())
@@ -247,3 +261,23 @@ def test_static_and_tiny_and_extreme_aspect_are_filtered(tmp_path):
     assert "too small" in reasons["tiny.mp4"]
     assert "extreme aspect" in reasons["wide.mp4"]
     assert read_clips(data).num_rows == 0
+
+
+def test_config_checks_and_cli_flags_from_the_config():
+    """Every IngestConfig field is a flag of `sora ingest` with its default in --help; a bad
+    value is one clear error before any work starts."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match="min_motion"):
+        IngestConfig(min_motion=2.0)
+    with pytest.raises(ValueError, match="resolution"):
+        IngestConfig(resolution="123p")
+    with pytest.raises(ValueError, match="max_aspect"):
+        IngestConfig(max_aspect=0.5)
+    env = cli_env()
+    help_text = run_cli(["ingest", "--help"], env, timeout=120).stdout
+    for f in dataclasses.fields(IngestConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    assert "(default: 0.0005)" in help_text and "--no-crop-bars" in help_text
+    bad = run_cli(["ingest", "nowhere", "--out", "x", "--scene-threshold", "7"], env, timeout=120)
+    assert bad.returncode != 0 and "sora ingest: IngestConfig.scene_threshold" in bad.stderr

@@ -250,3 +250,26 @@ def test_eval_prompts_cover_held_out_combos_at_every_aspect_ratio():
         ref = ClipSpec.from_attributes(p["reference"])
         assert (ref.width, ref.height, ref.num_frames) == (p["width"], p["height"], p["num_frames"])
         assert score(render(ref), p)["all_ok"], p["prompt"]
+
+
+def test_synth_cli_flags_come_from_clip_ranges(tmp_path):
+    """`sora synth` takes ClipRanges' fields as flags; a bad value is one clear error."""
+    import subprocess
+    import sys
+
+    from sora.video_io import probe
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "raw")
+    cmd = [sys.executable, "-m", "flows.cli", "synth", "--out", out, "--n", "3", "--seed", "2",
+           "--short-sides", "64", "--frame-counts", "9", "--fps", "12", "--aspects", "1:1"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rec in map(json.loads, open(os.path.join(out, "captions.jsonl"))):
+        info = probe(os.path.join(out, rec["file"]))
+        assert (info.width, info.height, info.num_frames, info.fps) == (64, 64, 9, 12)
+    expected = synth_dataset(str(tmp_path / "api"), 3, seed=2, ranges=dataclasses.replace(
+        DEFAULT_RANGES, short_sides=(64,), frame_counts=(9,), fps=(12,), aspects=("1:1",)))
+    assert _digests(out) == _digests(str(tmp_path / "api")) and len(expected) == 3
+    bad = subprocess.run(cmd[:-2] + ["--aspects", "5:1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "sora synth: aspects must be among" in bad.stderr

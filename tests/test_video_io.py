@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from footage import fault_worker
 from sora import video_io
 from sora.video_io import (VideoError, cover_crop_box, probe, read_frames, resize_frames,
                            write_gif, write_video, write_webp)
@@ -282,27 +284,41 @@ def test_truncated_file_never_returns_made_up_frames(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_hang_is_killed_and_worker_restarts(tmp_path):
+@pytest.fixture
+def faulty_worker(monkeypatch):
+    """The process-wide decode worker swapped for one whose handler hangs on files named
+    *hangs* and segfaults on *crashes* (tests/footage.py), the way real decoders fail."""
+    worker = fault_worker()
+    monkeypatch.setattr(video_io, "_WORKER", worker)
+    yield worker
+    worker.close()
+
+
+def test_hang_is_killed_and_worker_restarts(tmp_path, faulty_worker):
     path = str(tmp_path / "ok.mp4")
     write_video(path, moving_box(64, 48), 12)
+    hangs = str(tmp_path / "hangs.mp4")
+    shutil.copy(path, hangs)
     probe(path)
-    pid = video_io._WORKER._proc.pid
+    pid = faulty_worker.pid
     probe(path)
-    assert video_io._WORKER._proc.pid == pid, "the worker must be reused between calls"
+    assert faulty_worker.pid == pid, "the worker must be reused between calls"
 
     start = time.monotonic()
     with pytest.raises(VideoError, match=r"timed out after 1\.5 s"):
-        read_frames(path, timeout=1.5, _simulate_hang_seconds=60)
+        read_frames(hangs, timeout=1.5)
     assert time.monotonic() - start < 4.0
     assert read_frames(path).shape == (T, 48, 64, 3)  # a fresh worker serves the next call
-    assert video_io._WORKER._proc.pid != pid
+    assert faulty_worker.pid != pid
 
 
-def test_decoder_crash_becomes_video_error(tmp_path):
+def test_decoder_crash_becomes_video_error(tmp_path, faulty_worker):
     path = str(tmp_path / "ok.mp4")
     write_video(path, moving_box(64, 48), 12)
+    crashes = str(tmp_path / "crashes.mp4")
+    shutil.copy(path, crashes)
     with pytest.raises(VideoError, match="decoder crashed.*SIGSEGV") as err:
-        probe(path, _simulate_crash=True)
+        probe(crashes)
     assert probe(path).num_frames == T
     # The error survives pickling with both fields (Ray ships exceptions between processes).
     again = pickle.loads(pickle.dumps(err.value))
@@ -335,6 +351,52 @@ def test_write_video_is_deterministic(tmp_path, ext, codec):
         write_video(path, frames, 24, codec=codec)
         digests.add(hashlib.sha256(open(path, "rb").read()).hexdigest())
     assert len(digests) == 1
+
+
+# Encodes shapes-world clips with every default codec and prints {file: sha256} as JSON.
+_ENCODE_SCRIPT = """
+import hashlib, json, sys
+from sora.shapes import TINY, render, sample_clip
+from sora.video_io import write_video
+out = {}
+for i in range(4):
+    spec = sample_clip(11, i, ranges=TINY)
+    for ext, codec in ((".mp4", None), (".webm", None), (".avi", None), (".mov", "mjpeg")):
+        path = f"{sys.argv[1]}/clip{i}{ext}"
+        write_video(path, render(spec), spec.fps, codec=codec)
+        out[f"clip{i}{ext}"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_write_video_bytes_hold_under_cpu_load(tmp_path):
+    """Same frames, same bytes, even with the CPU oversubscribed: the reference encode runs
+    alone, then two encodes run at once beside two busy processes (issue: `sora synth` gave
+    other bytes for some clips on a loaded machine)."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(video_io.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+
+    def encode(out: str) -> subprocess.Popen:
+        os.makedirs(out)
+        return subprocess.Popen([sys.executable, "-c", _ENCODE_SCRIPT, out], cwd=root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    reference = encode(str(tmp_path / "alone"))
+    want = json.loads(reference.communicate(timeout=300)[0])
+    assert len(want) == 16 and len(set(want.values())) == 16
+    spin = "import time\nend = time.time() + 240\nwhile time.time() < end: pass\n"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        loaded = [encode(str(tmp_path / f"loaded{k}")) for k in range(2)]
+        got = [json.loads(p.communicate(timeout=300)[0]) for p in loaded]
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    for run in got:
+        assert run == want, sorted(k for k in want if run.get(k) != want[k])
 
 
 def test_write_video_rejects_odd_sizes_and_unknown_containers(tmp_path):
