@@ -120,6 +120,7 @@ def test_train_step_loss_equals_direct_diffusers_computation(wan_dirs, data, fla
         plan = plan_model(data, inspect_latents(data), cfg, None)
         cfg, loop = plan.cfg, {"wan": plan.loop_config()["wan"]}
         assert (cfg.cond_mode_probs, cfg.base_shift, cfg.base_tokens) == ({"none": 1.0}, 3.0, 0)
+        assert torch.equal(plan.null_text, empty_prompt_states(base))  # DATA/null_text, as sora encode stores it
     else:
         cfg = cfg.for_model(CONDITIONING_MODES, shift=3.0)
         loop = {"wan": {"init": base, "lora": None, "null_text": empty_prompt_states(base)}}
@@ -198,30 +199,44 @@ def test_activation_checkpointing_gives_the_same_lora_step(wan_dirs, data):
 
 
 def test_lora_adapter_from_sora_train_loads_into_wan_pipeline_and_matches(lora_runs, wan_dirs):
-    """The adapter `sora train --init DIR --lora-rank 8` wrote: diffusers' WanPipeline with
-    load_lora_weights and the sora-layer sampling with the adapter loaded give the same video
-    (same prompts, seeds, steps, Euler); the adapter changes the video against the base."""
+    """The output of `sora train --init DIR --lora-rank 8`: our pipeline loading the output
+    directory (the base plus its adapter) and diffusers' WanPipeline with load_lora_weights of the
+    adapter give the same video (same prompts, seed, steps, Euler); and the sora-layer sampling
+    with the adapter loaded too. The adapter changes the video against the base."""
     from diffusers import WanPipeline
 
+    from sora.pipeline import SoraPipeline
     from sora.wan import load_wan
     from sora.wan_lora import load_lora
 
     adapter = os.path.join(lora_runs["out"], "lora")
     prompts = ["a red circle moves left", "a large blue square moves up across a gray background"]
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731  one generator for the batch, both sides
     call = dict(height=32, width=32, num_frames=9, num_inference_steps=4, guidance_scale=3.0)
+    seen = {}
+
+    def keep_latents(p, i, t, kw):
+        seen["latents"] = kw["latents"]
+        return kw
+
     with torch_threads(1):
+        ours = SoraPipeline.from_pretrained(lora_runs["out"])(prompts, generator=gen(), **call)
         model = load_wan(wan_dirs["t2v"])
         load_lora(model.denoiser, adapter)
-        _, video = sora_generate(model, prompts, call["height"], call["width"], call["num_frames"],
-                                 call["num_inference_steps"], call["guidance_scale"], gens())
+        layer, _ = sora_generate(model, prompts, call["height"], call["width"], call["num_frames"],
+                                 call["num_inference_steps"], call["guidance_scale"],
+                                 [torch.Generator().manual_seed(s) for s in (11, 12)])
         pipe = WanPipeline.from_pretrained(wan_dirs["t2v"], local_files_only=True)
-        base = pipe(prompts, generator=gens(), output_type="np", **call).frames
+        base = pipe(prompts, generator=gen(), output_type="np", **call).frames
         pipe.load_lora_weights(adapter)
-        ref = pipe(prompts, generator=gens(), output_type="np", **call).frames
-    ours = ((video / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 4, 1).numpy()  # (B, T, H, W, 3)
-    assert ours.shape == ref.shape == (2, 9, 32, 32, 3)
-    assert np.abs(ours - ref).max() <= 1e-4
+        ref = pipe(prompts, generator=gen(), output_type="np", **call).frames
+        pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in (11, 12)], output_type="np",
+             callback_on_step_end=keep_latents, **call)  # per-video generators, as sora_generate draws
+    assert ours.latents.shape == (2, 16, 3, 4, 4)
+    got = np.stack(ours.frames).astype(np.float64) / 255.0  # (B, T, H, W, 3) uint8 -> [0, 1]
+    assert got.shape == ref.shape == (2, 9, 32, 32, 3)
+    assert np.abs(got - ref).max() <= 0.5 / 255 + 1e-4  # our frames are WanPipeline's video in 8 bits
+    assert (layer - seen["latents"]).abs().max().item() <= 1e-4  # sora-layer sampling, per-video generators
     change = np.abs(ref - base).max()
     print(f"\nLoRA adapter after 18 steps: max video change against the base {change:.4f}")
     assert change > 1e-3
@@ -257,6 +272,19 @@ def test_a_run_resumes_only_the_model_it_trains(lora_runs, wan_dirs, data, tmp_p
     assert not os.path.exists(out)
 
 
+def test_sora_eval_runs_on_the_lora_output(lora_runs, tmp_path):
+    from flows.cli import main
+
+    report_path = tmp_path / "eval.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["eval", "--model", lora_runs["out"], "--held-out", "2", "--steps", "1",
+                     "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 2 and report["size_correct"] == 1.0 and report["frames_correct"] == 1.0
+    assert 0.0 <= report["accuracy"]["all"] <= 1.0
+
+
 def test_lora_output_dir_references_the_base(lora_runs, wan_dirs):
     from safetensors import safe_open
 
@@ -264,14 +292,21 @@ def test_lora_output_dir_references_the_base(lora_runs, wan_dirs):
 
     out = lora_runs["out"]
     assert sorted(os.listdir(out)) == ["lora", "model_index.json"]  # nothing of the base copied (--storage elsewhere)
-    index = read_index(out)
     base = os.path.abspath(wan_dirs["t2v"])
-    assert index["wan"] == {"base": base, "pipeline": "WanPipeline", "expand_timesteps": False, "lora": "lora",
-                            "lora_scale": 1.0}
-    assert component_path(out, index["wan"]["lora"]) == os.path.join(out, "lora")
+    with open(os.path.join(out, "model_index.json")) as f:
+        written = json.load(f)
+    assert set(written) == {"format", "wan", "lora", "defaults", "training"}
+    assert (written["wan"], written["lora"]) == ({"base": base}, {"path": "lora", "scale": 1.0})
+    index = read_index(out)  # the base's index with ours on top
+    assert index["wan"]["base"] == base and index["wan"]["expand_timesteps"] is False
+    assert component_path(out, index["lora"]["path"]) == os.path.join(out, "lora")
     assert (index["dit"], index["vae"]) == (os.path.join(base, "transformer"), os.path.join(base, "vae"))
     assert index["text_encoder"] == {"path": os.path.join(base, "text_encoder"), "max_length": TEXT_LEN}
     assert index["flow"]["scheduler"]["shift"] == 3.0
+    # generation defaults: the training data's most common size, length and fps (a tie: the smaller; the data
+    # holds 9- and 5-frame clips alike, tests/wan_latents.SHAPES); the base's steps and guidance
+    assert (index["defaults"]["width"], index["defaults"]["num_frames"], index["defaults"]["num_inference_steps"]) \
+        == (32, 5, 50)
     training = index["training"]
     assert (training["steps"], training["lora_rank"], training["lora_alpha"]) == (18, 8, 16.0)
     assert training["cond_mode_probs"] == {"none": 1.0} and np.isfinite(training["final_loss"])
@@ -435,7 +470,7 @@ def test_bad_input_fails_before_any_work(wan_dirs, data, tmp_path, no_ray_work):
         (lora_args(data, base, str(tmp_path / "o8"), **{"--max-steps": "2", "--workers": "30"}), "fewer --workers"),
         # a DiT run on latents made for a Wan model
         (["train", "--data", data, "--vae", os.path.join(base, "vae"), "--out", str(tmp_path / "o9")],
-         r"encoded for the Wan model at .*`sora train --init"),
+         r"encoded for a Wan model \(text encoder wan:text_encoder@[0-9a-f]{12}/512\).*`sora train --init"),
         (["train", "--data", data, "--vae", os.path.join(base, "vae"), "--out", str(tmp_path / "o10"), "--lora-rank",
           "4"], "lora_rank needs init"),
         (["train", "--data", data, "--out", str(tmp_path / "o11")], "give --vae"),

@@ -4,9 +4,10 @@ and the LoRA benchmark.
 Clips come from `sora.shapes` (its objects, motions, backgrounds and captions) at a few small
 sizes that the Wan VAE and the transformer's (1, 2, 2) patch divide; each is encoded with the
 directory's own VAE (normalised latents, as WanPipeline) and its caption with the directory's
-UMT5 (Wan's prompt cleaning), and written with `pipelines.latents.make_row`, recording the VAE
-as `pipelines.encode.vae_id` does and the text encoder by its directory - as an encode stage
-for that model writes them.
+UMT5 (Wan's prompt cleaning), and written with `pipelines.latents.make_row`, naming the VAE and
+the text encoder as `sora encode --model DIR` does (`vae_id`, `text_encoder_name`), with the
+empty prompt's states in DATA/null_text (`write_null_text`). Sizes are picked here, not by the
+bucketer, so a few token grids repeat across many clips.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def shapes_clips(n: int, seed: int, unit: int) -> list[tuple[np.ndarray, str, di
 def build_wan_latents(wan_dir: str, data: str, n: int, seed: int = 0, dtype=np.float32, files: int = 2) -> str:
     """Encode ``n`` shapes-world clips for the Wan directory into DATA/latents (``files`` Parquet
     files); returns DATA."""
-    from pipelines.encode import vae_id
+    from pipelines.encode import vae_id, write_null_text
     from pipelines.latents import LATENTS_SCHEMA, make_row
+    from sora.model_dir import text_encoder_name
     from sora.patches import grid_for, patchify
     from sora.vae import DiffusersVideoVAE
     from sora.wan import load_text_encoder
@@ -60,14 +62,16 @@ def build_wan_latents(wan_dir: str, data: str, n: int, seed: int = 0, dtype=np.f
         for i, zi in zip(idx, z):
             latents[i] = zi
     states, mask = encoder.encode([c[1] for c in clips])  # (n, L, D), (n, L)
+    name = text_encoder_name(wan_dir)
     rows = []
     for i, ((_, caption, clip), z) in enumerate(zip(clips, latents)):
         rows.append(make_row(tokens=patchify(z, (1, 2, 2)).numpy().astype(dtype), grid=grid_for(tuple(z.shape)),
                              patch_size=(1, 2, 2), latent_shape=tuple(int(s) for s in z.shape),
-                             text=states[i][mask[i]].numpy().astype(dtype), text_encoder=encoder.name_or_path,
+                             text=states[i][mask[i]].numpy().astype(dtype), text_encoder=name,
                              clip=clip, caption=caption, vae=vae_id(os.path.join(wan_dir, "vae"))))
     os.makedirs(os.path.join(data, "latents"), exist_ok=True)
     for k in range(files):
         pq.write_table(pa.Table.from_pylist(rows[k::files], schema=LATENTS_SCHEMA),
                        os.path.join(data, "latents", f"part-{k}.parquet"))
+    write_null_text(data, name, encoder)
     return data

@@ -6,24 +6,24 @@ fine-tuned in full or with a LoRA adapter.
     worker:  core, flops = build_wan(config["wan"], cfg)     # (the DiT: sora.dit.DiT(config["dit"]))
     driver:  export_wan(checkpoint, out, plan, info, data)
 
-The latents must be the model's: for a Wan run, encoded with the init directory's VAE (the
-``vae`` column holds ``pipelines.encode.vae_id`` of DIR/vae) and its UMT5 (the ``text_encoder``
-column names DIR/text_encoder, or is its id), with the transformer's latent channels, patch and
-text width; a DiT run refuses latents made for a Wan model and latents of a VAE other than
-``--vae``. Each mismatch is one ValueError naming the fix, raised before Ray starts.
+The latents must be the model's: for a Wan run, what ``sora encode --model DIR`` writes - the
+``vae`` column ``pipelines.encode.vae_id`` of DIR/vae, the ``text_encoder`` column
+``sora.model_dir.text_encoder_name`` of DIR - with the transformer's latent channels, patch and
+text width; the empty prompt's states (dropped captions) come from DATA/null_text
+(``pipelines.encode.read_null_text``). A DiT run refuses latents made for a Wan model and latents
+of a VAE other than ``--vae``. Each mismatch is one ValueError naming the fix, raised before Ray
+starts.
 
 Output of a Wan run (the base model is referenced, never copied):
 
 - LoRA: ``OUT/lora/pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights`` layout,
-  ``sora.wan_lora``) and ``OUT/model_index.json``, a ``sora.model_dir`` index whose ``"wan"``
-  entry names the base directory and the adapter::
+  ``sora.wan_lora``) and ``OUT/model_index.json``, an index of ours that references the base
+  (``sora.model_dir``: ``read_index`` gives the base's index with these keys on top,
+  ``SoraPipeline.from_pretrained(OUT)`` loads the base and applies the adapter)::
 
-      {"format": "sora-ray/1",
-       "wan": {"base": "/abs/Wan2.1-T2V-1.3B-Diffusers", "pipeline": "WanPipeline",
-               "expand_timesteps": false, "lora": "lora", "lora_scale": 1.0},
-       "dit": "/abs/.../transformer", "vae": "/abs/.../vae",
-       "text_encoder": {"path": "/abs/.../text_encoder", "max_length": 512},
-       "flow": {"scheduler": {...the base's scheduler config...}}, "defaults": {...},
+      {"format": "sora-ray/1", "wan": {"base": "/abs/Wan2.1-T2V-1.3B-Diffusers"},
+       "lora": {"path": "lora", "scale": 1.0},
+       "defaults": {...the base's, at the training data's size and fps...},
        "training": {...provenance...}}
 
 - full fine-tuning: OUT is a diffusers Wan directory: ``transformer/`` holds the fine-tuned
@@ -88,30 +88,18 @@ def _digest(vae: str | None) -> str | None:
     return m.group("digest") if m else None
 
 
-def wan_dir_of(name: str | None) -> str | None:
-    """The Wan directory a latents ``text_encoder`` value belongs to (the directory itself or its
-    text_encoder/), or None."""
+def is_wan_text(name: str | None) -> bool:
+    """Whether a latents ``text_encoder`` value names a Wan model's UMT5: what
+    ``sora.model_dir.text_encoder_name`` records for one ("wan:..."), or a path inside a Wan
+    directory."""
     from sora.wan import is_wan_dir
 
+    if str(name or "").startswith("wan:"):
+        return True
     if not name or not os.path.isdir(str(name)):
-        return None
+        return False
     path = os.path.abspath(str(name))
-    for candidate in (path, os.path.dirname(path)):
-        if is_wan_dir(candidate):
-            return candidate
-    return None
-
-
-def text_encoder_matches(name: str | None, init: str) -> bool:
-    """Whether a latents ``text_encoder`` value names the Wan directory's UMT5: its path (the
-    directory or its text_encoder/, as resolved here) or its id (``pipelines.encode.vae_id`` of
-    DIR/text_encoder: the same config and weights wherever they live)."""
-    from pipelines.encode import vae_id
-
-    te = os.path.join(init, "text_encoder")
-    if name and os.path.isdir(str(name)):
-        return os.path.realpath(str(name)) in {os.path.realpath(init), os.path.realpath(te)}
-    return _digest(name) is not None and _digest(name) == _digest(vae_id(te))
+    return is_wan_dir(path) or is_wan_dir(os.path.dirname(path))
 
 
 def _vae_channels(vae: str) -> int | None:
@@ -129,10 +117,10 @@ def check_dit_latents(data: str, info: dict[str, Any], vae: str) -> None:
     """A DiT run: the latents are not a Wan model's and come from the VAE ``vae``."""
     from pipelines.encode import vae_id
 
-    wan = wan_dir_of(info["text_encoder"])
-    if wan is not None:
-        raise ValueError(f"{data}/latents were encoded for the Wan model at {wan} (its UMT5 text states): fine-tune "
-                         f"that model with `sora train --init {wan}`, or encode the clips again with our VAE for the DiT")
+    if is_wan_text(info["text_encoder"]):
+        raise ValueError(f"{data}/latents were encoded for a Wan model (text encoder {info['text_encoder']}): "
+                         "fine-tune that model with `sora train --init WAN_DIR`, or encode the clips again with our "
+                         "VAE for the DiT")
     channels = _vae_channels(vae)
     if channels is not None and channels != info["latent_channels"]:
         raise ValueError(f"{data}/latents have {info['latent_channels']} latent channels but the VAE {vae} makes "
@@ -146,15 +134,16 @@ def check_dit_latents(data: str, info: dict[str, Any], vae: str) -> None:
 def check_wan_latents(data: str, info: dict[str, Any], init: str, spec: DenoiserSpec) -> None:
     """A Wan run: the latents are this Wan directory's (VAE, text encoder, channels, patch, text)."""
     from pipelines.encode import vae_id
+    from sora.model_dir import text_encoder_name
 
     fix = f"encode the clips for this model with `sora encode --data {data} --model {init}`"
     expected = vae_id(os.path.join(init, "vae"))
     if _digest(info["vae"]) != _digest(expected):
         raise ValueError(f"{data}/latents were encoded with the VAE {info['vae']!r}, not with the VAE of {init} "
                          f"({expected}): {fix}")
-    if not text_encoder_matches(info["text_encoder"], init):
+    if info["text_encoder"] != text_encoder_name(init):
         raise ValueError(f"{data}/latents hold text states of {info['text_encoder']!r}, not of the text encoder of "
-                         f"{init}: {fix}")
+                         f"{init} ({text_encoder_name(init)}): {fix}")
     checks = [("latent channels", info["latent_channels"], spec.latent_channels),
               ("patch size", tuple(info["patch_size"]), tuple(spec.patch_size)),
               ("text width", info["text_dim"], spec.text_dim)]
@@ -181,8 +170,9 @@ def plan_model(data: str, info: dict[str, Any], cfg: TrainConfig, vae: str | Non
     """Decide and check the model of a run from the latents' summary (``inspect_latents``):
     every mismatch between model, latents and config is a ValueError (FileNotFoundError for a
     missing directory) here, before any Ray work. For a Wan run this reads the directory's
-    JSON, builds its transformer on the meta device (no weights) and encodes the empty prompt
-    with its UMT5 (the unconditional text of dropped prompts)."""
+    JSON, builds its transformer on the meta device (no weights) and reads the empty prompt's
+    states that `sora encode` stored beside the latents (the unconditional text of dropped
+    prompts; encoded here with the model's UMT5 when the latents come without them)."""
     if cfg.init is None:
         from sora.dit import DiTConfig
         from sora.flow import CONDITIONING_MODES
@@ -199,6 +189,7 @@ def plan_model(data: str, info: dict[str, Any], cfg: TrainConfig, vae: str | Non
                             packed=True, conditioning_modes=CONDITIONING_MODES)
         return ModelPlan(cfg=resolved, spec=spec, dit_config=asdict(dit_config))
 
+    from pipelines.encode import read_null_text
     from sora.wan import flow_shift
     from sora.wan_lora import add_lora
     from sora.wan_train import empty_prompt_states, meta_denoiser
@@ -217,8 +208,17 @@ def plan_model(data: str, info: dict[str, Any], cfg: TrainConfig, vae: str | Non
         add_lora(den, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])  # targets that match nothing fail here
     resolved = cfg.for_model(spec.conditioning_modes, shift=flow_shift(configs["scheduler"]))
     spec.check_conditioning(resolved.cond_mode_probs)
-    return ModelPlan(cfg=replace(resolved, init=init), spec=spec, init=init, lora=lora,
-                     null_text=empty_prompt_states(init), index=configs["index"])
+    try:
+        null_text = torch.from_numpy(read_null_text(data, info["text_encoder"])).float()
+    except FileNotFoundError:
+        print(f"[train] {data} holds no empty-prompt states for {info['text_encoder']}: encoding the empty prompt "
+              f"with the text encoder of {init}", flush=True)
+        null_text = empty_prompt_states(init)
+    if tuple(null_text.shape[1:]) != (spec.text_dim,):
+        raise ValueError(f"{data}/null_text holds empty-prompt states {tuple(null_text.shape)} that {spec.name} cannot "
+                         f"read (text width {spec.text_dim}): encode the clips again with `sora encode --model {init}`")
+    return ModelPlan(cfg=replace(resolved, init=init), spec=spec, init=init, lora=lora, null_text=null_text,
+                     index=configs["index"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -295,24 +295,16 @@ def training_record(state: dict[str, Any], cfg: TrainConfig, info: dict[str, Any
             "base_tokens": cfg.base_tokens, "cond_mode_probs": cfg.cond_mode_probs}
 
 
-def lora_index(plan: ModelPlan, adapter: str, record: dict[str, Any]) -> dict[str, Any]:
-    """The ``sora.model_dir`` index of a LoRA run's output (module docstring): the base's
-    components by absolute path, the adapter relative to the output directory."""
-    from sora.model_dir import default_index
-    from sora.wan import DEFAULTS, TEXT_LEN, inspect_wan_dir
+def lora_index(plan: ModelPlan, adapter: str, info: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The ``sora.model_dir`` index of a LoRA run's output (module docstring): the base by
+    absolute path, the adapter relative to the output directory, generation defaults at the
+    training data's most common size, length and fps."""
+    from sora.model_dir import FORMAT, read_index
 
-    base = plan.init
-    configs = inspect_wan_dir(base)
-    expand = bool(configs["index"].get("expand_timesteps", False))
-    index = default_index()
-    index.update(
-        vae=os.path.join(base, "vae"), dit=os.path.join(base, "transformer"),
-        text_encoder={"path": os.path.join(base, "text_encoder"), "max_length": TEXT_LEN},
-        patch_size=list(plan.spec.patch_size), flow={"scheduler": configs["scheduler"]},
-        defaults=dict(DEFAULTS["ti2v" if expand else "t2v"]), training=record,
-        wan={"base": base, "pipeline": configs["index"]["_class_name"], "expand_timesteps": expand,
-             "lora": adapter, "lora_scale": 1.0})
-    return index
+    defaults = {**read_index(plan.init)["defaults"], "fps": info["fps"], "width": info["width"],
+                "height": info["height"], "num_frames": info["num_frames"]}
+    return {"format": FORMAT, "wan": {"base": plan.init}, "lora": {"path": adapter, "scale": 1.0},
+            "defaults": defaults, "training": record}
 
 
 def export_wan(checkpoint: str, out: str, plan: ModelPlan, info: dict[str, Any], data: str) -> dict[str, Any]:
@@ -327,7 +319,7 @@ def export_wan(checkpoint: str, out: str, plan: ModelPlan, info: dict[str, Any],
     os.makedirs(out, exist_ok=True)
     if plan.lora:
         save_adapter(plan.init, weights, plan.lora, os.path.join(out, "lora"))
-        write_index(out, lora_index(plan, "lora", record))
+        write_index(out, lora_index(plan, "lora", info, record))
     else:
         save_transformer(plan.init, weights, out)
         path = os.path.join(out, "model_index.json")
