@@ -110,17 +110,25 @@ def _reader(url: str):
     return FsspecReader(url) if "://" in url else FileSystemReader(url)
 
 
+def _options(trainable_only: bool):
+    """DCP state-dict options: with ``trainable_only`` the frozen parameters (a LoRA run's base
+    model, loaded from its own directory) are neither written nor expected when loading."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
+
+
 def save_checkpoint(directory: str, model: nn.Module, optimizers, state: dict[str, Any],
-                    extra: dict[str, torch.Tensor] | None = None) -> None:
+                    extra: dict[str, torch.Tensor] | None = None, trainable_only: bool = False) -> None:
     """Every rank (a collective): write this rank's shards of the model, the optimizers and
     ``extra`` tensors (e.g. an EMA, held like the parameters) to ``directory`` with DCP; the
     coordinating rank also writes ``state.json`` (plain JSON values). Without a process group
-    this process writes everything."""
+    this process writes everything. ``trainable_only``: only the parameters that require grad."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizers)
+    model_sd, optim_sd = get_state_dict(model, optimizers, options=_options(trainable_only))
     alone = not (dist.is_available() and dist.is_initialized())
     with _single_process_intended():
         dcp.save({"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})},
@@ -130,11 +138,11 @@ def save_checkpoint(directory: str, model: nn.Module, optimizers, state: dict[st
             json.dump(state, f, indent=1)
 
 
-def load_checkpoint(url: str, model: nn.Module, optimizers, extra: dict[str, torch.Tensor] | None = None
-                    ) -> dict[str, Any]:
+def load_checkpoint(url: str, model: nn.Module, optimizers, extra: dict[str, torch.Tensor] | None = None,
+                    trainable_only: bool = False) -> dict[str, Any]:
     """Inverse of `save_checkpoint`, on every rank (a collective) of any world size: loads the
     model, the optimizers and ``extra`` (in place) from ``url`` (a directory or fsspec URL);
-    returns ``state.json``."""
+    returns ``state.json``. ``trainable_only``: as saved (frozen parameters stay as they are)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -143,11 +151,13 @@ def load_checkpoint(url: str, model: nn.Module, optimizers, extra: dict[str, tor
         raise ValueError(f"{url} is not a sharded (torch.distributed.checkpoint) training checkpoint; it may come "
                          f"from an older version: train into a new output or run name")
     state = read_state(url)
-    model_sd, optim_sd = get_state_dict(model, optimizers)  # templates: this rank's shards, optimizer state initialised
+    options = _options(trainable_only)
+    # templates: this rank's shards, optimizer state initialised
+    model_sd, optim_sd = get_state_dict(model, optimizers, options=options)
     sd = {"model": model_sd, "optim": optim_sd, "extra": dict(extra or {})}
-    with _single_process_intended():
+    with _single_process_intended():  # strict: every tensor of the templates must be in the checkpoint
         dcp.load(sd, storage_reader=_reader(url), no_dist=not (dist.is_available() and dist.is_initialized()))
-    set_state_dict(model, optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(model, optimizers, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=options)
     return state
 
 
@@ -163,7 +173,8 @@ def load_tensors(url: str, template: dict[str, dict[str, torch.Tensor]]) -> dict
 
 
 def report(metrics: dict[str, Any], *, model: nn.Module | None = None, optimizers=None,
-           state: dict[str, Any] | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+           state: dict[str, Any] | None = None, extra: dict[str, torch.Tensor] | None = None,
+           trainable_only: bool = False) -> None:
     """``ray.train.report`` from every rank (a barrier: all ranks, the same steps). With
     ``model``, also a checkpoint (`save_checkpoint` into a temporary directory per rank, which
     Ray Train uploads and merges into one checkpoint in the run's storage)."""
@@ -173,7 +184,7 @@ def report(metrics: dict[str, Any], *, model: nn.Module | None = None, optimizer
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, model, optimizers, state or {}, extra)
+        save_checkpoint(d, model, optimizers, state or {}, extra, trainable_only=trainable_only)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

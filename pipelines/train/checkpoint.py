@@ -28,36 +28,52 @@ class EMA:
 
     The decay warms up as min(decay, (1 + u) / (10 + u)) after u updates, so early weights do
     not linger: a decay d only takes effect after ~9 / (1 - d) updates (0.995: ~1,800; 0.998:
-    ~4,500; 0.9999: ~90,000). Until then the average spans about the last u / 9 steps."""
+    ~4,500; 0.9999: ~90,000). Until then the average spans about the last u / 9 steps.
+
+    Only the parameters that require grad are averaged (a LoRA run: the adapter's)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters()}
+        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for k, p in model.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+
+
+def _trainable_only(model: nn.Module) -> bool:
+    """Whether some parameters are frozen (a LoRA run): then checkpoints hold only the others."""
+    return not all(p.requires_grad for p in model.parameters())
 
 
 def save_checkpoint(directory: str, model: nn.Module, optimizer, ema: EMA, state: dict) -> None:
-    """Every rank: its shards of model, optimizer(s) and EMA to ``directory`` (DCP), plus
-    state.json (see `pipelines.trainer.save_checkpoint`)."""
-    trainer.save_checkpoint(directory, model, optimizer, {**state, "ema_updates": ema.updates}, extra=ema.shadow)
+    """Every rank: its shards of model (the parameters that require grad, when some are
+    frozen), optimizer(s) and EMA to ``directory`` (DCP), plus state.json (see
+    `pipelines.trainer.save_checkpoint`)."""
+    trainer.save_checkpoint(directory, model, optimizer, {**state, "ema_updates": ema.updates}, extra=ema.shadow,
+                            trainable_only=_trainable_only(model))
 
 
-def load_checkpoint(url: str, model: nn.Module, optimizer, ema: EMA) -> dict:
+def load_checkpoint(url: str, model: nn.Module, optimizer, ema: EMA, identity: dict | None = None) -> dict:
     """Inverse of `save_checkpoint` on every rank, whatever the number of ranks that wrote it.
-    A checkpoint of the other optimizer is an error: its moments mean nothing to this one."""
-    saved = trainer.read_state(url).get("optimizer", "adamw")
+    A checkpoint of the other optimizer is an error: its moments mean nothing to this one; so
+    is one of another model (``identity``: `pipelines.train.models.ModelPlan.identity`)."""
+    saved_state = trainer.read_state(url)
+    if identity is not None:
+        from pipelines.train.models import check_resumable
+
+        check_resumable(saved_state, identity, url)
+    saved = saved_state.get("optimizer", "adamw")
     ours = "muon" if any(isinstance(o, Muon) for o in optimizer) else "adamw"
     if saved != ours:
         raise ValueError(f"the checkpoint in {url} was trained with optimizer={saved!r}; resume it with "
                          f"the same optimizer (or start a new run name)")
-    state = trainer.load_checkpoint(url, model, optimizer, extra=ema.shadow)
+    state = trainer.load_checkpoint(url, model, optimizer, extra=ema.shadow, trainable_only=_trainable_only(model))
     ema.updates = state["ema_updates"]
     return state
 

@@ -1,14 +1,21 @@
-"""`TrainConfig`: everything a DiT training run needs besides the data, the VAE and where to write."""
+"""`TrainConfig`: everything a training run needs besides the data, the VAE and where to write:
+our DiT from scratch, or a diffusers Wan directory fine-tuned in full or with a LoRA adapter."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from sora.flow import FlowConfig
+from sora.flow import CONDITIONING_MODES, FlowConfig
 from sora.optim import LRSchedule
 
 OPTIMIZERS = ("adamw", "muon")
+# The DiT's conditioning-mode mix (cond_mode_probs None): mostly text-to-video, the rest the
+# clean-frame modes that image-to-video, extension and joining sample with.
+DEFAULT_COND_MODES = {"none": 0.7, "first": 0.15, "first_k": 0.05, "last_k": 0.05, "first_last": 0.05}
+DIT_BASE_SHIFT, DIT_BASE_TOKENS = 1.0, 256  # the DiT's timestep shift at 256 tokens (base_shift/base_tokens None)
+# Linear layers that get a LoRA adapter by default: attention q, k, v, out of every block (sora.wan_lora)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass
@@ -17,6 +24,11 @@ class TrainConfig:
     a step, but makes no optimizer update (``optimizer updates = step - nonfinite``)."""
 
     preset: str = "tiny"  # DiT size (sora.dit.PRESETS); channels, patch and text width come from the data
+    # a diffusers Wan directory (sora.wan) to fine-tune instead of training our DiT of `preset`
+    init: str | None = None
+    lora_rank: int | None = None  # with init: train a LoRA adapter of this rank on the frozen model (None: every weight)
+    lora_alpha: float | None = None  # LoRA alpha: the adapter's update is scaled by alpha / rank (None: rank)
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # LoRA: the linear layers whose names end with one of these
     workers: int = 2  # Ray Train workers (one process each; one GPU each with use_gpu)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; torch threads per worker = max(1, int(this)) on CPU
     use_gpu: bool = False  # one GPU per worker: FSDP2 and bf16 (see fsdp, bf16)
@@ -47,12 +59,13 @@ class TrainConfig:
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
     log_every_steps: int = 10  # a metrics report and one progress line from rank 0 every this many steps
     p_uncond: float = 0.1  # probability that a video's prompt is dropped (classifier-free guidance)
-    # probability of each conditioning mode (sora.flow.CONDITIONING_MODES): clean frames the model learns to fill around
-    cond_mode_probs: dict[str, float] = field(
-        default_factory=lambda: {"none": 0.7, "first": 0.15, "first_k": 0.05, "last_k": 0.05, "first_last": 0.05}
-    )
-    base_shift: float = 1.0  # timestep shift at base_tokens tokens per video (sora.flow.resolution_shift)
-    base_tokens: int | None = 256  # tokens per video where the shift is base_shift (None: base_shift for every size)
+    # probability of each conditioning mode (sora.flow.CONDITIONING_MODES): clean frames the model learns to fill
+    # around (None: DEFAULT_COND_MODES, less the modes the model cannot take, e.g. all but "none" for Wan 2.1 T2V)
+    cond_mode_probs: dict[str, float] | None = None
+    # timestep shift at base_tokens tokens per video (None: 1.0 for the DiT, the init model's scheduler shift)
+    base_shift: float | None = None
+    # tokens per video where the shift is base_shift, 0: base_shift for every size (None: 256 for the DiT, 0 with init)
+    base_tokens: int | None = None
     seed: int = 0  # model init, data order and per-step noise
     shuffle_buffer_rows: int = 256  # local shuffle buffer of each worker's stream (0: off)
     read_cpus: float = 0.25  # CPUs per Ray Data read task
@@ -67,6 +80,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
         if self.max_steps is None and self.max_minutes is None:
             raise ValueError("set max_steps or max_minutes (or both): the run needs an end")
         if self.optimizer not in OPTIMIZERS:
@@ -79,12 +93,53 @@ class TrainConfig:
         if self.optimizer == "muon" and self.use_gpu and self.fsdp and self.workers > 1:
             raise ValueError("optimizer='muon' needs whole weight matrices, but FSDP shards them: "
                              "set fsdp=False (DDP) or use optimizer='adamw'")
+        if self.init is None and self.lora_rank is not None:
+            raise ValueError("lora_rank needs init (a diffusers Wan directory to adapt): our DiT trains every weight")
+        if self.init is not None and self.optimizer != "adamw":
+            raise ValueError("fine-tuning an init model trains with optimizer='adamw' (Muon's weight split is the "
+                             "DiT's): leave --optimizer out")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError(f"lora_targets must name linear layers, e.g. {','.join(LORA_TARGETS)}; "
+                             f"got {self.lora_targets!r}")
+        if self.cond_mode_probs is not None:
+            probs = self.cond_mode_probs
+            unknown = sorted(set(probs) - set(CONDITIONING_MODES))
+            if unknown or any(p < 0 for p in probs.values()) or not sum(probs.values()) > 0:
+                raise ValueError(f"cond_mode_probs must give modes of {list(CONDITIONING_MODES)} probabilities >= 0 "
+                                 f"with a positive sum, got {probs}")
+        if self.base_shift is not None and not self.base_shift > 0:
+            raise ValueError(f"base_shift must be > 0, got {self.base_shift}")
+        if self.base_tokens is not None and self.base_tokens < 0:
+            raise ValueError(f"base_tokens must be >= 0 (0: one shift for every size), got {self.base_tokens}")
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(lr=self.lr, warmup_steps=self.warmup_steps, decay=self.schedule,
                           min_lr_ratio=self.min_lr_ratio, cooldown_fraction=self.cooldown_fraction,
                           max_steps=self.max_steps)
 
+    def for_model(self, conditioning_modes: tuple[str, ...], shift: float | None = None) -> "TrainConfig":
+        """This config with its model-dependent defaults (the None fields) decided for a model that
+        takes ``conditioning_modes`` (``sora.denoiser.DenoiserSpec``) and, for an init model,
+        samples with the flow ``shift`` of its scheduler: the DiT mix of conditioning modes less
+        those the model cannot take, and the DiT's resolution-dependent shift or the init model's
+        fixed one."""
+        probs = self.cond_mode_probs
+        if probs is None:
+            probs = {m: p for m, p in DEFAULT_COND_MODES.items() if m in conditioning_modes}
+            probs = {m: p / sum(probs.values()) for m, p in probs.items()}
+        wan = self.init is not None
+        base_shift = self.base_shift if self.base_shift is not None else (
+            float(shift) if wan and shift is not None else DIT_BASE_SHIFT)
+        base_tokens = self.base_tokens if self.base_tokens is not None else (0 if wan else DIT_BASE_TOKENS)
+        return replace(self, cond_mode_probs=dict(probs), base_shift=base_shift, base_tokens=base_tokens)
+
     def flow(self) -> FlowConfig:
-        return FlowConfig(shift=self.base_shift, base_tokens=self.base_tokens,
-                          cond_mode_probs=dict(self.cond_mode_probs), p_uncond=self.p_uncond)
+        """The timestep, conditioning and text-dropout draws (defaults as `for_model` for the DiT)."""
+        cfg = self if self.cond_mode_probs is not None and self.base_shift is not None and \
+            self.base_tokens is not None else self.for_model(CONDITIONING_MODES)
+        return FlowConfig(shift=cfg.base_shift, base_tokens=cfg.base_tokens or None,
+                          cond_mode_probs=dict(cfg.cond_mode_probs), p_uncond=cfg.p_uncond)

@@ -1,8 +1,9 @@
-"""DiT training data: latents rows -> samples -> packs within a token budget (per worker)."""
+"""Training data: latents rows -> samples -> packs within a token budget (per worker), or
+same-shape batches within it for models that run one forward per shape (``by_grid``)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,8 +26,37 @@ def sample_from_row(row: dict[str, Any]) -> Sample:
                   metadata={"clip_id": t["clip_id"]})
 
 
-def iter_packs(shard, cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 0) -> Iterator[list[Sample]]:
-    """One epoch of this worker's shard as packs (lists of Samples within the token budget).
+def batch_by_grid(samples: Iterable[Sample], max_tokens: int, *, max_samples: int | None = None
+                  ) -> Iterator[list[Sample]]:
+    """Group a stream of samples into same-shape batches (one token grid each) of at most
+    ``max_tokens`` tokens: one open batch per grid, emitted when the next sample of its grid would
+    overflow it (or ``max_samples`` is reached); what is left open goes out at the end of the
+    stream, oldest first. Every sample appears exactly once. For models that cannot mix shapes
+    in one forward (``DenoiserSpec.packed`` False): a mixed pack would run one forward per shape."""
+    assert max_tokens > 0, "max_tokens must be positive"
+    open_batches: dict[tuple[int, int, int], list[Sample]] = {}
+    for s in samples:
+        if s.num_tokens > max_tokens:
+            raise ValueError(f"a sample of {s.num_tokens} tokens (grid {s.grid}) exceeds the token budget {max_tokens}")
+        batch = open_batches.setdefault(tuple(s.grid), [])
+        if batch and ((len(batch) + 1) * s.num_tokens > max_tokens or
+                      (max_samples is not None and len(batch) >= max_samples)):
+            yield open_batches.pop(tuple(s.grid))
+            batch = open_batches.setdefault(tuple(s.grid), [])
+        batch.append(s)
+    yield from open_batches.values()
+
+
+def _batches(samples: Iterable[Sample], cfg: TrainConfig, by_grid: bool) -> Iterator[list[Sample]]:
+    if by_grid:
+        return batch_by_grid(samples, cfg.tokens_per_step, max_samples=cfg.max_samples_per_pack)
+    return batch_by_token_budget(samples, cfg.tokens_per_step, max_samples=cfg.max_samples_per_pack)
+
+
+def iter_packs(shard, cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 0, by_grid: bool = False
+               ) -> Iterator[list[Sample]]:
+    """One epoch of this worker's shard as packs (lists of Samples within the token budget;
+    same-shape batches with ``by_grid``, see `batch_by_grid`).
 
     ``skip_rows`` rows are read and dropped first: the resume point inside an epoch. Ray
     Data's streaming split does not promise the same rows to the same worker on a re-run, so
@@ -44,17 +74,16 @@ def iter_packs(shard, cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 
                     continue
                 yield sample_from_row(row)
 
-    yield from batch_by_token_budget(samples(), cfg.tokens_per_step, max_samples=cfg.max_samples_per_pack)
+    yield from _batches(samples(), cfg, by_grid)
 
 
-def iter_cached_packs(cached: list[Sample], cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 0
-                      ) -> Iterator[list[Sample]]:
+def iter_cached_packs(cached: list[Sample], cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 0,
+                      by_grid: bool = False) -> Iterator[list[Sample]]:
     """Like `iter_packs`, from this worker's samples kept in memory: a seeded shuffle per
     (seed, epoch, rank), then the first ``skip_rows`` dropped (resume inside an epoch)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
     order = torch.randperm(len(cached), generator=g).tolist()[skip_rows:]
-    yield from batch_by_token_budget((cached[i] for i in order), cfg.tokens_per_step,
-                                     max_samples=cfg.max_samples_per_pack)
+    yield from _batches((cached[i] for i in order), cfg, by_grid)
 
 
 def collecting(packs: Iterator[list[Sample]], into: list[Sample]) -> Iterator[list[Sample]]:
@@ -88,7 +117,8 @@ def inspect_latents(data: str) -> dict[str, Any]:
         "rows": n, "max_tokens": max(tokens), "mean_tokens": float(np.mean(tokens)),
         "latent_channels": int(one("latent_channels")),
         "patch_size": (int(one("patch_t")), int(one("patch_h")), int(one("patch_w"))),
-        "text_dim": int(table["text_shape"][0][1]), "text_encoder": one("text_encoder"), "vae": one("vae"),
+        "text_dim": int(table["text_shape"][0][1]), "max_text_tokens": max(int(s[0]) for s in table["text_shape"]),
+        "text_encoder": one("text_encoder"), "vae": one("vae"),
         "fps": mode("fps"), "width": int(mode("width")), "height": int(mode("height")),
         "num_frames": int(mode("num_frames")),
     }

@@ -1,4 +1,4 @@
-"""The DiT training driver: size the model from the latents, run the workers, export the model."""
+"""The training driver: check the model against the latents, run the workers, export the model."""
 
 from __future__ import annotations
 
@@ -11,30 +11,52 @@ from pipelines.train.checkpoint import export_model
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import inspect_latents
 from pipelines.train.loop import LossFn, train_loop_per_worker
-from sora.dit import DiTConfig
+from pipelines.train.models import check_resumable, export_wan, plan_model
+
+RUN_MODEL = "sora_model.json"  # in a run's directory: which model its checkpoints train (ModelPlan.identity)
 
 
-def run_training(data: str, out: str, vae: str, cfg: TrainConfig, *, storage_path: str | None = None,
-                 name: str = "dit", loss_fn: LossFn | None = None) -> dict[str, Any]:
-    """Train on DATA/latents and write a complete model directory to ``out``.
+def claim_run(run_dir: str, identity: dict[str, Any]) -> None:
+    """A run directory remembers the model it trains: running it again with another model (a
+    Wan directory, LoRA settings, or our DiT) fails here, before any worker starts, instead of
+    when a worker loads the checkpoint."""
+    marker = storage.join(run_dir, RUN_MODEL)
+    if storage.exists(marker):
+        check_resumable({"model": storage.read_json(marker)}, identity, run_dir)
+    else:
+        storage.write_json_atomic(identity, marker)
 
-    Checkpoints go to ``storage_path/name`` (default: ``out/checkpoints/dit``); running again
-    with the same storage path and name continues from the latest checkpoint there, with any
-    number of workers. ``loss_fn``: the loss of one pack (see `pipelines.train.loop.train_step`;
-    default sora.flow.flow_matching_loss). Returns a summary (steps, final loss, the loss
-    history, where things are)."""
+
+def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, storage_path: str | None = None,
+                 name: str | None = None, loss_fn: LossFn | None = None) -> dict[str, Any]:
+    """Train on DATA/latents and write a complete model directory to ``out``: our DiT of
+    ``cfg.preset`` with the VAE ``vae``, or a fine-tune of the Wan directory ``cfg.init`` (in
+    full, or a LoRA adapter with ``cfg.lora_rank``; ``vae`` None: the directory's own).
+
+    Everything about model and latents is checked before any Ray work (`models.plan_model`).
+    Checkpoints go to ``storage_path/name`` (default: ``out/checkpoints``, name "dit", "wan" or
+    "wan-lora"); running again with the same storage path and name continues from the latest
+    checkpoint there, with any number of workers. ``loss_fn``: the loss of one pack (see
+    `pipelines.train.loop.train_step`; default sora.flow.flow_matching_loss). Returns a summary
+    (steps, final loss, the loss history, where things are)."""
     import ray
 
     from pipelines.ray_utils import ensure_ray
 
     info = inspect_latents(data)
-    dit_config = DiTConfig.preset(cfg.preset, in_channels=info["latent_channels"], patch_size=info["patch_size"],
-                                  text_dim=info["text_dim"])
+    plan = plan_model(data, info, cfg, vae)
+    cfg = plan.cfg
     if info["max_tokens"] > cfg.tokens_per_step:
         raise ValueError(f"the largest video has {info['max_tokens']} tokens, more than tokens_per_step="
                          f"{cfg.tokens_per_step}: raise the budget (--tokens-per-step)")
     if info["rows"] < cfg.workers:
         raise ValueError(f"{info['rows']} latents rows cannot feed {cfg.workers} workers: use fewer --workers")
+    if plan.init is not None:
+        print(f"[train] fine-tuning {plan.spec.name}"
+              f"{' with a rank-' + str(plan.lora['rank']) + ' LoRA adapter' if plan.lora else ' (every weight)'}; "
+              f"conditioning modes {cfg.cond_mode_probs}, timestep shift {cfg.base_shift:g}", flush=True)
+    storage_path = storage_path or os.path.join(out, "checkpoints")
+    claim_run(storage.join(storage_path, name or plan.kind), plan.identity())
     ensure_ray()
     data_fs, data_path = trainer.pyarrow_fs(storage.join(data, "latents"))
     ds = ray.data.read_parquet(data_path, filesystem=data_fs, file_extensions=["parquet"], num_cpus=cfg.read_cpus)
@@ -47,13 +69,17 @@ def run_training(data: str, out: str, vae: str, cfg: TrainConfig, *, storage_pat
         cfg = replace(cfg, cache_data=True)
     if cfg.cache_data:
         ds = ds.materialize()
-    loop_config = {"train": asdict(cfg), "dit": asdict(dit_config)} | ({"loss_fn": loss_fn} if loss_fn else {})
+    loop_config = ({"train": asdict(cfg), "model": plan.identity(), **plan.loop_config()}
+                   | ({"loss_fn": loss_fn} if loss_fn else {}))
     result = trainer.run_trainer(
         train_loop_per_worker, loop_config, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
-        use_gpu=cfg.use_gpu, storage_path=storage_path or os.path.join(out, "checkpoints"), name=name,
+        use_gpu=cfg.use_gpu, storage_path=storage_path, name=name or plan.kind,
         max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints, datasets={"train": ds})
     assert result.checkpoint is not None, "training reported no checkpoint"
     checkpoint = trainer.checkpoint_url(result.checkpoint)
-    summary = export_model(checkpoint, out, vae, info, cfg, data)
+    if plan.init is None:
+        summary = export_model(checkpoint, out, vae, info, cfg, data)
+    else:
+        summary = export_wan(checkpoint, out, plan, info, data)
     summary["checkpoint"] = checkpoint
     return summary

@@ -1,4 +1,5 @@
-"""The DiT's per-worker training loop on Ray Train: parallelize, optimizers, one step, the loop."""
+"""The per-worker training loop on Ray Train (our DiT, or a Wan denoiser fine-tuned in full or
+with LoRA: ``pipelines.train.models``): parallelize, optimizers, one step, the loop."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ HISTORY_STEPS = 100_000
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
 
-def parallelize(model: DiT, cfg: TrainConfig, device: torch.device, world_size: int) -> nn.Module:
-    """Wrap a DiT for data-parallel training; the model itself stays parallelism-free.
+def parallelize(model: nn.Module, cfg: TrainConfig, device: torch.device, world_size: int) -> nn.Module:
+    """Wrap a denoiser (a DiT, or a ``sora.wan.WanDenoiser``: both have ``blocks`` and
+    ``gradient_checkpointing``) for data-parallel training; the model itself stays parallelism-free.
 
     Order (torchtitan): activation checkpointing, then torch.compile per block, then FSDP2
     (``fully_shard`` each block, then the root, so each block's parameters are gathered just
@@ -40,7 +42,7 @@ def parallelize(model: DiT, cfg: TrainConfig, device: torch.device, world_size: 
     on_gpu = device.type == "cuda"
     model.to(device)
     if on_gpu and cfg.activation_checkpointing:
-        model.gradient_checkpointing = True  # the DiT's own per-block torch.utils.checkpoint
+        model.gradient_checkpointing = True  # the model's own per-block torch.utils.checkpoint
     if on_gpu and cfg.compile:
         for block in model.blocks:
             block.compile()  # in place: state_dict keys unchanged
@@ -125,12 +127,14 @@ class Window:
 
 
 def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer: Optimizers, cfg: TrainConfig,
-               flow: FlowConfig, dit_config: DiTConfig, device: torch.device, rank: int, world: int, autocast,
-               time_progress: float = 0.0, loss_fn: LossFn = flow_matching_loss) -> dict[str, float]:
-    """One synchronous step on one pack per worker. Returns global figures: loss (NaN when
-    skipped), grad_norm, real tokens, flops, rows, skipped (1.0 when the loss or the gradient
-    was not finite on any worker: then no optimizer update happens anywhere), lr (the
-    schedule's, before each group's lr_scale)."""
+               flow: FlowConfig, flops: DiTConfig | Callable[[list[Sample]], float], device: torch.device, rank: int,
+               world: int, autocast, time_progress: float = 0.0, loss_fn: LossFn = flow_matching_loss
+               ) -> dict[str, float]:
+    """One synchronous step on one pack (or same-shape batch) per worker. ``flops``: the DiT's
+    config (``sora.dit.pack_flops``) or a function giving a pack's training FLOPs. Returns
+    global figures: loss (NaN when skipped), grad_norm, real tokens, flops, rows, skipped (1.0
+    when the loss or the gradient was not finite on any worker: then no optimizer update
+    happens anywhere), lr (the schedule's, before each group's lr_scale)."""
     batch = pack(samples).to(device)
     lr = lr_at(step, cfg.lr_schedule(), time_progress)
     optimizer.set_lr(lr)
@@ -138,10 +142,12 @@ def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer: Op
     with autocast:
         loss, stats = loss_fn(model, batch, flow, generator)
     loss_sum, loss_n, real, flops, rows, bad = _all_reduce(
-        [loss.item() * stats["loss_tokens"], stats["loss_tokens"], batch.num_tokens, pack_flops(samples, dit_config),
+        [loss.item() * stats["loss_tokens"], stats["loss_tokens"], batch.num_tokens,
+         flops(samples) if callable(flops) else pack_flops(samples, flops),
          len(samples), not math.isfinite(loss.item())], device, world)
     loss.backward()  # always, on every rank: DDP/FSDP collectives must match across ranks
-    norm = float(_full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    norm = float(_full(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))))
     skipped = bool(bad) or not math.isfinite(norm)  # norm is global: grads are already reduced
     if not skipped:
         optimizer.step()
@@ -150,40 +156,67 @@ def train_step(model: nn.Module, samples: list[Sample], step: int, optimizer: Op
             "flops": flops, "rows": rows, "skipped": float(skipped), "lr": lr}
 
 
+def build_model(config: dict, cfg: TrainConfig, device: torch.device, world: int
+                ) -> tuple[nn.Module, nn.Module, Optimizers, DiTConfig | Callable[[list[Sample]], float]]:
+    """(core, the module to call, its optimizer(s), the FLOPs of a pack) on this worker: our DiT
+    from ``config["dit"]`` (random init, the same on every rank), or the Wan directory of
+    ``config["wan"]`` (its weights; AdamW over what requires grad)."""
+    from pipelines.train.models import adamw_trainable, build_wan
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP/FSDP also sync it)
+    if config.get("wan"):
+        core, flops = build_wan(config["wan"], device)
+    else:
+        core = DiT(DiTConfig.from_dict(config["dit"]))
+        flops = core.config
+    model = parallelize(core, cfg, device, world)  # the optimizer must see the (sharded) params after this
+    sharded = device.type == "cuda" and cfg.fsdp and world > 1
+    if config.get("wan"):
+        optimizer = adamw_trainable(core, cfg)
+    else:
+        optimizer = make_optimizer(core, cfg, sharded=sharded, data_parallel=world > 1 and not sharded)
+    return core, model, optimizer, flops
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: ``config = {"train": asdict(TrainConfig), "dit": asdict(DiTConfig)}``,
-    and optionally ``"loss_fn"`` (see `train_step`; default sora.flow.flow_matching_loss)."""
+    """Ray Train entry point: ``config = {"train": asdict(TrainConfig), "model": ModelPlan.identity(),
+    "dit": asdict(DiTConfig)}`` or ``"wan": {...}`` (``ModelPlan.loop_config``), and optionally
+    ``"loss_fn"`` (see `train_step`; default sora.flow.flow_matching_loss)."""
     import ray.train
     import ray.train.torch
 
+    from sora.denoiser import spec_of
+
     cfg = TrainConfig(**config["train"])
-    dit_config = DiTConfig.from_dict(config["dit"])
+    identity = config.get("model") or {"kind": "dit", "init": None, "lora": None}
     loss_fn = config.get("loss_fn") or flow_matching_loss
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP/FSDP also sync it)
-    core = DiT(dit_config)
-    model = parallelize(core, cfg, device, world)  # the optimizer must see the (sharded) params after this
-    sharded = device.type == "cuda" and cfg.fsdp and world > 1
-    optimizer = make_optimizer(core, cfg, sharded=sharded, data_parallel=world > 1 and not sharded)
+    core, model, optimizer, flops = build_model(config, cfg, device, world)
+    by_grid = not spec_of(core).packed  # one shape per step where a forward cannot mix shapes cheaply
+    trainable_only = not all(p.requires_grad for p in core.parameters())
     ema = EMA(core, cfg.ema_decay)
     flow = cfg.flow()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
     peak = _peak_flops(cfg, device)
 
     state = {"step": 0, "epoch": 0, "epoch_rows": 0, "samples_seen": 0, "tokens_seen": 0, "nonfinite": 0,
-             "seed": cfg.seed, "resumed_from": [], "history": [], "dit_config": config["dit"],
-             "optimizer": cfg.optimizer, "workers": world}
+             "seed": cfg.seed, "resumed_from": [], "history": [], "optimizer": cfg.optimizer, "workers": world,
+             "model": identity} | ({"dit_config": config["dit"]} if config.get("dit") else {})
     checkpoint = ray.train.get_checkpoint()  # set on a restart after a failure and on a re-run
     if checkpoint is not None:  # any number of workers may have written it
-        state = load_checkpoint(trainer.checkpoint_url(checkpoint), model, optimizer, ema)
+        state = load_checkpoint(trainer.checkpoint_url(checkpoint), model, optimizer, ema, identity=identity)
         state["resumed_from"].append(state["step"])
         state["workers"] = world
+        state["model"] = identity
     if rank == 0:
-        print(f"[train] rank 0 of {world} on {device}: {core.num_params() / 1e6:.2f}M params, "
+        n_all = sum(p.numel() for p in core.parameters())
+        n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+        print(f"[train] rank 0 of {world} on {device}: {spec_of(core).name}, {n_all / 1e6:.2f}M params"
+              f"{f' ({n_train / 1e6:.3f}M trained)' if n_train < n_all else ''}, "
               f"{'resuming at step ' + str(state['step']) if checkpoint else 'from scratch'}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
@@ -198,7 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.report(metrics)
             return
         trainer.report({**metrics, "checkpoint_step": state["step"]}, model=model, optimizers=optimizer,
-                       state={**state, "ema_updates": ema.updates}, extra=ema.shadow)
+                       state={**state, "ema_updates": ema.updates}, extra=ema.shadow, trainable_only=trainable_only)
         t_ckpt, last_ckpt_step, reported_checkpoint = time.monotonic(), state["step"], True
 
     cached: list[Sample] | None = None  # this worker's samples, once a whole epoch was read (cache_data)
@@ -207,11 +240,11 @@ def train_loop_per_worker(config: dict) -> None:
         skip = state["epoch_rows"] // world
         collected: list[Sample] | None = [] if cached is None and cfg.cache_data and skip == 0 else None
         if cached is not None:
-            packs = iter_cached_packs(cached, cfg, state["epoch"], rank, skip_rows=skip)
+            packs = iter_cached_packs(cached, cfg, state["epoch"], rank, skip_rows=skip, by_grid=by_grid)
         elif collected is not None:  # a whole epoch from the shard: keep it
-            packs = collecting(iter_packs(shard, cfg, state["epoch"], rank), collected)
+            packs = collecting(iter_packs(shard, cfg, state["epoch"], rank, by_grid=by_grid), collected)
         else:
-            packs = iter_packs(shard, cfg, state["epoch"], rank, skip_rows=skip)
+            packs = iter_packs(shard, cfg, state["epoch"], rank, skip_rows=skip, by_grid=by_grid)
         steps_this_epoch = 0
         while not done:
             samples = next(packs, None)
@@ -228,7 +261,7 @@ def train_loop_per_worker(config: dict) -> None:
             if have < world:
                 break  # a worker's shard is exhausted: the epoch ends for all (lockstep DDP)
             step = state["step"] + 1
-            out = train_step(model, samples, step, optimizer, cfg, flow, dit_config, device, rank, world, autocast,
+            out = train_step(model, samples, step, optimizer, cfg, flow, flops, device, rank, world, autocast,
                              time_progress, loss_fn)
             if out["skipped"]:
                 state["nonfinite"] += 1  # no update, no EMA; its data still counts as seen
