@@ -19,7 +19,7 @@ from dataclasses import asdict
 import numpy as np
 from prefect import flow
 
-from flows.commands.common import Progress, finish_progress
+from flows.commands.common import Progress, finish_progress, stage_budget
 from flows.data import caption_task, encode_task, ingest_task
 from flows.demo_plan import PLANS, DemoPlan, make_plan  # noqa: F401 - PLANS, DemoPlan: re-exported
 
@@ -141,11 +141,10 @@ def demo_flow(out: str = "demo", quick: bool = False, overrides: dict | None = N
     say(f"5/8 train the captioner ({plan.captioner_minutes} min) and score it on held-out clips", t0, est)
     from pipelines.train_captioner import run_train_captioner
 
-    bar = Progress(None, "captioner training steps", budget_s=60 * plan.captioner_minutes)
+    stage_budget("train-captioner", 60 * plan.captioner_minutes)  # its workers' step lines make the progress line
     # Both cores when there are two (data parallel, as `sora train-captioner` defaults to).
     metrics["captioner"] = run_train_captioner(data, os.path.join(out, "captioner"), max_minutes=plan.captioner_minutes,
-                                               holdout=plan.captioner_eval, workers=min(2, os.cpu_count() or 1),
-                                               progress=lambda step, total, loss: bar.update(step, total, f"loss {loss:.3f}"))
+                                               holdout=plan.captioner_eval, workers=min(2, os.cpu_count() or 1))
     phase("train_captioner", s)
 
     s = time.monotonic()

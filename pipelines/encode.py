@@ -5,14 +5,21 @@
     -> DATA/latents/<batch-id>.parquet (pipelines/latents.py), failures -> DATA/quarantine
 
 `EncodeStage` is a `pipelines.stage.Stage` (VAE and text encoder loaded once per actor,
-failures quarantined). Exactly-once like the caption stage: deterministic per-batch file names
-written whole, and a re-run drops the clips that already have latents. With nothing to encode
-because no clip has a caption yet, `run_encode` raises `MissingInputError` naming `sora caption`.
+failures quarantined). The VAE and text encoder are given one by one (``vae``, ``text_encoder``)
+or as a model directory (``model``: ours or a diffusers Wan directory, a path or URL) whose VAE,
+text encoder, tokenizer length (512 for UMT5) and patch size are used. Rows record the VAE
+(``vae_id``) and text encoder (``sora.model_dir.text_encoder_name``) they came from; the states
+of the empty prompt under that text encoder (what a dropped caption becomes in training: Wan's
+unconditional prompt) are stored once per dataset and encoder in DATA/null_text
+(``read_null_text``).
+
+Exactly-once like the caption stage: deterministic per-batch file names written whole, and a
+re-run drops the clips that already have latents. With nothing to encode because no clip has a
+caption yet, `run_encode` raises `MissingInputError` naming `sora caption`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -32,12 +39,16 @@ from pipelines.stage import MissingInputError, Stage, StageOutput, StageResource
 class EncodeConfig(StageResources):
     """How `sora encode` encodes clips (with `StageResources`: actors, num_gpus, torch_threads)."""
 
-    vae: str  # VAE directory: ours (`sora train-vae`) or a diffusers video VAE (sora.vae.load_vae decides)
+    # VAE directory: ours (`sora train-vae`) or a diffusers video VAE (sora.vae.load_vae decides); or give model
+    vae: str | None = None
+    # model directory (ours or a diffusers Wan directory; path or URL) whose VAE, text encoder and patch size to use
+    model: str | None = None
     text_encoder: str | None = None  # local Hugging Face text encoder directory (None: the offline MiniLM)
-    patch_size: tuple[int, int, int] = (1, 2, 2)  # spacetime patch size t,h,w in latent cells
+    # spacetime patch size t,h,w in latent cells (None: the model's, else 1,2,2)
+    patch_size: tuple[int, int, int] | None = None
     batch_size: int = 4  # clips per actor call
     dtype: Literal["float16", "float32"] = "float16"  # storage dtype of tokens and text states
-    max_text_tokens: int = 64  # the caption's tokens kept by the text encoder
+    max_text_tokens: int | None = None  # the caption's tokens kept by the text encoder (None: the model's, else 64)
     # latent frames per causal encode chunk (bounded memory on long or large clips); None: sized by chunk_pixels
     chunk_latent_frames: int | None = None
     chunk_pixels: int = 1 << 24  # frames x height x width per chunk when chunk_latent_frames is None
@@ -46,9 +57,15 @@ class EncodeConfig(StageResources):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be three positive integers t,h,w, got {self.patch_size}")
-        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if (self.vae is None) == (self.model is None):
+            raise ValueError("give a VAE directory (vae, --vae) or a model directory (model, --model), one of them")
+        given = [k for k in ("text_encoder", "patch_size", "max_text_tokens") if getattr(self, k) is not None]
+        if self.model is not None and given:
+            raise ValueError(f"{', '.join(given)} come from the model directory {self.model}: leave them out")
+        if self.patch_size is not None:
+            if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+                raise ValueError(f"patch_size must be three positive integers t,h,w, got {self.patch_size}")
+            self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
         for name in ("batch_size", "max_text_tokens", "chunk_pixels", "chunk_latent_frames", "tile_size"):
@@ -61,14 +78,9 @@ class EncodeConfig(StageResources):
 
 def vae_id(vae_dir: str) -> str:
     """Which VAE made the latents: its directory name plus a hash of its config and weights' size."""
-    h = hashlib.sha1()
-    for name in sorted(os.listdir(vae_dir)):
-        p = os.path.join(vae_dir, name)
-        if name == "config.json":
-            h.update(open(p, "rb").read())
-        elif name.endswith(".safetensors"):
-            h.update(f"{name}:{os.path.getsize(p)}".encode())
-    return f"{os.path.basename(os.path.normpath(vae_dir))}@{h.hexdigest()[:12]}"
+    from sora.model_dir import component_id
+
+    return component_id(vae_dir)
 
 
 def chunk_latent_frames(cfg: EncodeConfig, frames: int, height: int, width: int, temporal: int) -> int | None:
@@ -88,14 +100,29 @@ class EncodeStage(Stage):
     schema = LATENTS_SCHEMA
 
     def setup(self) -> None:
+        from sora.model_dir import component_path, fetch_model_dir, load_text_encoder, read_index, text_encoder_name
         from sora.text_encoder import TextEncoder
         from sora.vae import load_vae
 
-        self.vae = load_vae(self.cfg.vae, device=self.device)
-        self.text = TextEncoder.from_pretrained(self.cfg.text_encoder, max_length=self.cfg.max_text_tokens,
-                                                device=self.device)
-        self.vae_name = vae_id(self.cfg.vae)
-        self.text_name = self.cfg.text_encoder or "minilm"
+        if self.cfg.model is not None:  # fetched on this actor's node when a URL
+            model = fetch_model_dir(self.cfg.model)
+            index = read_index(model)
+            vae_dir = component_path(model, index["vae"])
+            self.text = load_text_encoder(model, index, device=self.device)
+            self.text_name = text_encoder_name(model, index)
+            self.patch_size = tuple(int(p) for p in index["patch_size"])
+        else:
+            vae_dir = self.cfg.vae
+            self.text = TextEncoder.from_pretrained(self.cfg.text_encoder, max_length=self.cfg.max_text_tokens or 64,
+                                                    device=self.device)
+            self.text_name = self.cfg.text_encoder or "minilm"
+            self.patch_size = self.cfg.patch_size or (1, 2, 2)
+        self.vae = load_vae(vae_dir, device=self.device)
+        self.vae_name = vae_id(vae_dir)
+        sc = self.vae.spatial_compression
+        self.stride = sc * self.patch_size[1], sc * self.patch_size[2]  # (h, w) pixels per token
+        if self.out is not None:
+            write_null_text(self.out, self.text_name, self.text)
 
     def process_item(self, clip: dict[str, Any]) -> dict[str, Any]:
         return self.encode_clip(clip, str(clip["caption"]))
@@ -112,6 +139,10 @@ class EncodeStage(Stage):
         from sora.video_io import read_frames
 
         t, w, h = int(clip["bucket_frames"]), int(clip["bucket_width"]), int(clip["bucket_height"])
+        if h % self.stride[0] or w % self.stride[1]:
+            raise ValueError(f"bucket {w}x{h} does not split into this model's patches: its sides must be multiples "
+                             f"of {self.stride[1]}x{self.stride[0]} (VAE x{self.vae.spatial_compression} times patch "
+                             f"{self.patch_size[1]}x{self.patch_size[2]})")
         start = int(clip["start_frame"])
         frames = read_frames(str(clip["source"]), list(range(start, start + t)), size=(w, h), timeout=self.cfg.decode_timeout)
         x = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
@@ -123,14 +154,14 @@ class EncodeStage(Stage):
             if self.cfg.tile_size:
                 kwargs["tile_size"] = self.cfg.tile_size
             z = self.vae.encode_latents(x, **kwargs)[0]  # (C, T', H', W')
-            tokens = patchify(z, tuple(self.cfg.patch_size))  # (N, C*pt*ph*pw)
+            tokens = patchify(z, self.patch_size)  # (N, C*pt*ph*pw)
             states, mask = self.text.encode([caption])  # (1, L, D), (1, L)
         text = states[0][mask[0]]  # (L_real, D): padding is not stored
         dt = np.dtype(self.cfg.dtype)
         return make_row(
             tokens=tokens.float().cpu().numpy().astype(dt),
-            grid=grid_for(tuple(z.shape), tuple(self.cfg.patch_size)),
-            patch_size=tuple(self.cfg.patch_size),
+            grid=grid_for(tuple(z.shape), self.patch_size),
+            patch_size=self.patch_size,
             latent_shape=tuple(int(s) for s in z.shape),
             text=text.float().cpu().numpy().astype(dt),
             text_encoder=self.text_name,
@@ -138,6 +169,40 @@ class EncodeStage(Stage):
             caption=caption,
             vae=self.vae_name,
         )
+
+
+NULL_TEXT_SCHEMA = pa.schema([("text_encoder", pa.string()), ("text", pa.binary()),
+                              ("text_shape", pa.list_(pa.int64())), ("text_dtype", pa.string())])
+
+
+def write_null_text(data: str, name: str, text_encoder) -> None:
+    """Store the empty prompt's states (L0, D) float32, real tokens only, under text encoder
+    ``name`` in DATA/null_text/<hash of name>.parquet (once; the same bytes on every re-run)."""
+    from pipelines import storage
+    from pipelines.latents import array_to_bytes
+
+    url = storage.join(data, "null_text", f"{storage.stable_id(name)}.parquet")
+    if storage.exists(url):
+        return
+    states, mask = text_encoder.encode([""])  # (1, L, D), (1, L)
+    tb, ts, td = array_to_bytes(states[0][mask[0]].float().cpu().numpy())
+    row = {"text_encoder": name, "text": tb, "text_shape": ts, "text_dtype": td}
+    storage.write_parquet_atomic(pa.Table.from_pylist([row], schema=NULL_TEXT_SCHEMA), url)
+
+
+def read_null_text(data: str, name: str) -> np.ndarray:
+    """The empty prompt's states (L0, D) under text encoder ``name`` (a latents row's
+    ``text_encoder``), as `sora encode` stored them: what training feeds for a dropped caption
+    (e.g. ``sora.wan.load_wan(..., text_encoder=False, null_text=...)``)."""
+    from pipelines import storage
+    from pipelines.latents import bytes_to_array
+
+    table = storage.read_table(storage.join(data, "null_text"), schema=NULL_TEXT_SCHEMA)
+    rows = [r for r in table.to_pylist() if r["text_encoder"] == name]
+    if not rows:
+        raise FileNotFoundError(f"{data} holds no empty-prompt states for text encoder {name!r}: run `sora encode` "
+                                "with that model again (it stores them once)")
+    return bytes_to_array(rows[0]["text"], rows[0]["text_shape"], rows[0]["text_dtype"])
 
 
 def pending_clips(data: str) -> tuple[pa.Table, int, int]:
@@ -162,6 +227,10 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     from pipelines.ray_utils import table_blocks
 
     t0 = time.perf_counter()
+    if cfg.model is not None:  # a bad model directory fails here, before Ray starts any actor
+        from sora.model_dir import check_model_dir
+
+        check_model_dir(cfg.model)
     todo, uncaptioned, already = pending_clips(data)
     if todo.num_rows == 0 and already == 0 and uncaptioned:
         raise MissingInputError(f"{data}: none of its {uncaptioned} clips has a caption yet; "

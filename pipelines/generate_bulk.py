@@ -85,6 +85,8 @@ class BulkConfig(StageResources):
     batch_size: int = 8  # requests of one shape per model call (one packed batch)
     retry_errors: bool = False  # re-queue ids whose manifest row is an error
     limit: int | None = None  # only the first N rows of the prompts file (None: all)
+    lora: str | None = None  # LoRA adapter directory for a Wan model (diffusers' layout), a path or URL
+    lora_scale: float = 1.0  # strength of the LoRA adapter (1: as trained, 0: the base model)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +98,8 @@ class BulkConfig(StageResources):
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0 (or None: every row), got {self.limit}")
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
 
 
 @dataclass
@@ -255,7 +259,8 @@ class GenerateStage(Stage):
     def setup(self) -> None:
         from sora.pipeline import SoraPipeline
 
-        self.pipe = SoraPipeline.from_pretrained(self.model, device=self.device)
+        self.pipe = SoraPipeline.from_pretrained(self.model, device=self.device, lora=self.cfg.lora,
+                                                 lora_scale=self.cfg.lora_scale)
 
     def batch_id(self, ids: list[str]) -> str:
         return storage.stable_id("unit", *sorted(ids))
@@ -372,13 +377,14 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
     written to OUT/_summary.json)."""
     import ray
 
-    from sora.model_dir import read_index
+    from sora.model_dir import ModelSource
 
     cfg = cfg or BulkConfig()
     t0 = time.perf_counter()
     out = out if "://" in out else os.path.abspath(out)  # actors may run elsewhere: absolute paths
-
-    read_index(model)  # fail early and clearly on a bad model directory
+    source = ModelSource(model, cfg.lora, cfg.lora_scale).absolute()
+    source.check()  # fail early and clearly on a bad model directory or adapter (JSON only, no weights)
+    model, cfg = source.model, replace(cfg, lora=source.lora)
     todo, invalid, counts = plan(prompts, out, cfg)
     if invalid:
         unit = "invalid-" + storage.stable_id(*sorted(r["id"] for r in invalid))
@@ -390,8 +396,7 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
     if units:
         items = [{"unit": json.dumps([r.to_dict() for r in u])} for u in units]
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * max(1, cfg.actors)))
-        ds = GenerateStage.apply(ds, cfg, out=out, batch_size=1,
-                                 model=os.path.abspath(model) if "://" not in model else model)
+        ds = GenerateStage.apply(ds, cfg, out=out, batch_size=1, model=model)
         stats = collect_stats(ds, len(todo), progress)
         result.update(generated=stats["ok"], errors=stats["failed"], units=stats["batches"], actors=stats["actors"],
                       model_loads_per_actor=stats["model_loads_per_actor"])

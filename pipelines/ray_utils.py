@@ -23,9 +23,10 @@ _started_by: "RayLog | None" = None  # the RayLog that was active when ensure_ra
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Start (or join) Ray once per process. With RAY_ADDRESS set, join that cluster;
-    otherwise start a local one without the dashboard (the embedded default). Inside a
-    `RayLog`, Ray's output goes to its file."""
+    """Start (or join) Ray once per process. With RAY_ADDRESS set, join that cluster; on a
+    node where `ray start` runs a live cluster, join it; otherwise start a private local one
+    without the dashboard (the embedded default). Inside a `RayLog`, Ray's output goes to
+    its file."""
     import ray
 
     global _started_by
@@ -37,15 +38,35 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
+    elif (address := running_local_cluster()) is not None:
+        ray.init(address=address, log_to_driver=True)  # on a head node: its cluster
     else:
         # a private local instance: no token auth to set up, no dashboard; one node that
         # nothing can preempt, so no preemption-watcher actor polling it
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False)  # worker prints (training progress) reach the driver
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)  # worker prints (training progress) reach the driver
     _started_by = _active
     if _active is not None:
         _active.attach()
+
+
+def running_local_cluster(timeout: float = 2.0) -> str | None:
+    """The address of the cluster `ray start` runs on this machine (the one a bare `ray.init()`
+    would join), or None when there is none or its GCS does not answer. Ray keeps that address
+    in TEMP/ray/ray_current_cluster, and a file left by a cluster that is gone (killed, or a
+    test's `ray.cluster_utils.Cluster`) makes a bare `ray.init()` retry it forever."""
+    import socket
+
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        with open(os.path.join(temp, "ray", "ray_current_cluster")) as f:
+            address = f.read().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return address
+    except (OSError, ValueError):
+        return None
 
 
 def has_gpus() -> bool:

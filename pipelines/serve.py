@@ -4,8 +4,9 @@
         |  POST /v1/videos  GET /v1/videos[/{id}[/content]]  DELETE /v1/videos/{id}  POST .../remix
         v
     VideoAPI (ingress, FastAPI, 1 replica, 0 CPUs)       the only writer of new jobs
-        |  validates (pipelines.video_requests), writes the job record (pipelines.video_jobs),
-        |  answers at once; one asyncio task per accepted job dispatches it and watches it
+        |  validates (pipelines.video_requests), journals the job (pipelines.video_jobs) and
+        |  answers; then stores its record and starts one asyncio task that dispatches it
+        |  (a bounded number at a time) and watches it
         v
     VideoGenerator (autoscaled min..max replicas, a GPU each where the cluster has them)
            @serve.batch gathers requests; `JobRunner` generates each same-shape group as one
@@ -13,9 +14,18 @@
 
     serve run pipelines.serve:build_app model=MODEL storage=STORE      # or: sora serve --model MODEL
 
+The submission path is short: small bodies are parsed on the event loop, and the POSTs that
+arrive together are made durable by one write (a group commit to STORE/journal/ on a thread of
+its own, so reads for polling clients never queue ahead of it). Each job's own record and
+active marker are written after the answer, also off the event loop; GET serves a job not yet
+stored and every finished job from memory. At most `dispatch_limit` jobs are handed to the
+generator at once (enough to fill every replica and to show the autoscaler a queue beyond
+them); the rest wait at the ingress, costing nothing.
+
 Durable jobs. Records and outputs live in STORE (a directory or fsspec URL), never only in
-memory: a restarted ingress resumes every job still marked active; a replica that dies mid-job
-makes the dispatching call fail at once (or, if it only hangs, its heartbeat goes stale), and the
+memory: a POST is answered once its job is in the journal; a restarted ingress first stores what
+the journal holds, then resumes every job still marked active; a replica that dies mid-job makes
+the dispatching call fail at once (or, if it only hangs, its heartbeat goes stale), and the
 ingress re-queues the job, up to `max_attempts` times, then fails it with a clear error. So a job
 ends completed or failed; it is never lost and never left in progress. The queue is bounded:
 beyond `max_queue` unfinished jobs, POST answers 429 with Retry-After.
@@ -24,6 +34,11 @@ Autoscaling. Each dispatched job is one request to the generator; Serve counts t
 at the ingress's handle and running on replicas, and adds replicas while there are more than
 `target_ongoing_requests` per replica. One ingress replica is the design (it owns dispatch);
 Serve restarts it if it dies, and the restart resumes from STORE.
+
+Under a burst of POSTs most of each one's cost is Serve's HTTP proxy (its hop to the ingress
+replica), not this code. Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+in the environment Ray starts with) lets the ingress replica answer HTTP itself, on a port of
+its own (from 30000 up), without that hop; `benchmarks/bench_serve.py --direct-ingress` measures it.
 """
 
 # NOTE: no `from __future__ import annotations` here. Serve cloudpickles the FastAPI app, and
@@ -37,7 +52,8 @@ import math
 import os
 import statistics
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -57,6 +73,17 @@ from pipelines.video_runner import JobRunner, StepHook
 __all__ = ["ServeConfig", "JobRunner", "VideoGenerator", "VideoAPI", "build_app", "application", "run_server"]
 
 logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
+
+INLINE_BODY_BYTES = 16 << 10  # bodies up to this size are parsed on the event loop (no thread hop)
+FINAL_CACHE = 4096  # finished records the ingress keeps in memory for GET
+
+
+def dispatch_limit(cfg: ServeConfig) -> int:
+    """Generator calls the ingress keeps in flight: every replica's `max_ongoing_requests` plus
+    one replica's worth queued at the handle, where Serve's autoscaler counts it (and at least
+    `max_replicas` x `target_ongoing_requests`, so the autoscaler can always ask for them all)."""
+    per_replica = max(2 * cfg.max_batch_size, math.ceil(cfg.target_ongoing_requests))
+    return (cfg.max_replicas + 1) * per_replica
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,9 +178,20 @@ class VideoAPI:
         self.store = JobStore(self.cfg.storage)
         await asyncio.to_thread(self.store.check)
         self.generator = generator
-        self.tasks: dict[str, asyncio.Task] = {}
-        self._reserved = 0  # accepted requests still writing their record (counted against max_queue)
+        self.tasks: dict[str, asyncio.Task] = {}  # one per stored, unfinished job: dispatch + watch
+        self._reserved = 0  # accepted requests not yet journaled (counted against max_queue)
+        self._pending: dict[str, dict[str, Any]] = {}  # journaled, record not yet stored: GET reads these
+        self._final: OrderedDict[str, dict[str, Any]] = OrderedDict()  # finished records, newest last
         self._service_s: deque[float] = deque(maxlen=64)  # recent started -> completed times
+        # a thread each: a group commit never waits behind the reads of polling clients (the
+        # default pool), nor behind the record writes that follow it
+        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="sora-journal")
+        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="sora-records")
+        self._to_commit: list[tuple[dict[str, Any], asyncio.Future]] = []
+        self._to_store: deque[tuple[str, list[dict[str, Any]]]] = deque()
+        self._committing = self._storing = False
+        self._dispatching = asyncio.Semaphore(dispatch_limit(self.cfg))
+        await asyncio.to_thread(self.store.replay_journal)  # answered before a restart: store them first
         for vid in await asyncio.to_thread(self.store.active_ids):  # resume after a restart
             self._start(vid)
 
@@ -195,16 +233,47 @@ class VideoAPI:
         return APIError(429, f"the queue is full ({self.cfg.max_queue} unfinished jobs); retry in {retry} s",
                         type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
 
+    def _unfinished(self) -> int:
+        return len(self.tasks) + len(self._pending) + self._reserved
+
     async def _get(self, video_id: str) -> dict[str, Any]:
-        rec = await asyncio.to_thread(self.store.get, video_id) if is_id(video_id) else None
-        if rec is None:
+        if not is_id(video_id):
             raise _not_found(video_id)
+        rec = self._pending.get(video_id) or self._final.get(video_id)
+        if rec is None:
+            rec = await asyncio.to_thread(self.store.get, video_id)
+            if rec is None:
+                raise _not_found(video_id)
+            self._remember(rec)
         return rec
 
+    def _remember(self, rec: dict[str, Any] | None) -> None:
+        """Keep a finished record for GET (it no longer changes; DELETE forgets it)."""
+        if rec is not None and rec["status"] in FINAL:
+            self._final[rec["id"]] = rec
+            self._final.move_to_end(rec["id"])
+            while len(self._final) > FINAL_CACHE:
+                self._final.popitem(last=False)
+
+    async def _stored(self, ids) -> None:
+        """Wait until these jobs (if journaled just now) have their own record in the store."""
+        while any(i in self._pending for i in ids):
+            await asyncio.sleep(0.01)
+
+    async def _parse(self, request: Request, body: bytes, parse, *args):
+        """``parse(fields, files, *args)`` of a body: small ones on the event loop, large ones
+        (an image to decode) on a thread."""
+        ctype = request.headers.get("content-type")
+        if len(body) <= INLINE_BODY_BYTES:
+            return parse(*parse_body(ctype, body), *args)
+        fields_, files = await asyncio.to_thread(parse_body, ctype, body)
+        return await asyncio.to_thread(parse, fields_, files, *args)
+
     async def _accept(self, spec: dict[str, Any], image: bytes | None) -> JSONResponse:
-        if len(self.tasks) + self._reserved >= self.cfg.max_queue:
+        if self._unfinished() >= self.cfg.max_queue:
             raise self._queue_full()
         self._reserved += 1  # no await between the check and this: the bound is exact
+        handed = False  # once queued for the journal, the commit loop moves the slot to _pending
         try:
             vid = new_id()
             request = spec["request"]
@@ -214,11 +283,76 @@ class VideoAPI:
             rec = new_record(vid, model=spec["model"], prompt=spec["prompt"], size=spec["size"],
                              seconds=spec["seconds"], output_size=spec["output_size"], job=request.to_dict(),
                              remixed_from=spec.get("remixed_from"))
-            await asyncio.to_thread(self.store.create, rec)
-            self._start(vid)
+            handed = True
+            await self._commit(rec)
         finally:
-            self._reserved -= 1
+            if not handed:
+                self._reserved -= 1
         return JSONResponse(public_view(rec))
+
+    # -- the write path: a group commit to the journal, then each job's record ------------
+
+    async def _commit(self, rec: dict[str, Any]) -> None:
+        """Journal a new job together with every other one that arrives meanwhile; returns once
+        it is durable (then it is in `_pending` until its own record is stored)."""
+        done = asyncio.get_running_loop().create_future()
+        self._to_commit.append((rec, done))
+        if not self._committing:
+            self._committing = True
+            asyncio.get_running_loop().create_task(self._commit_loop())
+        await done
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._to_commit:
+                batch, self._to_commit = self._to_commit, []
+                records = [r for r, _ in batch]
+                try:
+                    url = await loop.run_in_executor(self._commit_pool, self.store.journal, records)
+                except Exception as e:  # noqa: BLE001 - the store refused: these POSTs fail, nothing is kept
+                    logger.exception("journal write of %d jobs failed", len(records))
+                    self._reserved -= len(batch)
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(e)
+                    continue
+                self._reserved -= len(batch)  # their queue slots, from now on held by _pending
+                for r in records:
+                    self._pending[r["id"]] = r
+                self._to_store.append((url, records))
+                if not self._storing:
+                    self._storing = True
+                    loop.create_task(self._store_loop())
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._committing = False
+
+    async def _store_loop(self) -> None:
+        """Write each journaled job's record + active marker, drop the journal file, start the job."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._to_store:
+                url, records = self._to_store[0]
+                try:
+                    await loop.run_in_executor(self._store_pool, self._store_records, url, records)
+                except Exception:  # noqa: BLE001 - a storage hiccup: the journal still holds them; retry
+                    logger.exception("storing %d journaled jobs failed; retrying", len(records))
+                    await asyncio.sleep(1.0)
+                    continue
+                self._to_store.popleft()
+                for r in records:
+                    self._pending.pop(r["id"], None)
+                    self._start(r["id"])
+        finally:
+            self._storing = False
+
+    def _store_records(self, url: str, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self.store.adopt(r)
+        self.store.drop_journal(url)
 
     # -- dispatch: one task per unfinished job ---------------------------------------------
 
@@ -231,6 +365,7 @@ class VideoAPI:
         """Dispatch a job until it is final: re-queue it when its replica dies or hangs (up to
         max_attempts runs in all), then fail it with the reason."""
         failures = 0
+        rec: dict[str, Any] | None = None
         try:
             while True:
                 outcome, error = await self._dispatch(vid)
@@ -240,6 +375,7 @@ class VideoAPI:
                 if outcome == "busy":  # another replica holds it (e.g. after our restart): watch it
                     error = await self._watch(vid)
                     if error is None:
+                        rec = None
                         continue
                     rec = await asyncio.to_thread(self.store.get, vid)
                     if rec is None or rec["status"] in FINAL:
@@ -260,6 +396,7 @@ class VideoAPI:
                 await asyncio.to_thread(self.store.put, rec)
                 if rec["status"] == "failed":
                     return
+                rec = None
                 await asyncio.sleep(min(5.0, 0.5 * failures))
         except asyncio.CancelledError:
             raise
@@ -271,9 +408,11 @@ class VideoAPI:
                 await asyncio.to_thread(self.store.put, rec)
         finally:
             self.tasks.pop(vid, None)
-            rec = await asyncio.to_thread(self.store.get, vid)
+            if rec is None or rec["status"] not in FINAL:  # cancelled, or left by an error: look again
+                rec = await asyncio.to_thread(self.store.get, vid)
             if rec is None or rec["status"] in FINAL:
                 await asyncio.to_thread(self.store.clear_active, vid)
+            self._remember(rec)
             if rec is not None and rec["status"] == "completed" and rec.get("started_at"):
                 self._service_s.append(max(0.0, time.time() - float(rec["started_at"])))
 
@@ -283,6 +422,10 @@ class VideoAPI:
 
     async def _dispatch(self, vid: str) -> tuple[str | None, str | None]:
         """One generator call, watched: -> (outcome, None), or (None, why it failed)."""
+        async with self._dispatching:
+            return await self._call_generator(vid)
+
+    async def _call_generator(self, vid: str) -> tuple[str | None, str | None]:
         response = self.generator.generate.remote(vid)
         fut = asyncio.ensure_future(_await(response))
         try:
@@ -321,18 +464,18 @@ class VideoAPI:
     @api.post("/v1/videos")
     async def create(self, request: Request):
         self._auth(request)
-        if len(self.tasks) + self._reserved >= self.cfg.max_queue:  # before reading a body we would drop
+        if self._unfinished() >= self.cfg.max_queue:  # before reading a body we would drop
             raise self._queue_full()
         body = await self._body(request)
-        fields_, files = await asyncio.to_thread(parse_body, request.headers.get("content-type"), body)
-        spec, image = await asyncio.to_thread(parse_create, fields_, files, self.cfg.limits, self.model,
-                                              self.cfg.http_limits)
+        spec, image = await self._parse(request, body, parse_create, self.cfg.limits, self.model,
+                                        self.cfg.http_limits)
         return await self._accept(spec, image)
 
     @api.get("/v1/videos")
     async def list_videos(self, request: Request):
         self._auth(request)
         after, limit, order = parse_list_query(dict(request.query_params))
+        await self._stored(list(self._pending))  # every job answered so far is listed
         recs, has_more = await asyncio.to_thread(self.store.page, after, limit, order)
         data = [public_view(r) for r in recs]
         return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -349,11 +492,14 @@ class VideoAPI:
     async def delete(self, video_id: str, request: Request):
         self._auth(request)
         await self._get(video_id)
+        await self._stored([video_id])
+        self._final.pop(video_id, None)
         if not await asyncio.to_thread(self.store.delete, video_id):
             raise _not_found(video_id)
         task = self.tasks.pop(video_id, None)
         if task is not None:
             task.cancel()
+        self._final.pop(video_id, None)  # in case its task finished (and kept it) meanwhile
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
     @api.get("/v1/videos/{video_id}/content")
@@ -375,9 +521,9 @@ class VideoAPI:
         self._auth(request)
         source = await self._get(video_id)
         body = await self._body(request)
-        fields_, files = await asyncio.to_thread(parse_body, request.headers.get("content-type"), body)
-        spec = parse_remix(fields_, files, self.cfg.limits, self.model, source, self.store.request_of(source),
-                           self.store.output_url(video_id, "video"), self.cfg.remix_strength)
+        spec = await self._parse(request, body, parse_remix, self.cfg.limits, self.model, source,
+                                 self.store.request_of(source), self.store.output_url(video_id, "video"),
+                                 self.cfg.remix_strength)
         return await self._accept(spec, None)
 
 

@@ -8,6 +8,7 @@ strings, or as a RayService serveConfigV2 `args` mapping; `from_args` reads all 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -19,7 +20,9 @@ from sora.request import DEFAULT_STRENGTH, Limits
 class ServeConfig:
     """Everything `build_app` takes (serveConfigV2 `args`, `sora serve` flags)."""
 
-    model: str  # model directory (sora.model_dir), readable where the replicas run
+    model: str  # model directory (ours or a diffusers Wan directory, sora.model_dir), readable where the replicas run
+    lora: str | None = None  # LoRA adapter directory for a Wan model (diffusers' layout), readable by the replicas
+    lora_scale: float = 1.0  # strength of the LoRA adapter (1: as trained, 0: the base model)
     storage: str = "sora-videos"  # job records and videos: a directory or fsspec URL shared by all replicas
     api_key: str | None = None  # required Bearer key (None: $SORA_API_KEY in the ingress's environment; neither: open)
     model_name: str = "sora-ray"  # the `model` the API reports; OpenAI's sora-2 names are accepted as aliases
@@ -59,6 +62,8 @@ class ServeConfig:
                              f"(heartbeat_s {self.heartbeat_s})")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0 (or None: from the cluster), got {self.num_gpus}")
+        if not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
         if not 0.0 <= self.remix_strength <= 1.0:
             raise ValueError(f"remix_strength must be in [0, 1], got {self.remix_strength}")
 

@@ -3,6 +3,9 @@
 The HTTP ingress and the generator replicas of `pipelines.serve` share nothing but this store,
 so a restarted ingress or replica finds every job where it left it:
 
+    STORE/journal/<id>.json               records just accepted, written together as one file
+                                          (a group commit: one write for every POST of a burst)
+                                          until each is stored under jobs/ + active/
     STORE/jobs/<id>.json                  the record (the OpenAI video object + the job's
                                           `sora.request.GenerationRequest` as JSON)
     STORE/active/<id>                     marker: accepted and not finished (what a restarted
@@ -13,10 +16,13 @@ so a restarted ingress or replica finds every job where it left it:
     STORE/videos/<id>/video.mp4 | thumbnail.webp | spritesheet.jpg
 
 A record is always written whole (temp file + rename, `pipelines.storage`), so a reader never
-sees half a record. There is no cross-process lock: the ingress writes a record when it accepts,
-re-queues or fails a job, a generator replica while it owns the job (claim, heartbeats, result).
-Outputs are deterministic (the seed is chosen once, at creation, and stored), so when a job runs
-twice - a replica presumed dead that was only slow - both runs write the same bytes.
+sees half a record. The ingress answers a POST once the job is in a journal file; a restarted
+ingress first moves every journal file's records to jobs/ + active/ (`replay_journal`), so an
+answered job is never lost, and a record already there is never overwritten. There is no
+cross-process lock: the ingress writes a record when it accepts, re-queues or fails a job, a
+generator replica while it owns the job (claim, heartbeats, result). Outputs are deterministic
+(the seed is chosen once, at creation, and stored), so when a job runs twice - a replica presumed
+dead that was only slow - both runs write the same bytes.
 
 Ids are `video_` + 12 hex digits of the creation time in ms + 20 random hex digits, so sorting
 ids sorts by creation time (cursor pagination needs no index) and an id is never a path: every
@@ -145,9 +151,25 @@ class JobStore:
             return None
         try:
             rec = storage.read_json(self.record_url(video_id))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except FileNotFoundError:
+            rec = self._journaled(video_id)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return None
         return rec if isinstance(rec, dict) and rec.get("id") == video_id else None
+
+    def _journaled(self, video_id: str) -> dict[str, Any] | None:
+        """The record of a job accepted just now, still only in the journal."""
+        for url in self.journal_files():
+            try:
+                for rec in self.read_journal(url):
+                    if rec["id"] == video_id:
+                        return rec
+            except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, TypeError):
+                continue
+        try:  # its journal file was replayed meanwhile: the record is stored by now
+            return storage.read_json(self.record_url(video_id))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
     def is_deleted(self, video_id: str) -> bool:
         return storage.exists(self._marker("deleted", video_id))
@@ -179,6 +201,51 @@ class JobStore:
             job.update(prompt=record["prompt"], image=job.pop("input", None),
                        video=None if source is None else self.output_url(source, "video"))
         return GenerationRequest.from_dict(job)
+
+    def adopt(self, record: dict[str, Any]) -> bool:
+        """Store a journaled record under jobs/ + active/ unless it is there already (a replica may
+        have moved it on since) or the job was deleted. True when written."""
+        vid = record["id"]
+        if self.is_deleted(vid) or storage.exists(self.record_url(vid)):
+            return False
+        self.create(dict(record))
+        return True
+
+    # -- the journal: accepted jobs, one file per group commit ---------------------------
+
+    def journal(self, records: list[dict[str, Any]]) -> str:
+        """Write new records as one journal file (named after the first id) -> its URL."""
+        url = storage.join(self.root, "journal", f"{check_id(records[0]['id'])}.json")
+        storage.write_bytes_atomic(url, json.dumps(records, separators=(",", ":")).encode("utf-8"))
+        return url
+
+    def journal_files(self) -> list[str]:
+        names = storage.list_names(storage.join(self.root, "journal"))
+        return [storage.join(self.root, "journal", n) for n in sorted(names)
+                if n.endswith(".json") and is_id(n[:-5])]
+
+    def read_journal(self, url: str) -> list[dict[str, Any]]:
+        return [r for r in storage.read_json(url) if isinstance(r, dict) and is_id(r.get("id"))]
+
+    def drop_journal(self, url: str) -> None:
+        fs, path = storage.fs_and_path(url)
+        if fs.exists(path):
+            fs.rm(path)
+
+    def replay_journal(self) -> list[str]:
+        """Move every journaled record to jobs/ + active/ (see `adopt`), then drop the journal
+        files -> the ids written. What a (re)started ingress does before resuming."""
+        written = []
+        for url in self.journal_files():
+            try:
+                records = self.read_journal(url)
+            except FileNotFoundError:  # replayed meanwhile
+                continue
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+                continue  # never written by us (ours are whole): left for a person to look at
+            written += [r["id"] for r in records if self.adopt(r)]
+            self.drop_journal(url)
+        return written
 
     # -- active set (what a restarted ingress resumes) -----------------------------------
 

@@ -70,7 +70,8 @@ class JobRunner:
         self.on_step = on_step
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        self.pipe = SoraPipeline.from_pretrained(cfg.model, device=device_for(cfg.num_gpus))
+        self.pipe = SoraPipeline.from_pretrained(cfg.model, device=device_for(cfg.num_gpus), lora=cfg.lora,
+                                                 lora_scale=cfg.lora_scale)
         self.store = JobStore(cfg.storage)
         self.worker = {"pid": os.getpid(), "replica": worker}
         self._lock = threading.Lock()  # guards _running and every record write of this replica

@@ -26,7 +26,13 @@ length: output frames are exactly ``height`` x ``width`` and exactly ``num_frame
 round trip (``round_trip``). A prompt list of one shape is generated as one packed batch, with
 the classifier-free-guidance branches in the same forward. The same generator seed gives the
 same output; a list of generators (one per prompt) makes each video independent of its batch.
-Every call is checked as ``sora.request.GenerationRequest``s (one per prompt) before any work.
+Every call is checked as ``sora.request.GenerationRequest``s (one per prompt) before any work,
+and its mode against what the model can do (``sora.denoiser.DenoiserSpec``).
+
+The model directory is ours or a diffusers Wan directory (``sora.wan``, optionally with a LoRA
+adapter), local or at a URL: the same calls run on either, on the model's own time grid.
+
+    pipe = SoraPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers", lora="adapter", lora_scale=0.8)
 """
 
 from __future__ import annotations
@@ -44,13 +50,15 @@ import torch
 
 from sora import conditioning as plans
 from sora.conditioning import Layout, Segment
+from sora.denoiser import spec_of
 from sora.flow import interpolate, resolution_shift, time_grid
 from sora.media import export_to_video, format_frames, to_frames
-from sora.model_dir import component_path, read_index, write_index
+from sora.model_dir import component_path, fetch_model_dir, load_text_encoder, read_index, write_index
 from sora.patches import patchify, position_ids, unpatchify
 from sora.request import DEFAULT_SAMPLER, DEFAULT_STRENGTH, NO_LIMITS, GenerationRequest, Limits
 from sora.request import SAMPLERS as request_samplers
 from sora.samplers import ancestral, euler, guided_velocity, heun, initial_noise
+from sora.wan_lora import check_adapter, load_lora
 
 __all__ = ["SoraPipeline", "SoraPipelineOutput", "GenerationRequest", "export_to_video", "to_frames",
            "DEFAULT_SAMPLER", "DEFAULT_STRENGTH", "SAMPLERS"]
@@ -119,24 +127,57 @@ class SoraPipeline:
     # -- checkpoints ---------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "SoraPipeline":
-        """Load a model directory (``sora.model_dir`` layout). ``dtype`` applies to the DiT
-        (e.g. torch.bfloat16 on a GPU); the VAE and the text encoder stay float32."""
-        from sora.dit import DiT
-        from sora.text_encoder import TextEncoder
+    def from_pretrained(cls, directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        lora: str | None = None, lora_scale: float = 1.0, cache_dir: str | None = None
+                        ) -> "SoraPipeline":
+        """Load a model directory: ours (``sora.model_dir`` layout) or a diffusers Wan directory
+        (``sora.wan``), a local path or an fsspec URL (copied to ``cache_dir`` first, see
+        ``sora.model_dir.fetch_model_dir``). ``dtype`` applies to the denoiser (e.g.
+        torch.bfloat16 on a GPU); the VAE and the text encoder stay float32. ``lora``: a LoRA
+        adapter directory for this model (``sora.wan_lora``), applied at ``lora_scale``.
+        The directory and the adapter are checked before any weights load."""
         from sora.vae import load_vae
 
+        directory = os.path.abspath(fetch_model_dir(directory, cache_dir))
         index = read_index(directory)
-        vae = load_vae(component_path(directory, index["vae"]), device=device)
-        dit = DiT.from_pretrained(component_path(directory, index["dit"]), device=device, dtype=dtype).eval()
-        te = index.get("text_encoder") or {}
-        text_encoder = TextEncoder.from_pretrained(component_path(directory, te.get("path")),
-                                                   max_length=int(te.get("max_length", 64)), device=device)
-        return cls(vae, dit, text_encoder, index, source_dir=os.path.abspath(directory))
+        if index.get("lora"):  # the directory applies an adapter of its own (a LoRA fine-tune's)
+            if lora is not None:
+                raise ValueError(f"{directory} already applies the LoRA adapter {index['lora']['path']}: load its base "
+                                 f"{index['wan']['base']} with lora= instead")
+            lora, lora_scale = component_path(directory, index["lora"]["path"]), float(index["lora"].get("scale", 1))
+        lora_dir = None if lora is None else os.path.abspath(fetch_model_dir(lora, cache_dir))
+        if lora_dir is not None:
+            check_adapter(directory, lora_dir)
+        if index.get("wan"):
+            from sora.wan import load_wan
+
+            wan = load_wan(index["wan"]["base"], device=device, dtype=dtype)
+            vae, dit, text_encoder = wan.vae, wan.denoiser, wan.text_encoder
+        else:
+            from sora.dit import DiT
+
+            vae = load_vae(component_path(directory, index["vae"]), device=device)
+            dit = DiT.from_pretrained(component_path(directory, index["dit"]), device=device, dtype=dtype).eval()
+            text_encoder = load_text_encoder(directory, index, device=device)
+        pipe = cls(vae, dit, text_encoder, index, source_dir=directory)
+        if lora_dir is not None:
+            pipe.load_lora(lora_dir, lora_scale)
+        return pipe
+
+    def load_lora(self, directory: str, scale: float = 1.0) -> None:
+        """Apply a LoRA adapter directory (diffusers' Wan LoRA layout, ``sora.wan_lora``) at
+        ``scale``; an adapter of another base model fails before the model changes."""
+        if not np.isfinite(scale):
+            raise ValueError(f"lora_scale must be a finite number, got {scale}")
+        load_lora(self.dit, directory, scale=float(scale))
+        self.index = {**self.index, "lora": {"path": os.path.abspath(directory), "scale": float(scale)}}
 
     def save_pretrained(self, directory: str) -> None:
         """Write VAE, DiT, the index, and the components the index keeps inside the directory
         (a text encoder or upsampler given by absolute path, or none, stays a reference)."""
+        if self.index.get("wan"):
+            raise ValueError(f"this pipeline runs the diffusers Wan directory {self.index['wan']['base']}: load that "
+                             "directory (and its LoRA adapter) again instead of saving a copy")
         os.makedirs(directory, exist_ok=True)
         index = dict(self.index)
         self.vae.save_pretrained(component_path(directory, index["vae"]))
@@ -227,7 +268,8 @@ class SoraPipeline:
                 v_cond, v_neg = out.chunk(2)
                 return v_neg + guidance_scale * (v_cond - v_neg)
 
-        return lambda x, t: base(x.to(dtype), t.to(dtype)).float()
+        # times stay float32: the model's time embedding scales them (x1000), which bf16 would round
+        return lambda x, t: base(x.to(dtype), t.float()).float()
 
     # -- the VAE side --------------------------------------------------------------------
 
@@ -275,15 +317,19 @@ class SoraPipeline:
     # -- sampling ------------------------------------------------------------------------
 
     def _time_grid(self, steps: int, num_tokens: int, strength: float) -> torch.Tensor:
-        """The shifted grid from 1 to 0 (``sora.flow.time_grid``), started at ``strength`` for
-        SDEdit: the times below it, with ``strength`` itself prepended (0 steps at strength 0)."""
+        """The shifted grid from 1 to 0 (``sora.flow.time_grid``; a diffusers model's scheduler
+        sigmas, ``sora.wan.flow_match_grid``), started at ``strength`` for SDEdit: the times
+        below it, with ``strength`` itself prepended (0 steps at strength 0)."""
         flow = self.index["flow"]
-        if flow.get("base_tokens"):  # the shift training used: grows with the token count
-            shift = resolution_shift(num_tokens, int(flow["base_tokens"]), float(flow["base_shift"]),
-                                     max_shift=float(flow.get("max_shift", 8.0)))
+        if flow.get("scheduler"):  # the diffusers scheduler config the model was released with
+            from sora.wan import flow_match_grid
+
+            grid = flow_match_grid(steps, flow["scheduler"])
+        elif flow.get("base_tokens"):  # the shift training used: grows with the token count
+            grid = time_grid(steps, resolution_shift(num_tokens, int(flow["base_tokens"]), float(flow["base_shift"]),
+                                                     max_shift=float(flow.get("max_shift", 8.0))))
         else:  # no base size: one fixed shift
-            shift = float(flow.get("base_shift", 1.0))
-        grid = time_grid(steps, shift)
+            grid = time_grid(steps, float(flow.get("base_shift", 1.0)))
         if strength >= 1.0:
             return grid
         assert strength >= 0.0, f"strength must be in [0, 1], got {strength}"
@@ -421,6 +467,8 @@ class SoraPipeline:
                   callback: StepCallback | None, output_type: str) -> SoraPipelineOutput:
         t0 = time.perf_counter()
         reqs = [r.validate(limits, names=CALL_NAMES) for r in requests]
+        for r in reqs:
+            self.check_mode(r.mode, r.image is not None)
         B = len(reqs)
         video = self._load_video(reqs[0].mode, reqs[0].video)  # one video per batch (shape_key holds it)
         reqs = [r.resolve(self.defaults, None if video is None else len(video)) for r in reqs]
@@ -477,6 +525,11 @@ class SoraPipeline:
         return SoraPipelineOutput(outs, fps, latents, infos, drafts)
 
     # -- helpers for the call ------------------------------------------------------------
+
+    def check_mode(self, mode: str, image: bool = False) -> None:
+        """ValueError naming the mode and the model when this model cannot run ``mode`` (a
+        draft with an image starts as image-to-video)."""
+        spec_of(self.dit).check_generation_mode("image-to-video" if mode == "draft" and image else mode)
 
     @staticmethod
     def _load_video(mode: str, video):

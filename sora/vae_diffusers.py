@@ -59,9 +59,40 @@ class DiffusersVideoVAE:
     def _stats(self, z: torch.Tensor):
         return self._mean.to(z), self._inv_std.to(z)
 
+    def to(self, device: str | torch.device) -> "DiffusersVideoVAE":
+        """Move the model and its latent statistics to ``device``."""
+        self.model.to(device)
+        self._mean, self._inv_std = self._mean.to(device), self._inv_std.to(device)
+        return self
+
+    def _tiling(self, tile_size: int | None, tile_overlap: int | None) -> None:
+        """diffusers' own spatial tiling for frames larger than ``tile_size`` pixels (None: off)."""
+        if tile_size is None:
+            self.model.disable_tiling()
+            return
+        if tile_size % self.spatial_compression:
+            raise ValueError(f"tile_size must be a multiple of the VAE's spatial compression "
+                             f"{self.spatial_compression}, got {tile_size}")
+        if self.kind == "AutoencoderKLWan":
+            overlap = tile_size // 4 if tile_overlap is None else tile_overlap
+            stride = max(self.spatial_compression, (tile_size - overlap) // self.spatial_compression
+                         * self.spatial_compression)
+            self.model.enable_tiling(tile_size, tile_size, stride, stride)
+        else:  # CogVideoX: tiles overlap by its default factor
+            self.model.enable_tiling(tile_size, tile_size)
+
     @torch.no_grad()
-    def encode_latents(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, 1 + 4k, H, W) in [-1, 1] -> normalised latents (B, C, 1 + k, H/8, W/8)."""
+    def encode_latents(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+                       chunk_latent_frames: int | None = None, tile_size: int | None = None,
+                       tile_overlap: int | None = None) -> torch.Tensor:
+        """(B, 3, 1 + 4k, H, W) in [-1, 1] -> normalised latents (B, C, 1 + k, H/s, W/s).
+
+        ``chunk_latent_frames`` is accepted for :class:`sora.vae.CausalVideoVAE`'s signature and
+        not needed: these VAEs already encode causally a few frames at a time with a feature
+        cache, so memory does not grow with the clip's length. ``tile_size``: encode frames
+        in overlapping spatial tiles of that many pixels (diffusers' ``enable_tiling``)."""
+        del chunk_latent_frames
+        self._tiling(tile_size, tile_overlap)
         dist = self.model.encode(x).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         mean, inv_std = self._stats(z)

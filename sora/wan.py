@@ -149,6 +149,27 @@ def inspect_wan_dir(path: str) -> dict[str, Any]:
     return configs
 
 
+def wan_index(path: str) -> dict[str, Any]:
+    """A Wan directory as a ``sora.model_dir`` index (checked by :func:`inspect_wan_dir`; no
+    weights read): components at their diffusers places (absolute paths), UMT5's 512 tokens, the
+    scheduler config as ``flow`` (sampled on :func:`flow_match_grid`), the released checkpoints'
+    ``defaults``, and under ``"wan"`` the directory and whether it takes per-token timesteps."""
+    from sora.model_dir import FORMAT
+
+    path = os.path.abspath(str(path))
+    configs = inspect_wan_dir(path)
+    expand = bool(configs["index"].get("expand_timesteps", False))
+    return {
+        "format": FORMAT, "vae": os.path.join(path, "vae"), "dit": os.path.join(path, "transformer"),
+        "upsampler": None, "text_encoder": {"path": os.path.join(path, "text_encoder"), "max_length": TEXT_LEN},
+        "patch_size": [int(p) for p in configs["transformer"].get("patch_size", (1, 2, 2))],
+        "flow": {"scheduler": configs["scheduler"]},
+        "defaults": dict(DEFAULTS["ti2v" if expand else "t2v"]),
+        "training": {},
+        "wan": {"base": path, "pipeline": configs["index"]["_class_name"], "expand_timesteps": expand},
+    }
+
+
 # ----------------------------------------------------------------------------------------
 # The denoiser
 # ----------------------------------------------------------------------------------------

@@ -97,6 +97,39 @@ def check_lora_fits(denoiser, state: dict[str, torch.Tensor], source: str = "the
                              f"{path} of {denoiser.name} maps {base.in_features} -> {base.out_features}")
 
 
+def _read_adapter(directory: str):
+    """(state, metadata) of an adapter directory, as diffusers reads it."""
+    from diffusers import WanPipeline
+
+    if not os.path.isfile(os.path.join(directory, WEIGHT_NAME)):
+        raise FileNotFoundError(f"{directory} holds no {WEIGHT_NAME} (a LoRA adapter directory, e.g. from "
+                                "`sora train --lora-rank`)")
+    return WanPipeline.lora_state_dict(directory, weight_name=WEIGHT_NAME, local_files_only=True,
+                                       return_lora_metadata=True)
+
+
+def check_adapter(model_dir: str, directory: str) -> None:
+    """Before any weights load: FileNotFoundError / ValueError unless the adapter directory fits
+    the model directory ``model_dir`` - a Wan directory whose transformer (built from its config
+    on the meta device, so no memory and no weights) has every module and shape it targets."""
+    from types import SimpleNamespace
+
+    from diffusers import WanTransformer3DModel
+
+    from sora.model_dir import read_index
+
+    directory = str(directory)
+    index = read_index(model_dir)
+    if not index.get("wan"):
+        raise ValueError(f"{directory} is a Wan LoRA adapter; {model_dir} is not a Wan model directory: load the "
+                         "adapter with the Wan directory it was made for")
+    state, _ = _read_adapter(directory)
+    config = WanTransformer3DModel.load_config(index["dit"], local_files_only=True)
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel.from_config(config)
+    check_lora_fits(SimpleNamespace(transformer=transformer, name=f"the Wan model at {model_dir}"), state, directory)
+
+
 def load_lora(denoiser, directory: str, scale: float = 1.0, adapter_name: str = "lora") -> None:
     """Load an adapter directory (ours, or any Wan LoRA diffusers' ``lora_state_dict`` reads,
     e.g. original-Wan ``diffusion_model.`` keys) into the denoiser at strength ``scale``.
@@ -104,11 +137,12 @@ def load_lora(denoiser, directory: str, scale: float = 1.0, adapter_name: str = 
     from diffusers import WanPipeline
 
     directory = str(directory)
-    if not os.path.isfile(os.path.join(directory, WEIGHT_NAME)):
-        raise FileNotFoundError(f"{directory} holds no {WEIGHT_NAME} (a LoRA adapter directory, e.g. from "
-                                "`sora train --lora-rank`)")
-    state, metadata = WanPipeline.lora_state_dict(directory, weight_name=WEIGHT_NAME, local_files_only=True,
-                                                  return_lora_metadata=True)
+    if not hasattr(denoiser, "transformer"):
+        from sora.denoiser import spec_of
+
+        raise ValueError(f"{directory} is a Wan LoRA adapter (diffusers' layout); {spec_of(denoiser).name} is not a "
+                         "Wan model: load the adapter with the Wan directory it was made for")
+    state, metadata = _read_adapter(directory)
     check_lora_fits(denoiser, state, directory)
     transformer = denoiser.transformer
     WanPipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name=adapter_name,

@@ -125,3 +125,38 @@ def test_ray_log_sends_rays_native_lines_to_its_file_and_passes_the_rest(tmp_pat
     assert native.decode() in path.read_text()
     os_.write(2, b"after\n")  # descriptor 2 is given back
     assert capfd.readouterr().err == "after\n"
+
+
+def test_a_stale_ray_address_file_does_not_hang_a_command(monkeypatch):
+    """`ray start` leaves the cluster's address in TEMP/ray/ray_current_cluster, and a file whose
+    cluster is gone would make a bare `ray.init()` retry it forever: a command starts its own
+    local Ray instead, and joins the cluster only while its GCS answers."""
+    import shutil
+    import socket
+    import tempfile
+
+    from pipelines.ray_utils import running_local_cluster
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    os.makedirs(os.path.join(temp, "ray"))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+        f.write(f"127.0.0.1:{dead}")
+    env = dict(os.environ, RAY_TMPDIR=temp, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
+    env.pop("RAY_ADDRESS", None)
+    code = ("from pipelines.ray_utils import ensure_ray, running_local_cluster; import ray\n"
+            "assert running_local_cluster() is None\n"
+            "ensure_ray(num_cpus=1); print('cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "cpus 1.0" in proc.stdout, proc.stderr[-2000:]
+    # a live address is the one a command joins
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(f"127.0.0.1:{live.getsockname()[1]}")
+        monkeypatch.setenv("RAY_TMPDIR", temp)
+        assert running_local_cluster() == f"127.0.0.1:{live.getsockname()[1]}"
+    shutil.rmtree(temp, ignore_errors=True)

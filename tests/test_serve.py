@@ -1,10 +1,13 @@
 """The OpenAI-style videos API on Ray Serve, on loopback with the tiny random model.
 
 One Serve app for the module (inside the session's Ray): the official `openai` client drives
-it end to end; 200+ hostile requests all get 4xx JSON; a generator replica is SIGKILLed mid-job
+it end to end (and a second app on the same Serve, serving a tiny Wan 2.2 TI2V directory, passes
+the same client test); 200+ hostile requests all get 4xx JSON; a generator replica is SIGKILLed mid-job
 and the job still completes; the ingress is killed and its restart resumes the jobs; a queue
 makes Serve start a second replica; 200 concurrent creates are each accepted or 429'd and every
-accepted job completes. Plus fast unit checks of request parsing and the job store."""
+accepted job completes; a second app takes 100 concurrent creates, its ingress is killed right
+after answering them, and every accepted job completes exactly once. Plus fast unit checks of
+request parsing and the job store (its journal)."""
 
 from __future__ import annotations
 
@@ -67,6 +70,28 @@ def server(ray_session, tmp_path_factory):
         yield {"url": f"http://127.0.0.1:{port}", "model": model, "store": JobStore(store)}
     finally:
         serve.shutdown()
+
+
+@pytest.fixture
+def wan_app(server, tmp_path_factory):
+    """The same API for a tiny Wan 2.2 TI2V-style directory, a second app beside ``server``'s on
+    the same Serve instance (under /wan), deleted after the test. Its preset size budget is our
+    tiny model's default area, so the same requests resolve to the same sizes."""
+    from ray import serve
+
+    from pipelines.serve import application
+    from pipelines.serve_config import ServeConfig
+    from wan_tiny import build_tiny_wan
+
+    root = tmp_path_factory.mktemp("serve-wan")
+    model = build_tiny_wan(str(root / "wan"), "ti2v")
+    args = {**CONFIG, "model": model, "storage": str(root / "store"), "min_replicas": 1, "max_replicas": 1,
+            "http_limits": {**HTTP_LIMITS, "preset_pixels": 32 * 32}}
+    serve.run(application(ServeConfig.from_args(args)), name="wan", route_prefix="/wan", blocking=False)
+    try:
+        yield {"url": server["url"] + "/wan", "model": model}
+    finally:
+        serve.delete("wan", _blocking=False)  # its replica goes while the next tests run
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +206,24 @@ def test_job_store_pages_by_creation_time(tmp_path):
     assert store.active_ids() == sorted(set(ids) - {ids[2]})
 
 
+def test_journal_replay_stores_answered_jobs_once(tmp_path):
+    store = JobStore(str(tmp_path))
+    recs = [new_record(new_id(now=2000.0 + i), model="m", prompt=f"p{i}", size="32x32", seconds="1",
+                       output_size="32x32", job={}) for i in range(4)]
+    store.journal(recs[:3])
+    store.journal(recs[3:])
+    assert store.get(recs[1]["id"])["prompt"] == "p1"  # readable while only journaled
+    assert store.ids() == [] and store.active_ids() == []
+    store.adopt(recs[0])  # stored before a crash, then moved on by a replica
+    store.put({**store.get(recs[0]["id"]), "status": "in_progress", "progress": 40})
+    store.delete(recs[2]["id"])  # deleted meanwhile: its tombstone wins
+    assert store.replay_journal() == [recs[1]["id"], recs[3]["id"]]
+    assert store.journal_files() == [] and store.replay_journal() == []
+    assert store.ids() == [recs[0]["id"], recs[1]["id"], recs[3]["id"]] == store.active_ids()
+    assert store.get(recs[0]["id"])["progress"] == 40  # never overwritten by the journal's copy
+    assert store.get(recs[2]["id"]) is None
+
+
 def test_serve_config_from_args_flags_and_old_records(tmp_path):
     from dataclasses import fields
 
@@ -219,20 +262,29 @@ def test_serve_config_from_args_flags_and_old_records(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def test_openai_client_round_trip(server, http, tmp_path, single_thread):  # one thread, as the replica has
+# What each served model's defaults make of the test's requests: frames per second (1 s -> that
+# many frames) and the spritesheet's side (up to 16 frames, 32x32 each, in a square grid).
+SERVED = {"sora": {"fps": 8, "sheet": 96}, "wan": {"fps": 24, "sheet": 128}}
+
+
+@pytest.mark.parametrize("app", ["sora", "wan"])
+def test_openai_client_round_trip(app, request, server, http, tmp_path, single_thread):  # one thread, as the replica has
     import openai
     import torch
 
     from sora.pipeline import SoraPipeline, export_to_video
     from sora.video_io import probe, read_frames
 
-    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    served = server if app == "sora" else request.getfixturevalue("wan_app")
+    fps, prefix = SERVED[app]["fps"], served["url"][len(server["url"]):]
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
     ref = moving_square(32, 32, 1, color=(0, 0, 255))[0]
     t2v = client.videos.create(prompt="A red circle moves left.", size="32x32", seconds="1", extra_body={"seed": 3})
     i2v = client.videos.create(prompt="A blue square moves right.", size="32x32", seconds="1",
                                input_reference=("ref.png", png_bytes(ref), "image/png"), extra_body={"seed": 5})
     preset = client.videos.create(prompt="A green circle.", size="1280x720", seconds=2)
-    r = http.post("/v1/videos", json={"prompt": "A white square.", "seconds": 1, "size": "48x32", "model": "sora-2"})
+    r = http.post(prefix + "/v1/videos", json={"prompt": "A white square.", "seconds": 1, "size": "48x32",
+                                               "model": "sora-2"})
     assert r.status_code == 200, r.text
     as_json = client.videos.retrieve(r.json()["id"])  # the client parses what a JSON create made
     assert t2v.status == "queued" and t2v.object == "video" and t2v.id.startswith("video_")
@@ -243,7 +295,7 @@ def test_openai_client_round_trip(server, http, tmp_path, single_thread):  # one
     assert done[preset.id].size == "1280x720" and done[preset.id].model_extra["output_size"] == "42x24"
 
     # content: the mp4 has the asked size and length; thumbnail and spritesheet are images
-    sizes = {t2v.id: (32, 32, 8), preset.id: (42, 24, 16), as_json.id: (48, 32, 8)}
+    sizes = {t2v.id: (32, 32, fps), preset.id: (42, 24, 2 * fps), as_json.id: (48, 32, fps)}
     for vid, (w, h, n) in sizes.items():
         path = tmp_path / f"{vid}.mp4"
         path.write_bytes(client.videos.download_content(vid).read())
@@ -253,14 +305,15 @@ def test_openai_client_round_trip(server, http, tmp_path, single_thread):  # one
 
     thumb = Image.open(io.BytesIO(client.videos.download_content(t2v.id, variant="thumbnail").read()))
     sheet = Image.open(io.BytesIO(client.videos.download_content(t2v.id, variant="spritesheet").read()))
-    assert (thumb.format, thumb.size, sheet.format, sheet.size) == ("WEBP", (32, 32), "JPEG", (96, 96))
+    side = SERVED[app]["sheet"]
+    assert (thumb.format, thumb.size, sheet.format, sheet.size) == ("WEBP", (32, 32), "JPEG", (side, side))
 
     # the served image-to-video equals the library call with the same seed (through H.264)
     (tmp_path / "i2v.mp4").write_bytes(client.videos.download_content(i2v.id).read())
-    pipe = SoraPipeline.from_pretrained(server["model"])
-    direct = pipe.image_to_video("A blue square moves right.", ref, width=32, height=32, num_frames=8, fps=8,
+    pipe = SoraPipeline.from_pretrained(served["model"])
+    direct = pipe.image_to_video("A blue square moves right.", ref, width=32, height=32, num_frames=fps, fps=fps,
                                  generator=torch.Generator().manual_seed(5)).frames
-    export_to_video(direct, str(tmp_path / "direct.mp4"), fps=8)  # the same (bit-exact) H.264 encoder
+    export_to_video(direct, str(tmp_path / "direct.mp4"), fps=fps)  # the same (bit-exact) H.264 encoder
     assert np.array_equal(read_frames(str(tmp_path / "i2v.mp4")), read_frames(str(tmp_path / "direct.mp4")))
 
     # list: cursor pagination, oldest first, two per page
@@ -528,3 +581,59 @@ def test_200_concurrent_creates_accepted_or_429_none_lost(server, http):
     assert set(accepted) <= listed
     wait_inactive(server["store"], accepted)
     print(json.dumps({"accepted": len(accepted), "rejected_429": len(rejected), "max_depth": int(depth.max())}))
+
+
+def test_100_concurrent_creates_survive_an_ingress_killed_right_after_answering(server, ray_session, tmp_path):
+    """A second app with room for all of them: every create is answered 200, the ingress is killed
+    at once (jobs still in the journal), and each accepted job completes, once, none is lost."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from pipelines.serve import application
+    from pipelines.serve_config import ServeConfig
+
+    n = 100
+    store = JobStore(str(tmp_path / "store"))
+    cfg = ServeConfig.from_args({**CONFIG, "model": server["model"], "storage": store.root, "max_queue": 2 * n,
+                                 "max_replicas": 1, "max_batch_size": 8})
+    serve.run(application(cfg), name="load", route_prefix="/load", blocking=False)
+
+    def ingress() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "::load#VideoAPI#" in a["name"]]
+
+    try:
+        with httpx.Client(base_url=server["url"] + "/load", headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60) as http:
+            wait_healthy(http)
+
+            async def flood() -> list[httpx.Response]:
+                limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+                async with httpx.AsyncClient(base_url=server["url"] + "/load", timeout=60, limits=limits,
+                                             headers={"Authorization": f"Bearer {KEY}"}) as c:
+                    return await asyncio.gather(*[c.post("/v1/videos", json={
+                        "prompt": f"shape {i}", "seconds": 1, "num_inference_steps": 1}) for i in range(n)])
+
+            responses = asyncio.run(flood())
+            (name,) = ingress()
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            journaled = len(store.journal_files())
+            assert [r.status_code for r in responses] == [200] * n, {r.status_code for r in responses}
+            accepted = [r.json()["id"] for r in responses]
+            assert len(set(accepted)) == n and all(r.json()["status"] == "queued" for r in responses)
+            deadline = time.monotonic() + 60
+            while ingress() in ([], [name]):
+                assert time.monotonic() < deadline, "the ingress was not restarted"
+                time.sleep(0.2)
+            wait_healthy(http)
+            results = wait_final(http, accepted, timeout=240)
+        assert all(r["status"] == "completed" for r in results.values()), [r for r in results.values()
+                                                                           if r["status"] != "completed"]
+        assert store.ids() == sorted(accepted)  # each accepted job once, nothing else
+        assert store.journal_files() == []
+        assert all(os.path.exists(store.output_url(v, "video")) for v in accepted)
+        wait_inactive(store, accepted)
+        print(json.dumps({"accepted": n, "journal_files_at_kill": journaled,
+                          "attempts": sorted({store.get(v)["attempts"] for v in accepted})}))
+    finally:
+        serve.delete("load")

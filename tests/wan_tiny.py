@@ -15,6 +15,7 @@ tokenizer whose vocabulary is written here. Two flavours:
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import torch
@@ -35,8 +36,16 @@ def tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+_BUILT: dict[tuple, str] = {}  # (flavour, seed, shift) -> directory: one build per test session
+
+
 def build_tiny_wan(directory: str, flavour: str = "t2v", seed: int = 0, shift: float = 3.0) -> str:
-    """Write a tiny random Wan directory (see the module docstring) and return it."""
+    """Write a tiny random Wan directory (see the module docstring) and return it - or the one
+    already built in this process with these arguments (it lives in an earlier test's temp dir
+    for the whole session; tests never modify it)."""
+    key = (flavour, seed, shift)
+    if key in _BUILT and os.path.isdir(_BUILT[key]):
+        return _BUILT[key]
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -65,6 +74,29 @@ def build_tiny_wan(directory: str, flavour: str = "t2v", seed: int = 0, shift: f
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(), scheduler=scheduler,
                        transformer=transformer.eval(), expand_timesteps=flavour == "ti2v")
     pipe.save_pretrained(directory)
+    _BUILT[key] = directory
+    return directory
+
+
+def build_tiny_lora(directory: str, wan_dir: str, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> str:
+    """Write a LoRA adapter of the Wan directory ``wan_dir`` with sora.wan_lora (rank 4, alpha 8 on
+    the attention projections), its B matrices random as after training (a fresh adapter changes
+    nothing), and return it - or the one already built in this process with these arguments."""
+    key = ("lora", wan_dir, rank, alpha, seed)
+    if key in _BUILT and os.path.isdir(_BUILT[key]):
+        return _BUILT[key]
+    from sora.wan import load_wan
+    from sora.wan_lora import add_lora, save_lora
+
+    model = load_wan(wan_dir, text_encoder=False)
+    add_lora(model.denoiser, rank=rank, alpha=alpha)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.denoiser.named_parameters():
+            if ".lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_lora(model.denoiser, directory)
+    _BUILT[key] = directory
     return directory
 
 

@@ -105,7 +105,8 @@ class WorkerProgress:
     (handed over by `pipelines.ray_utils.RayLog`); `budget(tag, seconds)` gives a
     time-budgeted stage its ETA."""
 
-    LABELS = {"train": "DiT training steps", "train-vae": "VAE training steps"}
+    LABELS = {"train": "DiT training steps", "train-vae": "VAE training steps",
+              "train-captioner": "captioner training steps"}
     LOSS = re.compile(r"\bloss\s+([-+\d.eE]+)")
 
     def __init__(self):

@@ -13,6 +13,7 @@ from flows.commands.common import Progress, formatter
 def add(sub: argparse._SubParsersAction) -> None:
     from flows.commands.config_args import add_config_arguments
     from sora.eval_suite import EvalSettings
+    from sora.model_dir import ModelSource
 
     p = sub.add_parser(
         "eval",
@@ -30,9 +31,10 @@ def add(sub: argparse._SubParsersAction) -> None:
         "prompt (SDEdit), showing at which noise level the model loses what the clip had.",
         epilog="examples:\n  sora eval --model model --held-out 100 --out eval.json\n"
         "  sora eval --model model --prompts eval_prompts.jsonl --out eval.json --steps 30\n"
-        "  sora eval --model model --held-out 60 --from-reference 0.7 --out eval_ref07.json",
+        "  sora eval --model model --held-out 60 --from-reference 0.7 --out eval_ref07.json\n"
+        "  sora eval --model wan-dir --lora adapter --held-out 100 --out eval_lora.json",
     )
-    p.add_argument("--model", required=True, help="model directory")
+    add_config_arguments(p, ModelSource)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="prompts file or URL (.jsonl, .csv, .parquet)")
     src.add_argument("--held-out", type=int, metavar="N", help="make N held-out prompts (make_eval_prompts)")
@@ -78,8 +80,14 @@ def load_prompts(args: argparse.Namespace) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise SystemExit(f"sora eval: --model {args.model!r} is not a model directory (no model_index.json)")
+    from flows.commands.config_args import config_from_args
+    from sora.model_dir import ModelSource
+
+    try:  # the model directory and adapter (their JSON, no weights)
+        source = config_from_args(ModelSource, args)
+        source.check()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"sora eval: --model/--lora: {e}")
     prompts = load_prompts(args)
     if args.limit is not None:
         prompts = prompts[: args.limit]
@@ -87,19 +95,20 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("sora eval: no prompts")
     import torch
 
-    from flows.commands.config_args import config_from_args
     from sora.eval_suite import EvalSettings, evaluate
     from sora.pipeline import SoraPipeline
 
     settings = config_from_args(EvalSettings, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = SoraPipeline.from_pretrained(args.model, device=device)
+    pipe = SoraPipeline.from_pretrained(source.model, device=device, lora=source.lora, lora_scale=source.lora_scale)
     bar = Progress(len(prompts), "eval prompts")
     try:
         report = evaluate(pipe, prompts, **dataclasses.asdict(settings), progress=lambda done, total: bar.update(done))
     except ValueError as e:
         raise SystemExit(f"sora eval: {e}")
-    report["model"] = os.path.abspath(args.model)
+    report["model"] = source.absolute().model
+    if source.lora is not None:
+        report["lora"] = {"path": source.absolute().lora, "scale": source.lora_scale}
     report["prompts"] = args.prompts or f"held-out:{args.held_out}:seed{args.prompt_seed}:{args.resolution}"
     parent = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(parent, exist_ok=True)

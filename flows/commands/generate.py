@@ -11,6 +11,7 @@ from dataclasses import fields, replace
 
 from flows.commands.common import formatter
 from flows.commands.config_args import add_config_arguments, config_from_args
+from sora.model_dir import ModelSource
 from sora.request import NO_LIMITS, GenerationRequest, RequestError
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -28,7 +29,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate one video (text, image, extend, join, loop, edit, draft)",
         formatter_class=formatter,
-        description="Generate one video with a trained model directory (see `sora train`).\n"
+        description="Generate one video with a model directory: ours (see `sora train`) or a diffusers\n"
+        "Wan directory (Wan 2.1 T2V, Wan 2.2 TI2V; --lora adds a LoRA adapter), a path or URL.\n"
         "Text-to-video by default; --image makes the image frame 0; --video with --mode extends\n"
         "it forward or backward, edits it by prompt (SDEdit, --strength) or makes it loop;\n"
         "--join A B generates a transition from the end of A to the start of B; --draft makes a\n"
@@ -40,9 +42,11 @@ def add(sub: argparse._SubParsersAction) -> None:
         "  sora generate --model model --prompt 'A blue square rises.' --image first.png --out up.mp4\n"
         "  sora generate --model model --prompt 'A circle keeps moving.' --video in.mp4 \\\n"
         "      --mode extend-forward --frames 33 --out longer.mp4\n"
-        "  sora generate --model model --prompt 'A shape moves.' --join a.mp4 b.mp4 --out ab.mp4",
+        "  sora generate --model model --prompt 'A shape moves.' --join a.mp4 b.mp4 --out ab.mp4\n"
+        "  sora generate --model Wan2.1-T2V-1.3B-Diffusers --lora adapter --lora-scale 0.8 \\\n"
+        "      --prompt 'A red circle moves left.' --size 832x480 --frames 81 --out wan.mp4",
     )
-    p.add_argument("--model", required=True, help="model directory (model_index.json, vae/, dit/)")
+    add_config_arguments(p, ModelSource)
     add_config_arguments(p, GenerationRequest, include=("prompt", "negative_prompt"))
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, any size (default: the model's)")
     length = p.add_mutually_exclusive_group()
@@ -80,8 +84,6 @@ def check_args(args: argparse.Namespace) -> GenerationRequest:
     to say; here only what belongs to the command line (files, flag combinations, --out)."""
     from sora.conditioning import parse_size
 
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        _fail(f"--model {args.model!r} is not a model directory (no model_index.json)")
     width = height = None
     if args.size is not None:
         try:
@@ -106,9 +108,14 @@ def check_args(args: argparse.Namespace) -> GenerationRequest:
     # any size for GIF/WebP; video containers (H.264, 4:2:0 chroma) need even sides
     limits = replace(NO_LIMITS, empty_prompt=False, even_sides=ext in VIDEO_EXTS)
     try:
-        return request.validate(limits, names=NAMES)
+        request = request.validate(limits, names=NAMES)
     except RequestError as e:
         _fail(f"{e}; use .gif/.webp for odd sizes" if e.code == "odd_size" else str(e))
+    try:  # the model directory and adapter (their JSON, no weights); the mode comes after loading
+        config_from_args(ModelSource, args).check()
+    except (OSError, ValueError) as e:
+        _fail(f"--model/--lora: {e}")
+    return request
 
 
 def mode_of(args: argparse.Namespace) -> str | None:
@@ -131,9 +138,13 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     try:
-        pipe = SoraPipeline.from_pretrained(args.model, device=device)
+        pipe = SoraPipeline.from_pretrained(args.model, device=device, lora=args.lora, lora_scale=args.lora_scale)
     except (OSError, ValueError, AssertionError) as e:
         _fail(f"cannot load model {args.model!r}: {e}")
+    try:
+        pipe.check_mode(request.mode, request.image is not None)
+    except ValueError as e:
+        _fail(str(e))
 
     def on_step(step: int, total: int, stage: str) -> None:
         sys.stderr.write(f"\r{stage}: step {step}/{total}")

@@ -23,9 +23,11 @@ def add(sub: argparse._SubParsersAction) -> None:
         "together. Writes OUT/videos/<id>.mp4 and OUT/manifest/*.parquet (one row per input row:\n"
         "id, prompt, parameters, seed, path, status, error, seconds). A bad row becomes an error\n"
         "row and the run goes on. Re-running skips ids already in the manifest.",
-        epilog="example:\n  sora generate-bulk --model model --prompts prompts.jsonl --out s3://bucket/run1 --size 160x90",
+        epilog="examples:\n  sora generate-bulk --model model --prompts prompts.jsonl --out s3://bucket/run1 --size 160x90\n"
+        "  sora generate-bulk --model Wan2.1-T2V-1.3B-Diffusers --lora adapter --prompts prompts.jsonl --out run2",
     )
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory: ours (from `sora train`) or a diffusers Wan "
+                   "directory; a path or fsspec URL")
     p.add_argument("--prompts", required=True, help="prompts file or URL (.jsonl, .csv, .parquet)")
     p.add_argument("--out", required=True, help="output directory or URL")
     add_config_arguments(p, BulkConfig, include=own_fields_first(BulkConfig), flags={"guidance_scale": "--guidance"})
@@ -33,16 +35,14 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from pipelines.generate_bulk import run_generate_bulk
     from pipelines.ray_utils import ensure_ray
+    from sora.model_dir import ModelSource
 
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise SystemExit(f"sora generate-bulk: --model {args.model!r} is not a model directory (no model_index.json)")
     try:
         cfg = config_from_args(BulkConfig, args)
-    except ValueError as e:
+        ModelSource(args.model, cfg.lora, cfg.lora_scale).check()  # JSON and adapter only, before Ray starts
+    except (OSError, ValueError) as e:
         raise SystemExit(f"sora generate-bulk: {e}")
     ensure_ray()
     bar = Progress(None, "generate-bulk videos")

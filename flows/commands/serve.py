@@ -12,6 +12,7 @@ from flows.commands.common import formatter
 from flows.commands.config_args import add_config_arguments, config_from_args
 from pipelines.serve_config import ServeConfig
 from pipelines.video_requests import HTTPLimits
+from sora.model_dir import ModelSource
 from sora.request import Limits
 
 
@@ -33,7 +34,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         "    \"from openai import OpenAI; print(OpenAI().videos.create(prompt='A red circle moves left.'))\"",
     )
     add_config_arguments(p, ServeConfig, exclude=("limits", "http_limits"), help={
-        "model": "model directory", "api_key": "required Bearer key (None: $SORA_API_KEY, else none: open)"})
+        "model": "model directory: ours (from `sora train`) or a diffusers Wan directory",
+        "api_key": "required Bearer key (None: $SORA_API_KEY, else none: open)"})
     # an mp4 needs even sides and a request a prompt: those two limits are not for the command line
     add_config_arguments(p.add_argument_group("what one request may ask for"), Limits,
                          exclude=("empty_prompt", "even_sides"))
@@ -46,15 +48,18 @@ def add(sub: argparse._SubParsersAction) -> None:
 def config_of(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig the flags ask for (its own checks as a `sora serve: ...` exit)."""
     try:
-        return config_from_args(ServeConfig, args, model=os.path.abspath(args.model),
+        source = ModelSource(args.model, args.lora, args.lora_scale).absolute()  # as the replicas see them
+        return config_from_args(ServeConfig, args, model=source.model, lora=source.lora,
                                 limits=config_from_args(Limits, args), http_limits=config_from_args(HTTPLimits, args))
     except ValueError as e:
         raise SystemExit(f"sora serve: {e}")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        raise SystemExit(f"sora serve: --model {args.model!r} is not a model directory (no model_index.json)")
+    try:  # the model directory and adapter (their JSON, no weights), before Ray starts
+        ModelSource(args.model, args.lora, args.lora_scale).check()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"sora serve: --model/--lora: {e}")
     if not 0 < args.port < 65536:
         raise SystemExit(f"sora serve: --port must be 1..65535, got {args.port}")
     cfg = config_of(args)
