@@ -1,18 +1,24 @@
 """Ingest: raw video of any size and container -> native-aspect clips, bad input quarantined.
 
-One streaming Ray Data pipeline, one row per source file flowing through every stage:
+One streaming Ray Data pipeline over the sources; each source goes through every stage in one
+process, one after another:
 
-    list -> probe (deadline) -> split (scene cuts, max length, drop short) -> filter -> bucket -> write
+    list -> probe (deadline) -> split (shots, max length, drop short) -> filter -> bucket
+         -> score (signature; text, aesthetic where configured) -> write
 
-Every stage is a plain function of a row (Ray's guide: stateless transforms stay functions),
-so the same functions run in `run_sequential` (the benchmark's baseline) and on Ray. A row
-carries its source's whole state as one JSON string, so no frames cross stage boundaries and
-Arrow never has to guess a schema for nested, optional fields.
+Every stage is a plain function of a source's state (a dict passed in-process: no frames and no
+state cross a process boundary), so the same functions run in `run_sequential` (the benchmark's
+baseline) and on Ray. On Ray the sources travel in blocks of a few (`source_blocks`: fewer
+tasks, blocks shrinking toward the end so the workers finish together) through ONE operator:
+plain tasks when no model is configured (warm Ray workers, each with its own decode worker),
+else an actor pool (`IngestStage`) whose actors load the models once. Only each source's small
+summary comes back to the driver, which adds it to running totals (`SummaryTotals`) and never
+holds a list of them.
 
 Outputs (DATA may be any fsspec URL):
 - DATA/clips/<source-id>.parquet        one row per clip (contract: CLIPS_SCHEMA, docs/architecture.md)
 - DATA/quarantine/<source-id>.parquet   one row per rejected input or clip: source, reason, stage
-- DATA/_done/<source-id>.json           written last: the source is finished
+- DATA/_done/<source-id>.json           written last: the source is finished (its summary)
 - DATA/_summary.json                    per-stage counts, throughput, bucket histogram
 
 Exactly-once: a source's files have deterministic names and are moved into place whole, so a
@@ -34,6 +40,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.ingest_config import IngestConfig
+from pipelines.stage import Stage, StageOutput
 from sora.buckets import assign_bucket
 from sora.curation.letterbox import content_box, scale_box
 from sora.curation.shots import find_shots, frame_differences  # noqa: F401  (re-exported)
@@ -133,13 +140,11 @@ def clip_id(source: str, start: int, num_frames: int) -> str:
     return storage.stable_id(source, start, num_frames)
 
 
-# --------------------------------------------------------------------------- row state
-def _load(row: dict) -> dict:
-    return json.loads(row["state"])
-
-
-def _dump(state: dict) -> dict:
-    return {"state": json.dumps(state)}
+# --------------------------------------------------------------------------- source state
+def new_state(source: str, path: str | None = None) -> dict:
+    """A source's state as it goes through the stages; `path` is a local copy of a remote source."""
+    return {"source": source, "path": path or source, "failed": False, "info": None, "clips": [],
+            "quarantine": [], "seconds": {}}
 
 
 def _reject(state: dict, stage: str, reason: str, clip: dict | None = None) -> None:
@@ -157,7 +162,7 @@ def _reject(state: dict, stage: str, reason: str, clip: dict | None = None) -> N
 
 @contextmanager
 def _local_copy(uri: str) -> Iterator[str]:
-    """decord and PyAV need a real file: remote sources are fetched once per source."""
+    """decord and PyAV need a real file: a remote source is fetched once, for all its stages."""
     if "://" not in uri or uri.startswith("file://"):
         yield uri.removeprefix("file://")
         return
@@ -173,10 +178,11 @@ def _local_copy(uri: str) -> Iterator[str]:
 
 
 def _timed(stage: str):
+    """A stage function `fn(state, cfg, **models)` that records its seconds, skips a failed
+    source, and turns an exception into the source's quarantine row (never a crash)."""
+
     def wrap(fn: Callable[..., None]):
-        def run(row: dict, cfg: IngestConfig | dict, **models) -> dict:
-            cfg = cfg if isinstance(cfg, IngestConfig) else IngestConfig(**cfg)
-            state = _load(row)
+        def run(state: dict, cfg: IngestConfig, **models) -> dict:
             t0 = time.perf_counter()
             if not state["failed"]:
                 try:
@@ -187,8 +193,8 @@ def _timed(stage: str):
                 except Exception as e:  # never let one file stop the run
                     state["failed"] = True
                     _reject(state, stage, f"{type(e).__name__}: {e}")
-            state["seconds"][stage] = time.perf_counter() - t0
-            return _dump(state)
+            state["seconds"][stage] = state["seconds"].get(stage, 0.0) + time.perf_counter() - t0
+            return state
 
         run.__name__ = f"{stage}_stage"
         return run
@@ -197,14 +203,9 @@ def _timed(stage: str):
 
 
 # --------------------------------------------------------------------------- stages
-def start_row(source: str) -> dict:
-    return _dump({"source": source, "failed": False, "info": None, "clips": [], "quarantine": [], "seconds": {}})
-
-
 @_timed("probe")
 def probe_stage(state: dict, cfg: IngestConfig) -> None:
-    with _local_copy(state["source"]) as local:
-        info = probe(local, timeout=cfg.probe_timeout)
+    info = probe(state["path"], timeout=cfg.probe_timeout)
     if info.num_frames < 1 or info.width < 1 or info.height < 1:
         raise VideoError(state["source"], f"no decodable frames ({info.width}x{info.height}, {info.num_frames} frames)")
     state["info"] = asdict(info)
@@ -216,7 +217,7 @@ def _even_size(w: int, h: int, short_side: int) -> tuple[int, int]:
     return max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
 
 
-def shot_content_boxes(source: str, shots: list[tuple[int, int]], info: dict,
+def shot_content_boxes(path: str, shots: list[tuple[int, int]], info: dict,
                        cfg: IngestConfig) -> list[tuple[int, int, int, int]]:
     """Per shot, the content box (x0, y0, x1, y1) inside black bars, in displayed pixels, from
     `cfg.bar_frames` frames spread over the shot (one decode for all shots)."""
@@ -225,8 +226,7 @@ def shot_content_boxes(source: str, shots: list[tuple[int, int]], info: dict,
         return [(0, 0, w, h)] * len(shots)
     picks = [np.unique(np.linspace(s, e - 1, min(cfg.bar_frames, e - s)).round().astype(int)) for s, e in shots]
     size = (w, h) if min(w, h) <= cfg.bar_short_side else _even_size(w, h, cfg.bar_short_side)
-    with _local_copy(source) as local:
-        frames = read_frames(local, np.concatenate(picks).tolist(), size=size, timeout=cfg.decode_timeout)
+    frames = read_frames(path, np.concatenate(picks).tolist(), size=size, timeout=cfg.decode_timeout)
     boxes, at = [], 0
     for p in picks:
         box = content_box(frames[at:at + len(p)], threshold=cfg.bar_threshold)
@@ -255,17 +255,17 @@ def split_stage(state: dict, cfg: IngestConfig, shot_model=None) -> None:
     indices = np.arange(0, n, stride)
     size = _even_size(w, h, cfg.analysis_short_side) if min(w, h) > cfg.analysis_short_side else \
         (max(2, w // 2 * 2), max(2, h // 2 * 2))
-    with _local_copy(state["source"]) as local:
-        frames = read_frames(local, indices.tolist(), size=size, timeout=cfg.decode_timeout)
+    frames = read_frames(state["path"], indices.tolist(), size=size, timeout=cfg.decode_timeout)
     # Cuts are found inside the bars common to the whole video (static bars dilute differences).
     ax0, ay0, ax1, ay1 = content_box(frames, threshold=cfg.bar_threshold) if cfg.crop_bars else (0, 0, *size)
     diffs = frame_differences(frames[:, ay0:ay1, ax0:ax1])
     if cfg.shots == "transnetv2":
-        assert shot_model is not None, "shots='transnetv2' runs split_stage through ingest_scores.ShotSplit"
+        if shot_model is None:
+            raise ValueError("shots='transnetv2' runs the split stage through pipelines.ingest_scores.ShotSplit")
         shots = _transnet_shots(shot_model, frames[:, ay0:ay1, ax0:ax1], indices, n)
     else:
         shots = find_shots(diffs, indices, n, cfg.scene_threshold)
-    boxes = shot_content_boxes(state["source"], shots, info, cfg)
+    boxes = shot_content_boxes(state["path"], shots, info, cfg)
     max_len = max(1, min(cfg.max_clip_frames, int(cfg.max_clip_seconds * fps) if fps > 0 else cfg.max_clip_frames))
     for (shot_start, shot_end), (x0, y0, x1, y1) in zip(shots, boxes):
         # motion is measured inside the shot's content box (mapped to the analysis frames)
@@ -325,28 +325,26 @@ def score_stage(state: dict, cfg: IngestConfig, scorers=None) -> None:
     if not (cfg.signatures or scorers is not None):
         return
     kept = []
-    with _local_copy(state["source"]) as local:
-        for clip in state["clips"]:
-            try:
-                clip.update(score_clip(local, clip, cfg, scorers))
-            except VideoError as e:
-                _reject(state, "score", e.reason, clip)
-                continue
-            except Exception as e:  # one clip's failure never drops its source
-                _reject(state, "score", f"{type(e).__name__}: {e}", clip)
-                continue
-            problem = threshold_problem(clip, cfg)
-            if problem:
-                _reject(state, "score", problem, clip)
-            else:
-                kept.append(clip)
+    for clip in state["clips"]:
+        try:
+            clip.update(score_clip(state["path"], clip, cfg, scorers))
+        except VideoError as e:
+            _reject(state, "score", e.reason, clip)
+            continue
+        except Exception as e:  # one clip's failure never drops its source
+            _reject(state, "score", f"{type(e).__name__}: {e}", clip)
+            continue
+        problem = threshold_problem(clip, cfg)
+        if problem:
+            _reject(state, "score", problem, clip)
+        else:
+            kept.append(clip)
     state["clips"] = kept
 
 
-def write_stage(row: dict, out: str) -> dict:
-    """Write the source's clips and quarantine rows, then its _done marker. Returns a small
-    summary row (the only thing that travels back to the driver)."""
-    state = _load(row)
+def write_stage(state: dict, out: str) -> dict:
+    """Write the source's clips and quarantine rows, then its _done marker. Returns the source's
+    small summary (the only thing that travels back to the driver)."""
     t0 = time.perf_counter()
     sid = source_id(state["source"])
     info = state["info"] or {}
@@ -376,40 +374,47 @@ def write_stage(row: dict, out: str) -> dict:
         storage.write_parquet_atomic(pa.Table.from_pylist(clips, schema=CLIPS_SCHEMA), clips_url)
     if state["quarantine"]:
         storage.write_parquet_atomic(pa.Table.from_pylist(state["quarantine"], schema=QUARANTINE_SCHEMA), quarantine_url)
+    state["seconds"]["write"] = time.perf_counter() - t0
     summary = {
         "source": state["source"],
         "clips": len(clips),
         "quarantined": len(state["quarantine"]),
         "source_failed": bool(state["failed"]),
-        "stages": {q["stage"] for q in state["quarantine"]},
+        "stages": sorted({q["stage"] for q in state["quarantine"]}),
         "buckets": [c["bucket"] for c in clips],
         "seconds": state["seconds"],
         "models": state.get("models"),
     }
-    summary["stages"] = sorted(summary["stages"])
-    state["seconds"]["write"] = time.perf_counter() - t0
     storage.write_json_atomic(summary, storage.join(out, "_done", f"{sid}.json"))
-    return {"summary": json.dumps(summary)}
+    return summary
 
 
-STAGES = (probe_stage, split_stage, filter_stage, bucket_stage, score_stage)
+def ingest_source(source: str, out: str, cfg: IngestConfig, shots=None, scores=None) -> dict:
+    """Every stage for one source in this process; returns its summary. `shots` and `scores`
+    are the loaded model stages (`pipelines.ingest_scores.ShotSplit`, `ClipScores`) where the
+    config asks for models."""
+    try:
+        with _local_copy(source) as local:
+            state = new_state(source, local)
+            probe_stage(state, cfg)
+            shots.apply_to(state) if shots is not None else split_stage(state, cfg)
+            filter_stage(state, cfg)
+            bucket_stage(state, cfg)
+            scores.apply_to(state) if scores is not None else score_stage(state, cfg)
+    except Exception as e:  # the remote copy failed (a vanished object, a refused read); stages never raise
+        state = new_state(source)
+        state["failed"] = True
+        _reject(state, "probe", f"cannot read: {type(e).__name__}: {e}")
+    return write_stage(state, out)
 
 
-def _stage_callables(cfg: IngestConfig) -> list[Callable[[dict], dict]]:
-    """Every stage as a function of a row, with its models loaded (once) in this process."""
+def load_models(cfg: IngestConfig) -> tuple:
+    """(ShotSplit or None, ClipScores or None): the model stages the config asks for, loaded
+    in this process (`pipelines.ingest_scores`)."""
     from pipelines.ingest_scores import ClipScores, ShotSplit, needs_models
 
-    models = {split_stage: ShotSplit(cfg) if cfg.shots == "transnetv2" else None,
-              score_stage: ClipScores(cfg) if needs_models(cfg) else None}
-    return [models[s] if models.get(s) is not None else (lambda row, s=s: s(row, cfg)) for s in STAGES]
-
-
-def process_source(source: str, out: str, cfg: IngestConfig, stages: list | None = None) -> dict:
-    """All stages for one source in this process (the sequential baseline)."""
-    row = start_row(source)
-    for stage in stages or _stage_callables(cfg):
-        row = stage(row)
-    return json.loads(write_stage(row, out)["summary"])
+    return (ShotSplit(cfg) if cfg.shots == "transnetv2" else None,
+            ClipScores(cfg) if needs_models(cfg) else None)
 
 
 def read_clips(data: str) -> pa.Table:
@@ -433,52 +438,65 @@ def read_quarantine(data: str) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- drivers
-def _pending(sources: list[str], out: str, overwrite: bool) -> tuple[list[str], list[dict]]:
-    """Sources still to do, and the summaries of those a previous run finished."""
+class SummaryTotals:
+    """Running totals of source summaries for DATA/_summary.json: the driver adds each source's
+    summary as it arrives and keeps only counts (flat in the number of sources)."""
+
+    def __init__(self) -> None:
+        self.sources = self.with_clips = self.rejected = self.clips = self.quarantine_rows = 0
+        self.stage_seconds: dict[str, float] = {}
+        self.quarantine_by_stage: dict[str, int] = {}
+        self.buckets: dict[str, int] = {}
+
+    def add(self, s: dict) -> None:
+        self.sources += 1
+        self.with_clips += bool(s["clips"])
+        self.rejected += bool(s["source_failed"] or not s["clips"])
+        self.clips += s["clips"]
+        self.quarantine_rows += s["quarantined"]
+        for k, v in s["seconds"].items():
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
+        for b in s["buckets"]:
+            self.buckets[b] = self.buckets.get(b, 0) + 1
+        for st in s["stages"]:
+            self.quarantine_by_stage[st] = self.quarantine_by_stage.get(st, 0) + 1
+
+    def result(self, listed: int, skipped: int, wall: float) -> dict:
+        """Per-stage counts and throughput."""
+        processed = self.sources - skipped
+        return {
+            "sources_listed": listed,
+            "sources_skipped_already_done": skipped,
+            "sources_processed": processed,
+            "sources_with_clips": self.with_clips,
+            "sources_rejected": self.rejected,
+            "clips": self.clips,
+            "quarantine_rows": self.quarantine_rows,
+            "sources_with_quarantine_by_stage": self.quarantine_by_stage,
+            "stage_cpu_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "stage_throughput_sources_per_cpu_second": {
+                k: round(self.sources / v, 2) for k, v in self.stage_seconds.items() if v > 0
+            },
+            "wall_seconds": round(wall, 3),
+            "sources_per_second": round(processed / wall, 3) if wall > 0 else None,
+            "buckets": dict(sorted(self.buckets.items())),
+        }
+
+
+def _pending(sources: list[str], out: str, overwrite: bool, totals: SummaryTotals) -> tuple[list[str], int]:
+    """Sources still to do, and how many a previous run finished (their summaries go to `totals`)."""
     if overwrite:
-        return sources, []
+        return sources, 0
     done_names = storage.list_names(storage.join(out, "_done"))
-    todo, done = [], []
+    todo, done = [], 0
     for s in sources:
         name = f"{source_id(s)}.json"
         if name in done_names:
-            done.append(storage.read_json(storage.join(out, "_done", name)))
+            totals.add(storage.read_json(storage.join(out, "_done", name)))
+            done += 1
         else:
             todo.append(s)
     return todo, done
-
-
-def summarize(summaries: list[dict], listed: int, skipped: int, wall: float) -> dict:
-    """Per-stage counts and throughput for DATA/_summary.json."""
-    stage_seconds: dict[str, float] = {}
-    quarantine_by_stage: dict[str, int] = {}
-    buckets: dict[str, int] = {}
-    for s in summaries:
-        for k, v in s["seconds"].items():
-            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
-        for b in s["buckets"]:
-            buckets[b] = buckets.get(b, 0) + 1
-        for st in s["stages"]:
-            quarantine_by_stage[st] = quarantine_by_stage.get(st, 0) + 1
-    n = len(summaries)
-    processed = n - skipped
-    return {
-        "sources_listed": listed,
-        "sources_skipped_already_done": skipped,
-        "sources_processed": processed,
-        "sources_with_clips": sum(1 for s in summaries if s["clips"]),
-        "sources_rejected": sum(1 for s in summaries if s["source_failed"] or not s["clips"]),
-        "clips": sum(s["clips"] for s in summaries),
-        "quarantine_rows": sum(s["quarantined"] for s in summaries),
-        "sources_with_quarantine_by_stage": quarantine_by_stage,
-        "stage_cpu_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
-        "stage_throughput_sources_per_cpu_second": {
-            k: round(n / v, 2) for k, v in stage_seconds.items() if v > 0
-        },
-        "wall_seconds": round(wall, 3),
-        "sources_per_second": round(processed / wall, 3) if wall > 0 else None,
-        "buckets": dict(sorted(buckets.items())),
-    }
 
 
 def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = None, overwrite: bool = False) -> dict:
@@ -486,11 +504,13 @@ def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = Non
     cfg = cfg or IngestConfig()
     t0 = time.perf_counter()
     sources = list_sources(srcs)
-    todo, done = _pending(sources, out, overwrite)
-    stages = _stage_callables(cfg) if todo else []  # models load once for the whole loop
-    summaries = done + [process_source(s, out, cfg, stages) for s in todo]
+    totals = SummaryTotals()
+    todo, done = _pending(sources, out, overwrite, totals)
+    shots, scores = load_models(cfg) if todo else (None, None)  # models load once for the whole loop
+    for s in todo:
+        totals.add(ingest_source(s, out, cfg, shots, scores))
     dedup = _dedup(out, cfg)
-    summary = summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    summary = totals.result(len(sources), done, time.perf_counter() - t0)
     return {**summary, "dedup": dedup} if dedup else summary
 
 
@@ -503,25 +523,62 @@ def _dedup(out: str, cfg: IngestConfig) -> dict | None:
     return dedup_dataset(out, cfg.dedup_max_bits)
 
 
+def source_blocks(n: int, workers: int, max_block: int = 16) -> list[int]:
+    """Sizes of the blocks `n` sources are cut into for `workers` parallel workers: each is
+    ceil(remaining / (2 * workers)) sources, at most `max_block`, so blocks shrink toward the
+    end and the workers run out of work together (guided self-scheduling, Polychronopoulos &
+    Kuck 1987) while one task per block keeps Ray's per-task cost off most sources."""
+    sizes, left = [], n
+    while left > 0:
+        sizes.append(max(1, min(max_block, -(-left // (2 * max(1, workers))))))
+        left -= sizes[-1]
+    return sizes
+
+
+def ingest_block(batch: dict, out: str, cfg: dict) -> dict:
+    """A Ray Data task (no model configured): every stage for each source of a block."""
+    cfg = IngestConfig(**cfg)
+    return {"summary": [json.dumps(ingest_source(str(s), out, cfg)) for s in batch["source"]]}
+
+
+class IngestStage(Stage):
+    """The actor pool's stage when a model is configured: each actor loads the model stages once
+    (`load_models`) and runs every stage for each source of a block."""
+
+    name = "ingest"
+    config_cls = IngestConfig
+
+    def setup(self) -> None:
+        self.shots, self.scores = load_models(self.cfg)
+
+    def process(self, items: list[dict]) -> StageOutput:
+        return StageOutput([{"summary": json.dumps(ingest_source(str(i["source"]), self.out, self.cfg, self.shots,
+                                                                 self.scores))} for i in items])
+
+
 def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):
-    """The streaming Ray Data pipeline: one row per source through every stage."""
+    """The streaming Ray Data pipeline: blocks of sources through one operator whose rows are
+    the sources' summaries (JSON). Tasks or actors take 1 CPU each, `cfg.actors` of them at
+    once (None: as many as the cluster has CPUs)."""
     import ray
 
-    from pipelines.ingest_scores import ClipScores, ShotSplit, needs_models
+    from pipelines.ingest_scores import needs_models
+    from pipelines.stage import resolve_resources
 
-    cfg_dict = asdict(cfg)
-    actors = {split_stage: ShotSplit if cfg.shots == "transnetv2" else None,
-              score_stage: ClipScores if needs_models(cfg) else None}
-    ds = ray.data.from_items([start_row(s) for s in sources], override_num_blocks=max(1, len(sources)))
-    for stage in STAGES:
-        # num_cpus=1: decode work is CPU-bound. Ray Data retries a task whose worker died
-        # (max_retries=-1 by default for its tasks); idempotent writes keep that exactly-once.
-        if actors.get(stage) is not None:  # a model stage: the model loads once per actor
-            ds = ds.map(actors[stage], fn_constructor_kwargs={"cfg": cfg_dict}, num_cpus=1,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
-        else:
-            ds = ds.map(stage, fn_kwargs={"cfg": cfg_dict}, num_cpus=1)
-    return ds.map(write_stage, fn_kwargs={"out": out}, num_cpus=1)
+    cfg = resolve_resources(cfg)  # a copy, with actors and GPUs from the cluster
+    workers = max(1, min(cfg.actors, len(sources)))
+    blocks, at = [], 0
+    for size in source_blocks(len(sources), workers):
+        blocks.append(pa.table({"source": pa.array(sources[at:at + size], pa.string())}))
+        at += size
+    ds = ray.data.from_arrow(blocks)
+    if cfg.shots == "transnetv2" or needs_models(cfg):  # the models load once per actor
+        return ds.map_batches(IngestStage, fn_constructor_kwargs={"cfg": asdict(cfg), "out": out}, batch_size=None,
+                              batch_format="numpy", num_cpus=1, num_gpus=cfg.num_gpus,
+                              compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
+    # Ray Data retries a task whose worker died; idempotent writes keep that exactly-once.
+    return ds.map_batches(ingest_block, fn_kwargs={"out": out, "cfg": asdict(cfg)}, batch_size=None,
+                          batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers))
 
 
 def run_ingest(
@@ -538,16 +595,18 @@ def run_ingest(
     cfg = cfg or IngestConfig()
     t0 = time.perf_counter()
     sources = list_sources(srcs)
-    todo, done = _pending(sources, out, overwrite)
-    summaries = list(done)
+    totals = SummaryTotals()
+    todo, done = _pending(sources, out, overwrite, totals)
     if todo:
-        for i, row in enumerate(build_ingest_dataset(todo, out, cfg).iter_rows()):
+        finished = 0
+        for row in build_ingest_dataset(todo, out, cfg).iter_rows():
             s = json.loads(row["summary"])
-            summaries.append(s)
+            totals.add(s)
+            finished += 1
             if progress:
-                progress(s, i + 1, len(todo))
+                progress(s, finished, len(todo))
     dedup = _dedup(out, cfg)
-    summary = summarize(summaries, len(sources), len(done), time.perf_counter() - t0)
+    summary = totals.result(len(sources), done, time.perf_counter() - t0)
     if dedup:
         summary["dedup"] = dedup
     summary["config"] = asdict(cfg)

@@ -10,11 +10,14 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from pipelines.stage import StageResources
 
-@dataclass
-class IngestConfig:
-    """Knobs of the ingest pipeline. Defaults suit real footage; the shapes world sets
-    `min_motion=0` because it contains deliberately still objects."""
+
+@dataclass(kw_only=True)
+class IngestConfig(StageResources):
+    """Knobs of the ingest pipeline (with `StageResources`: actors, num_gpus, torch_threads).
+    Defaults suit real footage; the shapes world sets `min_motion=0` because it contains
+    deliberately still objects."""
 
     # Longest clip in seconds: longer shots are cut into pieces.
     max_clip_seconds: float = 8.0
@@ -64,8 +67,13 @@ class IngestConfig:
     probe_timeout: float = 20.0
     # Seconds before an analysis decode is killed and the file quarantined.
     decode_timeout: float = 120.0
+    # Processes working on sources at once (tasks, or actors when a model is on); none: one per cluster CPU.
+    actors: int | None = None
+    # GPUs per actor for the scorers' models (TransNetV2, CLIP); decoding runs on the CPU.
+    num_gpus: float | None = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         positive = ("max_clip_seconds", "max_clip_frames", "min_clip_frames", "min_side",
                     "analysis_short_side", "max_analysis_frames", "bar_frames", "bar_short_side",
                     "probe_timeout", "decode_timeout")
@@ -86,6 +94,10 @@ class IngestConfig:
         if self.clip_model is not None and not os.path.isdir(self.clip_model):
             raise ValueError(f"IngestConfig.clip_model {self.clip_model!r} is not a directory: pass a local "
                              "CLIPModel directory (save_pretrained) or none")
+        # the head file `sora.curation.clip_scores.save_aesthetic_head` writes (named here: no torch import)
+        if self.clip_model is not None and not os.path.isfile(os.path.join(self.clip_model, "aesthetic_head.safetensors")):
+            raise ValueError(f"IngestConfig.clip_model {self.clip_model!r} has no aesthetic_head.safetensors: add "
+                             "one (sora.curation.clip_scores.save_aesthetic_head) or pass none")
         if self.min_aesthetic is not None and self.clip_model is None:
             raise ValueError("IngestConfig.min_aesthetic needs clip_model: pass the CLIP model directory "
                              "that scores aesthetics, or drop min_aesthetic")

@@ -1,62 +1,67 @@
 """The model-backed steps of ingest: TransNetV2 shot detection and the per-clip scores (on-screen
 text, aesthetic, near-duplicate signature) as columns of `clips`.
 
-Each is a callable class in the shape of Ray's batch-inference guide (and of a stage base
-class): the constructor loads the models once per process (a Ray actor, or the sequential
-loop), `__call__` maps one row (one source's state) and records per-clip errors instead of
-raising. The functions that do the work (`pipelines.ingest.split_stage`, `score_stage` here)
-take the loaded models as arguments, so they run the same under either driver.
+Each is a map stage on the `pipelines.stage.Stage` base class: `setup` loads its models once
+per process (a Ray actor of the ingest pool, or the sequential loop; `loads_in_process` counts
+them), and it maps a source's state to the same state with columns added - the clips of its
+shots (`ShotSplit`), or each clip's scores (`ClipScores`). `apply_to` works on the state in
+this process (how ingest chains them with its plain stages); as Ray Data rows (`process_item`)
+a state travels as JSON in a "state" column. Per-clip failures are recorded in the state's
+quarantine rows, never raised. The functions that do the work (`pipelines.ingest.split_stage`,
+`score_stage`) take the loaded models as arguments, so they run the same under either driver.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from pipelines.ingest_config import IngestConfig
+from pipelines.stage import Stage, loads_in_process
 
 
-def _config(cfg: IngestConfig | dict) -> IngestConfig:
-    return cfg if isinstance(cfg, IngestConfig) else IngestConfig(**cfg)
+class _SourceMapStage(Stage):
+    """A map stage over a source's state (see the module docstring)."""
+
+    config_cls = IngestConfig
+
+    def apply_to(self, state: dict) -> dict:
+        """Map one source's state in this process (adds columns) and note the model loads."""
+        self.map_state(state)
+        state.setdefault("models", {})[type(self).__name__] = {"pid": os.getpid(), "loads": loads_in_process(self.name)}
+        return state
+
+    def map_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def process_item(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, "state": json.dumps(self.apply_to(json.loads(item["state"])))}
 
 
-def _note_loads(row: dict, name: str, loads: int) -> dict:
-    """Record in the row which process ran stage `name` and how many times it loaded its
-    models there (the source's summary carries it: one load per actor is the contract)."""
-    state = json.loads(row["state"])
-    state.setdefault("models", {})[name] = {"pid": os.getpid(), "loads": loads}
-    return {"state": json.dumps(state)}
+class ShotSplit(_SourceMapStage):
+    """The split stage with TransNetV2 (cfg.shots == "transnetv2"): adds the clips of the shots."""
 
+    name = "split"
 
-class ShotSplit:
-    """The split stage with TransNetV2 (cfg.shots == "transnetv2"), its model loaded once."""
-
-    loads = 0  # models loaded in this process (a test counts them per actor)
-
-    def __init__(self, cfg: IngestConfig | dict):
-        import torch
-
+    def setup(self) -> None:
         from sora.curation.transnetv2 import TransNetV2
 
-        self.cfg = _config(cfg)
-        torch.set_num_threads(1)  # one Ray CPU per actor
-        self.model = TransNetV2.from_weights()
-        type(self).loads += 1
+        self.model = TransNetV2.from_weights().to(self.device)
 
-    def __call__(self, row: dict) -> dict:
+    def map_state(self, state: dict) -> None:
         from pipelines.ingest import split_stage
 
-        return _note_loads(split_stage(row, self.cfg, shot_model=self.model), "ShotSplit", type(self).loads)
+        split_stage(state, self.cfg, shot_model=self.model)
 
 
-class ClipScores:
+class ClipScores(_SourceMapStage):
     """The score stage with the models the config asks for, loaded once: PP-OCR when
-    cfg.score_text, CLIP when cfg.clip_model. Signatures need no model."""
+    cfg.score_text, CLIP when cfg.clip_model. Adds text_area, aesthetic, signature to each clip."""
 
-    loads = 0
+    name = "score"
 
-    def __init__(self, cfg: IngestConfig | dict):
-        self.cfg = _config(cfg)
+    def setup(self) -> None:
         self.text = self.clip = None
         if self.cfg.score_text:
             from sora.curation.text import TextDetector
@@ -65,16 +70,15 @@ class ClipScores:
         if self.cfg.clip_model:
             from sora.curation.clip_scores import ClipScorer
 
-            self.clip = ClipScorer(self.cfg.clip_model)
+            self.clip = ClipScorer(self.cfg.clip_model, device=self.device)
             if self.clip.head is None:
                 raise FileNotFoundError(f"{self.cfg.clip_model} has no aesthetic_head.safetensors: "
                                         "add one (sora.curation.clip_scores.save_aesthetic_head)")
-        type(self).loads += 1
 
-    def __call__(self, row: dict) -> dict:
+    def map_state(self, state: dict) -> None:
         from pipelines.ingest import score_stage
 
-        return _note_loads(score_stage(row, self.cfg, scorers=self), "ClipScores", type(self).loads)
+        score_stage(state, self.cfg, scorers=self)
 
 
 def needs_models(cfg: IngestConfig) -> bool:

@@ -21,7 +21,8 @@ The base class does the rest, the same way for every stage (cosmos-curate's and 
 stage interface; Ray's batch-inference pattern underneath: a callable class per actor):
 
 - resources are declared by the config (`StageResources`: actors, GPUs per actor, threads);
-  `resolve_resources` fills in GPUs from the cluster without touching the caller's config;
+  `resolve_resources` fills in GPUs, and the pool size where a config leaves it to the cluster
+  (``actors=None``: one actor per GPU, or per CPU), without touching the caller's config;
 - the device is resolved once per actor and the model loaded once (`setup`), counted per
   stage name in `loads_in_process` so a test or a stats row can show it;
 - `process` maps one batch; by default it calls `process_item` on each item, and an item that
@@ -73,7 +74,7 @@ class StageResources:
     torch_threads: int | None = None  # intra-op threads per actor (None: torch's default)
 
     def __post_init__(self) -> None:
-        if self.actors < 1:
+        if self.actors is not None and self.actors < 1:  # a config may allow None: sized from the cluster
             raise ValueError(f"actors must be at least 1, got {self.actors}")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0 (or None: from the cluster), got {self.num_gpus}")
@@ -100,9 +101,29 @@ def resolve_num_gpus(num_gpus: float | None) -> float:
     return float(num_gpus) if num_gpus is not None else (1.0 if cluster_gpus() > 0 else 0.0)
 
 
+def cluster_cpus() -> float:
+    """CPUs in the Ray cluster (this machine's when Ray is not started here)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else float(os.cpu_count() or 1)
+
+
+def resolve_actors(actors: int | None, num_gpus: float) -> int:
+    """Actor pool size: ``actors`` when given, else as many as the cluster holds at one CPU
+    each (and ``num_gpus`` GPUs each, for a GPU stage)."""
+    if actors is not None:
+        return int(actors)
+    fit = cluster_cpus()
+    if num_gpus > 0:
+        fit = min(fit, cluster_gpus() / num_gpus)
+    return max(1, int(fit))
+
+
 def resolve_resources(cfg):
-    """A copy of a config with ``num_gpus`` resolved (`resolve_num_gpus`); ``cfg`` is untouched."""
-    return dataclasses.replace(cfg, num_gpus=resolve_num_gpus(cfg.num_gpus))
+    """A copy of a config with ``num_gpus`` resolved (`resolve_num_gpus`) and ``actors`` (see
+    `resolve_actors`); ``cfg`` is untouched."""
+    num_gpus = resolve_num_gpus(cfg.num_gpus)
+    return dataclasses.replace(cfg, num_gpus=num_gpus, actors=resolve_actors(cfg.actors, num_gpus))
 
 
 def device_for(num_gpus: float | None) -> str:

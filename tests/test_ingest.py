@@ -281,3 +281,37 @@ def test_config_checks_and_cli_flags_from_the_config():
     assert "(default: 0.0005)" in help_text and "--no-crop-bars" in help_text
     bad = run_cli(["ingest", "nowhere", "--out", "x", "--scene-threshold", "7"], env, timeout=120)
     assert bad.returncode != 0 and "sora ingest: IngestConfig.scene_threshold" in bad.stderr
+
+
+def test_source_blocks_shrink_toward_the_end_and_cover_every_source():
+    from pipelines.ingest import source_blocks
+
+    for n, workers in [(1, 2), (7, 2), (100, 2), (5000, 16), (3, 8)]:
+        sizes = source_blocks(n, workers)
+        assert sum(sizes) == n and min(sizes) >= 1 and max(sizes) <= 16
+        assert sizes == sorted(sizes, reverse=True), sizes  # the last blocks are the small ones
+    assert source_blocks(100, 2)[-2:] == [1, 1]  # both workers finish on one source each
+    assert source_blocks(0, 2) == []
+
+
+def test_summary_totals_equal_the_sums_of_the_summaries():
+    from pipelines.ingest import SummaryTotals
+
+    summaries = [
+        {"clips": 2, "quarantined": 1, "source_failed": False, "stages": ["split"], "buckets": ["a", "b"],
+         "seconds": {"probe": 0.5, "split": 1.0}},
+        {"clips": 0, "quarantined": 1, "source_failed": True, "stages": ["probe"], "buckets": [],
+         "seconds": {"probe": 0.25}},
+        {"clips": 1, "quarantined": 0, "source_failed": False, "stages": [], "buckets": ["a"],
+         "seconds": {"probe": 0.25, "split": 1.0}},
+    ]
+    totals = SummaryTotals()
+    for s in summaries:
+        totals.add(s)
+    r = totals.result(listed=4, skipped=1, wall=2.0)
+    assert (r["sources_listed"], r["sources_skipped_already_done"], r["sources_processed"]) == (4, 1, 2)
+    assert (r["clips"], r["quarantine_rows"], r["sources_with_clips"], r["sources_rejected"]) == (3, 2, 2, 1)
+    assert r["buckets"] == {"a": 2, "b": 1}
+    assert r["sources_with_quarantine_by_stage"] == {"split": 1, "probe": 1}
+    assert r["stage_cpu_seconds"] == {"probe": 1.0, "split": 2.0}
+    assert r["sources_per_second"] == 1.0

@@ -114,6 +114,10 @@ def test_on_an_actor_pool_the_callers_config_is_left_alone(data, ray_session):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors import no test module
     cfg = BrightnessConfig(actors=2)
     assert resolve_resources(cfg).num_gpus == 0.0 and cfg.num_gpus is None  # no GPUs here; cfg untouched
+    from pipelines.ingest_config import IngestConfig
+
+    sized = IngestConfig(actors=None)  # a pool left to the cluster: one per CPU of it
+    assert resolve_resources(sized).actors == int(ray.cluster_resources()["CPU"]) and sized.actors is None
     clips = read_clips(data)
     ds = BrightnessTable.apply(ray.data.from_arrow(table_blocks(clips, cfg.batch_size)), cfg, out=data,
                                batch_size=cfg.batch_size)

@@ -8,6 +8,7 @@ import json
 from flows.commands.common import Progress, formatter
 from flows.commands.config_args import add_config_arguments, config_from_args
 from pipelines.ingest_config import IngestConfig
+from pipelines.stage import own_fields_first
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", nargs="+", help="video files, directories, globs or fsspec URLs")
     p.add_argument("--out", required=True, help="dataset directory or URL (DATA)")
     p.add_argument("--overwrite", action="store_true", help="redo sources a previous run finished")
-    add_config_arguments(p.add_argument_group("ingest settings"), IngestConfig)
+    add_config_arguments(p.add_argument_group("ingest settings"), IngestConfig, include=own_fields_first(IngestConfig))
     p.set_defaults(func=run)
 
 

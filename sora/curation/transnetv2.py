@@ -171,7 +171,7 @@ class TransNetV2(nn.Module):
         Frames are stretched to 48x27 (what the network was trained on); the video is read in
         100-frame windows every 50 frames, padded with copies of its first and last frame, and
         each window's middle 50 predictions are kept."""
-        small = torch.from_numpy(_stretch(frames, INPUT_SIZE))  # (T, 27, 48, 3)
+        small = torch.from_numpy(_stretch(frames, INPUT_SIZE)).to(next(self.parameters()).device)  # (T, 27, 48, 3)
         T = len(small)
         tail = (STEP - T % STEP) % STEP
         padded = torch.cat([small[:1].expand(25, -1, -1, -1), small, small[-1:].expand(25 + tail, -1, -1, -1)])
@@ -180,7 +180,7 @@ class TransNetV2(nn.Module):
             one, every = self(padded[start:start + WINDOW][None])  # (1, 100) each
             single.append(torch.sigmoid(one[0, 25:75]))
             many.append(torch.sigmoid(every[0, 25:75]))
-        return torch.cat(single)[:T].numpy(), torch.cat(many)[:T].numpy()
+        return torch.cat(single)[:T].cpu().numpy(), torch.cat(many)[:T].cpu().numpy()
 
 
 def detect_transitions(model: TransNetV2, frames: np.ndarray, threshold: float = 0.5,
