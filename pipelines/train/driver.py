@@ -51,7 +51,8 @@ def run_training(data: str, out: str, vae: str, cfg: TrainConfig, *, storage_pat
     result = trainer.run_trainer(
         train_loop_per_worker, loop_config, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
         use_gpu=cfg.use_gpu, storage_path=storage_path or os.path.join(out, "checkpoints"), name=name,
-        max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints, datasets={"train": ds})
+        max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints, datasets={"train": ds},
+        placement=cfg.placement)
     assert result.checkpoint is not None, "training reported no checkpoint"
     checkpoint = trainer.checkpoint_url(result.checkpoint)
     summary = export_model(checkpoint, out, vae, info, cfg, data)
