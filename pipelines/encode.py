@@ -242,6 +242,7 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
                                batch_size=cfg.batch_size)
         stats = collect_stats(ds, todo.num_rows, progress)
         result.update(encoded=stats["ok"], failed=stats["failed"], bytes=stats.get("bytes", 0),
-                      actors_used=len(stats["actors"]), batches=stats["batches"])
+                      actors_used=len(stats["actors"]), batches=stats["batches"],
+                      batches_per_node=stats["batches_per_node"])
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result

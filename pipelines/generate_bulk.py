@@ -391,7 +391,8 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
         rows = [{**r, "unit": unit} for r in invalid]
         storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
                                      storage.join(out, "manifest", f"{unit}.parquet"))
-    result = {**counts, "generated": 0, "errors": 0, "units": 0, "actors": [], "model_loads_per_actor": {}}
+    result = {**counts, "generated": 0, "errors": 0, "units": 0, "actors": [], "model_loads_per_actor": {},
+              "units_per_node": {}}
     units = make_units(todo, cfg.batch_size)
     if units:
         items = [{"unit": json.dumps([r.to_dict() for r in u])} for u in units]
@@ -399,7 +400,7 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
         ds = GenerateStage.apply(ds, cfg, out=out, batch_size=1, model=model)
         stats = collect_stats(ds, len(todo), progress)
         result.update(generated=stats["ok"], errors=stats["failed"], units=stats["batches"], actors=stats["actors"],
-                      model_loads_per_actor=stats["model_loads_per_actor"])
+                      model_loads_per_actor=stats["model_loads_per_actor"], units_per_node=stats["batches_per_node"])
     manifest = read_manifest(out)
     status = manifest["status"].to_pylist()
     result.update(manifest_rows=manifest.num_rows, manifest_ok=status.count("ok"),

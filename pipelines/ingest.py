@@ -41,6 +41,7 @@ import pyarrow as pa
 from pipelines import storage
 from pipelines.ingest_config import IngestConfig
 from pipelines.stage import Stage, StageOutput
+from pipelines.ray_utils import node_id
 from sora.buckets import assign_bucket
 from sora.curation.letterbox import content_box, scale_box
 from sora.curation.shots import find_shots, frame_differences  # noqa: F401  (re-exported)
@@ -384,6 +385,7 @@ def write_stage(state: dict, out: str) -> dict:
         "buckets": [c["bucket"] for c in clips],
         "seconds": state["seconds"],
         "models": state.get("models"),
+        "node": node_id(),  # the Ray node that finished the source (None without Ray)
     }
     storage.write_json_atomic(summary, storage.join(out, "_done", f"{sid}.json"))
     return summary

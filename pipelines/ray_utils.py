@@ -69,6 +69,13 @@ def running_local_cluster(timeout: float = 2.0) -> str | None:
         return None
 
 
+def node_id() -> str | None:
+    """The id of the Ray node this process runs on (hex; None where Ray is not started): stages
+    record it beside their results so a run shows which node did which work."""
+    ray = sys.modules.get("ray")  # not imported: not started either
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
 def has_gpus() -> bool:
     """Whether the Ray cluster has GPUs (stages then ask for `num_gpus`)."""
     import ray

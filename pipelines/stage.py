@@ -30,7 +30,7 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
 - a stage with an `output` table writes its rows there atomically under a name hashed from the
   batch's ids (`DATA/<output>/<hash>.parquet`): a retried batch rewrites the same file, so
   results are exactly-once though Ray runs work at least once. It returns one stats row per
-  batch (pid, model loads, seconds, ok/failed counts, the stage's own counters) that
+  batch (pid, Ray node, model loads, seconds, ok/failed counts, the stage's own counters) that
   `collect_stats` sums on the driver. A stage without `output` is a map: it returns its rows
   (e.g. the clips with a score column added) for the next stage.
 """
@@ -170,9 +170,12 @@ class Stage:
     def __init__(self, cfg: Any, out: str | None = None):
         import torch
 
+        from pipelines.ray_utils import node_id
+
         self.cfg = cfg if isinstance(cfg, self.config_cls) else self.config_cls(**cfg)
         self.out = out
         self.pid = os.getpid()
+        self.node = node_id()
         if getattr(self.cfg, "torch_threads", None):
             torch.set_num_threads(self.cfg.torch_threads)
         self.device = device_for(getattr(self.cfg, "num_gpus", None))
@@ -243,7 +246,7 @@ class Stage:
             name = self.batch_id([str(r[self.id_column]) for r in result.rows])
             storage.write_parquet_atomic(pa.Table.from_pylist(result.rows, schema=self.schema),
                                          storage.join(self.out, self.output, f"{name}.parquet"))
-        stats = {"ok": len(result.rows), "failed": len(result.errors), "pid": self.pid,
+        stats = {"ok": len(result.rows), "failed": len(result.errors), "pid": self.pid, "node": self.node,
                  "model_loads": loads_in_process(self.name), "seconds": time.perf_counter() - t0,
                  **result.counters}
         return {k: [v] for k, v in stats.items()}
@@ -267,20 +270,25 @@ class Stage:
 
 def collect_stats(ds, total: int | None = None, progress: Callable[[int, int | None], None] | None = None) -> dict:
     """Run a writing stage's dataset to the end and sum its stats rows: ok, failed, the stage's
-    counters, ``batches``, ``actors`` (worker pids) and ``model_loads_per_actor``. ``progress``
-    is called with (items done, ``total``) after each batch."""
+    counters, ``batches``, ``actors`` (worker pids), ``model_loads_per_actor`` and
+    ``batches_per_node`` (Ray node id -> batches its actors finished). ``progress`` is called
+    with (items done, ``total``) after each batch."""
     sums: dict[str, float] = {"ok": 0, "failed": 0}
     loads: dict[int, int] = {}
+    nodes: dict[str, int] = {}
     batches = 0
     for row in ds.iter_rows():
         batches += 1
         for k, v in row.items():
-            if k not in ("pid", "model_loads", "seconds"):
+            if k not in ("pid", "node", "model_loads", "seconds"):
                 sums[k] = sums.get(k, 0) + v
         pid = int(row["pid"])
         loads[pid] = max(loads.get(pid, 0), int(row["model_loads"]))
+        if row.get("node"):
+            nodes[str(row["node"])] = nodes.get(str(row["node"]), 0) + 1
         if progress is not None:
             progress(int(sums["ok"] + sums["failed"]), total)
     out: dict[str, Any] = {k: int(v) if float(v).is_integer() else v for k, v in sums.items()}
-    out.update(batches=batches, actors=sorted(loads), model_loads_per_actor={str(p): n for p, n in loads.items()})
+    out.update(batches=batches, actors=sorted(loads), model_loads_per_actor={str(p): n for p, n in loads.items()},
+               batches_per_node=nodes)
     return out

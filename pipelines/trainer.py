@@ -52,12 +52,15 @@ def pyarrow_fs(url: str):
 
 def run_trainer(train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, Any], *, workers: int,
                 storage_path: str, name: str, cpus_per_worker: float = 1.0, use_gpu: bool = False,
-                max_failures: int = 3, keep_checkpoints: int = 2, datasets: dict | None = None):
+                max_failures: int = 3, keep_checkpoints: int = 2, datasets: dict | None = None,
+                placement: str = "pack"):
     """Run ``train_loop_per_worker(loop_config)`` on ``workers`` Ray Train workers (torch DDP
-    process group set up by Ray: gloo on CPU, NCCL on GPU). Checkpoints go to
+    process group set up by Ray: gloo on CPU, NCCL on GPU), placed "pack" (on as few nodes as
+    hold them) or "spread" (each on another node where it can). Checkpoints go to
     ``storage_path/name``; the same storage path and name again resumes from the latest one
-    (Ray Train V2). A dead worker restarts the group from the last checkpoint, up to
-    ``max_failures`` times. Returns the ``ray.train.Result``."""
+    (Ray Train V2). A dead worker (or a lost node) restarts the group, placed again on the
+    nodes there are, from the last checkpoint, up to ``max_failures`` times. Returns the
+    ``ray.train.Result``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -66,7 +69,8 @@ def run_trainer(train_loop_per_worker: Callable[[dict], None], loop_config: dict
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement.upper()),
         run_config=RunConfig(name=name, storage_path=store_path, storage_filesystem=store_fs,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),

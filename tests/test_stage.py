@@ -127,6 +127,7 @@ def test_on_an_actor_pool_the_callers_config_is_left_alone(data, ray_session):
     assert stats["ok"] == clips.num_rows and stats["failed"] == 0
     assert stats["batches"] == -(-clips.num_rows // cfg.batch_size) and 1 <= len(stats["actors"]) <= 2
     assert set(stats["model_loads_per_actor"].values()) == {1}  # one load per actor for all its batches
+    assert stats["batches_per_node"] == {ray.get_runtime_context().get_node_id(): stats["batches"]}  # one node here
     assert seen[-1] == (clips.num_rows, clips.num_rows)
     scores = read_table(os.path.join(data, "scores"), schema=SCORES_SCHEMA)
     assert sorted(scores["clip_id"].to_pylist()) == sorted(clips["clip_id"].to_pylist())

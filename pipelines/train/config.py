@@ -31,6 +31,8 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS  # LoRA: the linear layers whose names end with one of these
     workers: int = 2  # Ray Train workers (one process each; one GPU each with use_gpu)
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; torch threads per worker = max(1, int(this)) on CPU
+    # worker placement on nodes: "pack" (as few nodes as hold them) or "spread" (each on another node where it can)
+    placement: Literal["pack", "spread"] = "pack"
     use_gpu: bool = False  # one GPU per worker: FSDP2 and bf16 (see fsdp, bf16)
     max_steps: int | None = 2000  # stop at this global step (None: only max_minutes)
     max_minutes: float | None = None  # stop after this much wall time of this run (None: only max_steps)
@@ -87,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if not (self.lr > 0 and (self.muon_lr is None or self.muon_lr > 0)):
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}")
+        if self.placement not in ("pack", "spread"):
+            raise ValueError(f"placement must be pack or spread, got {self.placement!r}")
         if self.tokens_per_step <= 0 or self.workers < 1:
             raise ValueError(f"need tokens_per_step > 0 and workers >= 1, got {self.tokens_per_step}, {self.workers}")
         self.lr_schedule()  # checks schedule, min_lr_ratio, cooldown_fraction, warmup_steps

@@ -74,7 +74,8 @@ def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, stor
     result = trainer.run_trainer(
         train_loop_per_worker, loop_config, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,
         use_gpu=cfg.use_gpu, storage_path=storage_path, name=name or plan.kind,
-        max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints, datasets={"train": ds})
+        max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints, datasets={"train": ds},
+        placement=cfg.placement)
     assert result.checkpoint is not None, "training reported no checkpoint"
     checkpoint = trainer.checkpoint_url(result.checkpoint)
     if plan.init is None:
