@@ -14,6 +14,7 @@ sidecar exists), `run_caption` raises `MissingInputError` naming the command to 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,7 +26,9 @@ from pipelines import storage
 from pipelines.ingest import require_clips
 from pipelines.stage import MissingInputError, Stage, StageOutput, StageResources, collect_stats
 
-CAPTIONS_SCHEMA = pa.schema([("clip_id", pa.string()), ("caption", pa.string()), ("captioner", pa.string())])
+# alignment: CLIP text-image cosine of the caption and the clip's frames (`CaptionConfig.clip_model`), else null
+CAPTIONS_SCHEMA = pa.schema([("clip_id", pa.string()), ("caption", pa.string()), ("captioner", pa.string()),
+                             ("alignment", pa.float32())])
 
 
 def read_captions(data: str) -> pa.Table:
@@ -59,6 +62,8 @@ class CaptionConfig(StageResources):
     short_side: int = 128  # frames are decoded at this short side, aspect kept
     decode_timeout: float = 60.0  # seconds one clip's decode may take before it is quarantined
     recaption: bool = False  # with a model: also caption clips that only have a sidecar caption
+    # a local CLIP model directory (CLIPModel + tokenizer): each new caption gets an alignment score; none: null
+    clip_model: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +74,9 @@ class CaptionConfig(StageResources):
             raise ValueError(f"short_side must be at least 2 pixels, got {self.short_side}")
         if self.decode_timeout <= 0:
             raise ValueError(f"decode_timeout must be positive, got {self.decode_timeout}")
+        if self.clip_model is not None and not os.path.isdir(self.clip_model):
+            raise ValueError(f"clip_model {self.clip_model!r} is not a directory: pass a local CLIPModel directory "
+                             "(save_pretrained, with its tokenizer) or none")
 
 
 def sample_indices(start: int, num_frames: int, k: int) -> list[int]:
@@ -92,8 +100,11 @@ class CaptionStage(Stage):
 
     def setup(self) -> None:
         from sora.captioner import Captioner
+        from sora.curation.clip_scores import ClipScorer
 
-        self.captioner = Captioner.from_pretrained(self.cfg.model, device=self.device)
+        # no captioner: the items carry their (sidecar) captions and are decoded only to be scored
+        self.captioner = Captioner.from_pretrained(self.cfg.model, device=self.device) if self.cfg.model else None
+        self.clip = ClipScorer(self.cfg.clip_model, device=self.device) if self.cfg.clip_model else None
 
     def frames(self, clip: dict[str, Any]):
         from sora.video_io import read_frames
@@ -103,10 +114,18 @@ class CaptionStage(Stage):
         return read_frames(str(clip["source"]), idx, size=size, timeout=self.cfg.decode_timeout)
 
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
+        from sora.curation.clip_scores import alignment_or_none
+
         decoded, errors = self.each(items, self.frames)
-        captions = self.captioner.caption([f for _, f in decoded]) if decoded else []
-        rows = [{"clip_id": str(clip["clip_id"]), "caption": text, "captioner": self.captioner.name}
-                for (clip, _), text in zip(decoded, captions)]
+        if self.captioner is not None:
+            captions = self.captioner.caption([f for _, f in decoded]) if decoded else []
+            names = [self.captioner.name] * len(captions)
+        else:
+            captions = [str(clip["caption"]) for clip, _ in decoded]
+            names = [str(clip["captioner"]) for clip, _ in decoded]
+        rows = [{"clip_id": str(clip["clip_id"]), "caption": text, "captioner": name,
+                 "alignment": alignment_or_none(self.clip, frames, text)}
+                for (clip, frames), text, name in zip(decoded, captions, names)]
         return StageOutput(rows, errors)
 
 
@@ -159,11 +178,19 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
                 f"{data}: none of its {clips.num_rows} clips has a sidecar caption (a captions.jsonl next to its "
                 f"source); caption them with a model: `sora caption --data {data} --model CAPTIONER_DIR` "
                 f"(`sora train-captioner` makes one)")
-        if table.num_rows:
-            batch_id = storage.stable_id("sidecar", *sorted(table["clip_id"].to_pylist()))
-            storage.write_parquet_atomic(table, storage.join(data, "captions", f"{batch_id}.parquet"))
-        result.update(captioned=table.num_rows, failed=0, without_sidecar=len(missing))
-        return {**result, "seconds": round(time.perf_counter() - t0, 3)}
+        result.update(without_sidecar=len(missing))
+        if cfg.clip_model is None:  # nothing to decode: the sidecars are the captions
+            if table.num_rows:
+                batch_id = storage.stable_id("sidecar", *sorted(table["clip_id"].to_pylist()))
+                storage.write_parquet_atomic(table, storage.join(data, "captions", f"{batch_id}.parquet"))
+            result.update(captioned=table.num_rows, failed=0)
+            return {**result, "seconds": round(time.perf_counter() - t0, 3)}
+        known = {c: (text, who) for c, text, who in zip(table["clip_id"].to_pylist(), table["caption"].to_pylist(),
+                                                      table["captioner"].to_pylist())}
+        todo = pa.Table.from_pylist([{**c, "caption": known[c["clip_id"]][0], "captioner": known[c["clip_id"]][1]}
+                                     for c in todo.to_pylist() if c["clip_id"] in known])
+        if todo.num_rows == 0:
+            return {**result, "seconds": round(time.perf_counter() - t0, 3)}
 
     import ray
 

@@ -56,3 +56,37 @@ def test_caption_without_clips_or_sidecars_names_what_to_run(shapes_ds, tmp_path
     assert read_captions(data).num_rows == 0
     with pytest.raises(SystemExit, match="num_frames must be at least 1"):
         main(["caption", "--data", data, "--frames", "0"])
+
+
+def test_a_clip_model_scores_each_caption_against_its_frames(shapes_ds, tmp_path, ray_session, capsys):
+    """With --clip-model every new caption (here the sidecars) gets an alignment: CLIP's text-image
+    cosine, the same as ClipScorer's on the frames the stage samples; without one it is null."""
+    from footage import tiny_clip_dir
+
+    from pipelines.caption import CaptionConfig, CaptionStage
+    from sora.curation.clip_scores import ClipScorer
+
+    assert set(read_captions(shapes_ds)["alignment"].to_pylist()) == {None}  # no CLIP model: null
+    clip = tiny_clip_dir(str(tmp_path / "clip"))
+    data = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, data)
+    shutil.rmtree(os.path.join(data, "captions"))
+    n = read_clips(data).num_rows
+    assert main(["caption", "--data", data, "--clip-model", clip, "--actors", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["captioned"], out["failed"]) == (n, 0)
+    caps = read_captions(data)
+    assert caps.num_rows == n and all(who.startswith("sidecar:") for who in caps["captioner"].to_pylist())
+    scores = dict(zip(caps["clip_id"].to_pylist(), caps["alignment"].to_pylist()))
+    texts = dict(zip(caps["clip_id"].to_pylist(), caps["caption"].to_pylist()))
+    assert all(s is not None and -1.0 <= s <= 1.0 for s in scores.values())
+    # the same figure as the scorer's own call on the frames the stage samples
+    scorer, stage = ClipScorer(clip), CaptionStage.__new__(CaptionStage)
+    stage.cfg = CaptionConfig(clip_model=clip)
+    for c in read_clips(data).to_pylist()[:3]:
+        frames = stage.frames(c)
+        assert abs(scorer.alignment(frames, texts[c["clip_id"]]) - scores[c["clip_id"]]) < 1e-5
+    assert main(["caption", "--data", data, "--clip-model", clip]) == 0  # a re-run adds no rows
+    assert read_captions(data).num_rows == n
+    with pytest.raises(SystemExit, match="clip_model .* is not a directory"):
+        main(["caption", "--data", data, "--clip-model", str(tmp_path / "missing")])

@@ -22,9 +22,13 @@ def add(sub: argparse._SubParsersAction) -> None:
         "processor and chat template; image-only models get a frame grid), loaded once per Ray\n"
         "actor, on GPUs where the cluster has them. Without --model, captions come from the\n"
         "captions.jsonl sidecar next to each source video. Writes DATA/captions (clip_id, caption,\n"
-        "captioner); clips that already have one are skipped; failures go to DATA/quarantine.",
+        "captioner, alignment); clips that already have one are skipped; failures go to\n"
+        "DATA/quarantine. With --clip-model, alignment is CLIP's text-image similarity of each new\n"
+        "caption and its clip's frames (find weak captions with plain pyarrow, redo them with\n"
+        "--recaption); without it the column is null.",
         epilog="examples:\n  sora caption --data data/ds                      # sidecar captions.jsonl\n"
-        "  sora caption --data data/ds --model runs/captioner --batch-size 16",
+        "  sora caption --data data/ds --model runs/captioner --batch-size 16\n"
+        "  sora caption --data data/ds --clip-model models/clip-vit-b32   # sidecars, scored",
     )
     p.add_argument("--data", required=True, help="dataset directory or URL (from `sora ingest`)")
     add_config_arguments(p, CaptionConfig, include=own_fields_first(CaptionConfig), flags={"num_frames": "--frames"})
