@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import storage
-from pipelines.ingest import require_clips
+from pipelines.clips import content_crop, content_size, require_clips
 from pipelines.stage import MissingInputError, Stage, StageOutput, StageResources, collect_stats
 
 # alignment: CLIP text-image cosine of the caption and the clip's frames (`CaptionConfig.clip_model`), else null
@@ -110,8 +110,8 @@ class CaptionStage(Stage):
         from sora.video_io import read_frames
 
         idx = sample_indices(int(clip["start_frame"]), int(clip["num_frames"]), self.cfg.num_frames)
-        size = decode_size(int(clip["width"]), int(clip["height"]), self.cfg.short_side)
-        return read_frames(str(clip["source"]), idx, size=size, timeout=self.cfg.decode_timeout)
+        size = decode_size(*content_size(clip), self.cfg.short_side)
+        return read_frames(str(clip["source"]), idx, size=size, crop=content_crop(clip), timeout=self.cfg.decode_timeout)
 
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
         from sora.curation.clip_scores import alignment_or_none

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.caption import best_captions
-from pipelines.ingest import require_clips
+from pipelines.clips import content_crop, require_clips
 from pipelines.latents import LATENTS_SCHEMA, make_row, read_latents
 from pipelines.stage import MissingInputError, Stage, StageOutput, StageResources, collect_stats
 
@@ -144,7 +144,8 @@ class EncodeStage(Stage):
                              f"of {self.stride[1]}x{self.stride[0]} (VAE x{self.vae.spatial_compression} times patch "
                              f"{self.patch_size[1]}x{self.patch_size[2]})")
         start = int(clip["start_frame"])
-        frames = read_frames(str(clip["source"]), list(range(start, start + t)), size=(w, h), timeout=self.cfg.decode_timeout)
+        frames = read_frames(str(clip["source"]), list(range(start, start + t)), size=(w, h), crop=content_crop(clip),
+                             timeout=self.cfg.decode_timeout)
         x = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
         with torch.no_grad():
             kwargs = {}

@@ -40,53 +40,14 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.ingest_config import IngestConfig
-from pipelines.stage import Stage, StageOutput
+from pipelines.clips import CLIPS_SCHEMA, QUARANTINE_SCHEMA, read_clips, read_quarantine, require_clips  # noqa: F401
 from pipelines.ray_utils import node_id
+from pipelines.stage import Stage, StageOutput
 from sora.buckets import assign_bucket
 from sora.curation.letterbox import content_box, scale_box
 from sora.curation.shots import find_shots, frame_differences  # noqa: F401  (re-exported)
 from sora.video_io import VideoError, probe, read_frames
 
-CLIPS_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("source", pa.string()),
-        ("start_frame", pa.int64()),
-        ("num_frames", pa.int64()),
-        ("fps", pa.float64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("bucket", pa.string()),
-        ("bucket_width", pa.int64()),
-        ("bucket_height", pa.int64()),
-        ("bucket_frames", pa.int64()),
-        ("resolution", pa.string()),
-        ("motion_score", pa.float64()),
-        ("codec", pa.string()),
-        ("container", pa.string()),
-        # Added columns (older datasets read them as null):
-        ("decoder", pa.string()),  # which decoder read the source: "decord" or "pyav"
-        ("crop_x", pa.int64()),  # the content box inside black bars, in displayed pixels;
-        ("crop_y", pa.int64()),  # width/height above are the whole displayed picture and
-        ("crop_width", pa.int64()),  # the bucket follows the content box
-        ("crop_height", pa.int64()),
-        ("shot_detector", pa.string()),  # "diff" or "transnetv2"
-        ("text_area", pa.float64()),  # share of the frame under on-screen text (PP-OCR); null: not run
-        ("aesthetic", pa.float64()),  # CLIP aesthetic score; null: no CLIP model given
-        ("signature", pa.string()),  # near-duplicate signature (sora.curation.dedup); null: not run
-        ("bit_rate", pa.int64()),  # the source file's bits per second (ranks near-duplicates)
-    ]
-)
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("reason", pa.string()),
-        ("stage", pa.string()),
-        ("clip_id", pa.string()),
-        ("start_frame", pa.int64()),
-        ("num_frames", pa.int64()),
-    ]
-)
 
 # Files a directory listing skips: sidecars and metadata that travel with videos. A file named
 # explicitly on the command line is always ingested (and quarantined if it is not a video).
@@ -417,26 +378,6 @@ def load_models(cfg: IngestConfig) -> tuple:
 
     return (ShotSplit(cfg) if cfg.shots == "transnetv2" else None,
             ClipScores(cfg) if needs_models(cfg) else None)
-
-
-def read_clips(data: str) -> pa.Table:
-    """DATA/clips as one table (empty, with the contract's columns, if there are none)."""
-    return storage.read_table(storage.join(data, "clips"), schema=CLIPS_SCHEMA)
-
-
-def require_clips(data: str) -> pa.Table:
-    """DATA/clips, or a FileNotFoundError that says what is missing and what to run first (a
-    training stage given a wrong path must say so, not fail later inside its workers)."""
-    clips = read_clips(data)
-    if clips.num_rows == 0:
-        fs, path = storage.fs_and_path(data)
-        what = "no such dataset" if not fs.exists(path) else "the dataset has no clips"
-        raise FileNotFoundError(f"{data}: {what}; make one with `sora ingest SOURCES --out {data}`")
-    return clips
-
-
-def read_quarantine(data: str) -> pa.Table:
-    return storage.read_table(storage.join(data, "quarantine"), schema=QUARANTINE_SCHEMA)
 
 
 # --------------------------------------------------------------------------- drivers

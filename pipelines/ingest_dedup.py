@@ -63,7 +63,8 @@ def duplicate_groups(signatures: list[str], durations: np.ndarray, max_bits: flo
 
 def dedup_dataset(data: str, max_bits: float) -> dict:
     """Drop near-duplicate clips of DATA (see the module docstring); returns counts."""
-    from pipelines.ingest import CLIPS_SCHEMA, QUARANTINE_SCHEMA, read_clips, source_id
+    from pipelines.clips import CLIPS_SCHEMA, QUARANTINE_SCHEMA, read_clips
+    from pipelines.ingest import source_id
 
     table = read_clips(data)
     rows = [r for r in table.to_pylist() if r.get("signature")]

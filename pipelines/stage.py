@@ -233,7 +233,7 @@ class Stage:
         items = batch_items(batch)
         result = self.process(items)
         if result.errors:
-            from pipelines.ingest import QUARANTINE_SCHEMA
+            from pipelines.clips import QUARANTINE_SCHEMA
 
             rows = [self.quarantine_row(item, reason) for item, reason in result.errors]
             err_id = storage.stable_id(f"{self.name}-errors", *sorted(r["clip_id"] for r in rows))

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipelines import trainer
 from pipelines.caption import CaptionConfig, is_sidecar, read_captions, run_caption, sample_indices
-from pipelines.ingest import require_clips
+from pipelines.clips import content_crop, content_size, require_clips
 from pipelines.train_vae import split_clips
 
 
@@ -32,10 +32,11 @@ def clip_frames(clip: dict, k: int = 4, long_side: int = 96) -> np.ndarray:
     """k frames spread over the clip, decoded with the long side at `long_side` (aspect kept)."""
     from sora.video_io import read_frames
 
-    w, h = clip["width"], clip["height"]
+    w, h = content_size(clip)
     s = long_side / max(w, h)
     size = (max(2, round(w * s / 2) * 2), max(2, round(h * s / 2) * 2))
-    return read_frames(clip["source"], sample_indices(clip["start_frame"], clip["num_frames"], k), size=size)
+    return read_frames(clip["source"], sample_indices(clip["start_frame"], clip["num_frames"], k), size=size,
+                       crop=content_crop(clip))
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -87,14 +87,16 @@ def split_clips(clip_ids: list[str], holdout: int) -> tuple[set[str], set[str]]:
 
 
 def load_clip_frames(rows: list[dict], timeout: float = 60.0) -> list[np.ndarray]:
-    """Decode each clip at its bucket size: list of (T, H, W, 3) uint8 (failures skipped)."""
+    """Decode each clip's content box at its bucket size: list of (T, H, W, 3) uint8 (failures skipped)."""
+    from pipelines.clips import content_crop
     from sora.video_io import VideoError, read_frames
 
     out = []
     for r in rows:
         idx = list(range(int(r["start_frame"]), int(r["start_frame"]) + int(r["bucket_frames"])))
         try:
-            out.append(read_frames(r["source"], idx, size=(int(r["bucket_width"]), int(r["bucket_height"])), timeout=timeout))
+            out.append(read_frames(r["source"], idx, size=(int(r["bucket_width"]), int(r["bucket_height"])),
+                                   crop=content_crop(r), timeout=timeout))
         except VideoError:
             continue
     return out
@@ -162,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from pipelines import trainer
-    from pipelines.ingest import read_clips
+    from pipelines.clips import read_clips
     from sora.optim import lr_at
     from sora.vae import CausalVideoVAE, VAEConfig
     from sora.vae_train import VAELossConfig, vae_loss
@@ -238,7 +240,7 @@ def heldout_psnr(vae, data: str, holdout: int, max_clips: int | None = None) -> 
     """Mean PSNR (dB) of encode -> decode over the held-out clips at their bucket sizes."""
     import torch
 
-    from pipelines.ingest import read_clips
+    from pipelines.clips import read_clips
     from sora.vae_train import psnr
 
     clips = read_clips(data).to_pylist()
@@ -259,7 +261,7 @@ def fit_stats(vae, data: str, holdout: int, n: int = 64, per_channel: bool = Fal
     per latent channel, or one scalar pair. Returns the scalar (shift, scale) either way."""
     import torch
 
-    from pipelines.ingest import read_clips
+    from pipelines.clips import read_clips
 
     clips = read_clips(data).to_pylist()
     train, _ = split_clips([c["clip_id"] for c in clips], holdout)
@@ -292,7 +294,7 @@ def _check_resume_optimizer(run_dir: str, cfg: VAETrainConfig) -> None:
 def run_train_vae(cfg: VAETrainConfig) -> dict:
     """Train on Ray Train, then evaluate held-out PSNR and write OUT (a loadable VAE dir)."""
     from pipelines import storage, trainer
-    from pipelines.ingest import require_clips
+    from pipelines.clips import require_clips
     from sora.vae import CausalVideoVAE, VAEConfig
 
     storage_path = cfg.storage or os.path.join(os.path.abspath(cfg.out), "_train")

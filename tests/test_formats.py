@@ -186,6 +186,55 @@ def test_ingest_every_format_at_its_content_aspect(corpus, tmp_path):
     assert (pillarboxed["crop_x"], pillarboxed["crop_width"]) == (16, 96)
 
 
+def test_every_stage_that_decodes_a_clip_reads_only_its_content_box(corpus, model_dir, tmp_path, monkeypatch):
+    """Caption, the captioner's training data, VAE training and encode decode a letterboxed clip
+    inside its content box (the bucket's aspect): no black rows; a clip without a box (older
+    datasets, or no bars) is decoded whole."""
+    from pipelines.caption import CaptionConfig, CaptionStage
+    from pipelines.clips import content_crop, content_size
+    from pipelines.train_captioner import clip_frames
+    from pipelines.train_vae import load_clip_frames
+    from sora.video_io import read_frames
+
+    data = str(tmp_path / "ds")
+    run_sequential([corpus["letterbox_239.mp4"]], data, IngestConfig())
+    clip = read_clips(data).to_pylist()[0]
+    box = content_crop(clip)
+    assert box == (0, 14, 192, 94) and content_size(clip) == (192, 80)
+    stage = CaptionStage.__new__(CaptionStage)  # its decode step only: no captioner loaded
+    stage.cfg = CaptionConfig()
+    bucket = [clip["start_frame"] + i for i in range(clip["bucket_frames"])]
+    decoded = {
+        "caption": stage.frames(clip),
+        "train-captioner": clip_frames(clip),
+        "train-vae": load_clip_frames([clip])[0],
+    }
+    for name, frames in decoded.items():
+        assert abs(frames.shape[2] / frames.shape[1] - 192 / 80) < 0.1, (name, frames.shape)
+        rows = frames.astype(float).mean(axis=(0, 2, 3))  # mean level of each row
+        assert rows[0] > 30 and rows[-1] > 30, (name, rows[:3], rows[-3:])  # the bars are not in the picture
+    expected = read_frames(clip["source"], bucket, size=(clip["bucket_width"], clip["bucket_height"]), crop=box)
+    assert np.array_equal(decoded["train-vae"], expected)
+    # encode: the frames the VAE gets are the content box at the bucket size
+    import sora.video_io
+    from pipelines.encode import EncodeConfig, EncodeStage
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        frames = read_frames(*args, **kwargs)
+        seen.append((kwargs.get("crop"), frames))
+        return frames
+
+    monkeypatch.setattr(sora.video_io, "read_frames", recording)
+    row = EncodeStage(EncodeConfig(model=model_dir)).encode_clip(clip, "a test")
+    assert seen[0][0] == box and np.array_equal(seen[0][1], expected)
+    assert (row["width"], row["height"]) == (clip["bucket_width"], clip["bucket_height"]) and row["tokens"]
+    for unknown in ({"crop_x": None}, {"crop_x": float("nan")}):
+        assert content_crop({**clip, **unknown}) is None and content_size({**clip, **unknown}) == (192, 108)
+    assert content_crop({**clip, "crop_y": 0, "crop_height": 108}) is None  # the whole picture
+
+
 def test_old_datasets_read_new_columns_as_null(tmp_path):
     """Clips written before the decoder/crop columns existed still read, the new columns null."""
     import pyarrow as pa
