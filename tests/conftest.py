@@ -97,12 +97,10 @@ def single_thread():
     """One intra-op torch thread for the test: tiny ops on a shared 2-core box run far faster on
     one thread than on two oversubscribed ones, and bit-level results then do not depend on the
     machine's thread count (use with `pytestmark = pytest.mark.usefixtures("single_thread")`)."""
-    import torch
+    from threads import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -112,6 +110,16 @@ def model_dir(tmp_path_factory):
     from tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def wan_dirs(tmp_path_factory):
+    """Tiny RANDOM diffusers Wan directories (tests/wan_tiny.py): "t2v" (Wan 2.1 text-to-video
+    style) and "ti2v" (Wan 2.2 TI2V style), built once per session; tests must not modify them."""
+    from wan_tiny import build_tiny_wan
+
+    root = tmp_path_factory.mktemp("wan")
+    return {f: build_tiny_wan(str(root / f), f) for f in ("t2v", "ti2v")}
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ real offline MiniLM TextEncoder, rows written with `pipelines.latents.make_row`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -26,6 +25,7 @@ import torch
 from pipelines.latents import LATENTS_SCHEMA, make_row
 from pipelines.train import TrainConfig, run_training
 from sora.optim import lr_at
+from threads import torch_threads
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0), "white": (255, 255, 255)}
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128)}
@@ -494,17 +494,6 @@ def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, c
 
 MUON_MATRICES = [(12, 8), (8, 8), (24, 8), (8, 24), (5, 3)]
 MUON_KERNELS = [(6, 4, 3, 3, 3), (8, 6, 1, 3, 3)]
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Pin torch's intra-op threads (MKL/oneDNN results differ between 1 and 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _muon_run(make_optimizers) -> list[torch.Tensor]:

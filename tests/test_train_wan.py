@@ -27,23 +27,8 @@ from sora.packing import Sample
 from sora.patches import patchify, position_ids, unpatchify
 from sora.wan import TEXT_LEN
 from wan_latents import build_wan_latents
-from wan_tiny import build_tiny_wan, sora_generate
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def wan_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan")
-    return {f: build_tiny_wan(str(root / f), f) for f in ("t2v", "ti2v")}
+from threads import torch_threads
+from wan_tiny import sora_generate
 
 
 @pytest.fixture(scope="module")

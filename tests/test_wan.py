@@ -20,7 +20,7 @@ from sora.flow import CONDITIONING_MODES, FlowConfig, flow_matching_loss, sample
 from sora.packing import Sample, pack
 from sora.patches import patchify, position_ids, unpatchify
 from sora.wan import TEXT_LEN, flow_match_grid, inspect_wan_dir, is_wan_dir, load_wan
-from wan_tiny import build_tiny_wan, sora_generate, still_image
+from wan_tiny import sora_generate, still_image
 
 SIZE = {"t2v": (32, 32), "ti2v": (64, 64)}  # (H, W): one 2x2 token grid per latent frame for both
 
@@ -31,12 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def wan_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan")
-    return {f: build_tiny_wan(str(root / f), f) for f in ("t2v", "ti2v")}
 
 
 @pytest.fixture(scope="module")

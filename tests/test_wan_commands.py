@@ -14,17 +14,16 @@ import torch
 from flows.cli import main
 from sora.pipeline import SoraPipeline, export_to_video
 from sora.video_io import probe, read_frames
-from wan_tiny import build_tiny_lora, build_tiny_wan
+from wan_tiny import build_tiny_lora
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def wan(tmp_path_factory):
+def wan(wan_dirs, tmp_path_factory):
     """(the tiny Wan 2.1 T2V-style directory, a LoRA adapter of it), shared for the session."""
-    root = tmp_path_factory.mktemp("wan")
-    directory = build_tiny_wan(str(root / "t2v"), "t2v")
-    return directory, build_tiny_lora(str(root / "adapter"), directory)
+    directory = wan_dirs["t2v"]
+    return directory, build_tiny_lora(str(tmp_path_factory.mktemp("wan-adapter") / "adapter"), directory)
 
 
 def test_generate_with_a_wan_dir_and_adapter_equals_the_library_call(wan, media, tmp_path, capsys):

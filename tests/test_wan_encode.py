@@ -17,12 +17,11 @@ from pipelines.encode import EncodeConfig, EncodeStage, read_null_text, vae_id
 from pipelines.ingest import read_clips
 from pipelines.latents import read_latents, tensors_from_row
 from sora.model_dir import text_encoder_name
-from wan_tiny import build_tiny_wan
 
 
 @pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    return build_tiny_wan(str(tmp_path_factory.mktemp("wan") / "t2v"), "t2v")
+def wan_dir(wan_dirs):
+    return wan_dirs["t2v"]
 
 
 def expected_row(wan_dir: str, clip: dict, caption: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +88,7 @@ def test_encode_refuses_a_bad_model_before_ray_starts(wan_dir, tmp_path):
             main(["encode", "--data", str(tmp_path / "none"), *argv])
 
 
-def test_an_encode_actor_fetches_a_model_at_a_url(shapes_ds, wan_dir, tmp_path, monkeypatch, single_thread):
+def test_an_encode_actor_fetches_a_model_at_a_url(shapes_ds, wan_dir, wan_dirs, tmp_path, monkeypatch, single_thread):
     """The stage in this process (no Ray: a memory:// filesystem is per process), the Wan dir at a
     URL: fetched into the cache once, the same rows as from the local directory."""
     import fsspec
@@ -108,7 +107,7 @@ def test_an_encode_actor_fetches_a_model_at_a_url(shapes_ds, wan_dir, tmp_path, 
     assert a["tokens"] == b["tokens"] and a["text"] == b["text"] and a["vae"] == b["vae"]
     assert a["text_encoder"] == b["text_encoder"] == text_encoder_name(wan_dir)
 
-    ti2v = build_tiny_wan(str(tmp_path / "ti2v"), "ti2v")  # x16 VAE, 2x2 patches: sides in multiples of 32
+    ti2v = wan_dirs["ti2v"]  # x16 VAE, 2x2 patches: sides in multiples of 32
     stage = EncodeStage(EncodeConfig(model=ti2v, dtype="float32"), str(tmp_path / "c"))
     odd = {**clip, "bucket_width": 48, "bucket_height": 32}
     with pytest.raises(ValueError, match="bucket 48x32 does not split into this model's patches: .*multiples of 32x32"):

@@ -17,17 +17,11 @@ import torch
 
 from sora.pipeline import SoraPipeline
 from tiny_model import moving_square, psnr
-from wan_tiny import build_tiny_lora, build_tiny_wan, still_image
+from wan_tiny import build_tiny_lora, still_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 SIZE = {"t2v": (32, 32), "ti2v": (64, 64)}  # (H, W): one 2x2 token grid per latent frame for both
 PROMPTS = ["a red circle moves left", "a large blue square moves up across a gray background"]
-
-
-@pytest.fixture(scope="module")
-def wan_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan")
-    return {f: build_tiny_wan(str(root / f), f) for f in ("t2v", "ti2v")}
 
 
 @pytest.fixture(scope="module")
