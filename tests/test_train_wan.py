@@ -289,7 +289,7 @@ def test_lora_output_dir_references_the_base(lora_runs, wan_dirs):
     assert index["text_encoder"] == {"path": os.path.join(base, "text_encoder"), "max_length": TEXT_LEN}
     assert index["flow"]["scheduler"]["shift"] == 3.0
     # generation defaults: the training data's most common size, length and fps (a tie: the smaller; the data
-    # holds 9- and 5-frame clips alike, tests/wan_latents.SHAPES); the base's steps and guidance
+    # holds 9- and 5-frame clips alike, SHAPES in tests/wan_latents.py); the base's steps and guidance
     assert (index["defaults"]["width"], index["defaults"]["num_frames"], index["defaults"]["num_inference_steps"]) \
         == (32, 5, 50)
     training = index["training"]
