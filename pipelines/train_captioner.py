@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
@@ -103,17 +102,12 @@ def train_captioner_on_ray(examples: Iterable[tuple[np.ndarray, str]], out: str,
         raise ValueError(f"{len(captions)} examples cannot feed {workers} workers")
     prep_minutes = (time.perf_counter() - t0) / 60
     ensure_ray()
-    store, name = trainer.default_run(out, storage_path, f"captioner-{uuid.uuid4().hex[:8]}", "captioner")
     extra = {"preset": preset if config is None else "custom", "prep_minutes": prep_minutes}
     loop_config = {"captioner": asdict(cfg), "pixels": ray.put(pixels.numpy()), "captions": captions, "seed": seed,
                    "max_minutes": max_minutes, "clock": clock, "threads": max(1, int(cpus_per_worker)),
                    "extra_stats": extra}
-    result = trainer.run_trainer(train_loop_per_worker, loop_config, workers=workers, cpus_per_worker=cpus_per_worker,
-                                 storage_path=store, name=name, max_failures=0, keep_checkpoints=1)
-    assert result.checkpoint is not None, "captioner training reported no model"
-    result.checkpoint.to_directory(out)
-    trainer.remove_run(store, name, default_storage=storage_path is None)
-    return dict(result.metrics)
+    return trainer.train_to_directory(train_loop_per_worker, loop_config, out, kind="captioner", workers=workers,
+                                      cpus_per_worker=cpus_per_worker, storage_path=storage_path)
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import uuid
 from dataclasses import asdict
 from typing import Any, Sequence
 
@@ -69,13 +68,8 @@ def train_upsampler_on_ray(pairs: Sequence[tuple[str, str]], out: str, *, config
         raise ValueError(f"batch_size {cfg.batch_size} does not split over {workers} workers: use a worker count "
                          f"that divides it")
     ensure_ray()
-    store, name = trainer.default_run(out, storage_path, f"upsampler-{uuid.uuid4().hex[:8]}", "upsampler")
     loop_config = {"upsampler": asdict(cfg), "pairs": [list(p) for p in pairs], "seed": seed,
                    "max_minutes": max_minutes, "clock": clock, "threads": max(1, int(cpus_per_worker)),
                    "extra_stats": {"preset": preset if config is None else "custom"}}
-    result = trainer.run_trainer(train_loop_per_worker, loop_config, workers=workers, cpus_per_worker=cpus_per_worker,
-                                 storage_path=store, name=name, max_failures=0, keep_checkpoints=1)
-    assert result.checkpoint is not None, "upsampler training reported no model"
-    result.checkpoint.to_directory(out)
-    trainer.remove_run(store, name, default_storage=storage_path is None)
-    return dict(result.metrics)
+    return trainer.train_to_directory(train_loop_per_worker, loop_config, out, kind="upsampler", workers=workers,
+                                      cpus_per_worker=cpus_per_worker, storage_path=storage_path)

@@ -219,3 +219,19 @@ def remove_run(storage_path: str, name: str, default_storage: bool) -> None:
             os.rmdir(storage_path)
         except OSError:  # other runs still there
             pass
+
+
+def train_to_directory(train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, Any], out: str, *,
+                       kind: str, workers: int, cpus_per_worker: float, storage_path: str | None) -> dict[str, Any]:
+    """A run from scratch whose checkpoint is a plain model directory (`report_directory`): the
+    directory lands in ``out``, the run's storage is removed, the last metrics are returned."""
+    import uuid
+
+    store, name = default_run(out, storage_path, f"{kind}-{uuid.uuid4().hex[:8]}", kind)
+    result = run_trainer(train_loop_per_worker, loop_config, workers=workers, cpus_per_worker=cpus_per_worker,
+                         storage_path=store, name=name, max_failures=0, keep_checkpoints=1)
+    if result.checkpoint is None:
+        raise RuntimeError(f"{kind} training reported no model")
+    result.checkpoint.to_directory(out)
+    remove_run(store, name, default_storage=storage_path is None)
+    return dict(result.metrics)

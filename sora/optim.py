@@ -89,6 +89,27 @@ def lr_at(step: int, schedule: LRSchedule, time_progress: float = 0.0) -> float:
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # K. Jordan's quintic Newton-Schulz coefficients
 
 
+def budget_fraction(elapsed_s: float, budget_s: float, world: int = 1) -> float:
+    """How much of a time budget is spent. With ``world`` > 1 data-parallel ranks (a process
+    group initialised), rank 0's figure is broadcast, so every rank follows the same schedule
+    and stops at the same step."""
+    frac = elapsed_s / budget_s
+    if world > 1:
+        sync = torch.tensor([frac], dtype=torch.float64)
+        torch.distributed.broadcast(sync, src=0)
+        frac = float(sync[0])
+    return frac
+
+
+def mean_over_ranks(value: float, world: int = 1) -> float:
+    """The mean of a per-rank figure (a logged loss) over ``world`` data-parallel ranks."""
+    if world <= 1:
+        return value
+    mean = torch.tensor([value / world])
+    torch.distributed.all_reduce(mean)
+    return float(mean[0])
+
+
 def orthogonalize(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately the nearest semi-orthogonal matrix to G (m, n): U V^T of its SVD.

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sora.optim import LRSchedule, lr_at, make_optimizers
+from sora.optim import LRSchedule, budget_fraction, lr_at, make_optimizers, mean_over_ranks
 
 SPECIALS = ("<pad>", "</s>", "<unk>")  # T5 convention: pad (also the decoder start), eos, unk
 SIDECAR = "upsampler.json"
@@ -267,11 +267,7 @@ def fit_upsampler(model, tok, pairs: Sequence[tuple[str, str]], cfg: UpsamplerCo
     model.train()
     tb, c0 = now(), time.process_time()
     while True:
-        frac = (now() - tb) / budget_s
-        if world > 1:  # rank 0's clock rules: the same schedule and the same last step everywhere
-            sync = torch.tensor([frac], dtype=torch.float64)
-            torch.distributed.broadcast(sync, src=0)
-            frac = float(sync[0])
+        frac = budget_fraction(now() - tb, budget_s, world)
         if step >= cfg.max_steps or frac >= 1.0:
             break
         opt.set_lr(lr_at(step + 1, schedule, frac))
@@ -284,11 +280,7 @@ def fit_upsampler(model, tok, pairs: Sequence[tuple[str, str]], cfg: UpsamplerCo
         out = net(input_ids=src["input_ids"][idx, :ws], attention_mask=mask[:, :ws], labels=labels[idx, :wt])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        loss = out.loss.item()
-        if world > 1:  # the logged loss: the mean over the ranks' shares
-            mean = torch.tensor([loss / world])
-            torch.distributed.all_reduce(mean)
-            loss = float(mean[0])
+        loss = mean_over_ranks(out.loss.item(), world)  # the logged loss: over the ranks' shares
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss)

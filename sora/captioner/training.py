@@ -20,7 +20,7 @@ from sora.captioner.frames import flip_grid, frame_grid
 from sora.captioner.inference import DEFAULT_PROMPT, SIDECAR, prompt_text
 from sora.captioner.losses import bag_of_words_loss, bag_of_words_targets, tag_loss, tag_targets
 from sora.captioner.model import CaptionerConfig, build_captioner, make_image_processor, mirror_word_ids
-from sora.optim import lr_at, make_optimizers
+from sora.optim import budget_fraction, lr_at, make_optimizers, mean_over_ranks
 
 
 def encode_clips(examples: Iterable[tuple[np.ndarray, str]], cfg: CaptionerConfig,
@@ -157,11 +157,7 @@ def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], c
     objective.train()
     t0, c0, tb = time.perf_counter(), time.process_time(), now()
     while True:
-        frac = (now() - tb) / budget_s
-        if world > 1:  # rank 0's clock rules: the same schedule and the same last step everywhere
-            sync = torch.tensor([frac], dtype=torch.float64)
-            torch.distributed.broadcast(sync, src=0)
-            frac = float(sync[0])
+        frac = budget_fraction(now() - tb, budget_s, world)
         if step >= cfg.max_steps or frac >= 1.0:
             break
         opt.set_lr(lr_at(step + 1, schedule, frac))
@@ -188,11 +184,7 @@ def fit_captioner(model, processor, pixels: torch.Tensor, captions: list[str], c
                                          tags[idx] if tags is not None else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        caption_loss = caption_loss.item()
-        if world > 1:  # the logged loss: the mean over the ranks' shares
-            mean = torch.tensor([caption_loss / world])
-            torch.distributed.all_reduce(mean)
-            caption_loss = float(mean[0])
+        caption_loss = mean_over_ranks(caption_loss.item(), world)  # the logged loss: over the ranks' shares
         torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
         opt.step()
         losses.append(caption_loss)
