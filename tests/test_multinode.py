@@ -4,7 +4,11 @@ do work on every node, and each, losing a worker node while that node writes one
 files, ends with exactly the rows of a clean run; an ingest stopped right after losing a node is
 finished by a re-run that does only the missing sources. The scenarios run in a subprocess
 (tests/multinode_scenarios.py: a process connects to one Ray, and this session has its own);
-this test asserts on the facts it writes."""
+this test asserts on the facts it writes.
+
+Not in the default run: on 2 cores inside the full suite an actor pool of three sometimes did
+all its work on the head node (its other actors still loading), so no upload from a worker
+node could be cut and the scenario stopped. Run it alone: `pytest -m multinode`."""
 
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.multinode
 
 
 def test_stages_on_three_nodes_survive_a_lost_node_with_exactly_the_clean_rows(tmp_path):
