@@ -20,7 +20,7 @@ from sora.flow import CONDITIONING_MODES, FlowConfig, flow_matching_loss, sample
 from sora.packing import Sample, pack
 from sora.patches import patchify, position_ids, unpatchify
 from sora.wan import TEXT_LEN, flow_match_grid, inspect_wan_dir, is_wan_dir, load_wan
-from wan_tiny import sora_generate, still_image
+from wan_tiny import json_copy, sora_generate, still_image
 
 SIZE = {"t2v": (32, 32), "ti2v": (64, 64)}  # (H, W): one 2x2 token grid per latent frame for both
 
@@ -319,29 +319,10 @@ def test_ti2v_image_to_video_keeps_the_first_frame_and_equals_diffusers(models, 
 # ----------------------------------------------------------------------------------------
 
 
-def _json_copy(src: str, dst: str, edit=None) -> str:
-    """Copy only the JSON files of a Wan directory (no weights: loading any would fail loudly)."""
-    for root, _, files in os.walk(src):
-        for f in files:
-            if f.endswith(".json"):
-                out = os.path.join(dst, os.path.relpath(root, src))
-                os.makedirs(out, exist_ok=True)
-                shutil.copy(os.path.join(root, f), out)
-    if edit:
-        rel, changes = edit
-        path = os.path.join(dst, rel)
-        with open(path) as fh:
-            data = json.load(fh)
-        data.update(changes)
-        with open(path, "w") as fh:
-            json.dump(data, fh)
-    return dst
-
-
 def test_directories_of_other_models_fail_clearly(wan_dirs, tmp_path):
     src = wan_dirs["t2v"]
     assert is_wan_dir(src) and not is_wan_dir(str(tmp_path))
-    inspect_wan_dir(_json_copy(src, str(tmp_path / "ok")))  # JSON alone passes the checks
+    inspect_wan_dir(json_copy(src, str(tmp_path / "ok")))  # JSON alone passes the checks
     cases = [
         (("model_index.json", {"_class_name": "CogVideoXPipeline"}), "CogVideoXPipeline.*another architecture"),
         (("model_index.json", {"_class_name": "WanImageToVideoPipeline"}), "image-encoder conditioning"),
@@ -353,7 +334,7 @@ def test_directories_of_other_models_fail_clearly(wan_dirs, tmp_path):
         (("scheduler/scheduler_config.json", {"_class_name": "DDIMScheduler"}), "DDIMScheduler"),
     ]
     for i, (edit, message) in enumerate(cases):
-        bad = _json_copy(src, str(tmp_path / f"bad{i}"), edit)
+        bad = json_copy(src, str(tmp_path / f"bad{i}"), edit)
         with pytest.raises(ValueError, match=message):
             load_wan(bad)
     sora_dir = tmp_path / "sora"
@@ -365,7 +346,7 @@ def test_directories_of_other_models_fail_clearly(wan_dirs, tmp_path):
         load_wan(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         load_wan(str(tmp_path / "missing"))
-    partial = _json_copy(src, str(tmp_path / "partial"))
+    partial = json_copy(src, str(tmp_path / "partial"))
     shutil.rmtree(os.path.join(partial, "text_encoder"))
     with pytest.raises(FileNotFoundError, match="text_encoder/ is missing"):
         load_wan(partial)

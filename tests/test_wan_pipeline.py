@@ -17,7 +17,7 @@ import torch
 
 from sora.pipeline import SoraPipeline
 from tiny_model import moving_square, psnr
-from wan_tiny import build_tiny_lora, still_image
+from wan_tiny import build_tiny_lora, json_copy, still_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 SIZE = {"t2v": (32, 32), "ti2v": (64, 64)}  # (H, W): one 2x2 token grid per latent frame for both
@@ -194,24 +194,13 @@ def test_modes_a_t2v_model_cannot_do_are_refused_by_name_before_any_work(pipes, 
 # ----------------------------------------------------------------------------------------
 
 
-def _json_only(src: str, dst: str) -> str:
-    """The JSON files of a directory, no weights: loading any weight would fail loudly."""
-    for root, _, files in os.walk(src):
-        for f in files:
-            if f.endswith(".json"):
-                out = os.path.join(dst, os.path.relpath(root, src))
-                os.makedirs(out, exist_ok=True)
-                shutil.copy(os.path.join(root, f), out)
-    return dst
-
-
 def test_other_architectures_and_foreign_adapters_fail_before_loading(wan_dirs, adapter, model_dir, tmp_path):
     from diffusers import WanTransformer3DModel
 
     from sora.wan import WanDenoiser
     from sora.wan_lora import add_lora, save_lora
 
-    other = _json_only(wan_dirs["t2v"], str(tmp_path / "cog"))
+    other = json_copy(wan_dirs["t2v"], str(tmp_path / "cog"))
     index = json.load(open(os.path.join(other, "model_index.json")))
     json.dump({**index, "_class_name": "CogVideoXPipeline"}, open(os.path.join(other, "model_index.json"), "w"))
     with pytest.raises(ValueError, match="CogVideoXPipeline .another architecture"):
@@ -223,7 +212,7 @@ def test_other_architectures_and_foreign_adapters_fail_before_loading(wan_dirs, 
                          name="a narrower Wan")
     add_lora(narrow, rank=2)
     save_lora(narrow, str(tmp_path / "narrow-lora"))
-    weightless = _json_only(wan_dirs["t2v"], str(tmp_path / "weightless"))
+    weightless = json_copy(wan_dirs["t2v"], str(tmp_path / "weightless"))
     with pytest.raises(ValueError, match="made for another base model"):
         SoraPipeline.from_pretrained(weightless, lora=str(tmp_path / "narrow-lora"))
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):

@@ -15,7 +15,9 @@ tokenizer whose vocabulary is written here. Two flavours:
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -147,3 +149,23 @@ def still_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     img = (rng.random((height, width, 3)) * 80 + 40).astype(np.uint8)
     img[height // 4: height // 2, width // 4: width // 2] = (230, 40, 40)
     return img
+
+
+def json_copy(src: str, dst: str, edit=None) -> str:
+    """Copy only the JSON files of a Wan directory (no weights: loading any would fail loudly);
+    `edit` = (relative path, {key: value}) updates one of them."""
+    for root, _, files in os.walk(src):
+        for f in files:
+            if f.endswith(".json"):
+                out = os.path.join(dst, os.path.relpath(root, src))
+                os.makedirs(out, exist_ok=True)
+                shutil.copy(os.path.join(root, f), out)
+    if edit:
+        rel, changes = edit
+        path = os.path.join(dst, rel)
+        with open(path) as fh:
+            data = json.load(fh)
+        data.update(changes)
+        with open(path, "w") as fh:
+            json.dump(data, fh)
+    return dst
