@@ -185,10 +185,8 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
                 storage.write_parquet_atomic(table, storage.join(data, "captions", f"{batch_id}.parquet"))
             result.update(captioned=table.num_rows, failed=0)
             return {**result, "seconds": round(time.perf_counter() - t0, 3)}
-        known = {c: (text, who) for c, text, who in zip(table["clip_id"].to_pylist(), table["caption"].to_pylist(),
-                                                      table["captioner"].to_pylist())}
-        todo = pa.Table.from_pylist([{**c, "caption": known[c["clip_id"]][0], "captioner": known[c["clip_id"]][1]}
-                                     for c in todo.to_pylist() if c["clip_id"] in known])
+        # the clips with a sidecar, their caption beside them, decoded by the stage only to be scored
+        todo = todo.join(table.select(["clip_id", "caption", "captioner"]), "clip_id", join_type="inner")
         if todo.num_rows == 0:
             return {**result, "seconds": round(time.perf_counter() - t0, 3)}
 

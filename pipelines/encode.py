@@ -20,7 +20,6 @@ caption yet, `run_encode` raises `MissingInputError` naming `sora caption`.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal

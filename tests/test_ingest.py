@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from footage import fault_hook_dir, fault_worker
-from media import ASPECTS, write_bad_files, write_good_clips
+from media import write_bad_files, write_good_clips
 from pipelines.ingest import IngestConfig, list_sources, read_clips, read_quarantine, run_ingest, run_sequential
 from sora import video_io
 
