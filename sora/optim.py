@@ -179,6 +179,8 @@ class Muon(torch.optim.Optimizer):
     al., "Muon is scalable for LLM training", 2025, so ``lr`` means what it means for AdamW) or
     sqrt(max(1, m / n)) ("original"). On 2-D weights this is ``torch.optim.Muon``'s update, bit
     for bit with ``ns_dtype=torch.bfloat16``; the state is the same (``momentum_buffer``).
+    ns_dtype None: bfloat16 for a parameter on a GPU, float32 on the CPU, where bfloat16 matrix
+    products are many times slower than float32 ones (docs/experiments.md, "Speed on CPU").
     Biases, norms, embeddings and the first and last layers belong with AdamW.
 
     across_ranks: the model is replicated over the default process group (DDP), so each
@@ -188,7 +190,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                 eps: float = 1e-7, adjust_lr_fn: str = "match_rms_adamw", ns_dtype: torch.dtype = torch.bfloat16,
+                 eps: float = 1e-7, adjust_lr_fn: str = "match_rms_adamw", ns_dtype: torch.dtype | None = None,
                  across_ranks: bool = False):
         if not (lr >= 0 and 0 <= momentum < 1 and weight_decay >= 0):
             raise ValueError(f"Muon needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, "
@@ -231,7 +233,7 @@ class Muon(torch.optim.Optimizer):
                 params.append(p)
                 updates.append(u.reshape(p.shape[0], -1))  # (C_out, fan_in)
             ortho = lambda u: orthogonalize(u, group["ns_steps"], group["ns_coefficients"], group["eps"],  # noqa: E731
-                                            self.ns_dtype)
+                                            self.ns_dtype or (torch.bfloat16 if u.is_cuda else torch.float32))
             results = (orthogonalize_across_ranks(updates, ortho) if self.across_ranks
                        else [ortho(u) for u in updates])
             lr = float(group["lr"])
@@ -273,7 +275,7 @@ class Optimizers(list):
 def make_optimizers(model: nn.Module, *, lr: float, muon: Iterable[str] = (), muon_lr: float | None = None,
                     weight_decay: float = 0.0, decays: Callable[[str, torch.Tensor], bool] | None = None,
                     betas: tuple[float, float] = (0.9, 0.999), muon_momentum: float = 0.95,
-                    ns_dtype: torch.dtype = torch.bfloat16, across_ranks: bool = False) -> Optimizers:
+                    ns_dtype: torch.dtype | None = None, across_ranks: bool = False) -> Optimizers:
     """AdamW over ``model``'s parameters, or `Muon` over those named in ``muon`` (first in the
     list) and AdamW over the rest.
 

@@ -524,7 +524,7 @@ def _split_muon_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(minutes=2))
     out = _muon_run(lambda mats, kernels: [
-        Muon(mats, lr=0.01, weight_decay=0.01, across_ranks=True),
+        Muon(mats, lr=0.01, weight_decay=0.01, ns_dtype=torch.bfloat16, across_ranks=True),
         Muon(kernels, lr=0.01, weight_decay=0.01, ns_dtype=torch.float32, across_ranks=True)])
     if rank == 0:
         torch.save(out, os.path.join(out_dir, "split.pt"))
