@@ -225,18 +225,22 @@ def test_cooldown_schedule_decays_over_the_last_fraction_by_steps_or_time():
         TrainConfig(schedule="cooldown", cooldown_fraction=0.0)
 
 
-def test_time_budgeted_cooldown_ends_at_the_floor(ray_session, latents, tmp_path):
+def test_time_budgeted_cooldown_ends_at_the_floor_with_workers_holding_every_cpu(ray_session, latents, tmp_path, capsys):
     """The clock reaches both workers through the step's all-reduce: a run with no max_steps
-    ends its time budget at min_lr_ratio * lr (a constant run would end at lr)."""
+    ends its time budget at min_lr_ratio * lr (a constant run would end at lr). Its 2 workers x
+    1 CPU on the 2-CPU test Ray leave nothing for Ray Data's streaming read, which used to
+    deadlock; run_training caches the latents first and says so."""
     data, vae = latents
     # no warmup: however few steps a loaded machine fits into the budget, the last one is past it
     cfg = small_config(max_steps=None, max_minutes=0.15, schedule="cooldown", cooldown_fraction=0.5,
-                       min_lr_ratio=0.25, checkpoint_every_steps=10_000, warmup_steps=0)
+                       min_lr_ratio=0.25, checkpoint_every_steps=10_000, warmup_steps=0, cpus_per_worker=1.0,
+                       cache_data=False)
     summary = run_training(data, str(tmp_path / "out"), vae, cfg, storage_path=str(tmp_path / "store"), name="cool")
     assert summary["steps"] > 0
     assert summary["final_lr"] == pytest.approx(0.25 * cfg.lr)
     with open(tmp_path / "out" / "model_index.json") as f:
         assert json.load(f)["training"]["schedule"] == "cooldown"
+    assert "caching the latents" in capsys.readouterr().out
 
 
 def test_cached_epochs_reshuffle_deterministically_and_resume_inside_an_epoch():
@@ -479,17 +483,6 @@ def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
           "--schedule", "cooldown", "--cooldown-fraction", "0.3", "--min-lr-ratio", "0"])
     cfg = seen["cfg"]
     assert (cfg.schedule, cfg.cooldown_fraction, cfg.min_lr_ratio, cfg.max_steps) == ("cooldown", 0.3, 0.0, None)
-
-
-def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, capsys):
-    """2 workers x 1 CPU on the 2-CPU test Ray leave nothing for Ray Data's streaming read,
-    which used to deadlock; run_training now caches the latents first and says so."""
-    data, vae = latents
-    summary = run_training(data, str(tmp_path / "out"), vae,
-                           small_config(max_steps=3, cpus_per_worker=1.0, cache_data=False, checkpoint_every_steps=3),
-                           storage_path=str(tmp_path / "store"), name="full")
-    assert summary["steps"] == 3
-    assert "caching the latents" in capsys.readouterr().out
 
 
 MUON_MATRICES = [(12, 8), (8, 8), (24, 8), (8, 24), (5, 3)]
