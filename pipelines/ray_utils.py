@@ -24,9 +24,9 @@ _started_by: "RayLog | None" = None  # the RayLog that was active when ensure_ra
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Start (or join) Ray once per process. With RAY_ADDRESS set, join that cluster; on a
-    node where `ray start` runs a live cluster, join it; otherwise start a private local one
-    without the dashboard (the embedded default). Inside a `RayLog`, Ray's output goes to
-    its file."""
+    node where `ray start` runs a live cluster, join it; otherwise, or with RAY_ADDRESS=local,
+    start a private local one without the dashboard (the embedded default). Inside a
+    `RayLog`, Ray's output goes to its file."""
     import ray
 
     global _started_by
@@ -36,9 +36,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Ray Train's print patch sends each print of a training worker both to its stdout and
     # through a logger to its stderr, and the driver shows both streams: every line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if os.environ.get("RAY_ADDRESS"):
+    given = os.environ.get("RAY_ADDRESS")
+    if given and given != "local":
         ray.init(log_to_driver=True)
-    elif (address := running_local_cluster()) is not None:
+    elif not given and (address := running_local_cluster()) is not None:
         ray.init(address=address, log_to_driver=True)  # on a head node: its cluster
     else:
         # a private local instance: no token auth to set up, no dashboard; one node that

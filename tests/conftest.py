@@ -19,6 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # run; the controller polls its workers every 0.5 s instead of 2 s (a run ends that much sooner)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# the commands tests start run on a Ray of their own, never on a cluster that another process
+# (another test session, a test's ray.cluster_utils.Cluster) runs on this machine
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

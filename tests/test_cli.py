@@ -159,4 +159,17 @@ def test_a_stale_ray_address_file_does_not_hang_a_command(monkeypatch):
             f.write(f"127.0.0.1:{live.getsockname()[1]}")
         monkeypatch.setenv("RAY_TMPDIR", temp)
         assert running_local_cluster() == f"127.0.0.1:{live.getsockname()[1]}"
+        # RAY_ADDRESS=local: a private local Ray all the same (what ray.init is asked for)
+        import ray
+
+        import pipelines.ray_utils as ray_utils
+
+        asked = []
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", lambda **kw: asked.append(kw))
+        monkeypatch.setenv("RAY_ADDRESS", "local")
+        ray_utils.ensure_ray(num_cpus=1)
+        monkeypatch.delenv("RAY_ADDRESS")
+        ray_utils.ensure_ray(num_cpus=1)
+        assert [kw.get("address") for kw in asked] == ["local", f"127.0.0.1:{live.getsockname()[1]}"], asked
     shutil.rmtree(temp, ignore_errors=True)

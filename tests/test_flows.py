@@ -89,7 +89,7 @@ def test_deployments_register_with_schedules_and_a_run_executes(prefect_server, 
     videos = str(tmp_path / "videos")
     env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONPATH=REPO, RAY_USAGE_STATS_ENABLED="0",
                RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, whatever cluster the shell points at
+    env["RAY_ADDRESS"] = "local"  # a Ray of its own, whatever cluster runs on this machine
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--sources", str(tmp_path / "raw"),
                              "--data", str(tmp_path / "ds"), "--model", model, "--prompts", str(prompts),
                              "--videos", videos], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
