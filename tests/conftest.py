@@ -1,4 +1,5 @@
-"""Shared test set-up: offline, one local Ray per session (started only if a test asks), GPU skips."""
+"""Shared test set-up: offline, one local Ray per test process (started only if a test asks;
+the README's command runs two processes, `-n 2`, each taking whole files), GPU skips."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (ray.init takes ~3 s).
+    """One local Ray instance for the whole test session of this process (ray.init takes ~3 s).
 
     Its temp dir lives under the checkout's .tmp so nothing lands outside it (keep that
     path short: Ray's unix sockets have a ~100-character path limit)."""
