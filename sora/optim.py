@@ -23,6 +23,7 @@ caller (Ray Train) has initialised.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -135,6 +136,19 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, fl
     return X.T if tall else X
 
 
+@functools.lru_cache(maxsize=None)
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matrix products have a fast bfloat16 path (a GPU; a CPU with AVX512-BF16 or
+    AMX, as oneDNN reports it), else float32: on a CPU without one (e.g. AVX2 only) a bfloat16
+    product is emulated, 20-200x slower than float32 (docs/experiments.md, "Speed on CPU")."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return torch.float32
+
+
 def orthogonalize_across_ranks(updates: list[torch.Tensor], orthogonalize_fn: Callable[[torch.Tensor], torch.Tensor]
                                ) -> list[torch.Tensor]:
     """``[orthogonalize_fn(u) for u in updates]`` (as float32), each computed on ONE data-parallel rank.
@@ -179,8 +193,7 @@ class Muon(torch.optim.Optimizer):
     al., "Muon is scalable for LLM training", 2025, so ``lr`` means what it means for AdamW) or
     sqrt(max(1, m / n)) ("original"). On 2-D weights this is ``torch.optim.Muon``'s update, bit
     for bit with ``ns_dtype=torch.bfloat16``; the state is the same (``momentum_buffer``).
-    ns_dtype None: bfloat16 for a parameter on a GPU, float32 on the CPU, where bfloat16 matrix
-    products are many times slower than float32 ones (docs/experiments.md, "Speed on CPU").
+    ns_dtype None: `newton_schulz_dtype` of the parameter's device.
     Biases, norms, embeddings and the first and last layers belong with AdamW.
 
     across_ranks: the model is replicated over the default process group (DDP), so each
@@ -233,7 +246,7 @@ class Muon(torch.optim.Optimizer):
                 params.append(p)
                 updates.append(u.reshape(p.shape[0], -1))  # (C_out, fan_in)
             ortho = lambda u: orthogonalize(u, group["ns_steps"], group["ns_coefficients"], group["eps"],  # noqa: E731
-                                            self.ns_dtype or (torch.bfloat16 if u.is_cuda else torch.float32))
+                                            self.ns_dtype or newton_schulz_dtype(u.device))
             results = (orthogonalize_across_ranks(updates, ortho) if self.across_ranks
                        else [ortho(u) for u in updates])
             lr = float(group["lr"])

@@ -340,10 +340,10 @@ def test_muon_matches_torch_muon_on_matrices_and_flattens_kernels(one_thread):
         assert torch.equal(ours, ref)  # torch.optim.Muon is the reference: the same update, bit for bit
         assert torch.equal(opt_ours.state[ours]["momentum_buffer"], opt_ref.state[ref]["momentum_buffer"])
         reference[nesterov, wd] = ref
-    # in float32 (what the VAE uses, and the default on the CPU) the update agrees with torch's
-    # bfloat16 one up to that rounding
+    # in float32 (what the VAE uses, and the default on a CPU without a bfloat16 path) the update
+    # agrees with torch's bfloat16 one up to that rounding
     f32 = torch.nn.Parameter(w0.clone())
-    opt = Muon([f32], lr=0.01, momentum=0.9)
+    opt = Muon([f32], lr=0.01, momentum=0.9, ns_dtype=torch.float32)
     for grad in grads:
         f32.grad = grad.clone()
         opt.step()
