@@ -482,11 +482,13 @@ def test_cli_train_passes_its_options_to_the_trainer(monkeypatch, tmp_path):
 
 
 def test_workers_holding_every_cpu_still_train(ray_session, latents, tmp_path, capsys):
-    """2 workers x 1 CPU on the 2-CPU test Ray leave nothing for Ray Data's streaming read,
-    which used to deadlock; run_training now caches the latents first and says so."""
+    """2 workers x 1 CPU on the 2-CPU test Ray leave nothing for a streaming read that asks for
+    a CPU (read_cpus > 0), which used to deadlock; run_training then caches the latents first
+    and says so."""
     data, vae = latents
     summary = run_training(data, str(tmp_path / "out"), vae,
-                           small_config(max_steps=3, cpus_per_worker=1.0, cache_data=False, checkpoint_every_steps=3),
+                           small_config(max_steps=3, cpus_per_worker=1.0, cache_data=False, checkpoint_every_steps=3,
+                                        read_cpus=0.25),
                            storage_path=str(tmp_path / "store"), name="full")
     assert summary["steps"] == 3
     assert "caching the latents" in capsys.readouterr().out
