@@ -131,6 +131,20 @@ def resolve_actors(actors: int | None, num_gpus: float) -> int:
     return int(actors) if actors is not None else cluster_fit(num_gpus)
 
 
+def _let_short_tasks_finish(cpus: float, timeout: float = 5.0) -> None:
+    """Wait (at most ``timeout`` s) until the cluster shows ``cpus`` CPUs free. The input of a
+    stage is often made just before its pool starts, by tasks that still hold CPUs in the
+    cluster's view for a moment (``ray.data.from_arrow`` runs one per block): actors placed
+    then ("SPREAD") skip the nodes that look busy and double up on others."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def resolve_resources(cfg):
     """A copy of a config with ``num_gpus`` resolved (`resolve_num_gpus`) and ``actors`` (see
     `resolve_actors`); ``cfg`` is untouched."""
@@ -280,6 +294,7 @@ class Stage:
 
         cfg = resolve_resources(cfg)
         start = min(cfg.actors, cluster_fit(cfg.num_gpus))
+        _let_short_tasks_finish(start)
         pool = (ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1) if start == cfg.actors
                 else ray.data.ActorPoolStrategy(min_size=start, max_size=cfg.actors, initial_size=start,
                                                 max_tasks_in_flight_per_actor=1))

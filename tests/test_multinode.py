@@ -2,13 +2,14 @@
 raylet and object store), the data on a loopback S3 server: ingest, encode and bulk generation
 do work on every node, and each, losing a worker node while that node writes one of its output
 files, ends with exactly the rows of a clean run; an ingest stopped right after losing a node is
-finished by a re-run that does only the missing sources. The scenarios run in a subprocess
-(tests/multinode_scenarios.py: a process connects to one Ray, and this session has its own);
-this test asserts on the facts it writes.
+finished by a re-run that does only the missing sources. DiT training with one worker per node
+loses a worker node while it uploads a checkpoint, and the group Ray Train restarts on the nodes
+left resumes from the last registered checkpoint and trains to the last step. The scenarios run
+in a subprocess (tests/multinode_scenarios.py: a process connects to one Ray, and this session
+has its own), once for both tests; they assert on the facts it writes.
 
-Not in the default run: on 2 cores inside the full suite an actor pool of three sometimes did
-all its work on the head node (its other actors still loading), so no upload from a worker
-node could be cut and the scenario stopped. Run it alone: `pytest -m multinode`."""
+Marked `multinode`, apart from the default run for their time: together they take minutes on
+2 cores, more than the whole suite's budget leaves. Run them with `pytest -m multinode`."""
 
 from __future__ import annotations
 
