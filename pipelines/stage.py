@@ -23,6 +23,10 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
 - resources are declared by the config (`StageResources`: actors, GPUs per actor, threads);
   `resolve_resources` fills in GPUs, and the pool size where a config leaves it to the cluster
   (``actors=None``: one actor per GPU, or per CPU), without touching the caller's config;
+- the pool hands out no batch before its actors have loaded their models (as many as the
+  cluster holds; it grows to the configured size as nodes join), and each actor holds one
+  batch at a time: the work spreads over the whole pool, and every node of it, however short
+  the job;
 - the device is resolved once per actor and the model loaded once (`setup`), counted per
   stage name in `loads_in_process` so a test or a stats row can show it;
 - `process` maps one batch; by default it calls `process_item` on each item, and an item that
@@ -53,6 +57,10 @@ if TYPE_CHECKING:  # imported where used: a config built for command-line flags 
 # stage name -> how many times its `setup` ran in this process. Kept here, not on the class: a
 # subclass (or the wrapper Ray Data makes of a stage class) would start from its parent's count.
 _LOADS: dict[str, int] = {}
+
+# How long a stage waits for its actors to be placed and load their models before it fails (a
+# model that never loads; a cluster whose other work keeps the resources for longer).
+ACTOR_START_TIMEOUT_S = 1800
 
 
 def loads_in_process(name: str) -> int:
@@ -108,15 +116,33 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else float(os.cpu_count() or 1)
 
 
-def resolve_actors(actors: int | None, num_gpus: float) -> int:
-    """Actor pool size: ``actors`` when given, else as many as the cluster holds at one CPU
-    each (and ``num_gpus`` GPUs each, for a GPU stage)."""
-    if actors is not None:
-        return int(actors)
+def cluster_fit(num_gpus: float) -> int:
+    """How many actors of 1 CPU (and ``num_gpus`` GPUs) the cluster holds, all of it counted
+    (what runs there now is let finish): at least 1."""
     fit = cluster_cpus()
     if num_gpus > 0:
         fit = min(fit, cluster_gpus() / num_gpus)
     return max(1, int(fit))
+
+
+def resolve_actors(actors: int | None, num_gpus: float) -> int:
+    """Actor pool size: ``actors`` when given, else as many as the cluster holds at one CPU
+    each (and ``num_gpus`` GPUs each, for a GPU stage)."""
+    return int(actors) if actors is not None else cluster_fit(num_gpus)
+
+
+def _let_short_tasks_finish(cpus: float, timeout: float = 5.0) -> None:
+    """Wait (at most ``timeout`` s) until the cluster shows ``cpus`` CPUs free. The input of a
+    stage is often made just before its pool starts, by tasks that still hold CPUs in the
+    cluster's view for a moment (``ray.data.from_arrow`` runs one per block): actors placed
+    then ("SPREAD") skip the nodes that look busy and double up on others."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def resolve_resources(cfg):
@@ -254,18 +280,35 @@ class Stage:
     @classmethod
     def apply(cls, ds, cfg: Any, *, out: str | None, batch_size: int, **constructor):
         """``ds.map_batches`` with this stage on an actor pool of ``cfg.actors`` actors, each
-        with the config's resources (resolved by `resolve_resources`; ``cfg`` is untouched)."""
+        with the config's resources (resolved by `resolve_resources`; ``cfg`` is untouched).
+
+        No batch is handed out before the pool's actors have loaded their models (Ray Data's
+        ``wait_for_min_actors_s`` on this dataset's context): otherwise the first actor ready
+        takes batch after batch while the others still load, and a short job runs on one
+        actor, one node. Where the cluster holds fewer than ``cfg.actors`` (`cluster_fit`: a
+        small or still-growing cluster), the pool starts with those and grows when nodes join.
+        Each actor holds one batch at a time: a batch is seconds of model work, so one queued
+        behind another on a busy actor would wait while an idle one could take it (Ray Data's
+        default queues two)."""
         import ray
 
         cfg = resolve_resources(cfg)
-        return ds.map_batches(
+        start = min(cfg.actors, cluster_fit(cfg.num_gpus))
+        _let_short_tasks_finish(start)
+        pool = (ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1) if start == cfg.actors
+                else ray.data.ActorPoolStrategy(min_size=start, max_size=cfg.actors, initial_size=start,
+                                                max_tasks_in_flight_per_actor=1))
+        ds = ds.map_batches(
             cls,
             fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "out": out, **constructor},
             batch_size=batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            compute=pool,
             num_gpus=cfg.num_gpus,
         )
+        # the context this dataset shares with its inputs (Ray Data's copy made with them), not the process's
+        ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+        return ds
 
 
 def collect_stats(ds, total: int | None = None, progress: Callable[[int, int | None], None] | None = None) -> dict:

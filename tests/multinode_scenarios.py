@@ -17,14 +17,20 @@ no verdicts. What it runs, in order, on one cluster:
 3. an ingest whose driver stops right after it lost a node (what a killed job leaves), then the
    same ingest again: it does only the sources the first left undone;
 4. DiT training with one worker per node (placement "spread"), checkpoints (DCP shards of every
-   rank) in S3; a worker node is killed after a checkpoint is registered, and Ray Train
-   restarts the group on the nodes left from that checkpoint (part "training": the restarted
-   group loads the checkpoint and then makes no progress on this machine, so the test runs
-   part "stages" only).
+   rank) in S3: once a checkpoint is registered, the next one's upload from a worker node is
+   held and that node killed, so the checkpoint being written is never registered; Ray Train
+   restarts the group on the nodes left, which resumes from the last registered checkpoint and
+   trains to the last step (without the latents of part "stages", a small latents table is
+   written first).
 
 Nodes: the head has 2 CPUs, each worker node 1 (logical CPUs: the machine may have fewer
-cores), so a stage's three actors (or three training workers) spread one per node, and the
-head's second CPU takes the actor (or worker) a lost node had.
+cores). Every stage starts on an idle cluster, and a stage's pool waits for all its actors
+before it hands out work (`pipelines.stage.Stage.apply`), so its three actors (Ray Data's
+"SPREAD") or three training workers take one node each and every node gets work; the head's
+second CPU takes the actor (or worker) a lost node had. The cluster's address file goes to a
+private RAY_TMPDIR, so no other `ray.init()` on the machine joins it. The head's GCS declares
+a killed node dead within seconds (`HEALTH_CHECKS`). MULTINODE_KEEP_LOGS=1 keeps Ray's logs
+of a failed run.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUCKET = "multinode"
 S3 = f"s3://{BUCKET}"
 WAIT_S = 400.0  # longest wait for a run or a node on a busy machine (a wait, never a check)
+# The GCS declares a node dead after this many failed health checks in a row, one a second (Ray's
+# defaults: 5 every 3 s, after 5 s): a killed raylet refuses at once, so its work is retried
+# after ~3 s instead of ~20; a live one on a loaded machine still has 3 x 5 s to answer.
+HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                 "health_check_timeout_ms": 5000, "health_check_failure_threshold": 3}
 
 
 def log(*parts: Any) -> None:
@@ -87,6 +98,19 @@ class UploadHold:
                 return c.pid, self.node_of_pid(c.pid)
         return None, None
 
+    def _holders(self, port: int) -> list:
+        import psutil
+
+        out = []
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.raddr and c.raddr.port == self.server_port():
+                try:
+                    p = psutil.Process(c.pid)
+                    out.append([c.pid, p.status(), " ".join(p.cmdline())[:80], c.status])
+                except Exception as e:  # noqa: BLE001
+                    out.append([c.pid, repr(e), c.status])
+        return out
+
     def __call__(self, app):
         def middleware(environ, start_response):
             path = environ.get("PATH_INFO", "")
@@ -107,13 +131,19 @@ class UploadHold:
             self.held.set()
             self.release.wait(WAIT_S)
             sock = environ.get("werkzeug.socket")
-            try:  # a closed connection reads as b"" (or resets); a live one has nothing to read
-                gone = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                gone = False
-            except OSError:
-                gone = True
-            self.info.update(sender_gone=gone, stored=not gone)
+            deadline = time.monotonic() + 10.0  # the sender is dead by now: its FIN is on the way
+            while True:
+                try:  # a closed connection reads as b"" (or resets); a live one has nothing to read
+                    gone = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            self.info.update(sender_gone=gone, stored=not gone,
+                             holders=self._holders(int(environ["REMOTE_PORT"])))
             if gone:
                 start_response("500 Internal Server Error", [("Content-Length", "0")])
                 return [b""]
@@ -219,7 +249,7 @@ class Nodes:
 
         args = dict(include_dashboard=False, object_store_memory=150 * 1024**2)
         self.cluster = Cluster(initialize_head=True,
-                               head_node_args=dict(num_cpus=2, temp_dir=temp_dir, **args))
+                               head_node_args=dict(num_cpus=2, temp_dir=temp_dir, _system_config=HEALTH_CHECKS, **args))
         self.args = args
         self.head = self.cluster.head_node.node_id
         for _ in range(2):
@@ -263,6 +293,29 @@ def alive_nodes() -> list[str]:
     import ray
 
     return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+
+def idle_cluster(n: int = 3) -> list[str]:
+    """Wait until ``n`` nodes are alive and every CPU of them is free (the last stage's actors
+    gone), so the next stage's actors and tasks spread one per node (Ray Data's "SPREAD")."""
+    import ray
+
+    def idle():
+        nodes = alive_nodes()
+        total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+        return nodes if len(nodes) == n and free >= total else None
+
+    return wait_for(f"{n} idle nodes", idle)
+
+
+def cluster_state() -> dict:
+    """What a failed run leaves to read: nodes, free resources, live actors and where they are."""
+    import ray
+
+    actors = [{"class": a["ActorClassName"], "state": a["State"], "node": a["Address"]["NodeID"][:8],
+               "pid": a["Pid"]} for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
+    return {"nodes": alive_nodes(), "total": ray.cluster_resources(), "free": ray.available_resources(),
+            "actors": actors}
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S, every: float = 0.2) -> Any:
@@ -335,18 +388,19 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
 
     # 1. clean runs on every node
     t = time.monotonic()
-    res["ingest"] = {"clean": {"summary": run_ingest([inputs["raw"]], f"{S3}/clean", icfg),
-                               "nodes": alive_nodes()}}
+    res["ingest"] = {"clean": {"nodes": idle_cluster()}}
+    res["ingest"]["clean"]["summary"] = run_ingest([inputs["raw"]], f"{S3}/clean", icfg)
     res["ingest"]["clean"].update(ingest_facts(f"{S3}/clean"))
     run_caption(f"{S3}/clean", CaptionConfig(model=None))
     timing["ingest_clean"] = time.monotonic() - t
     t = time.monotonic()
-    res["encode"] = {"clean": {"summary": run_encode(f"{S3}/clean", ecfg), "nodes": alive_nodes()}}
+    res["encode"] = {"clean": {"nodes": idle_cluster()}}
+    res["encode"]["clean"]["summary"] = run_encode(f"{S3}/clean", ecfg)
     res["encode"]["clean"].update(latents_facts(f"{S3}/clean"))
     timing["encode_clean"] = time.monotonic() - t
     t = time.monotonic()
-    res["bulk"] = {"clean": {"summary": run_generate_bulk(inputs["model"], inputs["prompts"], f"{S3}/bulk-clean", bcfg),
-                             "nodes": alive_nodes()}}
+    res["bulk"] = {"clean": {"nodes": idle_cluster()}}
+    res["bulk"]["clean"]["summary"] = run_generate_bulk(inputs["model"], inputs["prompts"], f"{S3}/bulk-clean", bcfg)
     res["bulk"]["clean"].update(bulk_facts(f"{S3}/bulk-clean"))
     timing["bulk_clean"] = time.monotonic() - t
     log("clean runs done", {k: round(v, 1) for k, v in timing.items()})
@@ -354,7 +408,7 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
     # 2. each stage loses the worker node that is writing one of its output files
     def faulted(stage: str, fn: Callable[[], Any], pattern: str) -> dict:
         t = time.monotonic()
-        before = alive_nodes()
+        before = idle_cluster()
         run = Background(fn)
         lost = lose_node_at_held_upload(nodes, hold, pattern, run)
         summary = run.join()
@@ -393,6 +447,7 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
             raise Stop("the job stops")
 
     t = time.monotonic()
+    idle_cluster()
     run = Background(lambda: run_ingest([inputs["raw"]], f"{S3}/stopped", icfg, progress=stop_after_loss))
     lost = lose_node_at_held_upload(nodes, hold, rf"^/{BUCKET}/stopped/clips/\.[^/]+\.tmp-", run)
     stop.set()
@@ -428,19 +483,37 @@ def train_workers() -> dict[int, str]:
             if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]}
 
 
-def scenario_training(nodes: Nodes, res: dict, inputs: dict, workdir: str) -> None:
+def training_data(workdir: str, res: dict, inputs: dict) -> tuple[str, str]:
+    """(DATA, VAE) to train on: the clean run's latents when part "stages" made them, else a
+    small latents table written here and put on S3."""
+    if "encode" in res:
+        return f"{S3}/clean", inputs["vae"]
+    from test_train import build_latents
+
+    data, vae = build_latents(os.path.join(workdir, "train-latents"), n=12)
+    s3fs().put(os.path.join(data, "latents") + "/", f"{BUCKET}/train-data/latents/", recursive=True)
+    return f"{S3}/train-data", vae
+
+
+def scenario_training(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict, workdir: str) -> None:
+    """DiT training, one worker per node; once a checkpoint is registered, the next one's upload
+    from a worker node is held and that node killed: the checkpoint being written can never be
+    registered, so the group that Ray Train restarts on the nodes left resumes from the last
+    one, and the run goes on to its last step."""
     from pipelines.train import TrainConfig, inspect_latents, run_training
 
     t = time.monotonic()
-    info = inspect_latents(f"{S3}/clean")
-    cfg = TrainConfig(preset="tiny", workers=3, cpus_per_worker=0.75, placement="spread", max_steps=8,
+    data, vae = training_data(workdir, res, inputs)
+    info = inspect_latents(data)
+    cfg = TrainConfig(preset="tiny", workers=3, cpus_per_worker=0.75, placement="spread", max_steps=6,
                       tokens_per_step=info["max_tokens"], lr=1e-3, warmup_steps=1, checkpoint_every_steps=2,
                       checkpoint_every_minutes=None, log_every_steps=1, shuffle_buffer_rows=0, max_failures=2,
                       keep_checkpoints=8, seed=0)
     store, name = f"{S3}/train", "dit"
-    before = alive_nodes()
-    run = Background(lambda: run_training(f"{S3}/clean", os.path.join(workdir, "model"), inputs["vae"], cfg,
-                                          storage_path=store, name=name))
+    before = idle_cluster()
+    res["seconds"]["train_setup"] = time.monotonic() - t
+    run = Background(lambda: run_training(data, os.path.join(workdir, "model"), vae, cfg, storage_path=store,
+                                          name=name))
 
     def running(what: str, check: Callable[[], Any]) -> Any:
         def go():
@@ -452,22 +525,26 @@ def scenario_training(nodes: Nodes, res: dict, inputs: dict, workdir: str) -> No
 
     first = running("three training workers", lambda: w if len(w := train_workers()) == 3 else None)
     step = running("a registered checkpoint", lambda: s if (s := committed_step(f"{store}/{name}")) >= 2 else None)
-    victim = next(n for n in first.values() if n != nodes.head)
-    nodes.kill(victim)
+    res["seconds"]["train_first_checkpoint"] = time.monotonic() - t
+    lost = lose_node_at_held_upload(nodes, hold, rf"^/{BUCKET}/train/{name}/checkpoint_[^/]+/", run)
+    at_loss = committed_step(f"{store}/{name}")  # the held checkpoint's upload never completed
     second = running("the restarted workers",
                      lambda: w if len(w := train_workers()) == 3 and not set(w) & set(first) else None)
+    res["seconds"]["train_restarted"] = time.monotonic() - t
     summary = run.join()
     fs = s3fs()
     ckpts = {}
     for d in sorted(fs.ls(f"{BUCKET}/train/{name}", detail=False)):
         if d.rsplit("/", 1)[-1].startswith("checkpoint_"):
             ckpts[d.rsplit("/", 1)[-1]] = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(d, detail=False))
-    res["train"] = {"nodes_before": before, "first_workers": first, "killed": victim, "killed_after_step": step,
+    res["train"] = {"nodes_before": before, "first_workers": first, "lost": lost, "committed_before_loss": step,
+                    "committed_at_loss": at_loss,
                     "second_workers": second, "nodes_after": alive_nodes(), "checkpoints": ckpts,
                     "summary": {k: summary[k] for k in ("steps", "resumed_from", "final_loss", "checkpoint")},
                     "losses": summary["history"], "max_steps": cfg.max_steps, "every": cfg.checkpoint_every_steps}
     res["seconds"]["train"] = time.monotonic() - t
-    log(f"training: killed {victim[:8]} after checkpoint {step}; resumed from {summary['resumed_from']}")
+    log(f"training: lost {lost['node'][:8]} while it wrote {lost['path']} (checkpoint {step} registered); "
+        f"resumed from {summary['resumed_from']} in {res['seconds']['train']:.1f} s")
 
 
 # --------------------------------------------------------------------------- set-up
@@ -506,6 +583,7 @@ def main(workdir: str, result_path: str, parts: str = "stages,training") -> int:
     res: dict[str, Any] = {"seconds": {}, "load_average_at_start": os.getloadavg()}
     t_all = time.monotonic()
     nodes: Nodes | None = None
+    temp: str | None = None
     holder: dict[str, Nodes] = {}
     hold = UploadHold(lambda: port, lambda pid: holder["nodes"].node_of_pid(pid) if "nodes" in holder else None)
     server, port = start_s3(hold)
@@ -521,6 +599,11 @@ def main(workdir: str, result_path: str, parts: str = "stages,training") -> int:
         short = os.path.join(os.path.dirname(HERE), ".tmp")  # Ray's socket paths must stay short
         os.makedirs(short, exist_ok=True)
         temp = tempfile.mkdtemp(prefix="r", dir=short)
+        # Ray writes the address of a cluster it starts to RAY_TMPDIR/ray/ray_current_cluster
+        # (/tmp/ray by default), where any other `ray.init()` on this machine - another test
+        # run's command line, say - would find and join it: a private one keeps it ours.
+        os.environ["RAY_TMPDIR"] = temp
+        os.makedirs(os.path.join(temp, "ray"))
         nodes = holder["nodes"] = Nodes(temp)
         ray.init(address=nodes.cluster.address, log_to_driver=False, configure_logging=False)
         DataContext.get_current().enable_progress_bars = False
@@ -531,9 +614,13 @@ def main(workdir: str, result_path: str, parts: str = "stages,training") -> int:
         if "stages" in parts.split(","):
             scenario_stages(nodes, hold, res, inputs)
         if "training" in parts.split(","):
-            scenario_training(nodes, res, inputs, workdir)
+            scenario_training(nodes, hold, res, inputs, workdir)
     except BaseException as e:  # noqa: BLE001 - the JSON says what failed; the test shows it
         res["error"] = "".join(traceback.format_exception(e))
+        try:
+            res["cluster_at_error"] = cluster_state()
+        except Exception as e2:  # noqa: BLE001 - a diagnosis only
+            res["cluster_at_error"] = repr(e2)
         log("failed:", res["error"])
     finally:
         res["seconds"]["total"] = time.monotonic() - t_all
@@ -548,6 +635,9 @@ def main(workdir: str, result_path: str, parts: str = "stages,training") -> int:
         finally:
             if nodes is not None:
                 nodes.cluster.shutdown()
+            if temp is not None and "error" in res and os.environ.get("MULTINODE_KEEP_LOGS"):
+                log(f"Ray's logs kept in {temp}")
+            elif temp is not None:
                 shutil.rmtree(temp, ignore_errors=True)
             server.stop()
     log(f"all done in {res['seconds']['total']:.1f} s")

@@ -2,17 +2,19 @@
 raylet and object store), the data on a loopback S3 server: ingest, encode and bulk generation
 do work on every node, and each, losing a worker node while that node writes one of its output
 files, ends with exactly the rows of a clean run; an ingest stopped right after losing a node is
-finished by a re-run that does only the missing sources. The scenarios run in a subprocess
-(tests/multinode_scenarios.py: a process connects to one Ray, and this session has its own);
-this test asserts on the facts it writes.
+finished by a re-run that does only the missing sources. DiT training with one worker per node
+loses a worker node while it uploads a checkpoint, and the group Ray Train restarts on the nodes
+left resumes from the last registered checkpoint and trains to the last step. The scenarios run
+in a subprocess (tests/multinode_scenarios.py: a process connects to one Ray, and this session
+has its own), once for both tests; they assert on the facts it writes.
 
-Not in the default run: on 2 cores inside the full suite an actor pool of three sometimes did
-all its work on the head node (its other actors still loading), so no upload from a worker
-node could be cut and the scenario stopped. Run it alone: `pytest -m multinode`."""
+Marked `multinode`, apart from the default run for their time: together they take minutes on
+2 cores, more than the whole suite's budget leaves. Run them with `pytest -m multinode`."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,23 +25,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.multinode
 
 
-def test_stages_on_three_nodes_survive_a_lost_node_with_exactly_the_clean_rows(tmp_path):
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory) -> dict:
+    """Both parts on one cluster (one start, one set of inputs; training reads the clean run's latents)."""
+    return run_scenarios(tmp_path_factory.mktemp("multinode"), "stages,training")
+
+
+def run_scenarios(tmp_path, parts: str) -> dict:
+    """tests/multinode_scenarios.py PARTS in a subprocess; the facts it wrote."""
     result = tmp_path / "result.json"
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "multinode_scenarios.py"), str(tmp_path / "work"),
-                           str(result), "stages"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+                           str(result), parts], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     r = json.loads(result.read_text())
-    assert "error" not in r and proc.returncode == 0, (r.get("error"), proc.stdout[-3000:])
+    assert "error" not in r and proc.returncode == 0, (r.get("error"), r.get("cluster_at_error"), proc.stdout[-3000:])
+    return r
+
+
+def test_stages_on_three_nodes_survive_a_lost_node_with_exactly_the_clean_rows(facts):
+    r = facts
 
     ingest, encode, bulk = r["ingest"], r["encode"], r["bulk"]
     clean_nodes = set(ingest["clean"]["nodes"])
     assert len(clean_nodes) == 3
-    # work on several nodes (sources finished, encode batches, bulk units per Ray node), on all three
-    # between them (an actor pool of 3 over 8 items may leave one actor idle while its model loads)
-    worked = [set(ingest["clean"]["node_of_source"].values()), set(encode["clean"]["summary"]["batches_per_node"]),
-              set(bulk["clean"]["summary"]["units_per_node"])]
-    assert all(len(w) >= 2 and w <= clean_nodes for w in worked) and set().union(*worked) == clean_nodes, worked
+    # every stage works on every node (sources finished, encode batches, bulk units per Ray node)
+    worked = {"ingest": set(ingest["clean"]["node_of_source"].values()),
+              "encode": set(encode["clean"]["summary"]["batches_per_node"]),
+              "bulk": set(bulk["clean"]["summary"]["units_per_node"])}
+    assert all(w == clean_nodes for w in worked.values()), worked
     for stage in (ingest, encode, bulk):  # the node killed was one of the cluster's, writing an output file
         assert stage["faulted"]["lost"]["node"] in stage["faulted"]["nodes_before"]
     # a node lost mid-write: exactly the clean rows, the same visible files
@@ -61,3 +75,24 @@ def test_stages_on_three_nodes_survive_a_lost_node_with_exactly_the_clean_rows(t
     assert stopped["rerun"]["sources_processed"] >= 1 and stopped["rerun"]["sources_skipped_already_done"] >= 1
     assert stopped["rerun"]["sources_processed"] + stopped["rerun"]["sources_skipped_already_done"] == sources
     assert stopped["clips"] == ingest["clean"]["clips"] and stopped["quarantine"] == ingest["clean"]["quarantine"]
+
+
+def test_training_on_three_nodes_resumes_from_its_last_checkpoint_on_the_nodes_left(facts):
+    r = facts
+    train = r["train"]
+    nodes = set(train["nodes_before"])
+    assert len(nodes) == 3 and set(train["first_workers"].values()) == nodes  # one worker per node ("spread")
+    lost = train["lost"]
+    assert lost["node"] in nodes and lost["node"] != r["head"]  # a worker node, while it uploaded a checkpoint
+    assert lost["sender_gone"] and not lost["stored"]
+    left = nodes - {lost["node"]}
+    assert set(train["nodes_after"]) == left
+    assert len(train["second_workers"]) == 3 and set(train["second_workers"].values()) <= left
+    # the checkpoint being written when the node went was never registered: the restarted group
+    # resumed from the one before, and the run went on from its step to the last
+    step = train["committed_before_loss"]
+    assert step >= train["every"] and train["committed_at_loss"] == step
+    summary = train["summary"]
+    assert summary["resumed_from"] == [step] and summary["steps"] == train["max_steps"]
+    assert [s for s, _ in train["losses"]] == list(range(1, train["max_steps"] + 1))
+    assert all(math.isfinite(loss) for _, loss in train["losses"])

@@ -112,7 +112,7 @@ def test_on_an_actor_pool_the_callers_config_is_left_alone(data, ray_session):
     from pipelines.ray_utils import table_blocks
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors import no test module
-    cfg = BrightnessConfig(actors=2)
+    cfg = BrightnessConfig(actors=3)  # more than the 2 CPUs here hold: the pool starts with those that fit
     assert resolve_resources(cfg).num_gpus == 0.0 and cfg.num_gpus is None  # no GPUs here; cfg untouched
     from pipelines.ingest_config import IngestConfig
 

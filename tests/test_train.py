@@ -228,13 +228,13 @@ def test_cooldown_schedule_decays_over_the_last_fraction_by_steps_or_time():
 def test_time_budgeted_cooldown_ends_at_the_floor_with_workers_holding_every_cpu(ray_session, latents, tmp_path, capsys):
     """The clock reaches both workers through the step's all-reduce: a run with no max_steps
     ends its time budget at min_lr_ratio * lr (a constant run would end at lr). Its 2 workers x
-    1 CPU on the 2-CPU test Ray leave nothing for Ray Data's streaming read, which used to
-    deadlock; run_training caches the latents first and says so."""
+    1 CPU on the 2-CPU test Ray leave nothing for a streaming read that asks for a CPU
+    (read_cpus > 0), which used to deadlock; run_training caches the latents first and says so."""
     data, vae = latents
     # no warmup: however few steps a loaded machine fits into the budget, the last one is past it
     cfg = small_config(max_steps=None, max_minutes=0.15, schedule="cooldown", cooldown_fraction=0.5,
                        min_lr_ratio=0.25, checkpoint_every_steps=10_000, warmup_steps=0, cpus_per_worker=1.0,
-                       cache_data=False)
+                       cache_data=False, read_cpus=0.25)
     summary = run_training(data, str(tmp_path / "out"), vae, cfg, storage_path=str(tmp_path / "store"), name="cool")
     assert summary["steps"] > 0
     assert summary["final_lr"] == pytest.approx(0.25 * cfg.lr)

@@ -70,7 +70,8 @@ class TrainConfig:
     base_tokens: int | None = None
     seed: int = 0  # model init, data order and per-step noise
     shuffle_buffer_rows: int = 256  # local shuffle buffer of each worker's stream (0: off)
-    read_cpus: float = 0.25  # CPUs per Ray Data read task
+    # CPUs per Ray Data read task of the latents; 0: reads never wait for a CPU beside the workers
+    read_cpus: float = 0.0
     # read DATA/latents into Ray's object store once and keep each worker's samples in memory
     # after the first epoch (only for data that fits in memory)
     cache_data: bool = False

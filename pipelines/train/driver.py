@@ -27,6 +27,32 @@ def claim_run(run_dir: str, identity: dict[str, Any]) -> None:
         storage.write_json_atomic(identity, marker)
 
 
+def read_latents_dataset(path: str, filesystem, cfg: TrainConfig):
+    """The streaming Ray Data read of DATA/latents the workers train on. It must never wait for
+    a CPU the training workers hold, also after a lost node, when Ray Train restarts the group
+    on the nodes left. Two Ray Data (2.60) behaviours make it wait forever there:
+
+    - Under Ray Train, Ray Data runs on what its AutoscalingCoordinator reserves for it: each
+      node's CPUs left beside the workers, rounded DOWN to whole CPUs (the leftover is split
+      with ``amount // requesters``). Once no node has a whole CPU free - two workers of 0.75
+      CPU on a 2-CPU node, one on a 1-CPU node - Ray Data's CPU budget is 0. Read tasks that
+      ask for no CPU (``read_cpus`` 0, the default) still start.
+    - Its default Parquet reader (DataSourceV2) lists the files in a ``ListFiles`` task of one
+      whole CPU, whatever ``num_cpus`` the read asks for, and that task never gets scheduled
+      there. The first Parquet reader (``use_datasource_v2`` False) lists them on the driver,
+      once, when the dataset is made."""
+    import ray
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    v2 = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False  # read by read_parquet when it builds the dataset
+    try:
+        return ray.data.read_parquet(path, filesystem=filesystem, file_extensions=["parquet"], num_cpus=cfg.read_cpus)
+    finally:
+        ctx.use_datasource_v2 = v2
+
+
 def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, storage_path: str | None = None,
                  name: str | None = None, loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Train on DATA/latents and write a complete model directory to ``out``: our DiT of
@@ -59,9 +85,9 @@ def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, stor
     claim_run(storage.join(storage_path, name or plan.kind), plan.identity())
     ensure_ray()
     data_fs, data_path = trainer.pyarrow_fs(storage.join(data, "latents"))
-    ds = ray.data.read_parquet(data_path, filesystem=data_fs, file_extensions=["parquet"], num_cpus=cfg.read_cpus)
+    ds = read_latents_dataset(data_path, data_fs, cfg)
     spare = ray.cluster_resources().get("CPU", 0.0) - cfg.workers * cfg.cpus_per_worker
-    if not cfg.cache_data and spare < cfg.read_cpus:
+    if not cfg.cache_data and cfg.read_cpus > 0 and spare < cfg.read_cpus:
         # The workers would hold every CPU while the streaming read still needs one: Ray Data
         # and Ray Train then wait on each other forever. Read everything up front instead.
         print(f"[train] only {spare:g} CPUs left beside the {cfg.workers} workers: caching the latents "
