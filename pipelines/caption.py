@@ -161,13 +161,17 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
     without: the sidecars). Returns counts. Raises FileNotFoundError when DATA has no clips and
     `MissingInputError` when sidecar captioning found no sidecar for any clip."""
     t0 = time.perf_counter()
+    # temp files stopped writers left (before any writer of this run starts; storage.remove_stale_temps)
+    started = time.time()
+    stale = len(storage.remove_stale_temps(storage.join(data, "captions"), started)) + len(
+        storage.remove_stale_temps(storage.join(data, "quarantine"), started, rf"{CaptionStage.name}-.*"))
     clips = require_clips(data)
     caps = read_captions(data)
     done = {c for c, who in zip(caps["clip_id"].to_pylist(), caps["captioner"].to_pylist())
             if not (cfg.recaption and cfg.model is not None and is_sidecar(who))}
     todo = clips.filter(pc.invert(pc.is_in(clips["clip_id"], pa.array(sorted(done), pa.string()))))
     already = len(done & set(clips["clip_id"].to_pylist()))
-    result = {"clips": clips.num_rows, "already_captioned": already,
+    result = {"clips": clips.num_rows, "already_captioned": already, "stale_temps_removed": stale,
               "captioned": 0, "failed": 0, "actors": [], "model_loads_per_actor": {}}
     if todo.num_rows == 0:
         return {**result, "seconds": round(time.perf_counter() - t0, 3)}

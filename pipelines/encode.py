@@ -226,17 +226,23 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
 
     from pipelines.ray_utils import table_blocks
 
+    from pipelines import storage
+
     t0 = time.perf_counter()
     if cfg.model is not None:  # a bad model directory fails here, before Ray starts any actor
         from sora.model_dir import check_model_dir
 
         check_model_dir(cfg.model)
+    # temp files stopped writers left (before any writer of this run starts; storage.remove_stale_temps)
+    started = time.time()
+    stale = sum(len(storage.remove_stale_temps(storage.join(data, d), started)) for d in ("latents", "null_text")) + \
+        len(storage.remove_stale_temps(storage.join(data, "quarantine"), started, rf"{EncodeStage.name}-.*"))
     todo, uncaptioned, already = pending_clips(data)
     if todo.num_rows == 0 and already == 0 and uncaptioned:
         raise MissingInputError(f"{data}: none of its {uncaptioned} clips has a caption yet; "
                                 f"run `sora caption --data {data}` first")
     result = {"to_encode": todo.num_rows, "already_encoded": already, "without_caption": uncaptioned,
-              "encoded": 0, "failed": 0, "bytes": 0}
+              "encoded": 0, "failed": 0, "bytes": 0, "stale_temps_removed": stale}
     if todo.num_rows:
         ds = EncodeStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
                                batch_size=cfg.batch_size)
