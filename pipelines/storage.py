@@ -161,9 +161,18 @@ def list_names(url: str) -> set[str]:
     return {n for n in names if not n.startswith(".")}
 
 
+# Files read into one chunk by `read_table` before the next group starts (or fewer, past the bytes).
+GROUP_FILES, GROUP_BYTES = 64, 64 << 20
+
+
 def read_table(url: str, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table:
     """Read a table directory (or one file) with plain pyarrow. A missing directory reads as
-    an empty table of `schema` when one is given."""
+    an empty table of `schema` when one is given.
+
+    Stages write a file per source or per batch, so a directory holds many small files. Every
+    group of files (`GROUP_FILES`, at most about `GROUP_BYTES`) is joined into one chunk as it
+    is read: a table of one chunk per file would keep Arrow's per-array bookkeeping (and the
+    native heap it fragments) for every file, memory that grows with the corpus, not its rows."""
     fs, path = fs_and_path(url)
     if not fs.exists(path):
         if schema is None:
@@ -176,8 +185,16 @@ def read_table(url: str, schema: pa.Schema | None = None, columns: list[str] | N
         if schema is None:
             return pa.table({})
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    tables = []
-    for p in files:
+    groups: list[pa.Table] = []
+    group: list[pa.Table] = []
+    size = 0
+    for i, p in enumerate(files):
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns, schema=schema))
-    return pa.concat_tables(tables, promote_options="default")
+            group.append(pq.read_table(f, columns=columns, schema=schema))
+        size += group[-1].nbytes
+        if len(group) >= GROUP_FILES or size >= GROUP_BYTES or i == len(files) - 1:
+            joined = pa.concat_tables(group, promote_options="default")
+            # one file of its own stays as written (its row groups: no 2 GiB binary offsets overflow)
+            groups.append(joined.combine_chunks() if len(group) > 1 else joined)
+            group, size = [], 0
+    return pa.concat_tables(groups, promote_options="default")
