@@ -39,17 +39,28 @@ def is_sidecar(captioner: str) -> bool:
     return captioner.startswith("sidecar:")
 
 
+def best_caption_table(data: str) -> pa.Table:
+    """One caption per clip, as a table (clip_id, caption) sorted by clip_id: a model's
+    recaption wins over a sidecar caption (the Sora / DALL-E 3 recipe trains on recaptions);
+    among model captions the lexically last captioner name wins, so the choice never depends
+    on file order (between two rows of one clip and captioner, the first read). Done in Arrow:
+    a driver holds the captions as columns, not as a Python object per caption."""
+    t = read_captions(data).select(["clip_id", "caption", "captioner"])
+    if t.num_rows == 0:
+        return t.select(["clip_id", "caption"])
+    t = t.append_column("model", pc.invert(pc.starts_with(t["captioner"], "sidecar:")))
+    order = pc.sort_indices(t, sort_keys=[("clip_id", "ascending"), ("model", "descending"),
+                                          ("captioner", "descending")])  # a stable sort
+    t = t.take(order)
+    ids = t["clip_id"].combine_chunks()
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))])
+    return t.filter(first).select(["clip_id", "caption"])
+
+
 def best_captions(data: str) -> dict[str, str]:
-    """One caption per clip: a model's recaption wins over a sidecar caption (the Sora /
-    DALL-E 3 recipe trains on recaptions); among model captions the lexically last captioner
-    name wins, so the choice never depends on file order."""
-    t = read_captions(data)
-    best: dict[str, tuple[tuple[int, str], str]] = {}
-    for cid, text, who in zip(t["clip_id"].to_pylist(), t["caption"].to_pylist(), t["captioner"].to_pylist()):
-        rank = (0 if is_sidecar(who) else 1, who)
-        if cid not in best or rank > best[cid][0]:
-            best[cid] = (rank, text)
-    return {cid: text for cid, (_, text) in best.items()}
+    """`best_caption_table` as a dict clip_id -> caption."""
+    t = best_caption_table(data)
+    return dict(zip(t["clip_id"].to_pylist(), t["caption"].to_pylist()))
 
 
 @dataclass(kw_only=True)

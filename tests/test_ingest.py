@@ -163,14 +163,19 @@ def test_killed_ray_worker_keeps_results_exactly_once(mixed, tmp_path, ray_sessi
     killed: list[int] = []
 
     def killer():
+        import psutil
+
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            for line in out.splitlines():
+            # this session's Ray workers only: never another run's on a shared machine
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    line = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
                 if "ray::" in line and ("Map" in line or "stage" in line):
-                    pid = int(line.split()[0])
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
                     return
             time.sleep(0.02)
 
