@@ -225,9 +225,8 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     Raises `MissingInputError` when no clip has a caption (run `sora caption` first)."""
     import ray
 
-    from pipelines.ray_utils import table_blocks
-
     from pipelines import storage
+    from pipelines.ray_utils import table_blocks
 
     t0 = time.perf_counter()
     if cfg.model is not None:  # a bad model directory fails here, before Ray starts any actor

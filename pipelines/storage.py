@@ -12,9 +12,9 @@ directories it writes when it starts (`remove_stale_temps`).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
-import datetime as dt
 import json
 import os
 import re
