@@ -39,17 +39,28 @@ def is_sidecar(captioner: str) -> bool:
     return captioner.startswith("sidecar:")
 
 
+def best_caption_table(data: str) -> pa.Table:
+    """One caption per clip, as a table (clip_id, caption) sorted by clip_id: a model's
+    recaption wins over a sidecar caption (the Sora / DALL-E 3 recipe trains on recaptions);
+    among model captions the lexically last captioner name wins, so the choice never depends
+    on file order (between two rows of one clip and captioner, the first read). Done in Arrow:
+    a driver holds the captions as columns, not as a Python object per caption."""
+    t = read_captions(data).select(["clip_id", "caption", "captioner"])
+    if t.num_rows == 0:
+        return t.select(["clip_id", "caption"])
+    t = t.append_column("model", pc.invert(pc.starts_with(t["captioner"], "sidecar:")))
+    order = pc.sort_indices(t, sort_keys=[("clip_id", "ascending"), ("model", "descending"),
+                                          ("captioner", "descending")])  # a stable sort
+    t = t.take(order)
+    ids = t["clip_id"].combine_chunks()
+    first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))])
+    return t.filter(first).select(["clip_id", "caption"])
+
+
 def best_captions(data: str) -> dict[str, str]:
-    """One caption per clip: a model's recaption wins over a sidecar caption (the Sora /
-    DALL-E 3 recipe trains on recaptions); among model captions the lexically last captioner
-    name wins, so the choice never depends on file order."""
-    t = read_captions(data)
-    best: dict[str, tuple[tuple[int, str], str]] = {}
-    for cid, text, who in zip(t["clip_id"].to_pylist(), t["caption"].to_pylist(), t["captioner"].to_pylist()):
-        rank = (0 if is_sidecar(who) else 1, who)
-        if cid not in best or rank > best[cid][0]:
-            best[cid] = (rank, text)
-    return {cid: text for cid, (_, text) in best.items()}
+    """`best_caption_table` as a dict clip_id -> caption."""
+    t = best_caption_table(data)
+    return dict(zip(t["clip_id"].to_pylist(), t["caption"].to_pylist()))
 
 
 @dataclass(kw_only=True)
@@ -161,13 +172,17 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
     without: the sidecars). Returns counts. Raises FileNotFoundError when DATA has no clips and
     `MissingInputError` when sidecar captioning found no sidecar for any clip."""
     t0 = time.perf_counter()
+    # temp files stopped writers left (before any writer of this run starts; storage.remove_stale_temps)
+    started = time.time()
+    stale = len(storage.remove_stale_temps(storage.join(data, "captions"), started)) + len(
+        storage.remove_stale_temps(storage.join(data, "quarantine"), started, rf"{CaptionStage.name}-.*"))
     clips = require_clips(data)
     caps = read_captions(data)
     done = {c for c, who in zip(caps["clip_id"].to_pylist(), caps["captioner"].to_pylist())
             if not (cfg.recaption and cfg.model is not None and is_sidecar(who))}
     todo = clips.filter(pc.invert(pc.is_in(clips["clip_id"], pa.array(sorted(done), pa.string()))))
     already = len(done & set(clips["clip_id"].to_pylist()))
-    result = {"clips": clips.num_rows, "already_captioned": already,
+    result = {"clips": clips.num_rows, "already_captioned": already, "stale_temps_removed": stale,
               "captioned": 0, "failed": 0, "actors": [], "model_loads_per_actor": {}}
     if todo.num_rows == 0:
         return {**result, "seconds": round(time.perf_counter() - t0, 3)}

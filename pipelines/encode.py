@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.caption import best_captions
+from pipelines.caption import best_caption_table
 from pipelines.clips import content_crop, require_clips
 from pipelines.latents import LATENTS_SCHEMA, make_row, read_latents
 from pipelines.stage import MissingInputError, Stage, StageOutput, StageResources, collect_stats
@@ -209,14 +209,15 @@ def pending_clips(data: str) -> tuple[pa.Table, int, int]:
     """Captioned clips without latents yet, plus (clips without a caption, already encoded).
     FileNotFoundError when DATA has no clips (the message names `sora ingest`)."""
     clips = require_clips(data)
-    latest = best_captions(data)  # one caption per clip; a model recaption beats a sidecar
-    done = set(read_latents(data, columns=["clip_id"])["clip_id"].to_pylist())
-    ids = clips["clip_id"].to_pylist()
-    has_caption = pa.array([c in latest for c in ids])
-    not_done = pa.array([c not in done for c in ids])
-    todo = clips.filter(pc.and_(has_caption, not_done))
-    todo = todo.append_column("caption", pa.array([latest[c] for c in todo["clip_id"].to_pylist()], pa.string()))
-    return todo.sort_by("clip_id"), sum(1 for c in ids if c not in latest), sum(1 for c in ids if c in done)
+    latest = best_caption_table(data)  # one caption per clip; a model recaption beats a sidecar
+    done = read_latents(data, columns=["clip_id"])["clip_id"]
+    # in Arrow, columns against columns: no Python object per clip on the driver
+    has_caption = pc.is_in(clips["clip_id"], value_set=latest["clip_id"].combine_chunks())
+    is_done = pc.is_in(clips["clip_id"], value_set=done.combine_chunks())
+    todo = clips.filter(pc.and_(has_caption, pc.invert(is_done)))
+    todo = todo.join(latest, "clip_id", join_type="inner")  # the caption column, last
+    uncaptioned = clips.num_rows - (pc.sum(has_caption).as_py() or 0)
+    return todo.sort_by("clip_id"), uncaptioned, pc.sum(is_done).as_py() or 0
 
 
 def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -224,6 +225,7 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     Raises `MissingInputError` when no clip has a caption (run `sora caption` first)."""
     import ray
 
+    from pipelines import storage
     from pipelines.ray_utils import table_blocks
 
     t0 = time.perf_counter()
@@ -231,12 +233,16 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
         from sora.model_dir import check_model_dir
 
         check_model_dir(cfg.model)
+    # temp files stopped writers left (before any writer of this run starts; storage.remove_stale_temps)
+    started = time.time()
+    stale = sum(len(storage.remove_stale_temps(storage.join(data, d), started)) for d in ("latents", "null_text")) + \
+        len(storage.remove_stale_temps(storage.join(data, "quarantine"), started, rf"{EncodeStage.name}-.*"))
     todo, uncaptioned, already = pending_clips(data)
     if todo.num_rows == 0 and already == 0 and uncaptioned:
         raise MissingInputError(f"{data}: none of its {uncaptioned} clips has a caption yet; "
                                 f"run `sora caption --data {data}` first")
     result = {"to_encode": todo.num_rows, "already_encoded": already, "without_caption": uncaptioned,
-              "encoded": 0, "failed": 0, "bytes": 0}
+              "encoded": 0, "failed": 0, "bytes": 0, "stale_temps_removed": stale}
     if todo.num_rows:
         ds = EncodeStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
                                batch_size=cfg.batch_size)

@@ -22,8 +22,9 @@ parameters (also as JSON), seed, path, status ("ok" | "error"), error, seconds t
 Exactly-once: a unit's manifest file is named by the hash of its ids and written whole (temp
 file + rename, `pipelines.storage`), so a Ray retry rewrites the same file; a re-run first reads
 the manifest and skips every id it holds (`retry_errors` re-queues the error rows; `read_manifest`
-then prefers an id's "ok" row). Videos are written before their unit's manifest file, so a
-manifest row always points at a complete video; a run killed mid-unit regenerates that unit.
+then prefers an id's "ok" row). Videos are moved in whole the same way (encoded to a local
+file first) before their unit's manifest file, so a manifest row always points at a complete
+video and OUT/videos never shows a partial one; a run killed mid-unit regenerates that unit.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Literal
@@ -307,7 +309,10 @@ class GenerateStage(Stage):
         rows = []
         for r, frames, info in zip(reqs, out.frames, out.info):
             path = storage.join(self.out, "videos", f"{safe_name(r.id)}.mp4")
-            write_video(path, frames, info["fps"])
+            with tempfile.TemporaryDirectory(prefix="sora-bulk-") as tmp:  # encoded locally, then moved in whole
+                local = os.path.join(tmp, "video.mp4")
+                write_video(local, frames, info["fps"])
+                storage.put_file_atomic(local, path)
             resolved = {k: info[k] for k in ("width", "height", "num_frames", "fps", "steps", "guidance_scale")}
             rows.append(_row(r, rid=r.id, row=r.row, unit=unit_id, status="ok", path=path, resolved=resolved))
         share = (time.perf_counter() - t0) / len(reqs)  # one packed batch: an equal share each
@@ -385,6 +390,10 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
     source = ModelSource(model, cfg.lora, cfg.lora_scale).absolute()
     source.check()  # fail early and clearly on a bad model directory or adapter (JSON only, no weights)
     model, cfg = source.model, replace(cfg, lora=source.lora)
+    # temp files stopped writers left (before any writer of this run starts; storage.remove_stale_temps)
+    started = time.time()
+    stale = sum(len(storage.remove_stale_temps(storage.join(out, d), started)) for d in ("videos", "manifest")) + \
+        len(storage.remove_stale_temps(out, started, r"_summary\.json"))
     todo, invalid, counts = plan(prompts, out, cfg)
     if invalid:
         unit = "invalid-" + storage.stable_id(*sorted(r["id"] for r in invalid))
@@ -392,7 +401,7 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
         storage.write_parquet_atomic(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
                                      storage.join(out, "manifest", f"{unit}.parquet"))
     result = {**counts, "generated": 0, "errors": 0, "units": 0, "actors": [], "model_loads_per_actor": {},
-              "units_per_node": {}}
+              "units_per_node": {}, "stale_temps_removed": stale}
     units = make_units(todo, cfg.batch_size)
     if units:
         items = [{"unit": json.dumps([r.to_dict() for r in u])} for u in units]

@@ -442,10 +442,22 @@ def _pending(sources: list[str], out: str, overwrite: bool, totals: SummaryTotal
     return todo, done
 
 
+def remove_stale_temps(out: str, started: float) -> int:
+    """Remove the temp files stopped writers left in what ingest writes (clips, _done, its own
+    quarantine files, _summary.json) before `started`; see `storage.remove_stale_temps` for
+    when that is safe. Returns how many went."""
+    removed = [storage.remove_stale_temps(storage.join(out, "clips"), started),
+               storage.remove_stale_temps(storage.join(out, "_done"), started),
+               storage.remove_stale_temps(storage.join(out, "quarantine"), started, r"(dedup-)?[0-9a-f]{20}\.parquet"),
+               storage.remove_stale_temps(out, started, r"_summary\.json")]
+    return sum(len(r) for r in removed)
+
+
 def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = None, overwrite: bool = False) -> dict:
     """The same stages in a plain loop in this process (the benchmark's baseline)."""
     cfg = cfg or IngestConfig()
     t0 = time.perf_counter()
+    stale = remove_stale_temps(out, time.time())
     sources = list_sources(srcs)
     totals = SummaryTotals()
     todo, done = _pending(sources, out, overwrite, totals)
@@ -453,7 +465,7 @@ def run_sequential(srcs: Iterable[str], out: str, cfg: IngestConfig | None = Non
     for s in todo:
         totals.add(ingest_source(s, out, cfg, shots, scores))
     dedup = _dedup(out, cfg)
-    summary = totals.result(len(sources), done, time.perf_counter() - t0)
+    summary = {**totals.result(len(sources), done, time.perf_counter() - t0), "stale_temps_removed": stale}
     return {**summary, "dedup": dedup} if dedup else summary
 
 
@@ -537,6 +549,7 @@ def run_ingest(
     `progress(summary_of_one_source, done, total)` is called as each source finishes."""
     cfg = cfg or IngestConfig()
     t0 = time.perf_counter()
+    stale = remove_stale_temps(out, time.time())  # before any writer of this run starts
     sources = list_sources(srcs)
     totals = SummaryTotals()
     todo, done = _pending(sources, out, overwrite, totals)
@@ -550,6 +563,7 @@ def run_ingest(
                 progress(s, finished, len(todo))
     dedup = _dedup(out, cfg)
     summary = totals.result(len(sources), done, time.perf_counter() - t0)
+    summary["stale_temps_removed"] = stale
     if dedup:
         summary["dedup"] = dedup
     summary["config"] = asdict(cfg)

@@ -16,6 +16,7 @@ import pytest
 
 from footage import fault_hook_dir, fault_worker
 from media import write_bad_files, write_good_clips
+from pipelines import storage
 from pipelines.ingest import IngestConfig, list_sources, read_clips, read_quarantine, run_ingest, run_sequential
 from sora import video_io
 
@@ -51,6 +52,44 @@ def faulty_env(tmp_path) -> dict:
     (files named *hangs* make the decoder hang): no test hook in the production config."""
     hooks = fault_hook_dir(str(tmp_path / "hooks"))
     return cli_env(PYTHONPATH=os.pathsep.join([hooks, REPO]))
+
+
+_STALL_HOOK = '''
+"""Test-only: the decode faults of tests/footage.py, and a writer that stops for good just
+before it renames the temp file of {name!r} into place (where the test kills the run)."""
+import runpy
+import time
+
+runpy.run_path({faults!r})
+
+import fsspec.implementations.local as _local
+
+_mv = _local.LocalFileSystem.mv
+
+
+def _stalled_mv(self, path1, path2, *args, **kwargs):
+    if str(path2).endswith("/" + {name!r}):
+        time.sleep(3600)
+    return _mv(self, path1, path2, *args, **kwargs)
+
+
+_local.LocalFileSystem.mv = _stalled_mv
+'''
+
+
+def stalled_writer_env(tmp_path, name: str) -> dict:
+    """`faulty_env`, and every process's storage writer stops before renaming a file `name`
+    into place (its real temp file written), as a process killed mid-write leaves it."""
+    faults = os.path.join(fault_hook_dir(str(tmp_path / "hooks")), "sitecustomize.py")
+    stall = tmp_path / "stall-hooks"
+    stall.mkdir()
+    (stall / "sitecustomize.py").write_text(_STALL_HOOK.format(faults=faults, name=name))
+    return cli_env(PYTHONPATH=os.pathsep.join([str(stall), REPO]))
+
+
+def hidden_files(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root)
+                  for n in names if n.startswith("."))
 
 
 def run_cli(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -124,14 +163,19 @@ def test_killed_ray_worker_keeps_results_exactly_once(mixed, tmp_path, ray_sessi
     killed: list[int] = []
 
     def killer():
+        import psutil
+
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            for line in out.splitlines():
+            # this session's Ray workers only: never another run's on a shared machine
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    line = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
                 if "ray::" in line and ("Map" in line or "stage" in line):
-                    pid = int(line.split()[0])
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
                     return
             time.sleep(0.02)
 
@@ -144,25 +188,44 @@ def test_killed_ray_worker_keeps_results_exactly_once(mixed, tmp_path, ray_sessi
 
 
 def test_killed_run_restarted_gives_the_same_rows(mixed, tmp_path, monkeypatch):
+    """The run is killed while one source's clips file is half-written (its temp file written,
+    not yet renamed): the output shows no partial file, and the re-run removes the temp file,
+    does the missing sources only and ends with the clean run's rows."""
+    from pipelines.ingest import source_id
+
     root, good, _ = mixed
     data = str(tmp_path / "data")
-    # a slow source keeps the first run busy long enough to be killed halfway
+    # a slow source keeps the first run busy long enough to be killed halfway, and one
+    # source's writer stops between its temp file and the rename until the kill
+    stalled = f"{source_id(sorted(p for p in good if p.endswith('.mp4'))[0])}.parquet"
     env = faulty_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", root, "--out", data, "--probe-timeout", "20"],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    done_dir = os.path.join(data, "_done")
+                            env=stalled_writer_env(tmp_path, stalled), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    done_dir, clips_dir = os.path.join(data, "_done"), os.path.join(data, "clips")
+
+    def temps() -> list[str]:
+        return [n for n in os.listdir(clips_dir) if n.startswith(f".{stalled}.tmp-")] if os.path.isdir(clips_dir) else []
+
     deadline = time.monotonic() + 240  # Ray's start alone can take a minute on a loaded machine
     while time.monotonic() < deadline:
-        if os.path.isdir(done_dir) and len(os.listdir(done_dir)) >= 3:
+        if os.path.isdir(done_dir) and len(os.listdir(done_dir)) >= 3 and temps():
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, mid-run
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, mid-run and mid-write
     proc.wait()
     n_done = len([n for n in os.listdir(done_dir) if not n.startswith(".")])
     n_inputs = len(list_sources([root]))
     assert 3 <= n_done < n_inputs, f"kill came too late or too early: {n_done}/{n_inputs}"
+    assert len(temps()) == 1 and not os.path.exists(os.path.join(clips_dir, stalled)), os.listdir(clips_dir)
     proc = run_cli(["ingest", root, "--out", data, "--probe-timeout", "3"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert hidden_files(data) == []
+    summary = storage.read_json(os.path.join(data, "_summary.json"))
+    assert summary["stale_temps_removed"] >= 1
+    # the killed run's Ray workers may finish a source or two before they notice: >= n_done
+    assert summary["sources_skipped_already_done"] >= n_done
+    assert summary["sources_processed"] == n_inputs - summary["sources_skipped_already_done"]  # none twice
     clean = str(tmp_path / "clean")
     worker = fault_worker()  # the same faults in this process's decode worker
     monkeypatch.setattr(video_io, "_WORKER", worker)

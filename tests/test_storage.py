@@ -1,0 +1,99 @@
+"""Atomic writes and the temp files a stopped writer leaves, on a local disk and on S3 (moto on loopback)."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+
+from pipelines import storage
+
+
+class Stopped(BaseException):
+    """The writer's process stops between its temp file and the rename (a kill, a lost node)."""
+
+
+def stopped_write(monkeypatch, url: str, data: bytes) -> None:
+    """`storage.write_bytes_atomic` stopped before its rename: the real temp file stays behind."""
+    fs, _ = storage.fs_and_path(url)
+
+    def mv(self, *args, **kwargs):
+        raise Stopped
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "mv", mv)
+        with pytest.raises(Stopped):
+            storage.write_bytes_atomic(url, data)
+
+
+def hidden(url: str) -> list[str]:
+    fs, path = storage.fs_and_path(url)
+    fs.invalidate_cache(path)
+    return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if n.startswith("."))
+
+
+@pytest.fixture
+def s3_root(monkeypatch):
+    """An empty bucket on moto's S3 server on 127.0.0.1; the URL of a folder in it."""
+    moto_server = pytest.importorskip("moto.server")
+    import fsspec.config
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("storage-test")  # moto keeps buckets per process: a name no other module uses
+        yield "s3://storage-test/ds"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stopped_writers_temp_file_goes_at_the_next_start_and_nothing_else(where, tmp_path, monkeypatch, request):
+    root = str(tmp_path / "ds") if where == "local" else request.getfixturevalue("s3_root")
+    clips, quarantine = storage.join(root, "clips"), storage.join(root, "quarantine")
+    table = pa.table({"x": [1, 2, 3]})
+    storage.write_parquet_atomic(table, storage.join(clips, "done.parquet"))
+    stopped_write(monkeypatch, storage.join(clips, "cut.parquet"), b"PAR1 half of a file")
+    stopped_write(monkeypatch, storage.join(quarantine, "encode-1.parquet"), b"half")
+    stopped_write(monkeypatch, storage.join(quarantine, "caption-1.parquet"), b"half")  # another stage's
+    (left,) = hidden(clips)
+    assert storage.TEMP_NAME.fullmatch(left)["name"] == "cut.parquet"
+    assert storage.list_names(clips) == {"done.parquet"}  # readers never see the temp file
+    assert storage.read_table(clips).equals(table)
+    gap = 1.1 if where == "s3" else 0.05  # S3 keeps LastModified to the second
+    time.sleep(gap)
+    started = time.time()
+    time.sleep(gap)
+    stopped_write(monkeypatch, storage.join(clips, "live.parquet"), b"a writer still going")  # after the start
+
+    ours = [n for n in hidden(quarantine) if n.startswith(".encode-")]
+    assert storage.remove_stale_temps(clips, started) == [left]
+    assert storage.remove_stale_temps(quarantine, started, r"encode-.*") == ours
+    assert [storage.TEMP_NAME.fullmatch(n)["name"] for n in hidden(clips)] == ["live.parquet"]
+    assert [storage.TEMP_NAME.fullmatch(n)["name"] for n in hidden(quarantine)] == ["caption-1.parquet"]
+    assert storage.list_names(clips) == {"done.parquet"} and storage.read_table(clips).equals(table)
+    assert storage.remove_stale_temps(storage.join(root, "missing"), started) == []
+
+
+def test_put_file_atomic_moves_a_local_file_in_whole(tmp_path, monkeypatch):
+    local = tmp_path / "video.mp4"
+    local.write_bytes(b"\x00" * 1000)
+    out = str(tmp_path / "out" / "videos")
+    storage.put_file_atomic(str(local), storage.join(out, "a.mp4"))
+    fs, path = storage.fs_and_path(out)
+
+    def mv(self, *args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(type(fs), "mv", mv)
+    with pytest.raises(Stopped):
+        storage.put_file_atomic(str(local), storage.join(out, "b.mp4"))
+    assert storage.list_names(out) == {"a.mp4"}
+    assert (tmp_path / "out" / "videos" / "a.mp4").read_bytes() == local.read_bytes()
