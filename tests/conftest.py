@@ -144,3 +144,29 @@ def media(tmp_path_factory):
     write_video(str(d / "b.mp4"), moving_square(64, 48, 13, color=(0, 255, 0), seed=1), 8)
     Image.fromarray(moving_square(64, 48, 1)[0]).save(d / "first.png")
     return d
+
+
+@pytest.fixture
+def loopback_s3(monkeypatch):
+    """A fresh empty bucket on moto's S3 server on 127.0.0.1 (endpoint from fsspec config, as
+    FSSPEC_S3_ENDPOINT_URL would set it); its URL, ``s3://NAME``."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import uuid
+
+    import fsspec
+    import fsspec.config
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
+        bucket = f"test-{uuid.uuid4().hex[:12]}"  # moto keeps buckets per process: a name of its own
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()

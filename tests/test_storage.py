@@ -34,24 +34,9 @@ def hidden(url: str) -> list[str]:
 
 
 @pytest.fixture
-def s3_root(monkeypatch):
-    """An empty bucket on moto's S3 server on 127.0.0.1; the URL of a folder in it."""
-    moto_server = pytest.importorskip("moto.server")
-    import fsspec.config
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("storage-test")  # moto keeps buckets per process: a name no other module uses
-        yield "s3://storage-test/ds"
-    finally:
-        server.stop()
+def s3_root(loopback_s3):
+    """The URL of a folder in an empty bucket on moto's S3 server on 127.0.0.1."""
+    return f"{loopback_s3}/ds"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

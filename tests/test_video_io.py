@@ -423,33 +423,16 @@ def test_animated_previews(tmp_path, writer, ext):
             assert img.info.get("duration") == 100  # ms per frame at 10 fps (set once seeked)
 
 
-def test_s3_round_trip_on_loopback(tmp_path, monkeypatch):
+def test_s3_round_trip_on_loopback(loopback_s3):
     """s3:// through s3fs against moto's S3 server on 127.0.0.1 (endpoint from fsspec config,
     as FSSPEC_S3_ENDPOINT_URL would set it)."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    import fsspec.config
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        # moto keeps buckets per process, so the name must not clash with other test modules
-        fs.mkdir("video-io-test")
-        frames = moving_box(96, 72)
-        write_video("s3://video-io-test/in/clip ñ.mp4", frames, 24)
-        info = probe("s3://video-io-test/in/clip ñ.mp4")
-        assert (info.width, info.height, info.num_frames, info.codec) == (96, 72, T, "h264")
-        assert psnr(read_frames("s3://video-io-test/in/clip ñ.mp4", [4])[0], frames[4]) > 35
-        with pytest.raises(VideoError, match="no such file"):
-            probe("s3://video-io-test/in/missing.mp4")
-    finally:
-        server.stop()
+    frames = moving_box(96, 72)
+    write_video(f"{loopback_s3}/in/clip ñ.mp4", frames, 24)
+    info = probe(f"{loopback_s3}/in/clip ñ.mp4")
+    assert (info.width, info.height, info.num_frames, info.codec) == (96, 72, T, "h264")
+    assert psnr(read_frames(f"{loopback_s3}/in/clip ñ.mp4", [4])[0], frames[4]) > 35
+    with pytest.raises(VideoError, match="no such file"):
+        probe(f"{loopback_s3}/in/missing.mp4")
 
 
 def test_decord_imported_first_gives_a_clear_error(tmp_path):
