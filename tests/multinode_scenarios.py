@@ -10,7 +10,7 @@ no verdicts. What it runs, in order, on one cluster:
 
 1. clean runs of ingest, encode and bulk generation on all three nodes (the reference tables);
 2. the same stages again into new outputs, each losing a worker node mid-run: the loopback S3
-   server holds one upload of the stage's output (a temp Parquet file or a video) after its body
+   server holds one upload of the stage's output (a temp Parquet or video file) after its body
    arrived, the node whose Ray worker sent it is killed (no graceful shutdown), then the upload
    is let go; an upload whose sender is gone by then is dropped, as S3 drops one cut off mid-body.
    Ray retries the lost work on the nodes left; a fresh node then joins for the next stage;
@@ -434,7 +434,7 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
     res["encode"]["faulted"].update(latents_facts(f"{S3}/faulted"))
     res["bulk"]["faulted"] = faulted("bulk", lambda: run_generate_bulk(inputs["model"], inputs["prompts"],
                                                                        f"{S3}/bulk-faulted", bcfg),
-                                     rf"^/{BUCKET}/bulk-faulted/videos/[^/]+\.mp4$")
+                                     rf"^/{BUCKET}/bulk-faulted/videos/\.[^/]+\.mp4\.tmp-")
     res["bulk"]["faulted"].update(bulk_facts(f"{S3}/bulk-faulted"))
     res["bulk"]["rerun"] = run_generate_bulk(inputs["model"], inputs["prompts"], f"{S3}/bulk-faulted", bcfg)
 
