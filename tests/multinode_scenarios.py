@@ -219,11 +219,11 @@ def latents_facts(data: str) -> dict:
     from pipelines import storage, trainer
     from pipelines.latents import read_latents
 
-    rows = sorted(read_latents(data).to_pylist(), key=lambda r: r["clip_id"])
-    # what a training process, which starts with no cached listing, reads: this process's s3fs
-    # instance keeps the listings it made (encode's driver listed latents/ before its workers
-    # wrote there), so they are dropped first
+    # what a new process (training), which starts with no cached listing, reads: this process's
+    # s3fs instance keeps the listings it made (encode's driver listed latents/ before its
+    # workers wrote there, and `storage.read_table` asks `exists` first), so they are dropped
     storage.fs_and_path(data)[0].invalidate_cache()
+    rows = sorted(read_latents(data).to_pylist(), key=lambda r: r["clip_id"])
     fs, path = trainer.pyarrow_fs(storage.join(data, "latents"))  # as training reads them
     ray_rows = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).count()
     return {"rows": jsonable(rows), "ray_data_rows": ray_rows, "files": listing(storage.join(data, "latents"))}
