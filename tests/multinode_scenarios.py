@@ -203,6 +203,7 @@ def ingest_facts(data: str) -> dict:
     from pipelines import storage
     from pipelines.ingest import read_clips, read_quarantine
 
+    storage.fs_and_path(data)[0].invalidate_cache()  # a new process's view (see latents_facts)
     done = {}
     for name in sorted(storage.list_names(storage.join(data, "_done"))):
         s = storage.read_json(storage.join(data, "_done", name))
@@ -230,8 +231,10 @@ def latents_facts(data: str) -> dict:
 
 
 def bulk_facts(out: str) -> dict:
+    from pipelines import storage
     from pipelines.generate_bulk import read_manifest
 
+    storage.fs_and_path(out)[0].invalidate_cache()  # a new process's view (see latents_facts)
     fs = s3fs()
     rows = []
     for r in read_manifest(out).to_pylist():
