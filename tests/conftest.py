@@ -41,9 +41,8 @@ def _has_cuda() -> bool:
 # (`--dist loadfile`) to two test processes in collection order (`--no-loadscope-reorder`; xdist
 # would otherwise start the files with the most tests first), each taking the next file when it
 # is free: starting the long ones first lets both processes end together
-# (longest-processing-time-first scheduling). The multi-node scenarios come first: most of their
-# time is a cluster's start-up and waits for Ray to notice a lost node, which the other process
-# fills with work.
+# (longest-processing-time-first scheduling). The multi-node scenarios, the longest file, come
+# first: started last, the other process would sit idle for their whole run.
 LONGEST_FIRST = ("test_multinode.py", "test_demo.py", "test_train.py", "test_serve.py", "test_train_wan.py",
                  "test_ingest.py", "test_flows.py", "test_upsampler.py", "test_train_vae.py", "test_generate_bulk.py",
                  "test_train_captioner.py", "test_caption.py", "test_ingest_scores.py", "test_captioner.py",
