@@ -1,5 +1,6 @@
 """Shared test set-up: offline, one local Ray per test process (started only if a test asks;
-the README's command runs two processes, `-n 2`, each taking whole files), GPU skips."""
+the README's command runs two processes, `-n 2`, each taking whole files, the longest first),
+GPU skips."""
 
 from __future__ import annotations
 
@@ -36,7 +37,21 @@ def _has_cuda() -> bool:
         return False
 
 
+# The files that take longest on 2 cores, longest first. The README's command hands whole files
+# (`--dist loadfile`) to two test processes in collection order (`--no-loadscope-reorder`; xdist
+# would otherwise start the files with the most tests first), each taking the next file when it
+# is free: starting the long ones first lets both processes end together
+# (longest-processing-time-first scheduling). The multi-node scenarios, the longest file, come
+# first: started last, the other process would sit idle for their whole run.
+LONGEST_FIRST = ("test_multinode.py", "test_demo.py", "test_train.py", "test_serve.py", "test_train_wan.py",
+                 "test_ingest.py", "test_flows.py", "test_upsampler.py", "test_train_vae.py", "test_generate_bulk.py",
+                 "test_train_captioner.py", "test_caption.py", "test_ingest_scores.py", "test_captioner.py",
+                 "test_encode.py", "test_video_io.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its place
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -10,7 +10,7 @@ no verdicts. What it runs, in order, on one cluster:
 
 1. clean runs of ingest, encode and bulk generation on all three nodes (the reference tables);
 2. the same stages again into new outputs, each losing a worker node mid-run: the loopback S3
-   server holds one upload of the stage's output (a temp Parquet file or a video) after its body
+   server holds one upload of the stage's output (a temp Parquet or video file) after its body
    arrived, the node whose Ray worker sent it is killed (no graceful shutdown), then the upload
    is let go; an upload whose sender is gone by then is dropped, as S3 drops one cut off mid-body.
    Ray retries the lost work on the nodes left; a fresh node then joins for the next stage;
@@ -203,6 +203,7 @@ def ingest_facts(data: str) -> dict:
     from pipelines import storage
     from pipelines.ingest import read_clips, read_quarantine
 
+    storage.fs_and_path(data)[0].invalidate_cache()  # a new process's view (see latents_facts)
     done = {}
     for name in sorted(storage.list_names(storage.join(data, "_done"))):
         s = storage.read_json(storage.join(data, "_done", name))
@@ -219,6 +220,10 @@ def latents_facts(data: str) -> dict:
     from pipelines import storage, trainer
     from pipelines.latents import read_latents
 
+    # what a new process (training), which starts with no cached listing, reads: this process's
+    # s3fs instance keeps the listings it made (encode's driver listed latents/ before its
+    # workers wrote there, and `storage.read_table` asks `exists` first), so they are dropped
+    storage.fs_and_path(data)[0].invalidate_cache()
     rows = sorted(read_latents(data).to_pylist(), key=lambda r: r["clip_id"])
     fs, path = trainer.pyarrow_fs(storage.join(data, "latents"))  # as training reads them
     ray_rows = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).count()
@@ -226,8 +231,10 @@ def latents_facts(data: str) -> dict:
 
 
 def bulk_facts(out: str) -> dict:
+    from pipelines import storage
     from pipelines.generate_bulk import read_manifest
 
+    storage.fs_and_path(out)[0].invalidate_cache()  # a new process's view (see latents_facts)
     fs = s3fs()
     rows = []
     for r in read_manifest(out).to_pylist():
@@ -430,7 +437,7 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
     res["encode"]["faulted"].update(latents_facts(f"{S3}/faulted"))
     res["bulk"]["faulted"] = faulted("bulk", lambda: run_generate_bulk(inputs["model"], inputs["prompts"],
                                                                        f"{S3}/bulk-faulted", bcfg),
-                                     rf"^/{BUCKET}/bulk-faulted/videos/[^/]+\.mp4$")
+                                     rf"^/{BUCKET}/bulk-faulted/videos/\.[^/]+\.mp4\.tmp-")
     res["bulk"]["faulted"].update(bulk_facts(f"{S3}/bulk-faulted"))
     res["bulk"]["rerun"] = run_generate_bulk(inputs["model"], inputs["prompts"], f"{S3}/bulk-faulted", bcfg)
 
