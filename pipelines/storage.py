@@ -44,8 +44,18 @@ def stable_id(*parts: Any, n: int = 20) -> str:
     return h.hexdigest()[:n]
 
 
-def exists(url: str) -> bool:
+def _listed(url: str):
+    """`fs_and_path(url)` with the filesystem's cached listings of the path dropped first.
+    Object-store filesystems (s3fs, gcsfs) cache every listing in their shared instance, and
+    stages' workers (other processes, other nodes) write where this process listed before:
+    a read that trusted the cache would miss their files."""
     fs, path = fs_and_path(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    fs, path = _listed(url)
     return fs.exists(path)
 
 
@@ -111,8 +121,7 @@ def remove_stale_temps(url: str, started: float, names: str = ".*") -> list[str]
     into one directory at once are not supported: a temp file that the other run's writer is
     about to rename may go, and that writer fails (Ray retries its task). On an object store the
     comparison uses the store's clock."""
-    fs, path = fs_and_path(url)
-    fs.invalidate_cache(path)
+    fs, path = _listed(url)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
@@ -154,7 +163,7 @@ def read_json(url: str) -> Any:
 def list_names(url: str) -> set[str]:
     """Names of the visible files directly under a directory URL (empty if it is missing):
     hidden names (temp files of writers still going, or stopped) are left out."""
-    fs, path = fs_and_path(url)
+    fs, path = _listed(url)
     if not fs.exists(path):
         return set()
     names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
@@ -173,7 +182,7 @@ def read_table(url: str, schema: pa.Schema | None = None, columns: list[str] | N
     group of files (`GROUP_FILES`, at most about `GROUP_BYTES`) is joined into one chunk as it
     is read: a table of one chunk per file would keep Arrow's per-array bookkeeping (and the
     native heap it fragments) for every file, memory that grows with the corpus, not its rows."""
-    fs, path = fs_and_path(url)
+    fs, path = _listed(url)
     if not fs.exists(path):
         if schema is None:
             raise FileNotFoundError(url)

@@ -82,3 +82,38 @@ def test_put_file_atomic_moves_a_local_file_in_whole(tmp_path, monkeypatch):
         storage.put_file_atomic(str(local), storage.join(out, "b.mp4"))
     assert storage.list_names(out) == {"a.mp4"}
     assert (tmp_path / "out" / "videos" / "a.mp4").read_bytes() == local.read_bytes()
+
+
+def test_reads_see_files_another_process_wrote_after_this_one_listed(s3_root):
+    """A stage's driver lists its output directory (stale temps, resume) before the workers
+    write there; afterwards the same process must read what they wrote, not its cached listing."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("x", pa.int64())])
+
+    def parquet(values) -> bytes:
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table({"x": values}, schema=schema), buf)
+        return buf.getvalue().to_pybytes()
+
+    url = f"{s3_root}/latents"
+    storage.write_bytes_atomic(f"{s3_root}/quarantine/a.json", b"{}")
+    storage.write_bytes_atomic(f"{url}/part-0.parquet", parquet([1]))
+    assert storage.list_names(s3_root) == {"latents", "quarantine"}  # caches the parent's listing
+    assert storage.list_names(url) == {"part-0.parquet"}
+    assert storage.remove_stale_temps(url, time.time()) == []
+    assert storage.read_table(url, schema).column("x").to_pylist() == [1]
+    # a worker elsewhere: its own filesystem instance, not this process's cache
+    fs, path = storage.fs_and_path(url)
+    other = fsspec.filesystem("s3", skip_instance_cache=True, **fs.storage_options)
+    other.pipe(f"{path}/part-1.parquet", parquet([2, 3]))
+    other.pipe(f"{fs_root(s3_root)}/manifest/m.parquet", parquet([4]))
+    assert storage.list_names(url) == {"part-0.parquet", "part-1.parquet"}
+    assert storage.read_table(url, schema).column("x").to_pylist() == [1, 2, 3]
+    assert storage.exists(f"{s3_root}/manifest")
+    assert storage.read_table(f"{s3_root}/manifest", schema).column("x").to_pylist() == [4]
+
+
+def fs_root(url: str) -> str:
+    return storage.fs_and_path(url)[1]
