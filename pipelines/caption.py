@@ -101,6 +101,17 @@ def decode_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * s / 2) * 2), max(2, round(height * s / 2) * 2)
 
 
+def clip_frames(clip: dict[str, Any], cfg: CaptionConfig):
+    """The frames the caption stage shows a clip's captioner: ``cfg.num_frames`` spread over the
+    clip, its content crop, decoded at ``cfg.short_side`` (aspect kept), within ``cfg.decode_timeout``.
+    (k, H, W, 3) uint8."""
+    from sora.video_io import read_frames
+
+    idx = sample_indices(int(clip["start_frame"]), int(clip["num_frames"]), cfg.num_frames)
+    size = decode_size(*content_size(clip), cfg.short_side)
+    return read_frames(str(clip["source"]), idx, size=size, crop=content_crop(clip), timeout=cfg.decode_timeout)
+
+
 class CaptionStage(Stage):
     """One captioner per actor; per batch: decode each clip's sampled frames, caption them in one call."""
 
@@ -118,11 +129,7 @@ class CaptionStage(Stage):
         self.clip = ClipScorer(self.cfg.clip_model, device=self.device) if self.cfg.clip_model else None
 
     def frames(self, clip: dict[str, Any]):
-        from sora.video_io import read_frames
-
-        idx = sample_indices(int(clip["start_frame"]), int(clip["num_frames"]), self.cfg.num_frames)
-        size = decode_size(*content_size(clip), self.cfg.short_side)
-        return read_frames(str(clip["source"]), idx, size=size, crop=content_crop(clip), timeout=self.cfg.decode_timeout)
+        return clip_frames(clip, self.cfg)
 
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
         from sora.curation.clip_scores import alignment_or_none
