@@ -11,18 +11,18 @@ apart. Each run of ours pays what a command pays: its actors start, import and l
 - caption (clips/s): `pipelines.caption.run_caption` with our small LLaVA captioner (built from
   its "tiny" preset, untrained: it never ends a caption early, so every caption is greedy
   decoding of ``max_new_tokens``) over shapes-world clips ingested as `sora ingest` does; one
-  actor per CPU at one torch thread each. Baseline: the model loaded once, then the same clips
+  actor per CPU at one torch thread each (`pool_size`). Baseline: the model loaded once, then the same clips
   in the same batches through `pipelines.caption.clip_frames` and `Captioner.caption`, in one
   process at torch's default thread count (every core).
 - generate (videos/s): `pipelines.generate_bulk.run_generate_bulk` over a JSONL prompt table
-  with the tiny random model of the tests (tests/tiny_model.py), one actor per CPU at one torch
-  thread each. Baseline: one `SoraPipeline` in this process (default threads), the same
+  with the tiny random model of the tests (tests/tiny_model.py), the same pool. Baseline: one `SoraPipeline` in this process (default threads), the same
   requests in the same same-shape units (`plan`, `make_units`), each video written as an mp4.
 - train (tokens/s): `pipelines.train.run_training` (our DiT, "tiny" preset) on the latents table
   of tests/test_train.py, on Ray Train with 1 worker (every CPU's threads) and with 2 workers
   (the CPUs split between them), the latents cached in memory (``cache_data``). Baseline: one
   process, torch's default threads, the same model, data and pack size per step: the same
-  `build_model`, `iter_cached_packs` and `train_step` (with the EMA update) in a plain loop.
+  `build_model`, `iter_cached_packs` and `train_step` (with the EMA update) in a plain loop
+  (``extra`` adds the same loop at one thread: the work of one process of the 2 workers).
   Tokens/s on both sides: real (unpadded) video tokens of every worker over the wall time of
   the last ``steps`` steps, after ``steps`` warm-up steps (the loop's own ``tokens_per_s``
   window: ``log_every_steps = steps``, ``max_steps = 2 x steps``); checkpointing and Ray Train's
@@ -68,9 +68,18 @@ def cluster() -> dict[str, Any]:
 
 
 def pool_size() -> tuple[int, int]:
-    """(actors, torch threads per actor): one actor per CPU of the cluster, one thread each."""
-    cpus = int(cluster()["CPU"]) or 1
-    return cpus, 1
+    """(actors, torch threads per actor): one actor per GPU of the cluster where it has GPUs,
+    else one per CPU; the CPUs split between them."""
+    c = cluster()
+    cpus, gpus = max(1, int(c["CPU"])), int(c["GPU"])
+    actors = gpus or cpus
+    return actors, max(1, cpus // actors)
+
+
+def threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 class Marks:
@@ -98,7 +107,7 @@ def split_extra(runs: dict[str, list[Marks]]) -> dict[str, Any]:
         splits = [m.split() for m in marks]
         rates = [r for _, r in splits if r is not None]
         out[f"first_batch_s_{side}"] = round(median([t for t, _ in splits]), 3)
-        out[f"running_rate_{side}"] = round(median(rates), 3) if rates else None
+        out[f"running_items_per_s_{side}"] = round(median(rates), 3) if rates else None
     return out
 
 
@@ -136,8 +145,8 @@ def bench_caption(work: str, videos: int, repeats: int, warmup: int) -> dict:
 
     data, model = caption_data(work, videos)
     clips = sorted(read_clips(data).to_pylist(), key=lambda c: c["clip_id"])  # run_caption's batch order
-    actors, threads = pool_size()
-    cfg = CaptionConfig(model=model, actors=actors, torch_threads=threads)
+    actors, per_actor = pool_size()
+    cfg = CaptionConfig(model=model, actors=actors, torch_threads=per_actor)
     got: dict[str, dict[str, str]] = {}
     runs: dict[str, list[Marks]] = {"baseline": [], "ours": []}
 
@@ -168,8 +177,8 @@ def bench_caption(work: str, videos: int, repeats: int, warmup: int) -> dict:
     n = len(clips)
     return report(
         "caption", "clips/s",
-        ("one-process loop: clip_frames + Captioner.caption, default threads", n / median(tb)),
-        (f"run_caption: Ray Data actor pool, {actors} actors x {threads} thread", n / median(to)),
+        (f"one-process loop: clip_frames + Captioner.caption, {threads()} threads", n / median(tb)),
+        (f"run_caption: Ray Data actor pool, {actors} actors x {per_actor} thread(s)", n / median(to)),
         higher_is_better=True,
         extra={"cluster": cluster(), "clips": n, "videos": videos, "batch_size": cfg.batch_size,
                "frames_per_clip": cfg.num_frames, "model": "our LLaVA captioner, tiny preset, untrained",
@@ -197,8 +206,8 @@ def bench_generate(work: str, n: int, repeats: int, warmup: int) -> dict:
     model = build_tiny_model(os.path.join(work, "model"))
     prompts = os.path.join(work, "prompts.jsonl")
     write_prompts(prompts, n)
-    actors, threads = pool_size()
-    cfg = BulkConfig(actors=actors, torch_threads=threads)
+    actors, per_actor = pool_size()
+    cfg = BulkConfig(actors=actors, torch_threads=per_actor)
     counter = {"i": 0}
     runs: dict[str, list[Marks]] = {"baseline": [], "ours": []}
 
@@ -229,8 +238,8 @@ def bench_generate(work: str, n: int, repeats: int, warmup: int) -> dict:
     tb, to = side_by_side(loop, ray_run, repeats=repeats, warmup=warmup)
     return report(
         "generate_bulk", "videos/s",
-        ("one-process loop: SoraPipeline.generate per same-shape unit, default threads", n / median(tb)),
-        (f"run_generate_bulk: Ray Data actor pool, {actors} actors x {threads} thread", n / median(to)),
+        (f"one-process loop: SoraPipeline.generate per same-shape unit, {threads()} threads", n / median(tb)),
+        (f"run_generate_bulk: Ray Data actor pool, {actors} actors x {per_actor} thread(s)", n / median(to)),
         higher_is_better=True,
         extra={"cluster": cluster(), "videos": n, "batch_size": cfg.batch_size,
                "video": f"{DEFAULTS['width']}x{DEFAULTS['height']}, {DEFAULTS['num_frames']} frames, "
@@ -286,15 +295,15 @@ def train_loop(data: str, vae: str, cfg) -> dict[str, float]:
 
 
 def bench_train(work: str, rows: int, steps: int, tokens: int, repeats: int) -> list[dict]:
-    import torch
-
     from pipelines.train import run_training
     from test_train import build_latents
+    from threads import torch_threads
 
     data, vae = build_latents(os.path.join(work, "latents"), n=rows)
     cpus = cluster()["CPU"]
     counter = {"i": 0}
     base: list[float] = []
+    base_one_thread: list[float] = []  # the same loop at one torch thread: what one 2-worker process does
     ours: dict[int, list[float]] = {1: [], 2: []}
     run_s: dict[int, list[float]] = {1: [], 2: []}
 
@@ -310,19 +319,22 @@ def bench_train(work: str, rows: int, steps: int, tokens: int, repeats: int) -> 
 
     for _ in range(repeats):  # alternating, as side_by_side: drifting load hits every side alike
         base.append(train_loop(data, vae, train_config(1, cpus, steps, tokens))["tokens_per_s"])
+        with torch_threads(1):
+            base_one_thread.append(train_loop(data, vae, train_config(1, cpus, steps, tokens))["tokens_per_s"])
         ray_run(1)
         ray_run(2)
     rows_out = []
     for workers in (1, 2):
         rows_out.append(report(
             f"train_dit_{workers}_worker{'s' if workers > 1 else ''}", "tokens/s",
-            (f"one-process loop: build_model + train_step, {torch.get_num_threads()} threads", median(base)),
-            (f"run_training: Ray Train, {workers} worker{'s' if workers > 1 else ''} x "
-             f"{max(1, int(cpus / workers))} thread{'s' if int(cpus / workers) > 1 else ''}", median(ours[workers])),
+            (f"one-process loop: build_model + train_step, {threads()} threads", median(base)),
+            (f"run_training: Ray Train, {workers} worker(s) x {max(1, int(cpus / workers))} thread(s)",
+             median(ours[workers])),
             higher_is_better=True,
             extra={"cluster": cluster(), "model": "DiT tiny preset", "latents_rows": rows,
                    "tokens_per_step_per_worker": tokens, "warmup_steps": steps, "measured_steps": steps,
                    "tokens_per_s_baseline": [round(x, 1) for x in base],
+                   "tokens_per_s_baseline_1_thread": [round(x, 1) for x in base_one_thread],
                    "tokens_per_s_ours": [round(x, 1) for x in ours[workers]],
                    "run_seconds_ours": [round(x, 2) for x in run_s[workers]],
                    "how": "real tokens of every worker over the wall time of the last measured_steps steps "
