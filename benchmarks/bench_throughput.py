@@ -11,12 +11,13 @@ apart. Each run of ours pays what a command pays: its actors start, import and l
 - caption (clips/s): `pipelines.caption.run_caption` with our small LLaVA captioner (built from
   its "tiny" preset, untrained: it never ends a caption early, so every caption is greedy
   decoding of ``max_new_tokens``) over shapes-world clips ingested as `sora ingest` does; one
-  actor per CPU at one torch thread each (`pool_size`). Baseline: the model loaded once, then the same clips
-  in the same batches through `pipelines.caption.clip_frames` and `Captioner.caption`, in one
-  process at torch's default thread count (every core).
+  actor per CPU at one torch thread each (`pool_size`). Baseline: the model loaded once, then
+  the same clips in the same batches through `pipelines.caption.clip_frames` and
+  `Captioner.caption`, in one process at torch's default thread count (every core).
 - generate (videos/s): `pipelines.generate_bulk.run_generate_bulk` over a JSONL prompt table
-  with the tiny random model of the tests (tests/tiny_model.py), the same pool. Baseline: one `SoraPipeline` in this process (default threads), the same
-  requests in the same same-shape units (`plan`, `make_units`), each video written as an mp4.
+  with the tiny random model of the tests (tests/tiny_model.py), on the same pool. Baseline:
+  one `SoraPipeline` in this process (default threads), the same requests in the same
+  same-shape units (`plan`, `make_units`), each video written as an mp4.
 - train (tokens/s): `pipelines.train.run_training` (our DiT, "tiny" preset) on the latents table
   of tests/test_train.py, on Ray Train with 1 worker (every CPU's threads) and with 2 workers
   (the CPUs split between them), the latents cached in memory (``cache_data``). Baseline: one
