@@ -3,7 +3,7 @@ Ray Train) vs a plain one-process loop over the same model and inputs, side by s
 
     python -m benchmarks.bench_throughput [--quick] [--only caption,generate,train] [--repeats N]
 
-One JSON row per figure (benchmarks/common.report), the Ray cluster's resources (CPU, GPU,
+One JSON row per figure (`benchmarks.common.report`), the Ray cluster's resources (CPU, GPU,
 memory from ``ray.cluster_resources()``) in each row's ``extra``. Ray is started once before
 timing (a cluster is long-lived; `RAY_ADDRESS` picks another one) and its start-up is reported
 apart. Each run of ours pays what a command pays: its actors start, import and load their model.
