@@ -278,7 +278,7 @@ def train_loop(data: str, vae: str, cfg) -> dict[str, float]:
     device = torch.device("cpu")
     core, model, optimizer, flops = build_model(plan.loop_config(), cfg, device, 1)
     ema, flow = EMA(core, cfg.ema_decay), cfg.flow()
-    step, epoch, tokens, t0 = 0, 0, 0.0, 0.0
+    step, epoch, tokens, t0, measured = 0, 0, 0.0, 0.0, cfg.max_steps - cfg.log_every_steps
     while step < cfg.max_steps:
         for pack in iter_cached_packs(samples, cfg, epoch, 0):
             step += 1
@@ -292,7 +292,8 @@ def train_loop(data: str, vae: str, cfg) -> dict[str, float]:
             if step == cfg.max_steps:
                 break
         epoch += 1
-    return {"tokens_per_s": tokens / (time.monotonic() - t0), "steps": step, "epochs": epoch}
+    return {"tokens_per_s": tokens / (time.monotonic() - t0), "steps": step, "epochs": epoch,
+            "padding_fraction": 1.0 - tokens / (measured * cfg.tokens_per_step)}
 
 
 def bench_train(work: str, rows: int, steps: int, tokens: int, repeats: int) -> list[dict]:
@@ -304,6 +305,7 @@ def bench_train(work: str, rows: int, steps: int, tokens: int, repeats: int) -> 
     cpus = cluster()["CPU"]
     counter = {"i": 0}
     base: list[float] = []
+    pad: dict[str, list[float]] = {"baseline": [], "1": [], "2": []}  # unused share of the token budget
     base_one_thread: list[float] = []  # the same loop at one torch thread: what one 2-worker process does
     ours: dict[int, list[float]] = {1: [], 2: []}
     run_s: dict[int, list[float]] = {1: [], 2: []}
@@ -317,9 +319,12 @@ def bench_train(work: str, rows: int, steps: int, tokens: int, repeats: int) -> 
         run_s[workers].append(time.perf_counter() - t0)
         assert summary["steps"] == 2 * steps and summary["metrics"]["step"] == 2 * steps, summary
         ours[workers].append(summary["metrics"]["tokens_per_s"])
+        pad[str(workers)].append(summary["metrics"]["padding_fraction"])
 
     for _ in range(repeats):  # alternating, as side_by_side: drifting load hits every side alike
-        base.append(train_loop(data, vae, train_config(1, cpus, steps, tokens))["tokens_per_s"])
+        loop = train_loop(data, vae, train_config(1, cpus, steps, tokens))
+        base.append(loop["tokens_per_s"])
+        pad["baseline"].append(loop["padding_fraction"])
         with torch_threads(1):
             base_one_thread.append(train_loop(data, vae, train_config(1, cpus, steps, tokens))["tokens_per_s"])
         ray_run(1)
@@ -338,6 +343,8 @@ def bench_train(work: str, rows: int, steps: int, tokens: int, repeats: int) -> 
                    "tokens_per_s_baseline_1_thread": [round(x, 1) for x in base_one_thread],
                    "tokens_per_s_ours": [round(x, 1) for x in ours[workers]],
                    "run_seconds_ours": [round(x, 2) for x in run_s[workers]],
+                   "padding_fraction_baseline": round(median(pad["baseline"]), 3),
+                   "padding_fraction_ours": round(median(pad[str(workers)]), 3),
                    "how": "real tokens of every worker over the wall time of the last measured_steps steps "
                           "(after warmup_steps); Ray: the training loop's own tokens_per_s window"}))
     return rows_out
@@ -351,9 +358,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small inputs, one repeat: a smoke run (~1 minute)")
     ap.add_argument("--only", default="caption,generate,train", help="comma-separated: caption, generate, train")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats of each side (default 3, quick 1)")
-    ap.add_argument("--videos", type=int, default=None, help="caption: shapes-world videos (default 48, quick 16)")
-    ap.add_argument("--prompts", type=int, default=None, help="generate: prompts (default 96, quick 16)")
-    ap.add_argument("--steps", type=int, default=None, help="train: warm-up steps, then as many measured (default 20, quick 5)")
+    ap.add_argument("--videos", type=int, default=None, help="caption: shapes-world videos (default 96, quick 16)")
+    ap.add_argument("--prompts", type=int, default=None, help="generate: prompts (default 192, quick 16)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train: warm-up steps, then as many measured (default 20, quick 5)")
+    ap.add_argument("--rows", type=int, default=None, help="train: latents rows (default 192, quick 48)")
     ap.add_argument("--tokens", type=int, default=256, help="train: tokens per step per worker (the pack's budget)")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     args = ap.parse_args()
@@ -371,11 +380,12 @@ def main() -> None:
     print(f"ray started in {time.perf_counter() - t0:.1f} s: {json.dumps(cluster())}", file=sys.stderr, flush=True)
     try:
         if "caption" in only:
-            bench_caption(os.path.join(work, "caption"), args.videos or (16 if args.quick else 48), repeats, warmup)
+            bench_caption(os.path.join(work, "caption"), args.videos or (16 if args.quick else 96), repeats, warmup)
         if "generate" in only:
-            bench_generate(os.path.join(work, "generate"), args.prompts or (16 if args.quick else 96), repeats, warmup)
+            bench_generate(os.path.join(work, "generate"), args.prompts or (16 if args.quick else 192), repeats, warmup)
         if "train" in only:
-            bench_train(os.path.join(work, "train"), 48, args.steps or (5 if args.quick else 20), args.tokens, repeats)
+            bench_train(os.path.join(work, "train"), args.rows or (48 if args.quick else 192),
+                        args.steps or (5 if args.quick else 20), args.tokens, repeats)
     finally:
         import ray
 
