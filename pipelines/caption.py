@@ -67,6 +67,8 @@ def best_captions(data: str) -> dict[str, str]:
 class CaptionConfig(StageResources):
     """How `sora caption` captions clips (with `StageResources`: actors, num_gpus, torch_threads)."""
 
+    # actor pool size, a captioner copy each; none: one per GPU of the cluster where it has GPUs, else one per CPU
+    actors: int | None = None
     model: str | None = None  # a local Hugging Face captioner directory (None: the captions.jsonl sidecars)
     batch_size: int = 8  # clips per model call
     num_frames: int = 4  # frames sampled per clip (image-only models see them as a grid)
@@ -217,7 +219,9 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
     from pipelines.ray_utils import table_blocks
 
     todo = todo.sort_by("clip_id")  # deterministic batches for a given to-do set
-    ds = CaptionStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
+    # blocks made on the driver (`from_blocks`): `from_arrow` would start a task per block to
+    # read its schema, a worker process whose CPU the actors wait for
+    ds = CaptionStage.apply(ray.data.from_blocks(table_blocks(todo, cfg.batch_size)), cfg, out=data,
                             batch_size=cfg.batch_size)
     stats = collect_stats(ds, todo.num_rows, progress)
     result.update(captioned=stats["ok"], failed=stats["failed"], actors=stats["actors"],
