@@ -10,8 +10,9 @@ apart. Each run of ours pays what a command pays: its actors start, import and l
 
 - caption (clips/s): `pipelines.caption.run_caption` with our small LLaVA captioner (built from
   its "tiny" preset, untrained: it never ends a caption early, so every caption is greedy
-  decoding of ``max_new_tokens``) over shapes-world clips ingested as `sora ingest` does; one
-  actor per CPU at one torch thread each (`pool_size`). Baseline: the model loaded once, then
+  decoding of ``max_new_tokens``) over shapes-world clips ingested as `sora ingest` does; the
+  command's default pool (one actor per CPU, which Ray gives one torch thread each; one per
+  GPU where there are GPUs). Baseline: the model loaded once, then
   the same clips in the same batches through `pipelines.caption.clip_frames` and
   `Captioner.caption`, in one process at torch's default thread count (every core).
 - generate (videos/s): `pipelines.generate_bulk.run_generate_bulk` over a JSONL prompt table
@@ -29,9 +30,14 @@ apart. Each run of ours pays what a command pays: its actors start, import and l
   window: ``log_every_steps = steps``, ``max_steps = 2 x steps``); checkpointing and Ray Train's
   start-up are outside the window and reported apart (``run_seconds``).
 
-Caption and generate rows also split each side's runs (``extra``): seconds to the first
-finished batch (start-up: actors, imports, model load, one batch) and the rate from the first
-finished batch to the last (items/s once running).
+Caption and generate rows also split each side's timed runs (``extra``): seconds to the first
+finished batch (start-up: for ours Ray Data's planning, the actors' processes, their imports and
+model load, one batch), the rate from the end of the first round of batches (one per actor) to
+the last (items/s once running), and the share of the machine's cores busy in each part
+(/proc/stat, every process counted). ``cold_process_import_and_load_s``: what a fresh process
+pays to import the stage and load the model, which each actor pays and the in-process loop has
+paid before it is timed. The default sizes are ones where the running part is most of a run of
+ours: with fewer items a run is mostly its start-up, whatever the rate once running.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +58,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a private local Ray unless RAY_ADDRESS names a cluster: never one another process runs here
 os.environ.setdefault("RAY_ADDRESS", "local")
 
-TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
 sys.path.insert(0, TESTS)
 
 from benchmarks.common import median, report, side_by_side  # noqa: E402
@@ -68,13 +76,12 @@ def cluster() -> dict[str, Any]:
             "object_store_gib": round(r.get("object_store_memory", 0.0) / GIB, 1), "nodes": len(ray.nodes())}
 
 
-def pool_size() -> tuple[int, int]:
-    """(actors, torch threads per actor): one actor per GPU of the cluster where it has GPUs,
-    else one per CPU; the CPUs split between them."""
-    c = cluster()
-    cpus, gpus = max(1, int(c["CPU"])), int(c["GPU"])
-    actors = gpus or cpus
-    return actors, max(1, cpus // actors)
+def pool_actors(cfg) -> int:
+    """The actor pool a stage config gets on this cluster (`pipelines.stage.resolve_resources`:
+    with the configs' default, one actor per GPU where the cluster has GPUs, else one per CPU)."""
+    from pipelines.stage import resolve_resources
+
+    return resolve_resources(cfg).actors
 
 
 def threads() -> int:
@@ -83,33 +90,70 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
-class Marks:
-    """When a run's items got done: (seconds since the run started, items done so far), one mark
-    per finished batch (a stage's ``progress`` callback, or the loop's own calls)."""
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all of this machine's cores so far (/proc/stat; (0, 0) where
+    there is none): the share of the cores a stretch of time kept busy, every process counted."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
 
-    def __init__(self) -> None:
+
+class Marks:
+    """When a run's items got done: (seconds since the run started, items done so far, CPU ticks),
+    one mark per finished batch (a stage's ``progress`` callback, or the loop's own calls).
+    ``lanes``: batches that run at once (a pool's actors; 1 for the loop)."""
+
+    def __init__(self, lanes: int = 1) -> None:
+        self.lanes = lanes
         self.t0 = time.perf_counter()
-        self.marks: list[tuple[float, int]] = []
+        self.ticks0 = cpu_ticks()
+        self.marks: list[tuple[float, int, tuple[int, int]]] = []
 
     def __call__(self, done: int, total: int | None = None) -> None:
-        self.marks.append((time.perf_counter() - self.t0, done))
+        self.marks.append((time.perf_counter() - self.t0, done, cpu_ticks()))
 
-    def split(self) -> tuple[float, float | None]:
-        """(seconds to the first finished batch: start-up, model load and one batch; items/s
-        from the first finished batch to the last: the rate once running)."""
-        (t1, d1), (t2, d2) = self.marks[0], self.marks[-1]
-        return t1, ((d2 - d1) / (t2 - t1) if t2 > t1 else None)
+    def split(self) -> dict[str, float | None]:
+        """Start-up: seconds to the first finished batch (actors, imports, model load, one batch).
+        Running: items/s from the end of the first round (a batch from each lane) to the last
+        batch, so lanes that finish their first batches together do not count as speed. The share
+        of the machine's cores kept busy in each part (1: every core)."""
+        def busy(a: tuple[int, int], b: tuple[int, int]) -> float | None:
+            return round((b[0] - a[0]) / (b[1] - a[1]), 3) if b[1] > a[1] else None
+
+        t1, _, k1 = self.marks[0]
+        ts, ds, ks = self.marks[min(self.lanes, len(self.marks)) - 1]
+        te, de, ke = self.marks[-1]
+        return {"first_batch_s": t1, "running_items_per_s": (de - ds) / (te - ts) if te > ts else None,
+                "cpu_busy_start": busy(self.ticks0, k1), "cpu_busy_running": busy(ks, ke) if te > ts else None}
 
 
-def split_extra(runs: dict[str, list[Marks]]) -> dict[str, Any]:
-    """Median start-up (to the first finished batch) and running rate of each side's runs."""
+def split_extra(runs: dict[str, list[Marks]], repeats: int) -> dict[str, Any]:
+    """Median start-up (to the first finished batch), running rate and busy core shares of each
+    side's timed runs (the last ``repeats``: warm-up runs left out)."""
     out: dict[str, Any] = {}
     for side, marks in runs.items():
-        splits = [m.split() for m in marks]
-        rates = [r for _, r in splits if r is not None]
-        out[f"first_batch_s_{side}"] = round(median([t for t, _ in splits]), 3)
-        out[f"running_items_per_s_{side}"] = round(median(rates), 3) if rates else None
+        splits = [m.split() for m in marks[-repeats:]]
+        for key in ("first_batch_s", "running_items_per_s", "cpu_busy_start", "cpu_busy_running"):
+            xs = [s[key] for s in splits if s[key] is not None]
+            out[f"{key}_{side}"] = round(median(xs), 3) if xs else None
     return out
+
+
+def cold_start(code: str, repeats: int = 2) -> float:
+    """Median seconds a fresh Python process takes to run ``code`` (imports, a model load): what
+    each actor of a pool pays before its first batch, and a one-process command too (the
+    in-process loop of these benchmarks has paid it before it is timed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return round(median(times), 3)
 
 
 def fresh(path: str) -> str:
@@ -146,8 +190,10 @@ def bench_caption(work: str, videos: int, repeats: int, warmup: int) -> dict:
 
     data, model = caption_data(work, videos)
     clips = sorted(read_clips(data).to_pylist(), key=lambda c: c["clip_id"])  # run_caption's batch order
-    actors, per_actor = pool_size()
-    cfg = CaptionConfig(model=model, actors=actors, torch_threads=per_actor)
+    cfg = CaptionConfig(model=model)  # the command's defaults: the pool sized from the cluster
+    actors = pool_actors(cfg)
+    load = cold_start(f"import pipelines.caption, torch; from sora.captioner import Captioner; "
+                      f"Captioner.from_pretrained({model!r})")
     got: dict[str, dict[str, str]] = {}
     runs: dict[str, list[Marks]] = {"baseline": [], "ours": []}
 
@@ -165,7 +211,7 @@ def bench_caption(work: str, videos: int, repeats: int, warmup: int) -> dict:
 
     def ray_run() -> None:
         fresh(os.path.join(data, "captions"))
-        marks = Marks()
+        marks = Marks(actors)
         result = run_caption(data, cfg, progress=marks)
         runs["ours"].append(marks)
         assert result["captioned"] == len(clips) and result["failed"] == 0, result
@@ -179,12 +225,13 @@ def bench_caption(work: str, videos: int, repeats: int, warmup: int) -> dict:
     return report(
         "caption", "clips/s",
         (f"one-process loop: clip_frames + Captioner.caption, {threads()} threads", n / median(tb)),
-        (f"run_caption: Ray Data actor pool, {actors} actors x {per_actor} thread(s)", n / median(to)),
+        (f"run_caption: Ray Data actor pool, {actors} actors (the default: one per CPU)", n / median(to)),
         higher_is_better=True,
         extra={"cluster": cluster(), "clips": n, "videos": videos, "batch_size": cfg.batch_size,
                "frames_per_clip": cfg.num_frames, "model": "our LLaVA captioner, tiny preset, untrained",
                "captions_identical": round(same, 3), "seconds_baseline": [round(x, 3) for x in tb],
-               "seconds_ours": [round(x, 3) for x in to], **split_extra(runs)})
+               "seconds_ours": [round(x, 3) for x in to], "cold_process_import_and_load_s": load,
+               **split_extra(runs, repeats)})
 
 
 # ----------------------------------------------------------------------------- bulk generation
@@ -207,8 +254,10 @@ def bench_generate(work: str, n: int, repeats: int, warmup: int) -> dict:
     model = build_tiny_model(os.path.join(work, "model"))
     prompts = os.path.join(work, "prompts.jsonl")
     write_prompts(prompts, n)
-    actors, per_actor = pool_size()
-    cfg = BulkConfig(actors=actors, torch_threads=per_actor)
+    cfg = BulkConfig()  # the command's defaults: the pool sized from the cluster
+    actors = pool_actors(cfg)
+    load = cold_start(f"import pipelines.generate_bulk, torch; from sora.pipeline import SoraPipeline; "
+                      f"SoraPipeline.from_pretrained({model!r})")
     counter = {"i": 0}
     runs: dict[str, list[Marks]] = {"baseline": [], "ours": []}
 
@@ -231,7 +280,7 @@ def bench_generate(work: str, n: int, repeats: int, warmup: int) -> dict:
         runs["baseline"].append(marks)
 
     def ray_run() -> None:
-        marks = Marks()
+        marks = Marks(actors)
         result = run_generate_bulk(model, prompts, out(), cfg, progress=marks)
         runs["ours"].append(marks)
         assert result["generated"] == n and result["errors"] == 0, result
@@ -240,13 +289,14 @@ def bench_generate(work: str, n: int, repeats: int, warmup: int) -> dict:
     return report(
         "generate_bulk", "videos/s",
         (f"one-process loop: SoraPipeline.generate per same-shape unit, {threads()} threads", n / median(tb)),
-        (f"run_generate_bulk: Ray Data actor pool, {actors} actors x {per_actor} thread(s)", n / median(to)),
+        (f"run_generate_bulk: Ray Data actor pool, {actors} actors (the default: one per CPU)", n / median(to)),
         higher_is_better=True,
         extra={"cluster": cluster(), "videos": n, "batch_size": cfg.batch_size,
                "video": f"{DEFAULTS['width']}x{DEFAULTS['height']}, {DEFAULTS['num_frames']} frames, "
                         f"{DEFAULTS['num_inference_steps']} steps",
                "model": "tests/tiny_model.py (random weights)", "seconds_baseline": [round(x, 3) for x in tb],
-               "seconds_ours": [round(x, 3) for x in to], **split_extra(runs)})
+               "seconds_ours": [round(x, 3) for x in to], "cold_process_import_and_load_s": load,
+               **split_extra(runs, repeats)})
 
 
 # ----------------------------------------------------------------------------- DiT training
@@ -358,8 +408,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small inputs, one repeat: a smoke run (~1 minute)")
     ap.add_argument("--only", default="caption,generate,train", help="comma-separated: caption, generate, train")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats of each side (default 3, quick 1)")
-    ap.add_argument("--videos", type=int, default=None, help="caption: shapes-world videos (default 96, quick 16)")
-    ap.add_argument("--prompts", type=int, default=None, help="generate: prompts (default 192, quick 16)")
+    ap.add_argument("--videos", type=int, default=None, help="caption: shapes-world videos (default 384, quick 16)")
+    ap.add_argument("--prompts", type=int, default=None, help="generate: prompts (default 960, quick 16)")
     ap.add_argument("--steps", type=int, default=None,
                     help="train: warm-up steps, then as many measured (default 20, quick 5)")
     ap.add_argument("--rows", type=int, default=None, help="train: latents rows (default 192, quick 48)")
@@ -380,9 +430,9 @@ def main() -> None:
     print(f"ray started in {time.perf_counter() - t0:.1f} s: {json.dumps(cluster())}", file=sys.stderr, flush=True)
     try:
         if "caption" in only:
-            bench_caption(os.path.join(work, "caption"), args.videos or (16 if args.quick else 96), repeats, warmup)
+            bench_caption(os.path.join(work, "caption"), args.videos or (16 if args.quick else 384), repeats, warmup)
         if "generate" in only:
-            bench_generate(os.path.join(work, "generate"), args.prompts or (16 if args.quick else 192), repeats, warmup)
+            bench_generate(os.path.join(work, "generate"), args.prompts or (16 if args.quick else 960), repeats, warmup)
         if "train" in only:
             bench_train(os.path.join(work, "train"), args.rows or (48 if args.quick else 192),
                         args.steps or (5 if args.quick else 20), args.tokens, repeats)
