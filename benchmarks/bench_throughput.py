@@ -36,8 +36,8 @@ model load, one batch), the rate from the end of the first round of batches (one
 the last (items/s once running), and the share of the machine's cores busy in each part
 (/proc/stat, every process counted). ``cold_process_import_and_load_s``: what a fresh process
 pays to import the stage and load the model, which each actor pays and the in-process loop has
-paid before it is timed. The default sizes are ones where the running part is most of a run of
-ours: with fewer items a run is mostly its start-up, whatever the rate once running.
+paid before it is timed. The default sizes are chosen so that the running part is about half
+of a run of ours or more: with fewer items a run is mostly its start-up, whatever the rate.
 """
 
 from __future__ import annotations
