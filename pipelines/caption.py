@@ -67,6 +67,8 @@ def best_captions(data: str) -> dict[str, str]:
 class CaptionConfig(StageResources):
     """How `sora caption` captions clips (with `StageResources`: actors, num_gpus, torch_threads)."""
 
+    # actor pool size, a captioner copy each; none: one per GPU of the cluster where it has GPUs, else one per CPU
+    actors: int | None = None
     model: str | None = None  # a local Hugging Face captioner directory (None: the captions.jsonl sidecars)
     batch_size: int = 8  # clips per model call
     num_frames: int = 4  # frames sampled per clip (image-only models see them as a grid)
@@ -101,6 +103,17 @@ def decode_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * s / 2) * 2), max(2, round(height * s / 2) * 2)
 
 
+def clip_frames(clip: dict[str, Any], cfg: CaptionConfig):
+    """The frames the caption stage shows a clip's captioner: ``cfg.num_frames`` spread over the
+    clip, its content crop, decoded at ``cfg.short_side`` (aspect kept), within ``cfg.decode_timeout``.
+    (k, H, W, 3) uint8."""
+    from sora.video_io import read_frames
+
+    idx = sample_indices(int(clip["start_frame"]), int(clip["num_frames"]), cfg.num_frames)
+    size = decode_size(*content_size(clip), cfg.short_side)
+    return read_frames(str(clip["source"]), idx, size=size, crop=content_crop(clip), timeout=cfg.decode_timeout)
+
+
 class CaptionStage(Stage):
     """One captioner per actor; per batch: decode each clip's sampled frames, caption them in one call."""
 
@@ -118,11 +131,7 @@ class CaptionStage(Stage):
         self.clip = ClipScorer(self.cfg.clip_model, device=self.device) if self.cfg.clip_model else None
 
     def frames(self, clip: dict[str, Any]):
-        from sora.video_io import read_frames
-
-        idx = sample_indices(int(clip["start_frame"]), int(clip["num_frames"]), self.cfg.num_frames)
-        size = decode_size(*content_size(clip), self.cfg.short_side)
-        return read_frames(str(clip["source"]), idx, size=size, crop=content_crop(clip), timeout=self.cfg.decode_timeout)
+        return clip_frames(clip, self.cfg)
 
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
         from sora.curation.clip_scores import alignment_or_none
@@ -210,7 +219,9 @@ def run_caption(data: str, cfg: CaptionConfig, *, progress: Callable[[int, int],
     from pipelines.ray_utils import table_blocks
 
     todo = todo.sort_by("clip_id")  # deterministic batches for a given to-do set
-    ds = CaptionStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
+    # blocks made on the driver (`from_blocks`): `from_arrow` would start a task per block to
+    # read its schema, a worker process whose CPU the actors wait for
+    ds = CaptionStage.apply(ray.data.from_blocks(table_blocks(todo, cfg.batch_size)), cfg, out=data,
                             batch_size=cfg.batch_size)
     stats = collect_stats(ds, todo.num_rows, progress)
     result.update(captioned=stats["ok"], failed=stats["failed"], actors=stats["actors"],

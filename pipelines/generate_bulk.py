@@ -43,7 +43,7 @@ from typing import Any, Callable, Literal
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.stage import Stage, StageOutput, StageResources, collect_stats
+from pipelines.stage import Stage, StageOutput, StageResources, collect_stats, resolve_resources
 from sora.conditioning import parse_size
 from sora.request import BULK_LIMITS, GenerationRequest
 
@@ -85,6 +85,8 @@ class BulkConfig(StageResources):
     seed: int = 0  # base of the per-row seeds derived from ids (rows without a seed)
     sampler: Literal["euler", "heun", "ancestral"] | None = None  # sampler of every row (None: the model's)
     batch_size: int = 8  # requests of one shape per model call (one packed batch)
+    # actor pool size, a model copy each; none: one per GPU of the cluster where it has GPUs, else one per CPU
+    actors: int | None = None
     retry_errors: bool = False  # re-queue ids whose manifest row is an error
     limit: int | None = None  # only the first N rows of the prompts file (None: all)
     lora: str | None = None  # LoRA adapter directory for a Wan model (diffusers' layout), a path or URL
@@ -405,7 +407,8 @@ def run_generate_bulk(model: str, prompts: str, out: str, cfg: BulkConfig | None
     units = make_units(todo, cfg.batch_size)
     if units:
         items = [{"unit": json.dumps([r.to_dict() for r in u])} for u in units]
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * max(1, cfg.actors)))
+        actors = resolve_resources(cfg).actors
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * actors))
         ds = GenerateStage.apply(ds, cfg, out=out, batch_size=1, model=model)
         stats = collect_stats(ds, len(todo), progress)
         result.update(generated=stats["ok"], errors=stats["failed"], units=stats["batches"], actors=stats["actors"],

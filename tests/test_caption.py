@@ -90,3 +90,41 @@ def test_a_clip_model_scores_each_caption_against_its_frames(shapes_ds, tmp_path
     assert read_captions(data).num_rows == n
     with pytest.raises(SystemExit, match="clip_model .* is not a directory"):
         main(["caption", "--data", data, "--clip-model", str(tmp_path / "missing")])
+
+
+def test_a_model_captions_on_a_pool_sized_from_the_cluster_as_one_process_would(shapes_ds, tmp_path, ray_session):
+    """With a model and the default pool, `run_caption` starts one actor per CPU of the cluster
+    (each loads the captioner once) and writes every clip's caption once: the same text as the
+    captioner gives in this process for the same frames, both sides at one torch thread."""
+    import ray
+    import torch
+    from threads import torch_threads
+
+    from pipelines.caption import CaptionConfig, clip_frames, run_caption
+    from sora.captioner import Captioner, CaptionerConfig, build_captioner, save_captioner
+
+    data = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, data)
+    shutil.rmtree(os.path.join(data, "captions"))
+    clips = sorted(read_clips(data).to_pylist(), key=lambda c: c["clip_id"])
+    torch.manual_seed(0)
+    cap_cfg = CaptionerConfig.preset("debug")
+    model, processor = build_captioner(cap_cfg, ["A red circle moves up.", "A blue square moves left."])
+    save_captioner(model, processor, str(tmp_path / "cap"), cap_cfg, {"note": "untrained"})
+    cfg = CaptionConfig(model=str(tmp_path / "cap"), batch_size=4, torch_threads=1)
+    assert cfg.actors is None  # the default: sized from the cluster
+
+    result = run_caption(data, cfg)
+    assert (result["captioned"], result["failed"]) == (len(clips), 0)
+    assert len(result["actors"]) == int(ray.cluster_resources()["CPU"]) == 2
+    assert set(result["model_loads_per_actor"].values()) == {1}
+    caps = read_captions(data)
+    assert sorted(caps["clip_id"].to_pylist()) == [c["clip_id"] for c in clips]  # each clip once
+    got = dict(zip(caps["clip_id"].to_pylist(), caps["caption"].to_pylist()))
+    with torch_threads(1):
+        captioner = Captioner.from_pretrained(str(tmp_path / "cap"))
+        want = {}
+        for i in range(0, len(clips), cfg.batch_size):
+            batch = clips[i: i + cfg.batch_size]
+            want.update(zip([c["clip_id"] for c in batch], captioner.caption([clip_frames(c, cfg) for c in batch])))
+    assert got == want

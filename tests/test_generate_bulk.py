@@ -68,6 +68,7 @@ def test_a_thousand_prompts_killed_and_resumed(ray_session, model_dir, tmp_path)
     # a run that stopped after the first 300 rows (what a kill leaves: finished units only)
     first = run_generate_bulk(model_dir, prompts, out, BulkConfig(**{**cfg.__dict__, "limit": 300}))
     assert first["manifest_rows"] == 300 and first["model_loads_per_actor"] and max(first["model_loads_per_actor"].values()) == 1
+    assert len(first["actors"]) == int(ray_session.cluster_resources()["CPU"])  # the default pool: one per CPU
     done_before = {r["id"]: r for r in read_manifest(out).to_pylist()}
     mtimes = {i: os.stat(r["path"]).st_mtime_ns for i, r in done_before.items() if r["status"] == "ok"}
 

@@ -238,6 +238,10 @@ def test_time_budgeted_cooldown_ends_at_the_floor_with_workers_holding_every_cpu
     summary = run_training(data, str(tmp_path / "out"), vae, cfg, storage_path=str(tmp_path / "store"), name="cool")
     assert summary["steps"] > 0
     assert summary["final_lr"] == pytest.approx(0.25 * cfg.lr)
+    # the workers' last report comes back with the summary: the final step, its lr, the window's throughput
+    metrics = summary["metrics"]
+    assert metrics["step"] == summary["steps"] and metrics["lr"] == summary["final_lr"]
+    assert metrics["tokens_per_s"] > 0 and 0.0 <= metrics["padding_fraction"] < 1.0
     with open(tmp_path / "out" / "model_index.json") as f:
         assert json.load(f)["training"]["schedule"] == "cooldown"
     assert "caching the latents" in capsys.readouterr().out

@@ -21,8 +21,8 @@ def test_train_then_recaption_everything(shapes_ds, tmp_path, ray_session):
     n = read_clips(data).num_rows
     rec = summary["recaption"]
     assert rec["captioned"] == n and rec["failed"] == 0
-    # one actor, one model load, several batches
-    assert len(rec["actors"]) == 1 and set(rec["model_loads_per_actor"].values()) == {1}
+    # the default pool (one actor per CPU), one model load each, several batches
+    assert len(rec["actors"]) == 2 and set(rec["model_loads_per_actor"].values()) == {1}
     caps = read_captions(data)
     model_rows = [w for w in caps["captioner"].to_pylist() if not w.startswith("sidecar:")]
     assert len(model_rows) == n

@@ -64,7 +64,8 @@ def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, stor
     "wan-lora"); running again with the same storage path and name continues from the latest
     checkpoint there, with any number of workers. ``loss_fn``: the loss of one pack (see
     `pipelines.train.loop.train_step`; default sora.flow.flow_matching_loss). Returns a summary
-    (steps, final loss, the loss history, where things are)."""
+    (steps, final loss, the loss history, where things are, and ``metrics``: the last metrics
+    the workers reported, e.g. ``tokens_per_s`` of the steps since the report before it)."""
     import ray
 
     from pipelines.ray_utils import ensure_ray
@@ -109,4 +110,6 @@ def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, stor
     else:
         summary = export_wan(checkpoint, out, plan, info, data)
     summary["checkpoint"] = checkpoint
+    # rank 0's last report: the loss and throughput of the steps since the report before it
+    summary["metrics"] = dict(result.metrics or {})
     return summary
