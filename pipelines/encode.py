@@ -53,6 +53,10 @@ class EncodeConfig(StageResources):
     chunk_pixels: int = 1 << 24  # frames x height x width per chunk when chunk_latent_frames is None
     tile_size: int | None = None  # spatial tile side in pixels for very large frames (None: whole frames)
     decode_timeout: float = 120.0  # seconds one clip's decode may take before it is quarantined
+    # clips an actor decodes ahead while its models work (0: in turn); each waits in memory as frames
+    prefetch: int = 1
+    # actor pool size (None: as many as the cluster holds at torch_threads CPUs each, or one per GPU)
+    actors: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +71,8 @@ class EncodeConfig(StageResources):
             self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be 0 (decode in turn) or more, got {self.prefetch}")
         for name in ("batch_size", "max_text_tokens", "chunk_pixels", "chunk_latent_frames", "tile_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -91,7 +97,8 @@ def chunk_latent_frames(cfg: EncodeConfig, frames: int, height: int, width: int,
 
 
 class EncodeStage(Stage):
-    """VAE and text encoder loaded once per actor; per clip: decode, encode, patchify, embed."""
+    """VAE and text encoder loaded once per actor; per clip: decode, encode, patchify, embed.
+    The next clip decodes (`load_item`, a decode subprocess) while the models work on this one."""
 
     name = "encode"
     config_cls = EncodeConfig
@@ -116,6 +123,7 @@ class EncodeStage(Stage):
                                                     device=self.device)
             self.text_name = self.cfg.text_encoder or "minilm"
             self.patch_size = self.cfg.patch_size or (1, 2, 2)
+        self.prefetch = self.cfg.prefetch  # clips `load_item` decodes ahead (the Stage's hook)
         self.vae = load_vae(vae_dir, device=self.device)
         self.vae_name = vae_id(vae_dir)
         sc = self.vae.spatial_compression
@@ -123,18 +131,19 @@ class EncodeStage(Stage):
         if self.out is not None:
             write_null_text(self.out, self.text_name, self.text)
 
-    def process_item(self, clip: dict[str, Any]) -> dict[str, Any]:
-        return self.encode_clip(clip, str(clip["caption"]))
+    def load_item(self, clip: dict[str, Any]) -> np.ndarray:
+        return self.read_clip(clip)
+
+    def process_item(self, clip: dict[str, Any], frames: np.ndarray | None = None) -> dict[str, Any]:
+        return self.encode_clip(clip, str(clip["caption"]), frames)
 
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
         out = super().process(items)
         out.counters["bytes"] = sum(len(r["tokens"]) + len(r["text"]) for r in out.rows)
         return out
 
-    def encode_clip(self, clip: dict, caption: str) -> dict:
-        import torch
-
-        from sora.patches import grid_for, patchify
+    def read_clip(self, clip: dict) -> np.ndarray:
+        """The clip's frames at its bucket size, (T, H, W, 3) uint8 (the decode subprocess)."""
         from sora.video_io import read_frames
 
         t, w, h = int(clip["bucket_frames"]), int(clip["bucket_width"]), int(clip["bucket_height"])
@@ -143,8 +152,19 @@ class EncodeStage(Stage):
                              f"of {self.stride[1]}x{self.stride[0]} (VAE x{self.vae.spatial_compression} times patch "
                              f"{self.patch_size[1]}x{self.patch_size[2]})")
         start = int(clip["start_frame"])
-        frames = read_frames(str(clip["source"]), list(range(start, start + t)), size=(w, h), crop=content_crop(clip),
-                             timeout=self.cfg.decode_timeout)
+        return read_frames(str(clip["source"]), list(range(start, start + t)), size=(w, h), crop=content_crop(clip),
+                           timeout=self.cfg.decode_timeout)
+
+    def encode_clip(self, clip: dict, caption: str, frames: np.ndarray | None = None) -> dict:
+        """One latents row: the clip's ``frames`` (`read_clip`'s; None: decoded now) through the
+        VAE and patchify, ``caption`` through the text encoder."""
+        import torch
+
+        from sora.patches import grid_for, patchify
+
+        if frames is None:
+            frames = self.read_clip(clip)
+        t, h, w = frames.shape[:3]
         x = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
         with torch.no_grad():
             kwargs = {}
