@@ -243,10 +243,8 @@ def pending_clips(data: str) -> tuple[pa.Table, int, int]:
 def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], None] | None = None) -> dict:
     """Encode every captioned clip of DATA that has no latents yet (Ray Data actor pool).
     Raises `MissingInputError` when no clip has a caption (run `sora caption` first)."""
-    import ray
-
     from pipelines import storage
-    from pipelines.ray_utils import table_blocks
+    from pipelines.ray_utils import table_dataset
 
     t0 = time.perf_counter()
     if cfg.model is not None:  # a bad model directory fails here, before Ray starts any actor
@@ -264,8 +262,7 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     result = {"to_encode": todo.num_rows, "already_encoded": already, "without_caption": uncaptioned,
               "encoded": 0, "failed": 0, "bytes": 0, "stale_temps_removed": stale}
     if todo.num_rows:
-        ds = EncodeStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
-                               batch_size=cfg.batch_size)
+        ds = EncodeStage.apply(table_dataset(todo, cfg.batch_size), cfg, out=data, batch_size=cfg.batch_size)
         stats = collect_stats(ds, todo.num_rows, progress)
         result.update(encoded=stats["ok"], failed=stats["failed"], bytes=stats.get("bytes", 0),
                       actors_used=len(stats["actors"]), batches=stats["batches"],

@@ -261,8 +261,8 @@ class Stage:
     # -- helpers for subclasses ----------------------------------------------------------
 
     @staticmethod
-    def each(items: list[dict[str, Any]], fn: Callable[..., Any], *, load: Callable[[dict[str, Any]], Any] | None = None,
-             ahead: int = 1) -> tuple[list, list]:
+    def each(items: list[dict[str, Any]], fn: Callable[..., Any], *,
+             load: Callable[[dict[str, Any]], Any] | None = None, ahead: int = 1) -> tuple[list, list]:
         """``fn`` on every item: ([(item, result)], [(item, reason)]); one failure never stops the batch.
 
         With ``load``: ``fn(item, load(item))``, where ``load`` runs in order on one background

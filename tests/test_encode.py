@@ -191,3 +191,12 @@ def test_a_corrupt_clip_among_prefetched_ones_is_quarantined_and_the_others_enco
     # a re-run retries the quarantined clip only (it fails again) and duplicates nothing
     again = run_encode(data, EncodeConfig(vae=tiny_vae_dir, batch_size=len(clips), actors=1))
     assert again["to_encode"] == 1 and again["failed"] == 1 and read_latents(data).num_rows == len(clips) - 1
+
+
+def test_table_dataset_is_made_on_the_driver_with_batch_sized_blocks(ray_session):
+    import pyarrow as pa
+
+    from pipelines.ray_utils import table_dataset
+
+    ds = table_dataset(pa.table({"i": list(range(10))}), 4)
+    assert ds.num_blocks() == 3 and sorted(r["i"] for r in ds.take_all()) == list(range(10))
