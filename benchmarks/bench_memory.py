@@ -1,6 +1,7 @@
 """Peak memory of ingest and encode against the corpus size: N small videos, then 10N.
 
     python -m benchmarks.bench_memory [--quick] [--videos N] [--scale 10] [--work DIR]
+    python -m benchmarks.bench_memory --stages ingest --sizes 500,5000,20000 --work DIR
 
 Memory that stays flat as the corpus grows is what lets a stage run on any corpus: the driver
 must not hold every row of a stage's output, and a worker must not keep state per item it has
@@ -8,8 +9,8 @@ done. Each (stage, corpus) runs in a fresh driver process with its own local Ray
 with `--measure`); this process samples, every `--interval` seconds with psutil, the resident
 memory (RSS) of that driver and of every process under it: the Ray workers (tasks and actors,
 Ray Data's own actors) and their decode subprocesses; Ray's own services (GCS, raylet, agents)
-are reported beside them. Figures, each at 10N over N (lower is better; flat memory reads 1.0,
-the goal is at most 1.2):
+are reported beside them. Figures, each at 10N over N, or with `--sizes` at each larger size over
+the smallest (lower is better; flat memory reads 1.0, the goal is at most 1.2):
 
 - the driver's peak RSS;
 - the largest peak RSS of one worker process;
@@ -18,8 +19,9 @@ the goal is at most 1.2):
 
 The corpus is the shapes world (`sora.shapes`) at 64 pixels and 9 frames, its captions from the
 sidecar it writes (`sora caption` without a model, not measured); encode uses a tiny random VAE
-and the offline MiniLM text encoder. The videos are kept in `--work` (when given) for the next
-run: clip i of a seed never depends on the count.
+and the offline MiniLM text encoder. The corpus is made of parts of N videos (part i: seed i), a
+corpus of k x N videos the first k parts; the parts, and each corpus's ingested DATA (reused by
+`--stages encode`), are kept in `--work` (when given) for the next run.
 """
 
 from __future__ import annotations
@@ -199,11 +201,29 @@ def tiny_vae(work: str) -> str:
     return d
 
 
+def corpus_sizes(args: argparse.Namespace) -> list[int]:
+    """The corpus sizes to measure, smallest first: --sizes, or N and scale x N."""
+    if args.sizes is None:
+        n = args.videos or (50 if args.quick else 500)
+        return [n, args.scale * n]
+    try:
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"bench_memory: --sizes takes comma-separated numbers of videos, got {args.sizes!r}")
+    if len(sizes) < 2 or sizes != sorted(set(sizes)) or sizes[0] < 1 or any(s % sizes[0] for s in sizes):
+        raise SystemExit(f"bench_memory: --sizes takes two or more increasing sizes, each a multiple of the "
+                         f"smallest (e.g. 500,5000,20000), got {args.sizes!r}")
+    return sizes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="50 and 500 videos instead of 500 and 5,000")
     ap.add_argument("--videos", type=int, default=None, help="N: the small corpus (default 500, quick 50)")
     ap.add_argument("--scale", type=int, default=10, help="the large corpus is scale x N videos")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated corpus sizes, smallest first, each a multiple of the smallest "
+                         "(instead of --videos/--scale); each larger one is reported against the smallest")
     ap.add_argument("--stages", default="ingest,encode", help="comma-separated: ingest, encode")
     ap.add_argument("--interval", type=float, default=0.05, help="seconds between two samples of the process tree")
     ap.add_argument("--actors", type=int, default=None, help="workers per stage (default: one per CPU)")
@@ -217,7 +237,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         return
 
-    n = args.videos or (50 if args.quick else 500)
+    sizes = corpus_sizes(args)
     stages = [s for s in args.stages.split(",") if s]
     if not stages or set(stages) - {"ingest", "encode"}:
         raise SystemExit(f"bench_memory: --stages takes ingest and/or encode, got {args.stages!r}")
@@ -225,13 +245,13 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     work = os.path.abspath(work)
     t0 = time.perf_counter()
-    # the large corpus is the small one plus (scale - 1) x N more videos of another seed
-    parts = [os.path.join(work, "raw", f"seed0-{n}"), os.path.join(work, "raw", f"seed1-{(args.scale - 1) * n}")]
-    make_videos(parts[0], n, seed=0)
-    make_videos(parts[1], (args.scale - 1) * n, seed=1)
+    n = sizes[0]
+    parts = [os.path.join(work, "raw", f"seed{i}-{n}") for i in range(sizes[-1] // n)]
+    for i, part in enumerate(parts):
+        make_videos(part, n, seed=i)
     synth_s = time.perf_counter() - t0
     print(f"corpus ready in {synth_s:.0f} s: {work}", file=sys.stderr, flush=True)
-    corpora = {n: parts[:1], args.scale * n: parts}
+    corpora = {size: parts[:size // n] for size in sizes}
     extra_args = ["--actors", str(args.actors)] if args.actors else []
     results: dict[str, dict[int, dict]] = {s: {} for s in stages}
     for count, srcs in corpora.items():
@@ -252,18 +272,19 @@ def main() -> None:
             results["encode"][count] = r
             print(f"encode {count}: {json.dumps(r)}", file=sys.stderr, flush=True)
     load = os.getloadavg()
-    small, large = n, args.scale * n
+    small = sizes[0]
     for stage in stages:
-        a, b = results[stage][small], results[stage][large]
-        common = {"videos": [small, large], "goal_ratio_at_most": 1.2, "interval_s": args.interval,
-                  "load_average_1_5_15": [round(x, 2) for x in load], "synth_s": round(synth_s, 1),
-                  f"at_{small}": a, f"at_{large}": b}
-        report(f"memory_{stage}", "driver peak RSS", (f"{small} videos", a["driver_mib"]),
-               (f"{large} videos", b["driver_mib"]), higher_is_better=False, unit="MiB", extra=common)
-        report(f"memory_{stage}", "peak RSS of one worker", (f"{small} videos", a["worker_mib"]),
-               (f"{large} videos", b["worker_mib"]), higher_is_better=False, unit="MiB",
-               extra={"videos": [small, large], "goal_ratio_at_most": 1.2,
-                      "workers_sum_mib": [a["workers_sum_mib"], b["workers_sum_mib"]]})
+        for large in sizes[1:]:
+            a, b = results[stage][small], results[stage][large]
+            common = {"videos": [small, large], "goal_ratio_at_most": 1.2, "interval_s": args.interval,
+                      "load_average_1_5_15": [round(x, 2) for x in load], "synth_s": round(synth_s, 1),
+                      f"at_{small}": a, f"at_{large}": b}
+            report(f"memory_{stage}", "driver peak RSS", (f"{small} videos", a["driver_mib"]),
+                   (f"{large} videos", b["driver_mib"]), higher_is_better=False, unit="MiB", extra=common)
+            report(f"memory_{stage}", "peak RSS of one worker", (f"{small} videos", a["worker_mib"]),
+                   (f"{large} videos", b["worker_mib"]), higher_is_better=False, unit="MiB",
+                   extra={"videos": [small, large], "goal_ratio_at_most": 1.2,
+                          "workers_sum_mib": [a["workers_sum_mib"], b["workers_sum_mib"]]})
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

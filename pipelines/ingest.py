@@ -9,11 +9,11 @@ process, one after another:
 Every stage is a plain function of a source's state (a dict passed in-process: no frames and no
 state cross a process boundary), so the same functions run in `run_sequential` (the benchmark's
 baseline) and on Ray. On Ray the sources travel in blocks of a few (`source_blocks`: fewer
-tasks, blocks shrinking toward the end so the workers finish together) through ONE operator:
-plain tasks when no model is configured (warm Ray workers, each with its own decode worker),
-else an actor pool (`IngestStage`) whose actors load the models once. Only each source's small
-summary comes back to the driver, which adds it to running totals (`SummaryTotals`) and never
-holds a list of them.
+tasks, blocks shrinking toward the end so the workers finish together, and a number of blocks
+that does not grow with the corpus) through ONE operator: plain tasks when no model is
+configured (warm Ray workers, each with its own decode worker), else an actor pool
+(`IngestStage`) whose actors load the models once. Only each source's small summary comes back
+to the driver, which adds it to running totals (`SummaryTotals`) and never holds a list of them.
 
 Outputs (DATA may be any fsspec URL):
 - DATA/clips/<source-id>.parquet        one row per clip (contract: CLIPS_SCHEMA, docs/architecture.md)
@@ -478,14 +478,22 @@ def _dedup(out: str, cfg: IngestConfig) -> dict | None:
     return dedup_dataset(out, cfg.dedup_max_bits)
 
 
-def source_blocks(n: int, workers: int, max_block: int = 16) -> list[int]:
+def source_blocks(n: int, workers: int, max_block: int = 16, max_blocks: int = 256) -> list[int]:
     """Sizes of the blocks `n` sources are cut into for `workers` parallel workers: each is
-    ceil(remaining / (2 * workers)) sources, at most `max_block`, so blocks shrink toward the
-    end and the workers run out of work together (guided self-scheduling, Polychronopoulos &
-    Kuck 1987) while one task per block keeps Ray's per-task cost off most sources."""
+    ceil(remaining / (2 * workers)) sources, so blocks shrink toward the end and the workers run
+    out of work together (guided self-scheduling, Polychronopoulos & Kuck 1987), while one task
+    per block keeps Ray's per-task cost off most sources.
+
+    Blocks hold at most `max_block` sources, or n / `max_blocks` on a corpus larger than
+    max_block * max_blocks, and at least n / (8 * max_blocks): the driver keeps every input
+    block (and its metadata) until the run ends, so their count must not grow with n. It is at
+    most max_blocks + 8 * workers for any n (the shrinking tail is about 2 * workers * (1 + ln 16)
+    blocks)."""
+    largest = max(max_block, -(-n // max_blocks))
+    smallest = max(1, -(-n // (8 * max_blocks)))
     sizes, left = [], n
     while left > 0:
-        sizes.append(max(1, min(max_block, -(-left // (2 * max(1, workers))))))
+        sizes.append(min(left, max(smallest, min(largest, -(-left // (2 * max(1, workers)))))))
         left -= sizes[-1]
     return sizes
 

@@ -1,5 +1,6 @@
-"""Connecting to Ray (the cluster at RAY_ADDRESS when set, else a local instance), and where
-Ray's own output goes while a command runs (`RayLog`: a log file, our progress lines picked out)."""
+"""Connecting to Ray (the cluster at RAY_ADDRESS when set, else a local instance), waiting for
+Serve's HTTP proxy, and where Ray's own output goes while a command runs (`RayLog`: a log file,
+our progress lines picked out)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Callable
 
 # A progress line of our training loops, printed by rank 0: "[train] step 120/3000 | ... loss 0.0831 ..."
@@ -82,6 +84,27 @@ def has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def wait_for_serve_proxy(host: str, port: int, timeout_s: float) -> None:
+    """Block until Serve's HTTP proxy on host:port answers its health route; TimeoutError after
+    `timeout_s`. A wildcard host is probed on the loopback address."""
+    import urllib.error
+    import urllib.request
+
+    probe = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
+    url = f"http://{'[' + probe + ']' if ':' in probe else probe}:{int(port)}/-/healthz"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5.0):
+                return
+        except urllib.error.HTTPError:  # it answers (503 while draining): the proxy is there
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Serve's HTTP proxy did not answer on {host}:{port} in {timeout_s:.0f} s: {e}")
+        time.sleep(0.5)
 
 
 def table_blocks(table, batch_size: int, max_blocks: int = 256) -> list:

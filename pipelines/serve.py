@@ -63,6 +63,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines.ray_utils import wait_for_serve_proxy
 from pipelines.serve_config import ServeConfig
 from pipelines.stage import resolve_num_gpus
 from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
@@ -566,9 +567,24 @@ def application(cfg: ServeConfig, on_step: StepHook | None = None):
 
 
 def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, app_name: str = "sora", *,
-               on_step: StepHook | None = None):
-    """Start Serve's HTTP proxy on host:port and deploy the app (non-blocking); returns the
-    ingress handle. The caller keeps the process alive and calls `serve.shutdown()`."""
-    serve.start(http_options={"host": host, "port": int(port)})
-    return serve.run(application(ServeConfig.from_args(dict(args)), on_step), name=app_name, route_prefix="/",
-                     blocking=False)
+               on_step: StepHook | None = None, proxy_start_s: float = 300.0):
+    """Start Serve's HTTP proxy on host:port, deploy the app and return the ingress handle once the
+    proxy answers on host:port (at most `proxy_start_s`). The caller keeps the process alive and
+    calls `serve.shutdown()`.
+
+    Serve's controller gives a new proxy a few seconds to come up and replaces it, with a longer
+    deadline each time, when it does not; `serve.start` raises with the first one's death. On a
+    starved machine that is the normal case, so it is waited out here."""
+    import ray
+
+    deadline = time.monotonic() + proxy_start_s
+    try:
+        serve.start(http_options={"host": host, "port": int(port)})
+    except (ray.exceptions.ActorDiedError, TimeoutError) as e:  # the controller is up and restarts its proxy
+        logger.warning("Serve's HTTP proxy was not up in time (%s); waiting for the controller's next one",
+                       type(e).__name__)
+    handle = serve.run(application(ServeConfig.from_args(dict(args)), on_step), name=app_name, route_prefix="/",
+                       blocking=False)
+    wait_for_serve_proxy(host, port, max(deadline - time.monotonic(), 1.0))
+    return handle
+

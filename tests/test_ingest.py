@@ -351,10 +351,29 @@ def test_source_blocks_shrink_toward_the_end_and_cover_every_source():
 
     for n, workers in [(1, 2), (7, 2), (100, 2), (5000, 16), (3, 8)]:
         sizes = source_blocks(n, workers)
-        assert sum(sizes) == n and min(sizes) >= 1 and max(sizes) <= 16
+        assert sum(sizes) == n and min(sizes) >= 1 and max(sizes) <= max(16, -(-n // 256))  # 16 up to 4,096
         assert sizes == sorted(sizes, reverse=True), sizes  # the last blocks are the small ones
     assert source_blocks(100, 2)[-2:] == [1, 1]  # both workers finish on one source each
     assert source_blocks(0, 2) == []
+
+
+def test_source_blocks_stay_as_many_however_large_the_corpus():
+    """The driver keeps every input block until the run ends: past max_block * max_blocks
+    sources the blocks grow instead of their count, and small corpora keep the small blocks."""
+    from pipelines.ingest import source_blocks
+
+    assert source_blocks(48, 2) == [12, 9, 7, 5, 4, 3, 2, 2, 1, 1, 1, 1]  # two tasks at once from the start
+    assert max(source_blocks(4096, 2)) == 16
+    for workers in (1, 2, 16, 64):
+        counts = []
+        for n in (5_000, 20_000, 100_000, 1_000_000, 10_000_000):
+            sizes = source_blocks(n, workers)
+            assert sum(sizes) == n and sizes == sorted(sizes, reverse=True), (n, workers)
+            assert len(sizes) <= 256 + 8 * workers, (n, workers, len(sizes))
+            counts.append(len(sizes))
+        assert counts[-1] <= 1.05 * counts[1], (workers, counts)  # 500x the sources: flat, not just bounded
+    sizes = source_blocks(1_000_000, 2)
+    assert max(sizes) == -(-1_000_000 // 256) and min(sizes[:-1]) >= 1_000_000 // 2048
 
 
 def test_summary_totals_equal_the_sums_of_the_summaries():
