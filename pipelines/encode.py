@@ -20,6 +20,7 @@ caption yet, `run_encode` raises `MissingInputError` naming `sora caption`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -81,6 +82,13 @@ class EncodeConfig(StageResources):
             raise ValueError(f"decode_timeout must be positive, got {self.decode_timeout}")
 
 
+def _start_decoder_quietly() -> None:
+    from sora.video_io import start_decoder
+
+    with contextlib.suppress(Exception):  # the first read retries, and its error is the clip's reason
+        start_decoder()
+
+
 def vae_id(vae_dir: str) -> str:
     """Which VAE made the latents: its directory name plus a hash of its config and weights' size."""
     from sora.model_dir import component_id
@@ -106,6 +114,11 @@ class EncodeStage(Stage):
     schema = LATENTS_SCHEMA
 
     def setup(self) -> None:
+        import threading
+
+        # the decode worker (an interpreter importing its decoders) starts while the models load;
+        # should it fail here, the first read starts it again and says why
+        threading.Thread(target=_start_decoder_quietly, name="encode-decoder-start", daemon=True).start()
         from sora.model_dir import component_path, fetch_model_dir, load_text_encoder, read_index, text_encoder_name
         from sora.text_encoder import TextEncoder
         from sora.vae import load_vae
