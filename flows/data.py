@@ -46,7 +46,7 @@ def caption_task(data: str, captioner: str | None = None, batch_size: int = 8) -
 
 
 @task(retries=2, retry_delay_seconds=2, log_prints=True)
-def encode_task(data: str, vae: str, text_encoder: str | None = None, actors: int = 1) -> dict:
+def encode_task(data: str, vae: str, text_encoder: str | None = None, actors: int | None = None) -> dict:
     from pipelines.encode import EncodeConfig, run_encode
     from pipelines.ray_utils import ensure_ray
 

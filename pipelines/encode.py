@@ -20,6 +20,7 @@ caption yet, `run_encode` raises `MissingInputError` naming `sora caption`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -53,6 +54,10 @@ class EncodeConfig(StageResources):
     chunk_pixels: int = 1 << 24  # frames x height x width per chunk when chunk_latent_frames is None
     tile_size: int | None = None  # spatial tile side in pixels for very large frames (None: whole frames)
     decode_timeout: float = 120.0  # seconds one clip's decode may take before it is quarantined
+    # clips an actor decodes ahead while its models work (0: in turn); each waits in memory as frames
+    prefetch: int = 1
+    # actor pool size (None: as many as the cluster holds at torch_threads CPUs each, or one per GPU)
+    actors: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,12 +72,21 @@ class EncodeConfig(StageResources):
             self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be 0 (decode in turn) or more, got {self.prefetch}")
         for name in ("batch_size", "max_text_tokens", "chunk_pixels", "chunk_latent_frames", "tile_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.decode_timeout <= 0:
             raise ValueError(f"decode_timeout must be positive, got {self.decode_timeout}")
+
+
+def _start_decoder_quietly() -> None:
+    from sora.video_io import start_decoder
+
+    with contextlib.suppress(Exception):  # the first read retries, and its error is the clip's reason
+        start_decoder()
 
 
 def vae_id(vae_dir: str) -> str:
@@ -91,7 +105,8 @@ def chunk_latent_frames(cfg: EncodeConfig, frames: int, height: int, width: int,
 
 
 class EncodeStage(Stage):
-    """VAE and text encoder loaded once per actor; per clip: decode, encode, patchify, embed."""
+    """VAE and text encoder loaded once per actor; per clip: decode, encode, patchify, embed.
+    The next clip decodes (`load_item`, a decode subprocess) while the models work on this one."""
 
     name = "encode"
     config_cls = EncodeConfig
@@ -99,6 +114,11 @@ class EncodeStage(Stage):
     schema = LATENTS_SCHEMA
 
     def setup(self) -> None:
+        import threading
+
+        # the decode worker (an interpreter importing its decoders) starts while the models load;
+        # should it fail here, the first read starts it again and says why
+        threading.Thread(target=_start_decoder_quietly, name="encode-decoder-start", daemon=True).start()
         from sora.model_dir import component_path, fetch_model_dir, load_text_encoder, read_index, text_encoder_name
         from sora.text_encoder import TextEncoder
         from sora.vae import load_vae
@@ -116,6 +136,7 @@ class EncodeStage(Stage):
                                                     device=self.device)
             self.text_name = self.cfg.text_encoder or "minilm"
             self.patch_size = self.cfg.patch_size or (1, 2, 2)
+        self.prefetch = self.cfg.prefetch  # clips `load_item` decodes ahead (the Stage's hook)
         self.vae = load_vae(vae_dir, device=self.device)
         self.vae_name = vae_id(vae_dir)
         sc = self.vae.spatial_compression
@@ -123,18 +144,19 @@ class EncodeStage(Stage):
         if self.out is not None:
             write_null_text(self.out, self.text_name, self.text)
 
-    def process_item(self, clip: dict[str, Any]) -> dict[str, Any]:
-        return self.encode_clip(clip, str(clip["caption"]))
+    def load_item(self, clip: dict[str, Any]) -> np.ndarray:
+        return self.read_clip(clip)
+
+    def process_item(self, clip: dict[str, Any], frames: np.ndarray | None = None) -> dict[str, Any]:
+        return self.encode_clip(clip, str(clip["caption"]), frames)
 
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
         out = super().process(items)
         out.counters["bytes"] = sum(len(r["tokens"]) + len(r["text"]) for r in out.rows)
         return out
 
-    def encode_clip(self, clip: dict, caption: str) -> dict:
-        import torch
-
-        from sora.patches import grid_for, patchify
+    def read_clip(self, clip: dict) -> np.ndarray:
+        """The clip's frames at its bucket size, (T, H, W, 3) uint8 (the decode subprocess)."""
         from sora.video_io import read_frames
 
         t, w, h = int(clip["bucket_frames"]), int(clip["bucket_width"]), int(clip["bucket_height"])
@@ -143,8 +165,19 @@ class EncodeStage(Stage):
                              f"of {self.stride[1]}x{self.stride[0]} (VAE x{self.vae.spatial_compression} times patch "
                              f"{self.patch_size[1]}x{self.patch_size[2]})")
         start = int(clip["start_frame"])
-        frames = read_frames(str(clip["source"]), list(range(start, start + t)), size=(w, h), crop=content_crop(clip),
-                             timeout=self.cfg.decode_timeout)
+        return read_frames(str(clip["source"]), list(range(start, start + t)), size=(w, h), crop=content_crop(clip),
+                           timeout=self.cfg.decode_timeout)
+
+    def encode_clip(self, clip: dict, caption: str, frames: np.ndarray | None = None) -> dict:
+        """One latents row: the clip's ``frames`` (`read_clip`'s; None: decoded now) through the
+        VAE and patchify, ``caption`` through the text encoder."""
+        import torch
+
+        from sora.patches import grid_for, patchify
+
+        if frames is None:
+            frames = self.read_clip(clip)
+        t, h, w = frames.shape[:3]
         x = torch.from_numpy(frames).to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
         with torch.no_grad():
             kwargs = {}
@@ -223,10 +256,8 @@ def pending_clips(data: str) -> tuple[pa.Table, int, int]:
 def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], None] | None = None) -> dict:
     """Encode every captioned clip of DATA that has no latents yet (Ray Data actor pool).
     Raises `MissingInputError` when no clip has a caption (run `sora caption` first)."""
-    import ray
-
     from pipelines import storage
-    from pipelines.ray_utils import table_blocks
+    from pipelines.ray_utils import table_dataset
 
     t0 = time.perf_counter()
     if cfg.model is not None:  # a bad model directory fails here, before Ray starts any actor
@@ -244,8 +275,7 @@ def run_encode(data: str, cfg: EncodeConfig, *, progress: Callable[[int, int], N
     result = {"to_encode": todo.num_rows, "already_encoded": already, "without_caption": uncaptioned,
               "encoded": 0, "failed": 0, "bytes": 0, "stale_temps_removed": stale}
     if todo.num_rows:
-        ds = EncodeStage.apply(ray.data.from_arrow(table_blocks(todo, cfg.batch_size)), cfg, out=data,
-                               batch_size=cfg.batch_size)
+        ds = EncodeStage.apply(table_dataset(todo, cfg.batch_size), cfg, out=data, batch_size=cfg.batch_size)
         stats = collect_stats(ds, todo.num_rows, progress)
         result.update(encoded=stats["ok"], failed=stats["failed"], bytes=stats.get("bytes", 0),
                       actors_used=len(stats["actors"]), batches=stats["batches"],

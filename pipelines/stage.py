@@ -22,7 +22,8 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
 
 - resources are declared by the config (`StageResources`: actors, GPUs per actor, threads);
   `resolve_resources` fills in GPUs, and the pool size where a config leaves it to the cluster
-  (``actors=None``: one actor per GPU, or per CPU), without touching the caller's config;
+  (``actors=None``: one actor per GPU, or per ``torch_threads`` CPUs, 1 by default: every core
+  busy), without touching the caller's config;
 - the pool hands out no batch before its actors have loaded their models (as many as the
   cluster holds; it grows to the configured size as nodes join), and each actor holds one
   batch at a time: the work spreads over the whole pool, and every node of it, however short
@@ -31,6 +32,10 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
   stage name in `loads_in_process` so a test or a stats row can show it;
 - `process` maps one batch; by default it calls `process_item` on each item, and an item that
   raises becomes a quarantine row (`DATA/quarantine/<stage>-<hash>.parquet`) - never a crash;
+- a stage whose items wait on another process or on I/O (a decode subprocess, a remote read)
+  splits that part out as `load_item`: it runs on a background thread ``prefetch`` items ahead,
+  so the next clip decodes while the model works on this one (`process_item(item, loaded)`); an
+  item whose load fails is quarantined like any other;
 - a stage with an `output` table writes its rows there atomically under a name hashed from the
   batch's ids (`DATA/<output>/<hash>.parquet`): a retried batch rewrites the same file, so
   results are exactly-once though Ray runs work at least once. It returns one stats row per
@@ -79,7 +84,8 @@ class StageResources:
 
     actors: int = 1  # actor pool size: one model copy per actor
     num_gpus: float | None = None  # GPUs per actor; None: 1 where the Ray cluster has GPUs, else 0
-    torch_threads: int | None = None  # intra-op threads per actor (None: torch's default)
+    # intra-op threads per actor, the CPUs it reserves (None: 1, which Ray makes torch's default there)
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:  # a config may allow None: sized from the cluster
@@ -116,19 +122,25 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else float(os.cpu_count() or 1)
 
 
-def cluster_fit(num_gpus: float) -> int:
-    """How many actors of 1 CPU (and ``num_gpus`` GPUs) the cluster holds, all of it counted
-    (what runs there now is let finish): at least 1."""
-    fit = cluster_cpus()
+def cluster_fit(num_gpus: float, cpus: int = 1) -> int:
+    """How many actors of ``cpus`` CPUs (and ``num_gpus`` GPUs) the cluster holds, all of it
+    counted (what runs there now is let finish): at least 1."""
+    fit = cluster_cpus() / cpus
     if num_gpus > 0:
         fit = min(fit, cluster_gpus() / num_gpus)
     return max(1, int(fit))
 
 
-def resolve_actors(actors: int | None, num_gpus: float) -> int:
-    """Actor pool size: ``actors`` when given, else as many as the cluster holds at one CPU
-    each (and ``num_gpus`` GPUs each, for a GPU stage)."""
-    return int(actors) if actors is not None else cluster_fit(num_gpus)
+def actor_cpus(torch_threads: int | None) -> int:
+    """CPUs one actor reserves: its intra-op threads (1 when left to the default). Ray sets
+    OMP_NUM_THREADS to an actor's CPUs, so torch's default thread count in it is this number."""
+    return int(torch_threads or 1)
+
+
+def resolve_actors(actors: int | None, num_gpus: float, torch_threads: int | None = None) -> int:
+    """Actor pool size: ``actors`` when given, else as many as the cluster holds at
+    `actor_cpus` CPUs each (and ``num_gpus`` GPUs each, for a GPU stage): every core busy."""
+    return int(actors) if actors is not None else cluster_fit(num_gpus, actor_cpus(torch_threads))
 
 
 def _let_short_tasks_finish(cpus: float, timeout: float = 5.0) -> None:
@@ -149,7 +161,8 @@ def resolve_resources(cfg):
     """A copy of a config with ``num_gpus`` resolved (`resolve_num_gpus`) and ``actors`` (see
     `resolve_actors`); ``cfg`` is untouched."""
     num_gpus = resolve_num_gpus(cfg.num_gpus)
-    return dataclasses.replace(cfg, num_gpus=num_gpus, actors=resolve_actors(cfg.actors, num_gpus))
+    actors = resolve_actors(cfg.actors, num_gpus, getattr(cfg, "torch_threads", None))
+    return dataclasses.replace(cfg, num_gpus=num_gpus, actors=actors)
 
 
 def device_for(num_gpus: float | None) -> str:
@@ -192,6 +205,10 @@ class Stage:
     output: ClassVar[str | None] = None  # table directory under `out` the rows go to; None: rows pass on
     schema: ClassVar[pa.Schema | None] = None  # the output table's schema
     id_column: ClassVar[str] = "clip_id"  # names an item and an output row (file names hash it)
+    # items `load_item` runs ahead of `process_item` on a background thread (each held in memory
+    # until processed): what overlaps a decode subprocess or a read with the model's work. A
+    # stage may set it per instance from its config.
+    prefetch: int = 1
 
     def __init__(self, cfg: Any, out: str | None = None):
         import torch
@@ -216,12 +233,24 @@ class Stage:
         """Load models onto ``self.device``: once per actor."""
 
     def process_item(self, item: dict[str, Any]) -> dict[str, Any]:
-        """One item -> its output row; raise for an item that fails (it is quarantined)."""
+        """One item -> its output row; raise for an item that fails (it is quarantined). A stage
+        with `load_item` takes its result too: ``process_item(item, loaded)``."""
         raise NotImplementedError(f"{type(self).__name__} implements process_item or process")
 
+    def load_item(self, item: dict[str, Any]) -> Any:
+        """Optional: the part of one item that waits on another process or on I/O (decode its
+        frames, fetch a file), run on a background thread ``prefetch`` items ahead of
+        `process_item`; it must not touch what `process_item` changes. Raise for an item that
+        fails (it is quarantined)."""
+        raise NotImplementedError
+
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
-        """One batch -> StageOutput. By default `process_item` on each item (see `each`)."""
-        done, errors = self.each(items, self.process_item)
+        """One batch -> StageOutput. By default `process_item` on each item (see `each`), its
+        `load_item` ahead of it where the stage has one."""
+        if type(self).load_item is Stage.load_item:
+            done, errors = self.each(items, self.process_item)
+        else:
+            done, errors = self.each(items, self.process_item, load=self.load_item, ahead=self.prefetch)
         return StageOutput([row for _, row in done], errors)
 
     def quarantine_row(self, item: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -232,14 +261,33 @@ class Stage:
     # -- helpers for subclasses ----------------------------------------------------------
 
     @staticmethod
-    def each(items: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any]) -> tuple[list, list]:
-        """``fn`` on every item: ([(item, result)], [(item, reason)]); one failure never stops the batch."""
+    def each(items: list[dict[str, Any]], fn: Callable[..., Any], *,
+             load: Callable[[dict[str, Any]], Any] | None = None, ahead: int = 1) -> tuple[list, list]:
+        """``fn`` on every item: ([(item, result)], [(item, reason)]); one failure never stops the batch.
+
+        With ``load``: ``fn(item, load(item))``, where ``load`` runs in order on one background
+        thread, at most ``ahead`` items in front of ``fn`` (0: in turn, on this thread). An item
+        whose ``load`` raises is quarantined without ``fn``; the others go on."""
         done, errors = [], []
-        for item in items:
-            try:
-                done.append((item, fn(item)))
-            except Exception as e:  # noqa: BLE001 - any per-item failure is that item's quarantine reason
-                errors.append((item, error_reason(e)))
+        if load is None or ahead < 1:
+            for item in items:
+                try:
+                    done.append((item, fn(item) if load is None else fn(item, load(item))))
+                except Exception as e:  # noqa: BLE001 - any per-item failure is that item's quarantine reason
+                    errors.append((item, error_reason(e)))
+            return done, errors
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-load") as pool:
+            pending = [pool.submit(load, item) for item in items[:ahead]]
+            for i, item in enumerate(items):
+                future = pending.pop(0)
+                if i + ahead < len(items):  # queued now, it runs while ``fn`` works on this item
+                    pending.append(pool.submit(load, items[i + ahead]))
+                try:
+                    done.append((item, fn(item, future.result())))
+                except Exception as e:  # noqa: BLE001 - a failed load or process: this item's quarantine reason
+                    errors.append((item, error_reason(e)))
         return done, errors
 
     def batch_id(self, ids: list[str]) -> str:
@@ -287,14 +335,17 @@ class Stage:
         takes batch after batch while the others still load, and a short job runs on one
         actor, one node. Where the cluster holds fewer than ``cfg.actors`` (`cluster_fit`: a
         small or still-growing cluster), the pool starts with those and grows when nodes join.
+        Each actor reserves `actor_cpus` CPUs, its torch threads (Ray sets OMP_NUM_THREADS,
+        hence torch's default, to that number).
         Each actor holds one batch at a time: a batch is seconds of model work, so one queued
         behind another on a busy actor would wait while an idle one could take it (Ray Data's
         default queues two)."""
         import ray
 
         cfg = resolve_resources(cfg)
-        start = min(cfg.actors, cluster_fit(cfg.num_gpus))
-        _let_short_tasks_finish(start)
+        cpus = actor_cpus(getattr(cfg, "torch_threads", None))
+        start = min(cfg.actors, cluster_fit(cfg.num_gpus, cpus))
+        _let_short_tasks_finish(start * cpus)
         pool = (ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1) if start == cfg.actors
                 else ray.data.ActorPoolStrategy(min_size=start, max_size=cfg.actors, initial_size=start,
                                                 max_tasks_in_flight_per_actor=1))
@@ -304,6 +355,7 @@ class Stage:
             batch_size=batch_size,
             batch_format="numpy",
             compute=pool,
+            num_cpus=cpus,
             num_gpus=cfg.num_gpus,
         )
         # the context this dataset shares with its inputs (Ray Data's copy made with them), not the process's

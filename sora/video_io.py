@@ -271,6 +271,13 @@ def read_frames(
     return frames
 
 
+def start_decoder() -> None:
+    """Start this process's decode worker now rather than at its first `probe` or `read_frames`
+    (it is a fresh interpreter: seconds of imports on a busy machine), e.g. on a thread while a
+    stage loads its models."""
+    _WORKER.start()
+
+
 def _run_job(uri: str, job: dict, timeout: float) -> tuple[dict, np.ndarray | None]:
     """Fetch `uri` if remote, check the obvious, then run `job` in the decode worker."""
     uri = os.fspath(uri)

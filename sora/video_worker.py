@@ -95,6 +95,14 @@ class DecodeWorker:
             raise RuntimeError(f"video decode worker failed to start: {e!r}") from e
         assert hello.get("ready"), f"unexpected worker greeting {hello}"
 
+    def start(self) -> None:
+        """Start the child now if none is running, so that the first job does not wait for an
+        interpreter and its imports (e.g. started while a caller loads its models)."""
+        with self._lock:
+            if not self._alive():
+                self.kill()
+                self._start()
+
     def close(self) -> None:
         """Let the child exit on its own (it stops at end of input); kill it if it lingers."""
         proc = self._proc

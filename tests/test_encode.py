@@ -119,3 +119,84 @@ def test_encode_without_captions_names_the_command_to_run_first(shapes_ds, tiny_
         main(["encode", "--data", str(empty), "--vae", tiny_vae_dir])
     with pytest.raises(SystemExit, match="batch_size must be at least 1"):
         main(["encode", "--data", data, "--vae", tiny_vae_dir, "--batch-size", "0"])
+
+
+def _clips_with_captions(data: str) -> list[dict]:
+    from pipelines.encode import pending_clips
+
+    return pending_clips(data)[0].to_pylist()
+
+
+def test_prefetching_encode_gives_the_rows_of_the_plain_loop(shapes_ds, tiny_vae_dir, tmp_path, ray_session):
+    """The actor pool decodes each next clip while the models work (Stage.load_item ahead of
+    process_item): one thread per actor and in the loop, so the rows match bit for bit."""
+    from pipelines.encode import EncodeStage
+    from threads import torch_threads
+
+    data = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, data)
+    clips = _clips_with_captions(data)
+    cfg = EncodeConfig(vae=tiny_vae_dir, batch_size=6, dtype="float32", actors=2, torch_threads=1)
+    assert cfg.prefetch == 1  # the default: one clip decoded ahead
+    with pytest.raises(ValueError, match="prefetch must be 0"):
+        EncodeConfig(vae=tiny_vae_dir, prefetch=-1)
+    result = run_encode(data, cfg)
+    assert result["encoded"] == len(clips) and result["failed"] == 0 and result["actors_used"] == 2
+    with torch_threads(1):  # the plain loop: decode, then the models, clip after clip, in this process
+        stage = EncodeStage(cfg)
+        assert stage.prefetch == 1
+        loop = {c["clip_id"]: stage.encode_clip(c, c["caption"]) for c in clips}
+        # the same stage's own batch path (prefetching) in this process: the same rows too
+        batch = {r["clip_id"]: r for r in stage.process(clips[:5]).rows}
+    rows = {r["clip_id"]: r for r in read_latents(data).to_pylist()}
+    assert rows.keys() == loop.keys()
+    for clip_id, want in loop.items():
+        for key in ("tokens", "text", "tokens_shape", "text_shape", "caption", "bucket"):
+            assert rows[clip_id][key] == want[key], (clip_id, key)
+    assert len(batch) == 5 and all(batch[k]["tokens"] == loop[k]["tokens"] for k in batch)
+
+
+def test_a_corrupt_clip_among_prefetched_ones_is_quarantined_and_the_others_encode(shapes_ds, tiny_vae_dir,
+                                                                                   tmp_path, ray_session):
+    data = str(tmp_path / "ds")
+    shutil.copytree(shapes_ds, data)
+    clips = _clips_with_captions(data)
+    # the middle clip of the one batch: its file cut in half after ingest (a truncated upload)
+    victim = clips[len(clips) // 2]
+    victim_path = str(tmp_path / "cut.mp4")
+    with open(victim["source"], "rb") as f:
+        head = f.read()
+    with open(victim_path, "wb") as f:
+        f.write(head[: len(head) // 3])
+    # point the clip at the cut file: rewrite the clips table's source of that one clip
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines import storage
+
+    table = read_clips(data)
+    source = pc.if_else(pc.equal(table["clip_id"], victim["clip_id"]), pa.scalar(victim_path),
+                        table["source"])
+    table = table.set_column(table.schema.get_field_index("source"), "source", source)
+    shutil.rmtree(os.path.join(data, "clips"))
+    storage.write_parquet_atomic(table, storage.join(data, "clips", "all.parquet"))
+
+    result = run_encode(data, EncodeConfig(vae=tiny_vae_dir, batch_size=len(clips), actors=1))
+    assert result["batches"] == 1 and result["failed"] == 1 and result["encoded"] == len(clips) - 1
+    done = set(read_latents(data)["clip_id"].to_pylist())
+    assert done == {c["clip_id"] for c in clips} - {victim["clip_id"]}
+    q = [r for r in read_quarantine(data).to_pylist() if r["stage"] == "encode"]
+    assert len(q) == 1 and q[0]["clip_id"] == victim["clip_id"] and q[0]["source"] == victim_path
+    assert q[0]["reason"].startswith(("not a video", "truncated")), q[0]  # the decoder's words
+    # a re-run retries the quarantined clip only (it fails again) and duplicates nothing
+    again = run_encode(data, EncodeConfig(vae=tiny_vae_dir, batch_size=len(clips), actors=1))
+    assert again["to_encode"] == 1 and again["failed"] == 1 and read_latents(data).num_rows == len(clips) - 1
+
+
+def test_table_dataset_is_made_on_the_driver_with_batch_sized_blocks(ray_session):
+    import pyarrow as pa
+
+    from pipelines.ray_utils import table_dataset
+
+    ds = table_dataset(pa.table({"i": list(range(10))}), 4)
+    assert ds.num_blocks() == 3 and sorted(r["i"] for r in ds.take_all()) == list(range(10))

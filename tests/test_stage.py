@@ -140,3 +140,54 @@ def test_config_checks_raise_value_errors_and_flags_put_resources_last():
         BrightnessConfig(num_gpus=-1)
     assert own_fields_first(BrightnessConfig) == ["size", "batch_size", "actors", "num_gpus", "torch_threads"]
     assert batch_items({"a": np.array([1, 2]), "b": np.array(["x", "y"])}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+
+
+def test_load_item_runs_ahead_of_process_item_and_a_failed_load_is_quarantined():
+    """`each` with a loader: item i+1 loads on a background thread while item i is processed (a
+    process that waits for the next load would time out otherwise), in order, and an item whose
+    load raises is quarantined while the others go on."""
+    import threading
+
+    items = [{"clip_id": str(i)} for i in range(6)]
+    loaded = {i: threading.Event() for i in range(len(items))}
+    threads = set()
+
+    def load(item):
+        i = int(item["clip_id"])
+        threads.add(threading.current_thread().name)
+        if i == 3:
+            raise ValueError("corrupt file")
+        loaded[i].set()
+        return i * 10
+
+    def process(item, value):
+        i = int(item["clip_id"])
+        nxt = i + 1 if i + 1 != 3 else None
+        if nxt is not None and nxt < len(items):  # the next item's load is under way meanwhile
+            assert loaded[nxt].wait(timeout=30), f"item {nxt} did not load while item {i} was processed"
+        return {"clip_id": item["clip_id"], "value": value}
+
+    done, errors = Stage.each(items, process, load=load, ahead=1)
+    assert [row for _, row in done] == [{"clip_id": str(i), "value": i * 10} for i in (0, 1, 2, 4, 5)]
+    assert errors == [(items[3], "ValueError: corrupt file")]
+    assert threads and threading.current_thread().name not in threads  # loads ran on the background thread
+
+    # in turn (ahead=0) the same results, every load on the calling thread
+    threads.clear()
+    serial, serial_errors = Stage.each(items, lambda item, value: {"clip_id": item["clip_id"], "value": value},
+                                       load=load, ahead=0)
+    assert [row for _, row in serial] == [row for _, row in done] and serial_errors == errors
+    assert threads == {threading.current_thread().name}
+
+
+def test_actors_left_to_the_cluster_fill_its_cpus_at_their_thread_count(ray_session):
+    import ray
+
+    from pipelines.stage import actor_cpus
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert actor_cpus(None) == 1 and actor_cpus(3) == 3
+    assert resolve_resources(BrightnessConfig(actors=None)).actors == cpus  # one per CPU: every core busy
+    assert resolve_resources(BrightnessConfig(actors=None, torch_threads=2)).actors == max(1, cpus // 2)
+    assert resolve_resources(BrightnessConfig(actors=None, torch_threads=64)).actors == 1  # at least one
+    assert resolve_resources(BrightnessConfig(actors=5, torch_threads=2)).actors == 5  # given: kept

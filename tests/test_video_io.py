@@ -312,6 +312,19 @@ def test_hang_is_killed_and_worker_restarts(tmp_path, faulty_worker):
     assert faulty_worker.pid != pid
 
 
+def test_start_decoder_starts_the_worker_the_reads_then_use(tmp_path, faulty_worker):
+    path = str(tmp_path / "ok.mp4")
+    write_video(path, moving_box(64, 48), 12)
+    assert faulty_worker.pid is None
+    video_io.start_decoder()
+    pid = faulty_worker.pid
+    assert pid is not None
+    video_io.start_decoder()  # a running worker is kept
+    assert faulty_worker.pid == pid
+    assert read_frames(path).shape == (T, 48, 64, 3)
+    assert faulty_worker.pid == pid, "the read must use the worker started ahead"
+
+
 def test_decoder_crash_becomes_video_error(tmp_path, faulty_worker):
     path = str(tmp_path / "ok.mp4")
     write_video(path, moving_box(64, 48), 12)
