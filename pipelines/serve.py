@@ -584,8 +584,8 @@ def application(cfg: ServeConfig, on_step: StepHook | None = None):
 def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, app_name: str = "sora", *,
                on_step: StepHook | None = None, proxy_start_s: float = 300.0):
     """Start Serve's HTTP proxy on host:port, deploy the app and return the ingress handle once the
-    proxy answers on host:port (at most `proxy_start_s`). The caller keeps the process alive and
-    calls `serve.shutdown()`.
+    proxy answers on host:port, and the ingress on its `http_port` if set (at most `proxy_start_s`).
+    The caller keeps the process alive and calls `serve.shutdown()`.
 
     Serve's controller gives a new proxy a few seconds to come up and replaces it, with a longer
     deadline each time, when it does not; `serve.start` raises with the first one's death. On a
@@ -598,8 +598,10 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, 
     except (ray.exceptions.ActorDiedError, TimeoutError) as e:  # the controller is up and restarts its proxy
         logger.warning("Serve's HTTP proxy was not up in time (%s); waiting for the controller's next one",
                        type(e).__name__)
-    handle = serve.run(application(ServeConfig.from_args(dict(args)), on_step), name=app_name, route_prefix="/",
-                       blocking=False)
+    cfg = ServeConfig.from_args(dict(args))
+    handle = serve.run(application(cfg, on_step), name=app_name, route_prefix="/", blocking=False)
     wait_for_serve_proxy(host, port, max(deadline - time.monotonic(), 1.0))
+    if cfg.http_port is not None:  # the ingress replica's own port (it answers once the replica is up)
+        wait_for_serve_proxy(cfg.http_host, cfg.http_port, max(deadline - time.monotonic(), 1.0))
     return handle
 
