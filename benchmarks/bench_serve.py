@@ -1,6 +1,7 @@
 """Serving under load: N clients submit at once and poll, `sora serve` vs a naive synchronous endpoint.
 
     python -m benchmarks.bench_serve [--quick] [--clients N] [--steps S] [--repeats R] [--direct-ingress]
+                                     [--ingress-port]
 
 Both run on one local Ray (2 CPUs) behind Serve's HTTP proxy, with the same tiny random model,
 the same request (32x32, 9 frames, S steps) and the same autoscaling (1..2 generator replicas of
@@ -30,6 +31,11 @@ on a shared machine hits both.
 --direct-ingress runs the same with Ray Serve's throughput-optimized mode
 (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, set before Ray starts): each app's ingress replica answers
 HTTP on a port of its own, with no proxy hop (the clients are pointed at that port).
+
+--ingress-port points ours' clients at the port its ingress replica serves itself
+(`ServeConfig.http_port`: uvicorn with httptools inside the replica, on its event loop, no Serve
+hop); the naive endpoint stays on Serve's path (proxy, or direct ingress with both flags), and
+a no-op FastAPI app served the same way (uvicorn in a Serve replica) is the floor beside it.
 
 The client is a few lines of asyncio over raw HTTP/1.1 on purpose: a full client library costs
 about a millisecond of CPU per request, and 200 of them from one process would time the client.
@@ -104,6 +110,16 @@ class Noop:
     @noop_api.post("/v1/videos")
     async def create(self, request: Request):
         return JSONResponse({"id": "noop", "status": "completed", "bytes": len(await request.body())})
+
+
+@serve.deployment(name="NoopOwnPort", ray_actor_options={"num_cpus": 0})
+class NoopOwnPort:
+    """Context for --ingress-port: the no-op app on uvicorn inside a Serve replica, as ours runs."""
+
+    async def __init__(self, port: int):
+        from pipelines.serve_fastpath import start_http_server
+
+        self.server = start_http_server(noop_api, "127.0.0.1", port)
 
 
 class Conn:
@@ -241,6 +257,12 @@ class ReplicaWatch:
             time.sleep(0.5)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def app_port(app: str, proxy_port: int, direct: bool, timeout: float = 120.0) -> int:
     """The port that serves ``app``: Serve's proxy, or with direct ingress its ingress replica's own."""
     if not direct:
@@ -268,6 +290,8 @@ def main() -> None:
                     help="ours: unfinished jobs before 429 (default: the number of clients, so all are accepted)")
     ap.add_argument("--direct-ingress", action="store_true",
                     help="Serve's throughput-optimized mode: ingress replicas answer HTTP themselves, no proxy")
+    ap.add_argument("--ingress-port", action="store_true",
+                    help="ours: clients go to the port its ingress replica serves itself (http_port), no Serve hop")
     args = ap.parse_args()
     if args.direct_ingress:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
@@ -278,6 +302,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
+    from pipelines.ray_utils import wait_for_serve_proxy
     from pipelines.serve import build_app, dispatch_limit
     from pipelines.serve_config import ServeConfig
     from tiny_model import build_tiny_model
@@ -286,9 +311,7 @@ def main() -> None:
     model = build_tiny_model(os.path.join(work, "model"))
     os.makedirs(os.path.join(work, "naive"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     key = "bench-key"
     deadline_s = 120 + n * args.steps
     ours_cfg = {"model": model, "storage": os.path.join(work, "store"), "api_key": key,
@@ -296,7 +319,10 @@ def main() -> None:
                 "max_queue": args.max_queue or n, "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
                 "heartbeat_s": 1.0, "stale_after_s": 60,
                 **{k: v for k, v in AUTOSCALING.items() if k != "initial_replicas"}}
-    runs: dict[str, list[dict]] = {"naive": [], "ours": [], "noop": []}
+    own = {"sora": free_port(), "noop-own": free_port()} if args.ingress_port else {}
+    if own:
+        ours_cfg["http_port"] = own["sora"]
+    runs: dict[str, list[dict]] = {"naive": [], "ours": [], "noop": [], "noop-own": []}
     loads = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -305,9 +331,14 @@ def main() -> None:
                   .bind(model, os.path.join(work, "naive"), 1), name="naive", route_prefix="/naive", blocking=False)
         serve.run(Noop.options(ray_actor_options={"num_cpus": 0}).bind(), name="noop", route_prefix="/noop",
                   blocking=False)
+        if own:
+            serve.run(NoopOwnPort.bind(own["noop-own"]), name="noop-own", route_prefix=None, blocking=False)
         sides = {"naive": ("naive", "/naive", None, False, "NaiveSync"),
                  "ours": ("sora", "", key, True, "VideoGenerator")}
         ports = {app: app_port(app, port, args.direct_ingress) for app in ("naive", "sora", "noop")}
+        ports.update(own)
+        for p in own.values():
+            wait_for_serve_proxy("127.0.0.1", p, 300)  # listening
 
         def run(side: str, warm: bool = False) -> None:
             app, prefix, k, poll, deployment = sides[side]
@@ -327,6 +358,9 @@ def main() -> None:
             run("naive")
             run("ours")
             runs["noop"].append(asyncio.run(burst(ports["noop"], "/noop", None, n, args.steps, False, deadline_s)))
+            if own:
+                runs["noop-own"].append(asyncio.run(burst(ports["noop-own"], "", None, n, args.steps, False,
+                                                          deadline_s)))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -337,13 +371,16 @@ def main() -> None:
         values = [v for v in values if v is not None]
         return float(np.median(values)) if values else float("nan")
 
-    pct = {q: {side: med(side, lambda r, q=q: float(np.percentile(r["latency"], q))) for side in runs}
+    pct = {q: {side: med(side, lambda r, q=q: float(np.percentile(r["latency"], q))) for side in runs if runs[side]}
            for q in (50, 99)}
     counts = {side: {k: [r[k] for r in runs[side]] for k in ("lost", "rejected_429", "completed", "failed",
                                                              "replicas_added", "replica_asked_after_s",
                                                              "replica_running_after_s")}
               for side in ("naive", "ours")}
-    extra = {"clients": n, "http": "direct ingress (no proxy)" if args.direct_ingress else "Serve's proxy",
+    http = "direct ingress (no proxy)" if args.direct_ingress else "Serve's proxy"
+    if own:
+        http = f"ours: its ingress replica's own port (uvicorn); naive: {http}"
+    extra = {"clients": n, "http": http,
              "runs": repeats, "steps": args.steps, "size": "32x32x9",
              "autoscaling": {k: AUTOSCALING[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
                                                           "upscale_delay_s")},
@@ -351,7 +388,9 @@ def main() -> None:
              "ours_dispatch_limit": dispatch_limit(ServeConfig.from_args(ours_cfg)),
              "per_run": counts, "load_avg_1m": [round(x, 2) for x in loads],
              "serve_noop_endpoint_p50_s": round(pct[50]["noop"], 4),
-             "serve_noop_endpoint_p99_s": round(pct[99]["noop"], 4)}
+             "serve_noop_endpoint_p99_s": round(pct[99]["noop"], 4),
+             **({"own_port_noop_endpoint_p50_s": round(pct[50]["noop-own"], 4),
+                 "own_port_noop_endpoint_p99_s": round(pct[99]["noop-own"], 4)} if own else {})}
     names = ("naive sync endpoint: generates in the request, autoscaled 1..2 replicas",
              "sora serve: journaled job + @serve.batch, autoscaled 1..2 replicas")
     for q in (50, 99):

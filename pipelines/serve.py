@@ -35,10 +35,10 @@ at the ingress's handle and running on replicas, and adds replicas while there a
 `target_ongoing_requests` per replica. One ingress replica is the design (it owns dispatch);
 Serve restarts it if it dies, and the restart resumes from STORE.
 
-Under a burst of POSTs most of each one's cost is Serve's HTTP proxy (its hop to the ingress
-replica), not this code. Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1
-in the environment Ray starts with) lets the ingress replica answer HTTP itself, on a port of
-its own (from 30000 up), without that hop; `benchmarks/bench_serve.py --direct-ingress` measures it.
+Under a burst of POSTs, Serve's HTTP proxy (its hop to the ingress replica) and FastAPI's
+per-request machinery cost more than this code: the hot routes skip FastAPI
+(`pipelines.serve_fastpath.FastPath`), and with `http_port` the ingress replica answers HTTP
+itself (uvicorn in the replica, no proxy hop). `benchmarks/bench_serve.py` measures both.
 """
 
 # NOTE: no `from __future__ import annotations` here. Serve cloudpickles the FastAPI app, and
@@ -64,6 +64,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.ray_utils import wait_for_serve_proxy
+from pipelines.serve_fastpath import FastPath, start_http_server
 from pipelines.serve_config import ServeConfig
 from pipelines.stage import resolve_num_gpus
 from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
@@ -77,6 +78,7 @@ logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
 INLINE_BODY_BYTES = 16 << 10  # bodies up to this size are parsed on the event loop (no thread hop)
 FINAL_CACHE = 4096  # finished records the ingress keeps in memory for GET
+QUIET_S, BURST_S = 0.02, 1.0  # records are stored and jobs dispatched after a pause in POSTs this long (or this late)
 
 
 def dispatch_limit(cfg: ServeConfig) -> int:
@@ -129,6 +131,7 @@ class VideoGenerator:
 # ----------------------------------------------------------------------------------------
 
 api = FastAPI(title="sora videos API", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+api.add_middleware(FastPath)
 
 
 @api.exception_handler(APIError)
@@ -191,10 +194,17 @@ class VideoAPI:
         self._to_commit: list[tuple[dict[str, Any], asyncio.Future]] = []
         self._to_store: deque[tuple[str, list[dict[str, Any]]]] = deque()
         self._committing = self._storing = False
+        self._last_post = 0.0  # event-loop time of the latest POST /v1/videos
         self._dispatching = asyncio.Semaphore(dispatch_limit(self.cfg))
         await asyncio.to_thread(self.store.replay_journal)  # answered before a restart: store them first
         for vid in await asyncio.to_thread(self.store.active_ids):  # resume after a restart
             self._start(vid)
+        self._http = None if self.cfg.http_port is None else start_http_server(  # the hot routes before FastAPI
+            FastPath(api, owner=lambda: self), self.cfg.http_host, self.cfg.http_port, self.cfg.ingress_max_ongoing)
+
+    def __del__(self):
+        if getattr(self, "_http", None) is not None:
+            self._http[0].should_exit = True
 
     def check_health(self) -> None:
         self.store.check()
@@ -332,10 +342,14 @@ class VideoAPI:
             self._committing = False
 
     async def _store_loop(self) -> None:
-        """Write each journaled job's record + active marker, drop the journal file, start the job."""
+        """Write each journaled job's record + active marker, drop the journal file, start the job:
+        once no POST has come for QUIET_S (at most BURST_S later), so a burst is answered first."""
         loop = asyncio.get_running_loop()
         try:
             while self._to_store:
+                start = loop.time()
+                while loop.time() - self._last_post < QUIET_S and loop.time() - start < BURST_S:
+                    await asyncio.sleep(QUIET_S / 2)
                 url, records = self._to_store[0]
                 try:
                     await loop.run_in_executor(self._store_pool, self._store_records, url, records)
@@ -464,6 +478,7 @@ class VideoAPI:
 
     @api.post("/v1/videos")
     async def create(self, request: Request):
+        self._last_post = asyncio.get_running_loop().time()
         self._auth(request)
         if self._unfinished() >= self.cfg.max_queue:  # before reading a body we would drop
             raise self._queue_full()
@@ -569,8 +584,8 @@ def application(cfg: ServeConfig, on_step: StepHook | None = None):
 def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, app_name: str = "sora", *,
                on_step: StepHook | None = None, proxy_start_s: float = 300.0):
     """Start Serve's HTTP proxy on host:port, deploy the app and return the ingress handle once the
-    proxy answers on host:port (at most `proxy_start_s`). The caller keeps the process alive and
-    calls `serve.shutdown()`.
+    proxy answers on host:port, and the ingress on its `http_port` if set (at most `proxy_start_s`).
+    The caller keeps the process alive and calls `serve.shutdown()`.
 
     Serve's controller gives a new proxy a few seconds to come up and replaces it, with a longer
     deadline each time, when it does not; `serve.start` raises with the first one's death. On a
@@ -583,8 +598,10 @@ def run_server(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, 
     except (ray.exceptions.ActorDiedError, TimeoutError) as e:  # the controller is up and restarts its proxy
         logger.warning("Serve's HTTP proxy was not up in time (%s); waiting for the controller's next one",
                        type(e).__name__)
-    handle = serve.run(application(ServeConfig.from_args(dict(args)), on_step), name=app_name, route_prefix="/",
-                       blocking=False)
+    cfg = ServeConfig.from_args(dict(args))
+    handle = serve.run(application(cfg, on_step), name=app_name, route_prefix="/", blocking=False)
     wait_for_serve_proxy(host, port, max(deadline - time.monotonic(), 1.0))
+    if cfg.http_port is not None:  # the ingress replica's own port (it answers once the replica is up)
+        wait_for_serve_proxy(cfg.http_host, cfg.http_port, max(deadline - time.monotonic(), 1.0))
     return handle
 

@@ -44,8 +44,11 @@ class ServeConfig:
     num_cpus: float = 1.0  # CPUs per generator replica
     num_gpus: float | None = None  # GPUs per generator replica (None: 1 if the Ray cluster has GPUs)
     torch_threads: int = 0  # intra-op threads per generator replica (0: torch's default)
-    ingress_max_ongoing: int = 512  # concurrent HTTP requests per ingress replica
+    ingress_max_ongoing: int = 512  # concurrent HTTP requests per ingress replica (on http_port: connections too)
     poll_after_ms: int = 1000  # the openai-poll-after-ms hint on unfinished jobs
+    fast_path: bool = True  # POST /v1/videos and GET /v1/videos/{id} skip FastAPI's routing (same answers, less CPU)
+    http_port: int | None = None  # the ingress replica also answers HTTP itself on this port, no Serve proxy hop
+    http_host: str = "127.0.0.1"  # the interface http_port listens on (0.0.0.0: all)
     remix_strength: float = DEFAULT_STRENGTH["edit"]  # SDEdit noise level of a remix without its own strength
     limits: Limits = field(default_factory=Limits)  # what one request may ask for (sora.request.Limits)
     http_limits: HTTPLimits = field(default_factory=HTTPLimits)  # body and upload sizes
@@ -64,6 +67,8 @@ class ServeConfig:
             raise ValueError(f"num_gpus must be >= 0 (or None: from the cluster), got {self.num_gpus}")
         if not math.isfinite(self.lora_scale):
             raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
+        if self.http_port is not None and not 0 < self.http_port < 65536:
+            raise ValueError(f"http_port must be 1..65535 (or None: only Serve's proxy), got {self.http_port}")
         if not 0.0 <= self.remix_strength <= 1.0:
             raise ValueError(f"remix_strength must be in [0, 1], got {self.remix_strength}")
 

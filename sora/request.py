@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields, replace
+from copy import deepcopy
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 MODES = ("text-to-video", "image-to-video", "extend-forward", "extend-backward", "join", "loop", "edit", "draft")
@@ -227,7 +228,11 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (media must be paths or URLs; a join's pair becomes a list)."""
-        d = asdict(self)
+        # every field but the media is a scalar: copy only those (dataclasses.asdict deep-copies all)
+        d = {f.name: getattr(self, f.name) for f in _FIELDS}
+        for key in ("image", "video"):
+            if not isinstance(d[key], (str, type(None))):
+                d[key] = deepcopy(d[key])
         if isinstance(d["video"], tuple):
             d["video"] = list(d["video"])
         return d
@@ -243,6 +248,9 @@ class GenerationRequest:
         if isinstance(d.get("video"), list):
             d["video"] = tuple(d["video"])
         return cls(**d)
+
+
+_FIELDS = fields(GenerationRequest)
 
 
 def resolve_mode(mode: str | None, has_image: bool, has_video: bool, names: dict[str, str] | None = None) -> str:

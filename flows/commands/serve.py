@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise SystemExit(f"sora serve: --port must be 1..65535, got {args.port}")
     cfg = config_of(args)
+    if cfg.http_port == args.port:
+        raise SystemExit(f"sora serve: --http-port ({cfg.http_port}) is the ingress's own port; it must differ from "
+                         f"--port, Serve's proxy")
     from ray import serve
 
     from pipelines.ray_utils import ensure_ray
@@ -73,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
         config["api_key"] = os.environ["SORA_API_KEY"]
     ensure_ray()
     run_server(config, host=args.host, port=args.port)
-    print(json.dumps({"api": f"http://{args.host}:{args.port}/v1", "storage": cfg.storage,
-                      "auth": "bearer" if config["api_key"] else "none"}), flush=True)
+    urls = {"api": f"http://{args.host}:{args.port}/v1"}
+    if cfg.http_port is not None:  # the same API without Serve's proxy hop
+        urls["ingress_api"] = f"http://{cfg.http_host}:{cfg.http_port}/v1"
+    print(json.dumps({**urls, "storage": cfg.storage, "auth": "bearer" if config["api_key"] else "none"}), flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
