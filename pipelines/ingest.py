@@ -498,8 +498,18 @@ def source_blocks(n: int, workers: int, max_block: int = 16, max_blocks: int = 2
     return sizes
 
 
+def pin_decode_threads() -> None:
+    """One decoder thread per task or actor: on Ray the parallelism comes from one process per
+    CPU, and FFmpeg's default (a thread per core in every decoder) would make the decoders of
+    parallel tasks contend for the same cores. The sequential loop keeps the default."""
+    from sora.video_io import set_decode_threads
+
+    set_decode_threads(1)
+
+
 def ingest_block(batch: dict, out: str, cfg: dict) -> dict:
     """A Ray Data task (no model configured): every stage for each source of a block."""
+    pin_decode_threads()
     cfg = IngestConfig(**cfg)
     return {"summary": [json.dumps(ingest_source(str(s), out, cfg)) for s in batch["source"]]}
 
@@ -512,6 +522,7 @@ class IngestStage(Stage):
     config_cls = IngestConfig
 
     def setup(self) -> None:
+        pin_decode_threads()
         self.shots, self.scores = load_models(self.cfg)
 
     def process(self, items: list[dict]) -> StageOutput:
@@ -534,14 +545,23 @@ def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):
     for size in source_blocks(len(sources), workers):
         blocks.append(pa.table({"source": pa.array(sources[at:at + size], pa.string())}))
         at += size
-    ds = ray.data.from_arrow(blocks)
+    # from_blocks takes each block's metadata on the driver (from_arrow runs a Ray task per
+    # block for it, which waits for a worker process before the first source starts).
+    ds = ray.data.from_blocks(blocks)
+    # This dataset's own copy of the context: Ray Data's per-operator resource reservation
+    # admits one task until it has seen a task's output size (a one-source summary here), so
+    # the other workers idle through the first block. The number of tasks at once is bounded
+    # below instead, and the outputs are a few hundred bytes per source.
+    ds.context.op_resource_reservation_enabled = False
     if cfg.shots == "transnetv2" or needs_models(cfg):  # the models load once per actor
         return ds.map_batches(IngestStage, fn_constructor_kwargs={"cfg": asdict(cfg), "out": out}, batch_size=None,
                               batch_format="numpy", num_cpus=1, num_gpus=cfg.num_gpus,
                               compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
+    # Twice as many tasks submitted as run (each takes 1 CPU): Ray starts a worker's next block
+    # the moment its last one ends, not when the driver's scheduling loop next looks.
     # Ray Data retries a task whose worker died; idempotent writes keep that exactly-once.
     return ds.map_batches(ingest_block, fn_kwargs={"out": out, "cfg": asdict(cfg)}, batch_size=None,
-                          batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers))
+                          batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=2 * workers))
 
 
 def run_ingest(

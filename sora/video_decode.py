@@ -266,7 +266,7 @@ def _open_decord(src: Source, first: np.ndarray | None) -> tuple[object, str | N
     import decord  # after av (see the FOOTGUN note at the top)
 
     try:
-        reader = decord.VideoReader(src.path)
+        reader = decord.VideoReader(src.path, num_threads=_threads)  # 0: decord's default
     except Exception as e:  # DECORDError or RuntimeError, depending on where decord fails
         return None, f"cannot open it ({_short(e)})"
     if len(reader) != len(src.pts):
@@ -359,6 +359,8 @@ def _decode_pass(src: Source, want: dict[int, int], got: dict, start: int | None
     with av.open(src.path) as container:
         stream = _video_stream(container)
         stream.thread_type = "AUTO"
+        if _threads:
+            stream.thread_count = _threads
         if start is not None:
             container.seek(start, stream=stream, backward=True)
         landed = start is None
@@ -427,10 +429,15 @@ def read(src: Source, reader, indices: list[int] | None) -> np.ndarray:
 _OPEN: "OrderedDict[tuple, tuple[Source, object]]" = OrderedDict()
 _OPEN_MAX = 4
 
+# Threads each decoder opened by this process may use (FFmpeg's thread_count, for decord and
+# PyAV alike): 0 lets FFmpeg pick from the cores. Each job sets it (see
+# `sora.video_io.set_decode_threads`); the threads are fixed when a decoder opens.
+_threads = 0
+
 
 def _inspect_cached(path: str) -> tuple[Source, object]:
     st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
+    key = (path, st.st_size, st.st_mtime_ns, _threads)
     if key in _OPEN:
         _OPEN.move_to_end(key)
         return _OPEN[key]
@@ -443,7 +450,9 @@ def _inspect_cached(path: str) -> tuple[Source, object]:
 
 def serve(job: dict) -> tuple[dict, np.ndarray | None]:
     """The decode worker's job handler: {"op": "probe" | "read", "path", "indices", "size",
-    "crop"} -> (reply header, frames or None)."""
+    "crop", "threads"} -> (reply header, frames or None)."""
+    global _threads
+    _threads = max(0, int(job.get("threads") or 0))
     try:
         src, reader = _inspect_cached(job["path"])
         if job["op"] == "probe":

@@ -289,6 +289,7 @@ def _run_job(uri: str, job: dict, timeout: float) -> tuple[dict, np.ndarray | No
             if os.path.getsize(path) == 0:
                 raise VideoError(uri, "empty file (0 bytes)")
             job["path"] = os.path.abspath(path)
+            job["threads"] = _decode_threads
             header, frames = _WORKER.run(job, timeout)
     except FileNotFoundError as e:  # fsspec: remote object missing
         raise VideoError(uri, f"no such file ({e})") from None
@@ -304,6 +305,19 @@ def _run_job(uri: str, job: dict, timeout: float) -> tuple[dict, np.ndarray | No
         raise VideoError(uri, header["reason"])
     return header, frames
 
+
+def set_decode_threads(threads: int | None) -> None:
+    """Threads each decoder of this process's decode worker may use from now on: None keeps
+    the libraries' default (FFmpeg picks from the cores); 1 where parallelism comes from
+    several processes decoding at once (Ray tasks), whose decoder threads would otherwise
+    contend for the same cores."""
+    global _decode_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"decode threads must be >= 1 or None (the default), got {threads}")
+    _decode_threads = threads or 0
+
+
+_decode_threads = 0  # 0: the decoders' default (see set_decode_threads)
 
 # The process-wide decode worker (tests swap in one with another handler).
 _WORKER = DecodeWorker()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -153,6 +154,36 @@ def test_rerun_is_idempotent_and_matches_sequential(mixed, tmp_path, ray_session
     seq = str(tmp_path / "seq")
     run_sequential([root], seq)
     assert clip_rows(seq) == rows
+
+
+def test_ray_ingest_pins_decoders_and_keeps_its_scheduling_settings_to_itself(mixed, tmp_path, ray_session):
+    """A Ray task decodes with one thread per decoder (the parallelism comes from the tasks);
+    the dataset's scheduling settings live on its own context, not the process's DataContext."""
+    from dataclasses import asdict
+
+    import ray
+    from ray.data.context import DataContext
+
+    from pipelines.ingest import build_ingest_dataset, ingest_block
+
+    root, good, _ = mixed
+    sources = sorted(good)
+    before = DataContext.get_current().op_resource_reservation_enabled
+    ds = build_ingest_dataset(sources, str(tmp_path / "data"), IngestConfig(actors=2))
+    assert ds.context.op_resource_reservation_enabled is False
+    assert DataContext.get_current().op_resource_reservation_enabled == before
+    assert sorted(json.loads(r["summary"])["source"] for r in ds.take_all()) == sources
+
+    @ray.remote(num_cpus=1)
+    def decode_threads_in_a_task(source: str, out: str) -> int:
+        from sora import video_io
+
+        video_io.set_decode_threads(None)  # whatever an earlier task of this worker left
+        ingest_block({"source": [source]}, out, asdict(IngestConfig()))
+        return video_io._decode_threads
+
+    assert ray.get(decode_threads_in_a_task.remote(sources[0], str(tmp_path / "one"))) == 1
+    assert video_io._decode_threads == 0  # the driver's own decoders keep the default
 
 
 def test_killed_ray_worker_keeps_results_exactly_once(mixed, tmp_path, ray_session):

@@ -349,6 +349,36 @@ def test_index_errors_and_empty_selection(tmp_path):
     assert read_frames(path, [], size=(32, 32)).shape == (0, 32, 32, 3)
 
 
+def _worker_threads() -> int:
+    """Threads of this process's decode worker right now (Linux)."""
+    return len(os.listdir(f"/proc/{video_io._WORKER.pid}/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts the decode worker's threads in /proc; needs 2+ cores for FFmpeg to thread")
+def test_decode_threads_pinned_to_one(tmp_path):
+    """set_decode_threads(1) opens every decoder with one thread (parallel Ray tasks each decode
+    on their own core) and decodes the same frames as the default thread count."""
+    frames = moving_box(320, 240, 2 * T)
+    paths = [str(tmp_path / f"v{i}.mp4") for i in range(2)]
+    for p in paths:
+        write_video(p, frames, 12)
+    video_io._WORKER.kill()  # a fresh worker: no decoder left open by another test
+    try:
+        default = read_frames(paths[0])
+        with_default = _worker_threads()
+        video_io._WORKER.kill()
+        video_io.set_decode_threads(1)
+        pinned = read_frames(paths[1])
+        with_one = _worker_threads()
+    finally:
+        video_io.set_decode_threads(None)
+    np.testing.assert_array_equal(pinned, default)
+    assert with_one < with_default, (with_one, with_default)
+    with pytest.raises(ValueError, match=">= 1"):
+        video_io.set_decode_threads(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Writers
 # ---------------------------------------------------------------------------------------------
