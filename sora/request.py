@@ -20,6 +20,7 @@ model and the command line builds its flags from these fields quickly.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from copy import deepcopy
@@ -228,8 +229,9 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (media must be paths or URLs; a join's pair becomes a list)."""
-        # every field but the media is a scalar: copy only those (dataclasses.asdict deep-copies all)
-        d = {f.name: getattr(self, f.name) for f in _FIELDS}
+        # every field but the media is a scalar: copy only those (dataclasses.asdict deep-copies
+        # all); a subclass's own fields (a bulk row's id) are fields of its class
+        d = {name: getattr(self, name) for name in _field_names(type(self))}
         for key in ("image", "video"):
             if not isinstance(d[key], (str, type(None))):
                 d[key] = deepcopy(d[key])
@@ -250,7 +252,9 @@ class GenerationRequest:
         return cls(**d)
 
 
-_FIELDS = fields(GenerationRequest)
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 def resolve_mode(mode: str | None, has_image: bool, has_video: bool, names: dict[str, str] | None = None) -> str:

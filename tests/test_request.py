@@ -5,7 +5,7 @@ point (bulk rows, the HTTP API, the Python call)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
@@ -120,3 +120,16 @@ def test_one_rule_in_every_entry_point():
     with pytest.raises(APIError) as e:
         parse_create({"prompt": "x", "seed": -3}, {}, Limits(), model)
     assert e.value.param == "seed" and e.value.status == 400
+
+
+def test_to_dict_keeps_a_subclass_fields():
+    """A bulk row is a GenerationRequest with an id of its own: to_dict must carry it."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Row(GenerationRequest):
+        id: str = ""
+
+    d = Row(prompt="a red circle", id="p7").to_dict()
+    assert d["id"] == "p7" and d["prompt"] == "a red circle"
+    assert GenerationRequest(prompt="x").to_dict().keys() == {f.name for f in fields(GenerationRequest)}
