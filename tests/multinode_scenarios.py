@@ -449,13 +449,19 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
     seen_after_stop: list[str] = []
 
     def stop_after_loss(summary: dict, done: int, total: int) -> None:
-        if stop.is_set():
+        # from the moment a worker node's upload is held (the node about to go): a job stopped
+        # later would find every source submitted already (Ray finishes the tasks on their way)
+        if stop.is_set() or hold.held.is_set():
             seen_after_stop.append(summary["source"])
             raise Stop("the job stops")
 
+    # two workers (four tasks at once): with one per CPU of the cluster all eight sources would be
+    # on their way before the loss, and nothing left to re-run
+    scfg = IngestConfig(min_motion=0.0, actors=2)
     t = time.monotonic()
     idle_cluster()
-    run = Background(lambda: run_ingest([inputs["raw"]], f"{S3}/stopped", icfg, progress=stop_after_loss))
+    hold.held.clear()  # the last scenario's held upload is not this one's
+    run = Background(lambda: run_ingest([inputs["raw"]], f"{S3}/stopped", scfg, progress=stop_after_loss))
     lost = lose_node_at_held_upload(nodes, hold, rf"^/{BUCKET}/stopped/clips/\.[^/]+\.tmp-", run)
     stop.set()
     try:
