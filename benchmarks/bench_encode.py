@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import median, report, side_by_side
+from benchmarks.common import median, report, side_by_side, tiny_vae
 
 
 def make_corpus(work: str, n: int, side: int, frames: int, resolution: str) -> str:
@@ -55,18 +55,6 @@ def make_corpus(work: str, n: int, side: int, frames: int, resolution: str) -> s
         run_sequential([raw], data, IngestConfig(min_motion=0.0, resolution=resolution))
         run_caption(data, CaptionConfig(model=None))
     return data
-
-
-def tiny_vae(work: str) -> str:
-    import torch
-
-    from sora.vae import CausalVideoVAE, VAEConfig
-
-    d = os.path.join(work, "vae")
-    if not os.path.exists(os.path.join(d, "config.json")):
-        torch.manual_seed(0)
-        CausalVideoVAE(VAEConfig.preset("tiny")).save_pretrained(d)
-    return d
 
 
 def plain_loop(data: str, out: str, cfg, split: dict) -> dict[str, dict]:

@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Any
 
-from benchmarks.common import report
+from benchmarks.common import report, tiny_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2**20
@@ -187,18 +187,6 @@ def make_videos(root: str, n: int, seed: int) -> None:
     if os.path.exists(done):
         return
     synth_dataset(root, n, seed, ranges=ClipRanges(short_sides=(64,), frame_counts=(9,), fps=(8,)))
-
-
-def tiny_vae(work: str) -> str:
-    import torch
-
-    from sora.vae import CausalVideoVAE, VAEConfig
-
-    d = os.path.join(work, "vae")
-    if not os.path.exists(os.path.join(d, "config.json")):
-        torch.manual_seed(0)
-        CausalVideoVAE(VAEConfig.preset("tiny")).save_pretrained(d)
-    return d
 
 
 def corpus_sizes(args: argparse.Namespace) -> list[int]:

@@ -122,3 +122,16 @@ def report(
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def tiny_vae(work: str) -> str:
+    """A tiny random-weight VAE saved under WORK/vae (seed 0; kept if already there)."""
+    import torch
+
+    from sora.vae import CausalVideoVAE, VAEConfig
+
+    d = os.path.join(work, "vae")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        torch.manual_seed(0)
+        CausalVideoVAE(VAEConfig.preset("tiny")).save_pretrained(d)
+    return d
