@@ -64,7 +64,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.ray_utils import wait_for_serve_proxy
-from pipelines.serve_fastpath import FastPath, start_http_server
+from pipelines.serve_fastpath import SERVER_ERROR, FastPath, start_http_server
 from pipelines.serve_config import ServeConfig
 from pipelines.stage import resolve_num_gpus
 from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
@@ -155,8 +155,7 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    body = {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}}
-    return JSONResponse(body, status_code=500)
+    return JSONResponse(SERVER_ERROR, status_code=500)
 
 
 def _not_found(video_id: str) -> APIError:
