@@ -548,11 +548,13 @@ def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):
     # from_blocks takes each block's metadata on the driver (from_arrow runs a Ray task per
     # block for it, which waits for a worker process before the first source starts).
     ds = ray.data.from_blocks(blocks)
-    # This dataset's own copy of the context: Ray Data's per-operator resource reservation
-    # admits one task until it has seen a task's output size (a one-source summary here), so
-    # the other workers idle through the first block. The number of tasks at once is bounded
-    # below instead, and the outputs are a few hundred bytes per source.
+    # This dataset's own copy of the context, two of Ray Data's backpressure rules off: the
+    # per-operator reservation admits one task until it has seen a task's output size, and
+    # without it the downstream-capacity policy weighs the finished summaries against what the
+    # driver's iterator holds alone and keeps the operator at one task at a time; either way
+    # the other workers idle. Tasks at once are bounded below; a summary is a few hundred bytes.
     ds.context.op_resource_reservation_enabled = False
+    ds.context.downstream_capacity_backpressure_ratio = None
     if cfg.shots == "transnetv2" or needs_models(cfg):  # the models load once per actor
         return ds.map_batches(IngestStage, fn_constructor_kwargs={"cfg": asdict(cfg), "out": out}, batch_size=None,
                               batch_format="numpy", num_cpus=1, num_gpus=cfg.num_gpus,

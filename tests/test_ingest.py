@@ -169,9 +169,12 @@ def test_ray_ingest_pins_decoders_and_keeps_its_scheduling_settings_to_itself(mi
     root, good, _ = mixed
     sources = sorted(good)
     before = DataContext.get_current().op_resource_reservation_enabled
+    ratio_before = DataContext.get_current().downstream_capacity_backpressure_ratio
     ds = build_ingest_dataset(sources, str(tmp_path / "data"), IngestConfig(actors=2))
     assert ds.context.op_resource_reservation_enabled is False
+    assert ds.context.downstream_capacity_backpressure_ratio is None
     assert DataContext.get_current().op_resource_reservation_enabled == before
+    assert DataContext.get_current().downstream_capacity_backpressure_ratio == ratio_before
     assert sorted(json.loads(r["summary"])["source"] for r in ds.take_all()) == sources
 
     @ray.remote(num_cpus=1)
