@@ -230,6 +230,8 @@ class VideoAPI:
             json.dumps([rec], separators=(",", ":"))  # the journal's encoding
         except APIError:  # limits that refuse the default request: the rest is warm
             pass
+        except Exception:  # noqa: BLE001 - a warm-up never stops the ingress from starting
+            logger.warning("warming the submission path failed", exc_info=True)
         if self._http is not None:
             auth = {"authorization": f"Bearer {self._key.decode()}"} if self._key else {}
             try:  # a well-formed id no job has: the fast path's GET and its 404
