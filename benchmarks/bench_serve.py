@@ -377,6 +377,10 @@ def main() -> None:
                                                              "replicas_added", "replica_asked_after_s",
                                                              "replica_running_after_s")}
               for side in ("naive", "ours")}
+    for side in runs:  # every run's own figures: the spread behind each median
+        if runs[side]:
+            counts.setdefault(side, {}).update({f"submission_p{q}_s": [round(float(np.percentile(r["latency"], q)), 4)
+                                                                       for r in runs[side]] for q in (50, 99)})
     http = "direct ingress (no proxy)" if args.direct_ingress else "Serve's proxy"
     if own:
         http = f"ours: its ingress replica's own port (uvicorn); naive: {http}"

@@ -15,12 +15,12 @@
     serve run pipelines.serve:build_app model=MODEL storage=STORE      # or: sora serve --model MODEL
 
 The submission path is short: small bodies are parsed on the event loop, and the POSTs that
-arrive together are made durable by one write (a group commit to STORE/journal/ on a thread of
-its own, so reads for polling clients never queue ahead of it). Each job's own record and
-active marker are written after the answer, also off the event loop; GET serves a job not yet
-stored and every finished job from memory. At most `dispatch_limit` jobs are handed to the
-generator at once (enough to fill every replica and to show the autoscaler a queue beyond
-them); the rest wait at the ingress, costing nothing.
+arrive together are made durable by one write (`pipelines.serve_writes`: a group commit to
+STORE/journal/ on a thread of its own, so reads for polling clients never queue ahead of it).
+Each job's own record and active marker are written after the answer (after the burst), also
+off the event loop; GET serves a job not yet stored and every finished job from memory. At
+most `dispatch_limit` jobs are handed to the generator at once (enough to fill every replica
+and to show the autoscaler a queue beyond them); the rest wait at the ingress, costing nothing.
 
 Durable jobs. Records and outputs live in STORE (a directory or fsspec URL), never only in
 memory: a POST is answered once its job is in the journal; a restarted ingress first stores what
@@ -47,10 +47,12 @@ itself (uvicorn in the replica, no proxy hop). `benchmarks/bench_serve.py` measu
 # query parameter (every call a 400).
 import asyncio
 import hmac
+import json
 import logging
 import math
 import os
 import statistics
+import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -64,8 +66,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.ray_utils import wait_for_serve_proxy
-from pipelines.serve_fastpath import SERVER_ERROR, FastPath, start_http_server
+from pipelines.serve_fastpath import SERVER_ERROR, FastPath, start_http_server, warm_http
 from pipelines.serve_config import ServeConfig
+from pipelines.serve_writes import Burst, JobWrites
 from pipelines.stage import resolve_num_gpus
 from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
 from pipelines.video_requests import (APIError, ModelInfo, parse_body, parse_create, parse_list_query, parse_remix,
@@ -78,7 +81,6 @@ logger = logging.getLogger("ray.serve")  # lands in the replica's Serve log
 
 INLINE_BODY_BYTES = 16 << 10  # bodies up to this size are parsed on the event loop (no thread hop)
 FINAL_CACHE = 4096  # finished records the ingress keeps in memory for GET
-QUIET_S, BURST_S = 0.02, 1.0  # records are stored and jobs dispatched after a pause in POSTs this long (or this late)
 
 
 def dispatch_limit(cfg: ServeConfig) -> int:
@@ -87,6 +89,18 @@ def dispatch_limit(cfg: ServeConfig) -> int:
     `max_replicas` x `target_ongoing_requests`, so the autoscaler can always ask for them all)."""
     per_replica = max(2 * cfg.max_batch_size, math.ceil(cfg.target_ongoing_requests))
     return (cfg.max_replicas + 1) * per_replica
+
+
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness (Linux: a thread's own; the threads it starts,
+    e.g. torch's intra-op pool, inherit it). Where the OS has no per-thread priority: unchanged."""
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError) as e:
+        logger.warning("generation keeps the default CPU priority (%s)", e)
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,15 +121,18 @@ class VideoGenerator:
         self.runner = JobRunner(config, worker, on_step)
         self.generate_batch.set_max_batch_size(config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # the pipeline is CPU/GPU-bound: it runs off the event loop (health checks and the next
+        # batch's requests are still answered), on a thread of lower CPU priority: on a node it
+        # shares with the ingress, a burst of submissions is answered before generation goes on
+        self._work = ThreadPoolExecutor(1, thread_name_prefix="sora-generate", initializer=lower_priority,
+                                        initargs=(config.generator_nice,))
 
     async def generate(self, video_id: str) -> str:
         return await self.generate_batch(video_id)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.2)
     async def generate_batch(self, ids: list[str]) -> list[str]:
-        # the pipeline is CPU/GPU-bound: run it off the event loop, so health checks and new
-        # requests (the next batch) are still answered while it works
-        return await asyncio.to_thread(self.runner.run_jobs, ids)
+        return await asyncio.get_running_loop().run_in_executor(self._work, self.runner.run_jobs, ids)
 
     def check_health(self) -> None:
         self.runner.check()
@@ -166,6 +183,11 @@ async def _await(response) -> Any:
     return await response
 
 
+def _job_record(vid: str, spec: dict[str, Any], request) -> dict[str, Any]:
+    return new_record(vid, model=spec["model"], prompt=spec["prompt"], size=spec["size"], seconds=spec["seconds"],
+                      output_size=spec["output_size"], job=request.to_dict(), remixed_from=spec.get("remixed_from"))
+
+
 @serve.deployment(name="VideoAPI", num_replicas=1)
 @serve.ingress(api)
 class VideoAPI:
@@ -182,24 +204,40 @@ class VideoAPI:
         await asyncio.to_thread(self.store.check)
         self.generator = generator
         self.tasks: dict[str, asyncio.Task] = {}  # one per stored, unfinished job: dispatch + watch
-        self._reserved = 0  # accepted requests not yet journaled (counted against max_queue)
-        self._pending: dict[str, dict[str, Any]] = {}  # journaled, record not yet stored: GET reads these
+        self.burst = Burst()  # the POSTs arriving together: what waits until they are answered
+        self.writes = JobWrites(self.store, self._start, self.burst)  # journal group commit, then each record
         self._final: OrderedDict[str, dict[str, Any]] = OrderedDict()  # finished records, newest last
         self._service_s: deque[float] = deque(maxlen=64)  # recent started -> completed times
-        # a thread each: a group commit never waits behind the reads of polling clients (the
-        # default pool), nor behind the record writes that follow it
-        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="sora-journal")
-        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="sora-records")
-        self._to_commit: list[tuple[dict[str, Any], asyncio.Future]] = []
-        self._to_store: deque[tuple[str, list[dict[str, Any]]]] = deque()
-        self._committing = self._storing = False
-        self._last_post = 0.0  # event-loop time of the latest POST /v1/videos
         self._dispatching = asyncio.Semaphore(dispatch_limit(self.cfg))
         await asyncio.to_thread(self.store.replay_journal)  # answered before a restart: store them first
         for vid in await asyncio.to_thread(self.store.active_ids):  # resume after a restart
             self._start(vid)
         self._http = None if self.cfg.http_port is None else start_http_server(  # the hot routes before FastAPI
             FastPath(api, owner=lambda: self), self.cfg.http_host, self.cfg.http_port, self.cfg.ingress_max_ongoing)
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """Take each step of a submission once before the first client does (lazy imports,
+        first-call caches; on `http_port` uvicorn's first connection and request), so the first
+        burst costs what later ones do. Nothing is stored. Serve collects and freezes (gc) what
+        the start-up leaves once __init__ returns."""
+        body = json.dumps({"prompt": "a warm-up request"}).encode()
+        try:
+            spec, _ = parse_create(*parse_body("application/json", body), self.cfg.limits, self.model,
+                                   self.cfg.http_limits)
+            rec = _job_record(new_id(), spec, spec["request"])
+            JSONResponse(public_view(rec))
+            json.dumps([rec], separators=(",", ":"))  # the journal's encoding
+        except APIError:  # limits that refuse the default request: the rest is warm
+            pass
+        except Exception:  # noqa: BLE001 - a warm-up never stops the ingress from starting
+            logger.warning("warming the submission path failed", exc_info=True)
+        if self._http is not None:
+            auth = {"authorization": f"Bearer {self._key.decode()}"} if self._key else {}
+            try:  # a well-formed id no job has: the fast path's GET and its 404
+                await warm_http(self._http[0], self.cfg.http_host, self.cfg.http_port, f"/v1/videos/{new_id()}", auth)
+            except (OSError, asyncio.TimeoutError) as e:  # its own port unreachable from itself: not fatal here
+                logger.warning("warming the ingress's port %d failed: %s", self.cfg.http_port, e)
 
     def __del__(self):
         if getattr(self, "_http", None) is not None:
@@ -244,12 +282,12 @@ class VideoAPI:
                         type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
 
     def _unfinished(self) -> int:
-        return len(self.tasks) + len(self._pending) + self._reserved
+        return len(self.tasks) + self.writes.unfinished()
 
     async def _get(self, video_id: str) -> dict[str, Any]:
         if not is_id(video_id):
             raise _not_found(video_id)
-        rec = self._pending.get(video_id) or self._final.get(video_id)
+        rec = self.writes.pending.get(video_id) or self._final.get(video_id)
         if rec is None:
             rec = await asyncio.to_thread(self.store.get, video_id)
             if rec is None:
@@ -265,11 +303,6 @@ class VideoAPI:
             while len(self._final) > FINAL_CACHE:
                 self._final.popitem(last=False)
 
-    async def _stored(self, ids) -> None:
-        """Wait until these jobs (if journaled just now) have their own record in the store."""
-        while any(i in self._pending for i in ids):
-            await asyncio.sleep(0.01)
-
     async def _parse(self, request: Request, body: bytes, parse, *args):
         """``parse(fields, files, *args)`` of a body: small ones on the event loop, large ones
         (an image to decode) on a thread."""
@@ -282,91 +315,21 @@ class VideoAPI:
     async def _accept(self, spec: dict[str, Any], image: bytes | None) -> JSONResponse:
         if self._unfinished() >= self.cfg.max_queue:
             raise self._queue_full()
-        self._reserved += 1  # no await between the check and this: the bound is exact
-        handed = False  # once queued for the journal, the commit loop moves the slot to _pending
+        self.writes.reserved += 1  # no await between the check and this: the bound is exact
+        handed = False  # once queued for the journal, the commit loop moves the slot to writes.pending
         try:
             vid = new_id()
             request = spec["request"]
             if image is not None:  # the request's image becomes the stored PNG
                 request = replace(request, image=self.store.input_url(vid))
                 await asyncio.to_thread(self.store.write_input, vid, image)
-            rec = new_record(vid, model=spec["model"], prompt=spec["prompt"], size=spec["size"],
-                             seconds=spec["seconds"], output_size=spec["output_size"], job=request.to_dict(),
-                             remixed_from=spec.get("remixed_from"))
+            rec = _job_record(vid, spec, request)
             handed = True
-            await self._commit(rec)
+            await self.writes.commit(rec)
         finally:
             if not handed:
-                self._reserved -= 1
+                self.writes.reserved -= 1
         return JSONResponse(public_view(rec))
-
-    # -- the write path: a group commit to the journal, then each job's record ------------
-
-    async def _commit(self, rec: dict[str, Any]) -> None:
-        """Journal a new job together with every other one that arrives meanwhile; returns once
-        it is durable (then it is in `_pending` until its own record is stored)."""
-        done = asyncio.get_running_loop().create_future()
-        self._to_commit.append((rec, done))
-        if not self._committing:
-            self._committing = True
-            asyncio.get_running_loop().create_task(self._commit_loop())
-        await done
-
-    async def _commit_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._to_commit:
-                batch, self._to_commit = self._to_commit, []
-                records = [r for r, _ in batch]
-                try:
-                    url = await loop.run_in_executor(self._commit_pool, self.store.journal, records)
-                except Exception as e:  # noqa: BLE001 - the store refused: these POSTs fail, nothing is kept
-                    logger.exception("journal write of %d jobs failed", len(records))
-                    self._reserved -= len(batch)
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(e)
-                    continue
-                self._reserved -= len(batch)  # their queue slots, from now on held by _pending
-                for r in records:
-                    self._pending[r["id"]] = r
-                self._to_store.append((url, records))
-                if not self._storing:
-                    self._storing = True
-                    loop.create_task(self._store_loop())
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-        finally:
-            self._committing = False
-
-    async def _store_loop(self) -> None:
-        """Write each journaled job's record + active marker, drop the journal file, start the job:
-        once no POST has come for QUIET_S (at most BURST_S later), so a burst is answered first."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._to_store:
-                start = loop.time()
-                while loop.time() - self._last_post < QUIET_S and loop.time() - start < BURST_S:
-                    await asyncio.sleep(QUIET_S / 2)
-                url, records = self._to_store[0]
-                try:
-                    await loop.run_in_executor(self._store_pool, self._store_records, url, records)
-                except Exception:  # noqa: BLE001 - a storage hiccup: the journal still holds them; retry
-                    logger.exception("storing %d journaled jobs failed; retrying", len(records))
-                    await asyncio.sleep(1.0)
-                    continue
-                self._to_store.popleft()
-                for r in records:
-                    self._pending.pop(r["id"], None)
-                    self._start(r["id"])
-        finally:
-            self._storing = False
-
-    def _store_records(self, url: str, records: list[dict[str, Any]]) -> None:
-        for r in records:
-            self.store.adopt(r)
-        self.store.drop_journal(url)
 
     # -- dispatch: one task per unfinished job ---------------------------------------------
 
@@ -477,20 +440,20 @@ class VideoAPI:
 
     @api.post("/v1/videos")
     async def create(self, request: Request):
-        self._last_post = asyncio.get_running_loop().time()
-        self._auth(request)
-        if self._unfinished() >= self.cfg.max_queue:  # before reading a body we would drop
-            raise self._queue_full()
-        body = await self._body(request)
-        spec, image = await self._parse(request, body, parse_create, self.cfg.limits, self.model,
-                                        self.cfg.http_limits)
-        return await self._accept(spec, image)
+        with self.burst.post():
+            self._auth(request)
+            if self._unfinished() >= self.cfg.max_queue:  # before reading a body we would drop
+                raise self._queue_full()
+            body = await self._body(request)
+            spec, image = await self._parse(request, body, parse_create, self.cfg.limits, self.model,
+                                            self.cfg.http_limits)
+            return await self._accept(spec, image)
 
     @api.get("/v1/videos")
     async def list_videos(self, request: Request):
         self._auth(request)
         after, limit, order = parse_list_query(dict(request.query_params))
-        await self._stored(list(self._pending))  # every job answered so far is listed
+        await self.writes.stored(list(self.writes.pending))  # every job answered so far is listed
         recs, has_more = await asyncio.to_thread(self.store.page, after, limit, order)
         data = [public_view(r) for r in recs]
         return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -507,7 +470,7 @@ class VideoAPI:
     async def delete(self, video_id: str, request: Request):
         self._auth(request)
         await self._get(video_id)
-        await self._stored([video_id])
+        await self.writes.stored([video_id])
         self._final.pop(video_id, None)
         if not await asyncio.to_thread(self.store.delete, video_id):
             raise _not_found(video_id)

@@ -44,6 +44,7 @@ class ServeConfig:
     num_cpus: float = 1.0  # CPUs per generator replica
     num_gpus: float | None = None  # GPUs per generator replica (None: 1 if the Ray cluster has GPUs)
     torch_threads: int = 0  # intra-op threads per generator replica (0: torch's default)
+    generator_nice: int = 10  # niceness added to generation threads (0-19; higher yields the CPU to the ingress more)
     ingress_max_ongoing: int = 512  # concurrent HTTP requests per ingress replica (on http_port: connections too)
     poll_after_ms: int = 1000  # the openai-poll-after-ms hint on unfinished jobs
     fast_path: bool = True  # POST /v1/videos and GET /v1/videos/{id} skip FastAPI's routing (same answers, less CPU)
@@ -69,6 +70,9 @@ class ServeConfig:
             raise ValueError(f"lora_scale must be a finite number, got {self.lora_scale}")
         if self.http_port is not None and not 0 < self.http_port < 65536:
             raise ValueError(f"http_port must be 1..65535 (or None: only Serve's proxy), got {self.http_port}")
+        if not 0 <= self.generator_nice <= 19:
+            raise ValueError(f"generator_nice must be 0..19 (0: the same CPU priority as the ingress), "
+                             f"got {self.generator_nice}")
         if not 0.0 <= self.remix_strength <= 1.0:
             raise ValueError(f"remix_strength must be in [0, 1], got {self.remix_strength}")
 

@@ -31,6 +31,7 @@ from pipelines.video_requests import APIError
 logger = logging.getLogger("ray.serve")
 
 PREFIX = "/v1/videos/"
+LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # where a server on all interfaces answers itself
 SERVER_ERROR = {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}}
 
 
@@ -106,3 +107,23 @@ def start_http_server(app, host: str, port: int, max_ongoing: int | None = None,
                             limit_concurrency=max_ongoing)
     server = uvicorn.Server(config)
     return server, asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+
+
+async def warm_http(server, host: str, port: int, path: str, headers: dict[str, str] | None = None,
+                    timeout_s: float = 30.0) -> int:
+    """GET ``path`` from the ``server`` `start_http_server` started, over a real connection, once
+    it listens -> the status (a first request through uvicorn, httptools and the app's route)."""
+    async def get() -> int:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection(LOOPBACK.get(host, host), port)
+        try:
+            head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            writer.write(f"GET {path} HTTP/1.1\r\nhost: {host}\r\n{head}connection: close\r\n\r\n".encode())
+            status = int((await reader.readline()).split()[1])
+            await reader.read()  # the rest, until the server closes
+            return status
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(get(), timeout_s)

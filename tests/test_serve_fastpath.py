@@ -6,12 +6,19 @@ GET /v1/videos/{id} itself and also listens on its own `http_port` (uvicorn in t
 replica). The same requests - a success, bad keys, bad JSON and fields, a body over the limit,
 unknown ids, other routes (test_serve's hostile set), a full queue - get the same status, the
 same JSON body (ids aside) and the same headers on all three ways in, and every accepted job
-completes. Real HTTP on 127.0.0.1, real Serve, the tiny random model."""
+completes. Real HTTP on 127.0.0.1, real Serve, the tiny random model.
+
+Also here: what keeps a burst of submissions fast - the write path's group commit and deferred
+record writes (`pipelines.serve_writes`), generation at a lower CPU priority, the start-up
+request through the ingress's own port."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
+import threading
 import time
 
 import pytest
@@ -32,7 +39,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def apps(ray_session, tmp_path_factory):
+def nice_log(tmp_path_factory):
+    """The niceness of the thread each denoising step of the apps' generators ran on, a line each."""
+    return tmp_path_factory.mktemp("nice") / "generation-nice.txt"
+
+
+@pytest.fixture(scope="module")
+def apps(ray_session, tmp_path_factory, nice_log):
     import httpx
     from ray import serve
 
@@ -44,7 +57,12 @@ def apps(ray_session, tmp_path_factory):
     model = build_tiny_model(str(root / "model"))
     proxy, own = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": proxy})
-    step = lambda step, steps, stage: time.sleep(STEP_DELAY_S)  # noqa: E731 - a hook, travels by value
+    def step(step, steps, stage):  # a hook (travels by value): slows generation, notes niceness
+        time.sleep(STEP_DELAY_S)
+        with open(nice_log, "a") as f:  # this thread's and the replica's main thread's (tid = pid)
+            f.write(f"{os.getpriority(os.PRIO_PROCESS, threading.get_native_id())} "
+                    f"{os.getpriority(os.PRIO_PROCESS, os.getpid())}\n")
+
     base = {**CONFIG, "model": model, "max_queue": 4, "max_replicas": 1}
     for name, extra in (("plain", {"fast_path": False}), ("fast", {"http_port": own})):
         cfg = ServeConfig.from_args({**base, **extra, "storage": str(root / name)})
@@ -195,3 +213,116 @@ def test_a_full_queue_gets_the_same_429_and_every_accepted_job_completes(apps):
     for k in ("plain", "fast"):
         done = wait_final(apps[k], accepted[k])
         assert [done[i]["status"] for i in accepted[k]] == ["completed"] * 4, done
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_generation_yields_the_cpu_and_the_replica_does_not(apps, nice_log):
+    from pipelines.serve import lower_priority
+    from pipelines.serve_config import ServeConfig
+
+    r = apps["fast"].post("/v1/videos", json={"prompt": "a green dot", "seconds": 1, "num_inference_steps": 2},
+                          headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert wait_final(apps["fast"], [r.json()["id"]])[r.json()["id"]]["status"] == "completed"
+    # every generator step so far ran at the configured niceness (the default) on top of its replica's
+    # (Ray starts workers niced already: raylet's worker_niceness)
+    nice = ServeConfig(model="m").generator_nice
+    ran = {tuple(int(x) for x in line.split()) for line in nice_log.read_text().splitlines()}
+    assert ran and all(step == min(19, replica + nice) and replica < 19 for step, replica in ran), ran
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    # only the calling thread (and what it starts) is lowered
+    seen = {}
+
+    def worker():
+        lower_priority(3)
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"worker": min(19, base + 3), "child": min(19, base + 3)}, seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="generator_nice"):
+            ServeConfig(model="m", generator_nice=bad)
+
+
+def test_warm_http_sends_one_request_through_the_server():
+    from pipelines.serve_fastpath import start_http_server, warm_http
+
+    seen = []
+
+    async def app(scope, receive, send):  # a bare ASGI app: notes the request, answers 404
+        seen.append((scope["method"], scope["path"], dict(scope["headers"]).get(b"authorization")))
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    async def main():
+        server, task = start_http_server(app, "127.0.0.1", free_port())
+        try:
+            return await warm_http(server, "127.0.0.1", server.config.port, "/v1/videos/x", {"authorization": "k"})
+        finally:
+            server.should_exit = True
+            await task
+
+    assert asyncio.run(main()) == 404
+    assert seen == [("GET", "/v1/videos/x", b"k")]
+
+
+def test_a_burst_is_journaled_together_and_stored_after_it(tmp_path):
+    import gc
+
+    from pipelines.serve_writes import BURST_S, QUIET_S, Burst, JobWrites
+    from pipelines.video_jobs import JobStore, new_id, new_record
+
+    store = JobStore(str(tmp_path / "store"))
+    started = []
+    burst = Burst()
+    writes = JobWrites(store, started.append, burst)
+    recs = [new_record(new_id(), model="m", prompt=f"p{i}", size="32x32", seconds="1", output_size="32x32", job={})
+            for i in range(20)]
+    ids = {r["id"] for r in recs}
+
+    async def main():
+        posting = True
+
+        async def posts():  # POSTs keep arriving, 5 ms apart
+            while posting:
+                with burst.post():
+                    await asyncio.sleep(0.005)
+
+        poster = asyncio.ensure_future(posts())
+        await asyncio.sleep(0)
+        writes.reserved += len(recs)
+        await asyncio.gather(*(writes.commit(r) for r in recs))
+        # durable (journaled) and readable, not yet stored: the burst goes on
+        journaled = {r["id"] for url in store.journal_files() for r in store.read_journal(url)}
+        assert journaled == ids and len(store.journal_files()) <= 2
+        assert writes.reserved == 0 and set(writes.pending) == ids and writes.unfinished() == len(ids)
+        assert started == [] and store.active_ids() == []
+        assert not gc.isenabled()  # the collector waits for the burst's end too
+        t = time.monotonic()
+        await asyncio.wait_for(writes.stored(ids), 10 * BURST_S)  # stored at the latest BURST_S into a burst
+        waited = time.monotonic() - t
+        await asyncio.sleep(2 * QUIET_S)
+        assert gc.isenabled()  # given back within a burst longer than BURST_S...
+        with burst.post():
+            assert gc.isenabled()  # ... and not taken again until that burst ends
+        posting = False
+        await poster
+        await asyncio.sleep(4 * QUIET_S)
+        with burst.post():  # a new burst holds it again; its end gives it back
+            assert not gc.isenabled()
+        await asyncio.sleep(4 * QUIET_S)
+        assert gc.isenabled()
+        return waited
+
+    assert gc.isenabled()
+    waited = asyncio.run(main())
+    assert waited < 5 * BURST_S
+    assert sorted(started) == sorted(ids) and writes.unfinished() == 0
+    assert store.active_ids() == sorted(ids) and store.journal_files() == []
+    assert all(store.get(i)["status"] == "queued" for i in ids)
