@@ -128,13 +128,13 @@ def demo_flow(out: str = "demo", quick: bool = False, overrides: dict | None = N
     s = time.monotonic()
     say(f"3/8 train the VAE ({plan.vae_minutes} min)", t0, est)
     vae_dir = os.path.join(out, "vae")
-    vae = train_vae_task(data, vae_dir, plan.vae_minutes, holdout=plan.vae_holdout)
+    vae = train_vae_task(data, vae_dir, plan.vae_minutes, workers=plan.vae_workers, holdout=plan.vae_holdout)
     metrics["vae"] = {k: vae[k] for k in ("heldout_psnr_db", "heldout_clips", "steps", "train_minutes")}
     phase("train_vae", s)
 
     s = time.monotonic()
     say("4/8 encode clips to latent patches", t0, est)
-    metrics["encode"] = encode_task(data, vae_dir, actors=min(2, os.cpu_count() or 1))  # a model replica per core
+    metrics["encode"] = encode_task(data, vae_dir, actors=min(plan.encode_actors, os.cpu_count() or 1))
     phase("encode", s)
 
     s = time.monotonic()

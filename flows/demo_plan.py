@@ -25,9 +25,12 @@ class DemoPlan:
     sample_frames: int  # frames per sample video
     dit_overrides: dict = field(default_factory=dict)  # extra TrainConfig fields (the DiT recipe)
     draft_prompts: int = 0  # held-out prompts generated as draft -> refined, to check they agree
+    vae_workers: int = 2  # Ray Train workers of the VAE (data parallel)
+    encode_actors: int = 2  # encode actors, each with its own VAE and text encoder (at most one per core)
 
     def __post_init__(self):
-        for name in ("clips", "vae_holdout", "captioner_eval", "eval_prompts", "steps", "sample_frames"):
+        for name in ("clips", "vae_holdout", "captioner_eval", "eval_prompts", "steps", "sample_frames", "vae_workers",
+                     "encode_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (--{name.replace('_', '-')}), got {getattr(self, name)}")
         for name in ("vae_minutes", "captioner_minutes", "dit_minutes"):
@@ -58,10 +61,12 @@ PLANS = {
                                        "checkpoint_every_minutes": 5.0, "optimizer": "muon", "muon_lr": 6e-3,
                                        "schedule": "cooldown", "cooldown_fraction": 0.2, "min_lr_ratio": 0.0},
                         draft_prompts=24),
-    "quick": DemoPlan(clips=24, tiny_clips=True, vae_minutes=0.15, vae_holdout=4, captioner_minutes=0.1,
-                      captioner_eval=8, dit_minutes=0.3, dit_steps=30, eval_prompts=6, steps=4,
+    # every phase once at the smallest size that still runs it: its time is Ray's, Ray Train's and
+    # the models' start-up, so one VAE worker and one encode actor (the captioner and DiT keep two)
+    "quick": DemoPlan(clips=12, tiny_clips=True, vae_minutes=0.05, vae_holdout=2, captioner_minutes=0.05,
+                      captioner_eval=2, dit_minutes=0.3, dit_steps=20, eval_prompts=6, steps=2,
                       sample_size=(64, 32), sample_frames=9, dit_overrides={"ema_decay": 0.9, "optimizer": "muon"},
-                      draft_prompts=2),
+                      draft_prompts=2, vae_workers=1, encode_actors=1),
 }
 
 

@@ -22,8 +22,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def demo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out = str(root / "demo")
+    # (a fresh PREFECT_HOME registers Prefect's block types on every start: the demo uses none)
     env = dict(os.environ, PYTHONPATH=REPO, PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+               PREFECT_API_BLOCKS_REGISTER_ON_START="false", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               HF_HUB_OFFLINE="1")
     env.pop("PREFECT_API_URL", None)
     env["RAY_ADDRESS"] = "local"  # a Ray of its own, whatever cluster runs on this machine
     console = root / "console.txt"  # a file, not a pipe: a process the demo leaves behind cannot hold the test

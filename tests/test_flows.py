@@ -21,6 +21,7 @@ def prefect_server(tmp_path_factory):
         env.setenv("PREFECT_HOME", str(home))
         env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         env.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
+        env.setenv("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")  # a fresh database; these flows use no blocks
         from prefect.settings import PREFECT_API_URL
         from prefect.testing.utilities import prefect_test_harness
 
@@ -75,7 +76,7 @@ def test_data_flow_is_idempotent_and_retries_a_failing_task(prefect_server, tmp_
     assert read_clips(data).num_rows == n_clips and read_latents(data).num_rows == n_latents
 
 
-def test_deployments_register_with_schedules_and_a_run_executes(prefect_server, tmp_path):
+def test_deployments_register_with_schedules_and_a_run_executes(prefect_server, tmp_path, ray_session):
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -89,7 +90,9 @@ def test_deployments_register_with_schedules_and_a_run_executes(prefect_server, 
     videos = str(tmp_path / "videos")
     env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONPATH=REPO, RAY_USAGE_STATS_ENABLED="0",
                RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    env["RAY_ADDRESS"] = "local"  # a Ray of its own, whatever cluster runs on this machine
+    # the deployment's flow run joins this session's Ray by its address (RAY_ADDRESS as on a
+    # cluster), whatever other cluster runs on this machine, rather than starting one of its own
+    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--sources", str(tmp_path / "raw"),
                              "--data", str(tmp_path / "ds"), "--model", model, "--prompts", str(prompts),
                              "--videos", videos], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
