@@ -106,7 +106,8 @@ def chunk_latent_frames(cfg: EncodeConfig, frames: int, height: int, width: int,
 
 class EncodeStage(Stage):
     """VAE and text encoder loaded once per actor; per clip: decode, encode, patchify, embed.
-    The next clip decodes (`load_item`, a decode subprocess) while the models work on this one."""
+    The next clip decodes (`load_item`, a decode subprocess) while the models work on this one,
+    across batches too (two batches per actor, one in the models: `Stage.calls_per_actor`)."""
 
     name = "encode"
     config_cls = EncodeConfig
