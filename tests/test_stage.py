@@ -223,7 +223,7 @@ class SlowModel(Stage):
 def test_an_actor_loads_its_next_batch_while_this_one_is_in_the_models(ray_session):
     """Two batches in one actor at once: the second one's first items load while the first one
     is still in the models, and model calls never overlap: one batch in the models at a time,
-    in the order the batches came."""
+    the oldest first."""
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors import no test module
@@ -237,7 +237,10 @@ def test_an_actor_loads_its_next_batch_while_this_one_is_in_the_models(ray_sessi
     for a, b in zip(rows, rows[1:]):
         assert a["model_end"] <= b["model_start"], (a, b)  # one model call at a time
     order = [r["batch"] for r in rows]
-    assert [b for i, b in enumerate(order) if i == 0 or b != order[i - 1]] == ["c0", "c3", "c6"]  # batch by batch
+    runs = [b for i, b in enumerate(order) if i == 0 or b != order[i - 1]]
+    # batch by batch: the two that came together in either order, the third (dispatched when one
+    # of them ended) after the other
+    assert sorted(runs[:2]) == ["c0", "c3"] and runs[2:] == ["c6"], order
     assert any(r["load_start"] < o["model_end"] and r["load_start"] > o["model_start"]
                for r in rows for o in rows if o["batch"] != r["batch"])  # a load beside another batch's model call
 
