@@ -54,7 +54,8 @@ class EncodeConfig(StageResources):
     chunk_pixels: int = 1 << 24  # frames x height x width per chunk when chunk_latent_frames is None
     tile_size: int | None = None  # spatial tile side in pixels for very large frames (None: whole frames)
     decode_timeout: float = 120.0  # seconds one clip's decode may take before it is quarantined
-    # clips an actor decodes ahead while its models work (0: in turn); each waits in memory as frames
+    # clips each of an actor's two batches decodes ahead of the models (0: in turn, one batch per
+    # actor); each waits in memory as frames
     prefetch: int = 1
     # actor pool size (None: as many as the cluster holds at torch_threads CPUs each, or one per GPU)
     actors: int | None = None
@@ -106,7 +107,8 @@ def chunk_latent_frames(cfg: EncodeConfig, frames: int, height: int, width: int,
 
 class EncodeStage(Stage):
     """VAE and text encoder loaded once per actor; per clip: decode, encode, patchify, embed.
-    The next clip decodes (`load_item`, a decode subprocess) while the models work on this one."""
+    The next clip decodes (`load_item`, a decode subprocess) while the models work on this one,
+    across batches too (two batches per actor, one in the models: `Stage.calls_per_actor`)."""
 
     name = "encode"
     config_cls = EncodeConfig

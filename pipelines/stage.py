@@ -26,8 +26,8 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
   busy), without touching the caller's config;
 - the pool hands out no batch before its actors have loaded their models (as many as the
   cluster holds; it grows to the configured size as nodes join), and each actor holds one
-  batch at a time: the work spreads over the whole pool, and every node of it, however short
-  the job;
+  batch at a time (two for a stage with `load_item`, below): the work spreads over the whole
+  pool, and every node of it, however short the job;
 - the device is resolved once per actor and the model loaded once (`setup`), counted per
   stage name in `loads_in_process` so a test or a stats row can show it;
 - `process` maps one batch; by default it calls `process_item` on each item, and an item that
@@ -35,7 +35,10 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
 - a stage whose items wait on another process or on I/O (a decode subprocess, a remote read)
   splits that part out as `load_item`: it runs on a background thread ``prefetch`` items ahead,
   so the next clip decodes while the model works on this one (`process_item(item, loaded)`); an
-  item whose load fails is quarantined like any other;
+  item whose load fails is quarantined like any other. Such an actor runs two batches at once
+  (`calls_per_actor`), one of them in the models at a time (`InTurn`): the next batch's
+  first items load while this batch's last one is in the models, so no batch starts by waiting
+  for its first load, and the last batches end together on every actor;
 - a stage with an `output` table writes its rows there atomically under a name hashed from the
   batch's ids (`DATA/<output>/<hash>.parquet`): a retried batch rewrites the same file, so
   results are exactly-once though Ray runs work at least once. It returns one stats row per
@@ -46,6 +49,7 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -183,6 +187,40 @@ def batch_items(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()} for i in range(n)]
 
 
+class InTurn:
+    """Batches take turns, in the order they arrived: the oldest batch still running has the
+    turn until it ends (``queued`` when a batch starts, ``wait`` before each use of what they
+    share).
+
+        with turns.queued() as ticket:
+            load(...)           # any time
+            turns.wait(ticket)  # then the models, once every older batch has ended
+    """
+
+    def __init__(self) -> None:
+        import collections
+        import threading
+
+        self._changed = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+
+    @contextlib.contextmanager
+    def queued(self):
+        ticket = object()
+        with self._changed:
+            self._queue.append(ticket)
+        try:
+            yield ticket
+        finally:
+            with self._changed:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
+
+    def wait(self, ticket: object) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._queue[0] is ticket)
+
+
 @dataclass
 class StageOutput:
     """What ``process`` makes of one batch: output ``rows``, ``errors`` as (item, reason) for
@@ -222,6 +260,9 @@ class Stage:
         if getattr(self.cfg, "torch_threads", None):
             torch.set_num_threads(self.cfg.torch_threads)
         self.device = device_for(getattr(self.cfg, "num_gpus", None))
+        # of the batches in this actor at once (`calls_per_actor`), the one whose items go
+        # through `process_item` now (the oldest); the others' items load meanwhile
+        self.models_turn = InTurn()
         t0 = time.perf_counter()
         self.setup()
         _LOADS[self.name] = loads_in_process(self.name) + 1
@@ -246,12 +287,32 @@ class Stage:
 
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
         """One batch -> StageOutput. By default `process_item` on each item (see `each`), its
-        `load_item` ahead of it where the stage has one."""
-        if type(self).load_item is Stage.load_item:
+        `load_item` ahead of it where the stage has one (then one batch in `process_item` at a
+        time per actor, the oldest first: ``models_turn``)."""
+        if not self.loads_ahead():
             done, errors = self.each(items, self.process_item)
         else:
-            done, errors = self.each(items, self.process_item, load=self.load_item, ahead=self.prefetch)
+            with self.models_turn.queued() as ticket:
+                def in_turn(item: dict[str, Any], loaded: Any) -> Any:
+                    self.models_turn.wait(ticket)
+                    return self.process_item(item, loaded)
+
+                done, errors = self.each(items, in_turn, load=self.load_item, ahead=self.prefetch)
         return StageOutput([row for _, row in done], errors)
+
+    def loads_ahead(self) -> bool:
+        """Whether `load_item` runs ahead of `process_item` (a stage with `load_item` and ``prefetch``)."""
+        return type(self).load_item is not Stage.load_item and self.prefetch >= 1
+
+    @classmethod
+    def calls_per_actor(cls, cfg: Any) -> int:
+        """Batches an actor holds at once: 2 for a stage whose items load ahead (`load_item`,
+        ``prefetch`` from its config or class), so that the next batch's first items load while
+        this batch's last ones are in the models (one batch in the models at a time, the
+        oldest first: ``models_turn``); else 1: a batch queued behind another on a busy actor
+        would wait while an idle actor could take it."""
+        prefetch = getattr(cfg, "prefetch", cls.prefetch)
+        return 2 if cls.load_item is not Stage.load_item and prefetch >= 1 else 1
 
     def quarantine_row(self, item: dict[str, Any], reason: str) -> dict[str, Any]:
         """The quarantine row of a failed clip (the `pipelines.ingest` quarantine contract)."""
@@ -337,18 +398,19 @@ class Stage:
         small or still-growing cluster), the pool starts with those and grows when nodes join.
         Each actor reserves `actor_cpus` CPUs, its torch threads (Ray sets OMP_NUM_THREADS,
         hence torch's default, to that number).
-        Each actor holds one batch at a time: a batch is seconds of model work, so one queued
-        behind another on a busy actor would wait while an idle one could take it (Ray Data's
-        default queues two)."""
+        Each actor holds `calls_per_actor` batches at a time, both running (threads of the
+        actor): one, or two for a stage whose items load ahead of its models."""
         import ray
 
         cfg = resolve_resources(cfg)
         cpus = actor_cpus(getattr(cfg, "torch_threads", None))
         start = min(cfg.actors, cluster_fit(cfg.num_gpus, cpus))
         _let_short_tasks_finish(start * cpus)
-        pool = (ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=1) if start == cfg.actors
-                else ray.data.ActorPoolStrategy(min_size=start, max_size=cfg.actors, initial_size=start,
-                                                max_tasks_in_flight_per_actor=1))
+        calls = cls.calls_per_actor(cfg)
+        sizes = {"size": cfg.actors} if start == cfg.actors else \
+            {"min_size": start, "max_size": cfg.actors, "initial_size": start}
+        pool = ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=calls,
+                                          max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1)
         ds = ds.map_batches(
             cls,
             fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "out": out, **constructor},

@@ -191,3 +191,86 @@ def test_actors_left_to_the_cluster_fill_its_cpus_at_their_thread_count(ray_sess
     assert resolve_resources(BrightnessConfig(actors=None, torch_threads=2)).actors == max(1, cpus // 2)
     assert resolve_resources(BrightnessConfig(actors=None, torch_threads=64)).actors == 1  # at least one
     assert resolve_resources(BrightnessConfig(actors=5, torch_threads=2)).actors == 5  # given: kept
+
+
+class SlowModel(Stage):
+    """A map stage whose items load ahead (`load_item`) of a slow "model" (`process_item`): each
+    row says when its load started and when its model call ran, in which process and batch."""
+
+    name = "slow_model"
+    config_cls = BrightnessConfig
+
+    def load_item(self, clip: dict) -> float:
+        import time
+
+        return time.time()
+
+    def process_item(self, clip: dict, load_start: float) -> dict:
+        import time
+
+        start = time.time()
+        time.sleep(0.5)
+        return {"clip_id": clip["clip_id"], "load_start": load_start, "model_start": start, "model_end": time.time(),
+                "pid": os.getpid()}
+
+    def process(self, items):
+        out = super().process(items)
+        for row in out.rows:
+            row["batch"] = items[0]["clip_id"]
+        return out
+
+
+def test_an_actor_loads_its_next_batch_while_this_one_is_in_the_models(ray_session):
+    """Two batches in one actor at once: the second one's first items load while the first one
+    is still in the models, and model calls never overlap: one batch in the models at a time,
+    the oldest first."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors import no test module
+    cfg = BrightnessConfig(actors=1, batch_size=3)
+    assert SlowModel.calls_per_actor(cfg) == 2 and BrightnessScorer.calls_per_actor(cfg) == 1
+    items = pa.table({"clip_id": [f"c{i}" for i in range(9)]})
+    ds = SlowModel.apply(ray.data.from_arrow([items.slice(i, 3) for i in range(0, 9, 3)]), cfg, out=None,
+                         batch_size=3)
+    rows = sorted(ds.take_all(), key=lambda r: r["model_start"])
+    assert sorted(r["clip_id"] for r in rows) == [f"c{i}" for i in range(9)] and len({r["pid"] for r in rows}) == 1
+    for a, b in zip(rows, rows[1:]):
+        assert a["model_end"] <= b["model_start"], (a, b)  # one model call at a time
+    order = [r["batch"] for r in rows]
+    runs = [b for i, b in enumerate(order) if i == 0 or b != order[i - 1]]
+    # batch by batch: the two that came together in either order, the third (dispatched when one
+    # of them ended) after the other
+    assert sorted(runs[:2]) == ["c0", "c3"] and runs[2:] == ["c6"], order
+    assert any(r["load_start"] < o["model_end"] and r["load_start"] > o["model_start"]
+               for r in rows for o in rows if o["batch"] != r["batch"])  # a load beside another batch's model call
+
+
+def test_in_turn_lets_the_oldest_batch_use_the_models_until_it_ends():
+    import threading
+
+    from pipelines.stage import InTurn
+
+    turns, log = InTurn(), []
+    a_queued, b_loaded = threading.Event(), threading.Event()
+
+    def batch(name: str) -> None:
+        with turns.queued() as ticket:
+            if name == "a":
+                a_queued.set()
+            log.append(f"{name} loads")  # loading waits for no turn
+            if name == "b":
+                b_loaded.set()
+            for i in range(2):
+                turns.wait(ticket)
+                log.append(f"{name} model {i}")
+                if name == "a" and i == 0:
+                    assert b_loaded.wait(timeout=10)  # b loads while a is in the models
+
+    a = threading.Thread(target=batch, args=("a",))
+    a.start()
+    assert a_queued.wait(timeout=10)
+    b = threading.Thread(target=batch, args=("b",))
+    b.start()
+    a.join(timeout=10), b.join(timeout=10)
+    assert log.index("b loads") < log.index("a model 1")
+    assert [e for e in log if "model" in e] == ["a model 0", "a model 1", "b model 0", "b model 1"]
