@@ -102,7 +102,7 @@ def small_config(**overrides) -> TrainConfig:
     """2 workers of half a CPU each (the test Ray has 2 CPUs; Ray Data's reads need some)."""
     base = dict(preset="tiny", workers=2, cpus_per_worker=0.5, max_steps=12, tokens_per_step=64, lr=2e-3,
                 warmup_steps=5, ema_decay=0.99, checkpoint_every_steps=6, checkpoint_every_minutes=None,
-                log_every_steps=5, shuffle_buffer_rows=16, seed=0, max_failures=2, cache_data=True)
+                log_every_steps=6, shuffle_buffer_rows=16, seed=0, max_failures=2, cache_data=True)
     return TrainConfig(**{**base, **overrides})
 
 
