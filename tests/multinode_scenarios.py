@@ -532,7 +532,7 @@ def scenario_training(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict, w
     info = inspect_latents(data)
     cfg = TrainConfig(preset="tiny", workers=3, cpus_per_worker=0.75, placement="spread", max_steps=6,
                       tokens_per_step=info["max_tokens"], lr=1e-3, warmup_steps=1, checkpoint_every_steps=2,
-                      checkpoint_every_minutes=None, log_every_steps=2, shuffle_buffer_rows=0, max_failures=2,
+                      checkpoint_every_minutes=None, log_every_steps=1, shuffle_buffer_rows=0, max_failures=2,
                       keep_checkpoints=8, seed=0)
     store, name = f"{S3}/train", "dit"
     before = idle_cluster()
