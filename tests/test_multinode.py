@@ -8,9 +8,8 @@ left resumes from the last registered checkpoint and trains to the last step. Th
 in a subprocess (tests/multinode_scenarios.py: a process connects to one Ray, and this session
 has its own), once for both tests; they assert on the facts it writes.
 
-Marked `multinode` (in the default run; `pytest -m multinode` runs them alone). Their file goes
-first in the README's command (tests/conftest.py): the other test process runs the rest of the
-suite beside them."""
+Marked `multinode`, apart from the default run for their time: together they take minutes on
+2 cores, more than the whole suite's budget leaves. Run them with `pytest -m multinode`."""
 
 from __future__ import annotations
 

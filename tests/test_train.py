@@ -1,6 +1,6 @@
 """DiT training on Ray Train, for real: 2 CPU workers (gloo DDP), a shapes-world-like latents
-table, sharded checkpoints on local storage resumed by 1 and by 2 workers, a stopped run re-run
-(a worker lost mid-run: tests/test_multinode.py).
+table, sharded checkpoints on local storage resumed by 1 and by 2 workers, a worker killed
+mid-run, a stopped run re-run.
 
 The dataset: 48 tiny clips of moving coloured boxes at 4 aspect ratios (1:1, 3:2, 2:3, 2:1)
 and 2 lengths (5 and 9 frames, 8-24 tokens each: small so the VAE encode stays cheap), encoded by a random-init tiny CausalVideoVAE (its latents still carry the
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -106,6 +108,38 @@ def small_config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def committed_step(run_dir: str) -> int:
+    """Step of the latest checkpoint Ray Train has *registered* (its manager snapshot). Files
+    of a checkpoint appear in storage before the controller registers it; a worker killed in
+    between restarts from the previous one, so the test waits for the registration."""
+    try:
+        with open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")) as f:
+            latest = json.load(f).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):  # not there yet, or being rewritten
+        return -1
+    return int(latest.get("metrics", {}).get("checkpoint_step", -1))
+
+
+def kill_a_worker_after_checkpoint(run_dir: str, after_step: int, thread: threading.Thread) -> int:
+    """SIGKILL one Ray Train worker process of this test's Ray right after a checkpoint past
+    ``after_step`` is registered. The PIDs come from Ray's actor table (GCS) beforehand, so the
+    kill lands within ~0.1 s, well before the run's last step. Returns that checkpoint's step."""
+    import ray
+
+    deadline = time.monotonic() + 180
+    workers: list = []
+    while len(workers) != 2:
+        assert time.monotonic() < deadline and thread.is_alive(), "the training workers did not start"
+        workers = [a for a in ray._private.state.actors().values()
+                   if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE" and a["Pid"]]
+        time.sleep(0.2)
+    while (step := committed_step(run_dir)) <= after_step:
+        assert time.monotonic() < deadline and thread.is_alive(), "no new checkpoint was registered"
+        time.sleep(0.05)
+    os.kill(int(workers[-1]["Pid"]), signal.SIGKILL)
+    return step
+
+
 def nan_loss_at_step(step: int):
     """A `run_training(loss_fn=...)` for the non-finite path: flow matching, but NaN on rank 0
     at this process's ``step``-th call (the step-th step of a run started from scratch)."""
@@ -129,9 +163,8 @@ def nan_loss_at_step(step: int):
 def runs(ray_session, latents, tmp_path_factory):
     """One run name, three invocations of the same command. Run 1: 2 workers, 12 steps, a NaN
     loss injected at step 7. Run 2: 1 worker, max_steps 24, resuming the checkpoint the 2
-    workers wrote. Run 3: 2 workers, max_steps 48, resuming the 1-worker checkpoint. (A worker
-    lost mid-run, the group restarted from the last registered checkpoint: tests/test_multinode.py,
-    where the worker goes with its node.)"""
+    workers wrote. Run 3: 2 workers, max_steps 48, resuming the 1-worker checkpoint; a worker
+    is SIGKILLed after its first checkpoint and the group restarts from a 2-worker checkpoint."""
     from pipelines.train import load_checkpoint, make_optimizer, EMA
     from sora.dit import DiT, DiTConfig
 
@@ -152,11 +185,17 @@ def runs(ray_session, latents, tmp_path_factory):
     second = run_training(data, os.path.join(root, "out2"), vae, small_config(max_steps=24, workers=1),
                           storage_path=store, name="run")
     t2 = time.perf_counter()
-    third = run_training(data, os.path.join(root, "out3"), vae, small_config(max_steps=48), storage_path=store,
-                         name="run")
+    third: dict = {}
+    cfg3 = small_config(max_steps=48)
+    thread = threading.Thread(target=lambda: third.update(
+        run_training(data, os.path.join(root, "out3"), vae, cfg3, storage_path=store, name="run")))
+    thread.start()
+    killed_after = kill_a_worker_after_checkpoint(os.path.join(store, "run"), 24, thread)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and third, "run 3 did not finish after its worker was killed"
     print(f"\nrun 1 (2 workers): {t1 - t0:.1f}s, run 2 (1 worker): {t2 - t1:.1f}s, "
-          f"run 3 (2 workers): {time.perf_counter() - t2:.1f}s")
-    return {"first": first, "second": second, "third": third, "root": root}
+          f"run 3 (2 workers, with a restart): {time.perf_counter() - t2:.1f}s")
+    return {"first": first, "second": second, "third": third, "root": root, "killed_after": killed_after}
 
 
 def test_lr_schedule_is_stateless():
@@ -346,14 +385,14 @@ def test_loss_falls(runs, latents):
 
 def test_rerun_continues_from_the_last_step_on_any_number_of_workers(runs, latents):
     """A checkpoint written by 2 workers resumes on 1 (run 2) and a 1-worker one on 2 (run 3):
-    one history over the three runs, every step exactly once, in order, and the
+    one history over the three runs and the restart, every step exactly once, in order, and the
     resumed runs carry on from where the weights were (the loss curve continues)."""
     from sora.dit import DiT
 
     first, second, third = runs["first"], runs["second"], runs["third"]
     assert first["steps"] == 12 and first["resumed_from"] == []
     assert second["steps"] == 24 and second["resumed_from"] == [12], second["resumed_from"]
-    assert third["steps"] == 48 and third["resumed_from"] == [12, 24], third["resumed_from"]
+    assert third["steps"] == 48 and third["resumed_from"][:2] == [12, 24], third["resumed_from"]
     assert [s for s, _ in third["history"]] == list(range(1, 49))
     np.testing.assert_array_equal(np.array(second["history"][:12]), np.array(first["history"]))  # NaN == NaN here
     np.testing.assert_array_equal(np.array(third["history"][:24]), np.array(second["history"]))
@@ -363,6 +402,13 @@ def test_rerun_continues_from_the_last_step_on_any_number_of_workers(runs, laten
                 for out in ("out1", "out2", "out3")]
     print(f"\nfixed-noise loss of the exported EMA after 12 / 24 / 48 steps: {exported}")
     assert exported[0] > exported[1] > exported[2], exported
+
+
+def test_killed_worker_is_replaced_and_resumes_from_the_last_checkpoint(runs):
+    resumed = runs["third"]["resumed_from"]
+    assert len(resumed) == 3, f"expected two re-runs and one restart, got resumes at {resumed}"
+    assert runs["killed_after"] <= resumed[2] < 48, (runs["killed_after"], resumed)
+    assert resumed[2] % 6 == 0  # a checkpoint step (every 6), never 0
 
 
 def test_nonfinite_loss_is_skipped_and_counted(runs):
