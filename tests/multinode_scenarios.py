@@ -255,8 +255,11 @@ class Nodes:
         from ray.cluster_utils import Cluster
 
         args = dict(include_dashboard=False, object_store_memory=150 * 1024**2)
+        # no log monitor (it forwards workers' output to drivers, and ours do not print it; the
+        # worker nodes run none either: one per machine)
         self.cluster = Cluster(initialize_head=True,
-                               head_node_args=dict(num_cpus=2, temp_dir=temp_dir, _system_config=HEALTH_CHECKS, **args))
+                               head_node_args=dict(num_cpus=2, temp_dir=temp_dir, _system_config=HEALTH_CHECKS,
+                                                   include_log_monitor=False, **args))
         self.args = args
         self.head = self.cluster.head_node.node_id
         for _ in range(2):
@@ -477,11 +480,20 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
     timing["ingest_stopped_and_rerun"] = time.monotonic() - t
 
 
+_POLL_FS: list = []
+
+
 def committed_step(run_dir: str) -> int:
-    """The step of the latest checkpoint Ray Train has registered (its manager snapshot)."""
-    fs = s3fs()
+    """The step of the latest checkpoint Ray Train has registered (its manager snapshot). One
+    filesystem for every poll (a new one builds a new S3 client, costly at a few polls a second),
+    its cached listings dropped before each read."""
+    if not _POLL_FS:
+        _POLL_FS.append(s3fs())
+    fs = _POLL_FS[0]
+    path = f"{run_dir.removeprefix('s3://')}/checkpoint_manager_snapshot.json"
+    fs.invalidate_cache(path)
     try:
-        with fs.open(f"{run_dir.removeprefix('s3://')}/checkpoint_manager_snapshot.json", "rb") as f:
+        with fs.open(path, "rb") as f:
             latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
     except (OSError, ValueError):  # not there yet, or being rewritten
         return -1
@@ -534,7 +546,7 @@ def scenario_training(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict, w
                 run.join()
                 raise RuntimeError(f"training ended before {what}")
             return check()
-        return wait_for(what, go)
+        return wait_for(what, go, every=0.5)  # each check asks the GCS for every actor, or S3
 
     first = running("three training workers", lambda: w if len(w := train_workers()) == 3 else None)
     step = running("a registered checkpoint", lambda: s if (s := committed_step(f"{store}/{name}")) >= 2 else None)

@@ -102,9 +102,9 @@ def latents(tmp_path_factory):
 
 def small_config(**overrides) -> TrainConfig:
     """2 workers of half a CPU each (the test Ray has 2 CPUs; Ray Data's reads need some)."""
-    base = dict(preset="tiny", workers=2, cpus_per_worker=0.5, max_steps=20, tokens_per_step=64, lr=2e-3,
-                warmup_steps=5, ema_decay=0.99, checkpoint_every_steps=10, checkpoint_every_minutes=None,
-                log_every_steps=5, shuffle_buffer_rows=16, seed=0, max_failures=2, cache_data=True)
+    base = dict(preset="tiny", workers=2, cpus_per_worker=0.5, max_steps=12, tokens_per_step=64, lr=2e-3,
+                warmup_steps=5, ema_decay=0.99, checkpoint_every_steps=6, checkpoint_every_minutes=None,
+                log_every_steps=6, shuffle_buffer_rows=16, seed=0, max_failures=2, cache_data=True)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -161,9 +161,9 @@ def nan_loss_at_step(step: int):
 
 @pytest.fixture(scope="module")
 def runs(ray_session, latents, tmp_path_factory):
-    """One run name, three invocations of the same command. Run 1: 2 workers, 20 steps, a NaN
-    loss injected at step 7. Run 2: 1 worker, max_steps 40, resuming the checkpoint the 2
-    workers wrote. Run 3: 2 workers, max_steps 80, resuming the 1-worker checkpoint; a worker
+    """One run name, three invocations of the same command. Run 1: 2 workers, 12 steps, a NaN
+    loss injected at step 7. Run 2: 1 worker, max_steps 24, resuming the checkpoint the 2
+    workers wrote. Run 3: 2 workers, max_steps 48, resuming the 1-worker checkpoint; a worker
     is SIGKILLed after its first checkpoint and the group restarts from a 2-worker checkpoint."""
     from pipelines.train import load_checkpoint, make_optimizer, EMA
     from sora.dit import DiT, DiTConfig
@@ -172,7 +172,7 @@ def runs(ray_session, latents, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("train-runs"))
     store = os.path.join(root, "store")
     t0 = time.perf_counter()
-    first = run_training(data, os.path.join(root, "out1"), vae, small_config(max_steps=20), storage_path=store,
+    first = run_training(data, os.path.join(root, "out1"), vae, small_config(max_steps=12), storage_path=store,
                          name="run", loss_fn=nan_loss_at_step(7))
     t1 = time.perf_counter()
     # AdamW's own per-parameter step counters after run 1 (run 2 rotates this checkpoint away),
@@ -182,15 +182,15 @@ def runs(ray_session, latents, tmp_path_factory):
     opt = make_optimizer(model, small_config())
     load_checkpoint(first["checkpoint"], model, opt, EMA(model, 0.99))
     first["adam_steps"] = {float(s["step"]) for s in opt[0].state.values()}
-    second = run_training(data, os.path.join(root, "out2"), vae, small_config(max_steps=40, workers=1),
+    second = run_training(data, os.path.join(root, "out2"), vae, small_config(max_steps=24, workers=1),
                           storage_path=store, name="run")
     t2 = time.perf_counter()
     third: dict = {}
-    cfg3 = small_config(max_steps=80)
+    cfg3 = small_config(max_steps=48)
     thread = threading.Thread(target=lambda: third.update(
         run_training(data, os.path.join(root, "out3"), vae, cfg3, storage_path=store, name="run")))
     thread.start()
-    killed_after = kill_a_worker_after_checkpoint(os.path.join(store, "run"), 40, thread)
+    killed_after = kill_a_worker_after_checkpoint(os.path.join(store, "run"), 24, thread)
     thread.join(timeout=300)
     assert not thread.is_alive() and third, "run 3 did not finish after its worker was killed"
     print(f"\nrun 1 (2 workers): {t1 - t0:.1f}s, run 2 (1 worker): {t2 - t1:.1f}s, "
@@ -371,7 +371,7 @@ def test_muon_optimizer_splits_the_weights_learns_and_resumes_exactly(latents, t
 
 
 def test_loss_falls(runs, latents):
-    """The exported model (80 steps) against the same architecture at its initialisation,
+    """The exported model (48 steps) against the same architecture at its initialisation,
     on the same fixed noise: training must have cut the loss by a clear margin."""
     from sora.dit import DiT
 
@@ -390,25 +390,25 @@ def test_rerun_continues_from_the_last_step_on_any_number_of_workers(runs, laten
     from sora.dit import DiT
 
     first, second, third = runs["first"], runs["second"], runs["third"]
-    assert first["steps"] == 20 and first["resumed_from"] == []
-    assert second["steps"] == 40 and second["resumed_from"] == [20], second["resumed_from"]
-    assert third["steps"] == 80 and third["resumed_from"][:2] == [20, 40], third["resumed_from"]
-    assert [s for s, _ in third["history"]] == list(range(1, 81))
-    np.testing.assert_array_equal(np.array(second["history"][:20]), np.array(first["history"]))  # NaN == NaN here
-    np.testing.assert_array_equal(np.array(third["history"][:40]), np.array(second["history"]))
+    assert first["steps"] == 12 and first["resumed_from"] == []
+    assert second["steps"] == 24 and second["resumed_from"] == [12], second["resumed_from"]
+    assert third["steps"] == 48 and third["resumed_from"][:2] == [12, 24], third["resumed_from"]
+    assert [s for s, _ in third["history"]] == list(range(1, 49))
+    np.testing.assert_array_equal(np.array(second["history"][:12]), np.array(first["history"]))  # NaN == NaN here
+    np.testing.assert_array_equal(np.array(third["history"][:24]), np.array(second["history"]))
     # the models the runs exported (their checkpoints' EMA) get better run after run on the same fixed noise:
     # a resume that lost the weights would start again from the initial loss
     exported = [fixed_flow_loss(DiT.from_pretrained(os.path.join(runs["root"], out, "dit")).eval(), latents[0])
                 for out in ("out1", "out2", "out3")]
-    print(f"\nfixed-noise loss of the exported EMA after 20 / 40 / 80 steps: {exported}")
+    print(f"\nfixed-noise loss of the exported EMA after 12 / 24 / 48 steps: {exported}")
     assert exported[0] > exported[1] > exported[2], exported
 
 
 def test_killed_worker_is_replaced_and_resumes_from_the_last_checkpoint(runs):
     resumed = runs["third"]["resumed_from"]
     assert len(resumed) == 3, f"expected two re-runs and one restart, got resumes at {resumed}"
-    assert runs["killed_after"] <= resumed[2] < 80, (runs["killed_after"], resumed)
-    assert resumed[2] % 10 == 0  # a checkpoint step (every 10), never 0
+    assert runs["killed_after"] <= resumed[2] < 48, (runs["killed_after"], resumed)
+    assert resumed[2] % 6 == 0  # a checkpoint step (every 6), never 0
 
 
 def test_nonfinite_loss_is_skipped_and_counted(runs):
@@ -416,7 +416,7 @@ def test_nonfinite_loss_is_skipped_and_counted(runs):
     assert first["nonfinite"] == second["nonfinite"] == third["nonfinite"] == 1
     assert first["history"][6][0] == 7 and np.isnan(first["history"][6][1])
     # no optimizer update on the skipped step: AdamW's own step counter is steps - 1
-    assert first["adam_steps"] == {19.0}
+    assert first["adam_steps"] == {11.0}
 
 
 def test_output_dir_is_a_complete_model(runs):
@@ -428,7 +428,7 @@ def test_output_dir_is_a_complete_model(runs):
     out = os.path.join(runs["root"], "out3")
     index = read_index(out)
     assert index["text_encoder"]["path"] is None  # "minilm" -> the offline default
-    assert index["training"]["steps"] == 80 and np.isfinite(index["training"]["final_loss"])
+    assert index["training"]["steps"] == 48 and np.isfinite(index["training"]["final_loss"])
     assert (index["training"]["optimizer"], index["training"]["lr"]) == ("adamw", 2e-3)
     assert index["patch_size"] == [1, 2, 2] and index["dit"] == "dit" and index["vae"] == "vae"
     assert load_vae(os.path.join(out, index["vae"])).latent_channels == 8
