@@ -302,7 +302,11 @@ class Stage:
 
     def loads_ahead(self) -> bool:
         """Whether `load_item` runs ahead of `process_item` (a stage with `load_item` and ``prefetch``)."""
-        return type(self).load_item is not Stage.load_item and self.prefetch >= 1
+        return self._loads_ahead_at(self.prefetch)
+
+    @classmethod
+    def _loads_ahead_at(cls, prefetch: int) -> bool:
+        return cls.load_item is not Stage.load_item and prefetch >= 1
 
     @classmethod
     def calls_per_actor(cls, cfg: Any) -> int:
@@ -311,8 +315,7 @@ class Stage:
         this batch's last ones are in the models (one batch in the models at a time, the
         oldest first: ``models_turn``); else 1: a batch queued behind another on a busy actor
         would wait while an idle actor could take it."""
-        prefetch = getattr(cfg, "prefetch", cls.prefetch)
-        return 2 if cls.load_item is not Stage.load_item and prefetch >= 1 else 1
+        return 2 if cls._loads_ahead_at(getattr(cfg, "prefetch", cls.prefetch)) else 1
 
     def quarantine_row(self, item: dict[str, Any], reason: str) -> dict[str, Any]:
         """The quarantine row of a failed clip (the `pipelines.ingest` quarantine contract)."""
