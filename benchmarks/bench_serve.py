@@ -114,11 +114,14 @@ class Noop:
 
 @serve.deployment(name="NoopOwnPort", ray_actor_options={"num_cpus": 0})
 class NoopOwnPort:
-    """Context for --ingress-port: the no-op app on uvicorn inside a Serve replica, as ours runs."""
+    """Context for --ingress-port: the no-op app on uvicorn inside a Serve replica, as ours runs
+    (at the niceness ours asks for, `ServeConfig.ingress_nice`)."""
 
-    async def __init__(self, port: int):
+    async def __init__(self, port: int, nice: int | None):
+        from pipelines.serve import set_thread_nice
         from pipelines.serve_fastpath import start_http_server
 
+        set_thread_nice(nice)
         self.server = start_http_server(noop_api, "127.0.0.1", port)
 
 
@@ -332,7 +335,8 @@ def main() -> None:
         serve.run(Noop.options(ray_actor_options={"num_cpus": 0}).bind(), name="noop", route_prefix="/noop",
                   blocking=False)
         if own:
-            serve.run(NoopOwnPort.bind(own["noop-own"]), name="noop-own", route_prefix=None, blocking=False)
+            serve.run(NoopOwnPort.bind(own["noop-own"], ServeConfig.from_args(ours_cfg).ingress_nice), name="noop-own",
+                      route_prefix=None, blocking=False)
         sides = {"naive": ("naive", "/naive", None, False, "NaiveSync"),
                  "ours": ("sora", "", key, True, "VideoGenerator")}
         ports = {app: app_port(app, port, args.direct_ingress) for app in ("naive", "sora", "noop")}

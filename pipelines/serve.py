@@ -103,6 +103,28 @@ def lower_priority(nice: int) -> None:
         logger.warning("generation keeps the default CPU priority (%s)", e)
 
 
+def set_thread_nice(nice: int | None) -> int | None:
+    """Set the calling thread's niceness to ``nice`` (Linux: a thread's own; threads it starts later
+    inherit it) -> the niceness it runs at (None where the OS has no per-thread priority).
+
+    FOOTGUN: Ray starts every worker process at niceness 15, so an ingress left there gets ~3 % of a
+    core beside any process at the default 0 (Linux CFS weights 36 vs 1024): a burst of POSTs then
+    waits on whatever else the node runs. Going below the current niceness needs CAP_SYS_NICE (root)
+    or RLIMIT_NICE; without it the thread keeps its niceness and this logs why."""
+    try:
+        tid = threading.get_native_id()
+        if nice is not None and os.getpriority(os.PRIO_PROCESS, tid) != nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except AttributeError:
+        return None
+    except OSError as e:
+        logger.warning("the ingress keeps niceness %d, not %s (%s): bursts of requests compete with Ray's "
+                       "workers for the CPU; grant CAP_SYS_NICE or set ingress_nice=None",
+                       os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), nice, e)
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
 # ----------------------------------------------------------------------------------------
 # The generator deployment (its work is `pipelines.video_runner.JobRunner`, testable without Serve)
 # ----------------------------------------------------------------------------------------
@@ -195,6 +217,8 @@ class VideoAPI:
         from sora.model_dir import read_index
 
         self.cfg = ServeConfig.from_args(cfg)
+        # first: the threads started below (journal, records, reads) inherit this thread's priority
+        self.nice = set_thread_nice(self.cfg.ingress_nice)
         key = self.cfg.api_key if self.cfg.api_key is not None else os.environ.get("SORA_API_KEY")
         self._key = key.encode("utf-8") if key else None
         if self._key is None:
