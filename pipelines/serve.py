@@ -66,11 +66,12 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.ray_utils import wait_for_serve_proxy
-from pipelines.serve_fastpath import SERVER_ERROR, FastPath, start_http_server, warm_http
+from pipelines.serve_fastpath import SERVER_ERROR, FastJSONResponse, FastPath, start_http_server, warm_http
 from pipelines.serve_config import ServeConfig
 from pipelines.serve_writes import Burst, JobWrites
 from pipelines.stage import resolve_num_gpus
-from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
+from pipelines.video_jobs import (FINAL, VARIANTS, JobStore, heartbeat_age, is_id, json_bytes, new_id, new_record,
+                                  public_view)
 from pipelines.video_requests import (APIError, ModelInfo, parse_body, parse_create, parse_list_query, parse_remix,
                                       parse_variant)
 from pipelines.video_runner import JobRunner, StepHook
@@ -250,8 +251,8 @@ class VideoAPI:
             spec, _ = parse_create(*parse_body("application/json", body), self.cfg.limits, self.model,
                                    self.cfg.http_limits)
             rec = _job_record(new_id(), spec, spec["request"])
-            JSONResponse(public_view(rec))
-            json.dumps([rec], separators=(",", ":"))  # the journal's encoding
+            FastJSONResponse(public_view(rec))
+            json_bytes([rec])  # the journal's encoding
         except APIError:  # limits that refuse the default request: the rest is warm
             pass
         except Exception:  # noqa: BLE001 - a warm-up never stops the ingress from starting
@@ -353,7 +354,7 @@ class VideoAPI:
         finally:
             if not handed:
                 self.writes.reserved -= 1
-        return JSONResponse(public_view(rec))
+        return FastJSONResponse(public_view(rec))
 
     # -- dispatch: one task per unfinished job ---------------------------------------------
 
@@ -488,7 +489,7 @@ class VideoAPI:
         self._auth(request)
         rec = await self._get(video_id)
         headers = {} if rec["status"] in FINAL else {"openai-poll-after-ms": str(self.cfg.poll_after_ms)}
-        return JSONResponse(public_view(rec), headers=headers)
+        return FastJSONResponse(public_view(rec), headers=headers)
 
     @api.delete("/v1/videos/{video_id}")
     async def delete(self, video_id: str, request: Request):
