@@ -38,7 +38,9 @@ Serve restarts it if it dies, and the restart resumes from STORE.
 Under a burst of POSTs, Serve's HTTP proxy (its hop to the ingress replica) and FastAPI's
 per-request machinery cost more than this code: the hot routes skip FastAPI
 (`pipelines.serve_fastpath.FastPath`), and with `http_port` the ingress replica answers HTTP
-itself (uvicorn in the replica, no proxy hop). `benchmarks/bench_serve.py` measures both.
+itself (uvicorn in the replica, no proxy hop). Its event loop runs at niceness `ingress_nice` (0), not
+at the 15 Ray starts workers at: there, any busy process at the default priority on the node
+would take the CPU from a burst. `benchmarks/bench_serve.py` measures both ways in.
 """
 
 # NOTE: no `from __future__ import annotations` here. Serve cloudpickles the FastAPI app, and
