@@ -1,7 +1,7 @@
 """Serving under load: N clients submit at once and poll, `sora serve` vs a naive synchronous endpoint.
 
     python -m benchmarks.bench_serve [--quick] [--clients N] [--steps S] [--repeats R] [--direct-ingress]
-                                     [--ingress-port]
+                                     [--ingress-port] [--ingress-nice N|none]
 
 Both run on one local Ray (2 CPUs) behind Serve's HTTP proxy, with the same tiny random model,
 the same request (32x32, 9 frames, S steps) and the same autoscaling (1..2 generator replicas of
@@ -114,11 +114,14 @@ class Noop:
 
 @serve.deployment(name="NoopOwnPort", ray_actor_options={"num_cpus": 0})
 class NoopOwnPort:
-    """Context for --ingress-port: the no-op app on uvicorn inside a Serve replica, as ours runs."""
+    """Context for --ingress-port: the no-op app on uvicorn inside a Serve replica, as ours runs
+    (at the niceness ours asks for, `ServeConfig.ingress_nice`)."""
 
-    async def __init__(self, port: int):
+    async def __init__(self, port: int, nice: int | None):
+        from pipelines.serve import set_thread_nice
         from pipelines.serve_fastpath import start_http_server
 
+        set_thread_nice(nice)
         self.server = start_http_server(noop_api, "127.0.0.1", port)
 
 
@@ -292,6 +295,9 @@ def main() -> None:
                     help="Serve's throughput-optimized mode: ingress replicas answer HTTP themselves, no proxy")
     ap.add_argument("--ingress-port", action="store_true",
                     help="ours: clients go to the port its ingress replica serves itself (http_port), no Serve hop")
+    ap.add_argument("--ingress-nice", default=None,
+                    help="ours: the ingress's niceness (ServeConfig.ingress_nice; default its default, 0; 'none': "
+                         "as Ray starts workers, 15); the own-port no-op floor follows it")
     args = ap.parse_args()
     if args.direct_ingress:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
@@ -319,6 +325,8 @@ def main() -> None:
                 "max_queue": args.max_queue or n, "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
                 "heartbeat_s": 1.0, "stale_after_s": 60,
                 **{k: v for k, v in AUTOSCALING.items() if k != "initial_replicas"}}
+    if args.ingress_nice is not None:
+        ours_cfg["ingress_nice"] = args.ingress_nice  # a string: ServeConfig reads it as it reads `serve run` args
     own = {"sora": free_port(), "noop-own": free_port()} if args.ingress_port else {}
     if own:
         ours_cfg["http_port"] = own["sora"]
@@ -332,7 +340,8 @@ def main() -> None:
         serve.run(Noop.options(ray_actor_options={"num_cpus": 0}).bind(), name="noop", route_prefix="/noop",
                   blocking=False)
         if own:
-            serve.run(NoopOwnPort.bind(own["noop-own"]), name="noop-own", route_prefix=None, blocking=False)
+            serve.run(NoopOwnPort.bind(own["noop-own"], ServeConfig.from_args(ours_cfg).ingress_nice), name="noop-own",
+                      route_prefix=None, blocking=False)
         sides = {"naive": ("naive", "/naive", None, False, "NaiveSync"),
                  "ours": ("sora", "", key, True, "VideoGenerator")}
         ports = {app: app_port(app, port, args.direct_ingress) for app in ("naive", "sora", "noop")}
@@ -384,7 +393,7 @@ def main() -> None:
     http = "direct ingress (no proxy)" if args.direct_ingress else "Serve's proxy"
     if own:
         http = f"ours: its ingress replica's own port (uvicorn); naive: {http}"
-    extra = {"clients": n, "http": http,
+    extra = {"clients": n, "http": http, "ours_ingress_nice": ServeConfig.from_args(ours_cfg).ingress_nice,
              "runs": repeats, "steps": args.steps, "size": "32x32x9",
              "autoscaling": {k: AUTOSCALING[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
                                                           "upscale_delay_s")},

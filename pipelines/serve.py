@@ -38,7 +38,9 @@ Serve restarts it if it dies, and the restart resumes from STORE.
 Under a burst of POSTs, Serve's HTTP proxy (its hop to the ingress replica) and FastAPI's
 per-request machinery cost more than this code: the hot routes skip FastAPI
 (`pipelines.serve_fastpath.FastPath`), and with `http_port` the ingress replica answers HTTP
-itself (uvicorn in the replica, no proxy hop). `benchmarks/bench_serve.py` measures both.
+itself (uvicorn in the replica, no proxy hop). Its event loop runs at niceness `ingress_nice` (0), not
+at the 15 Ray starts workers at: there, any busy process at the default priority on the node
+would take the CPU from a burst. `benchmarks/bench_serve.py` measures both ways in.
 """
 
 # NOTE: no `from __future__ import annotations` here. Serve cloudpickles the FastAPI app, and
@@ -66,11 +68,12 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.ray_utils import wait_for_serve_proxy
-from pipelines.serve_fastpath import SERVER_ERROR, FastPath, start_http_server, warm_http
+from pipelines.serve_fastpath import SERVER_ERROR, FastJSONResponse, FastPath, start_http_server, warm_http
 from pipelines.serve_config import ServeConfig
 from pipelines.serve_writes import Burst, JobWrites
 from pipelines.stage import resolve_num_gpus
-from pipelines.video_jobs import FINAL, VARIANTS, JobStore, heartbeat_age, is_id, new_id, new_record, public_view
+from pipelines.video_jobs import (FINAL, VARIANTS, JobStore, heartbeat_age, is_id, json_bytes, new_id, new_record,
+                                  public_view)
 from pipelines.video_requests import (APIError, ModelInfo, parse_body, parse_create, parse_list_query, parse_remix,
                                       parse_variant)
 from pipelines.video_runner import JobRunner, StepHook
@@ -101,6 +104,28 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (AttributeError, OSError) as e:
         logger.warning("generation keeps the default CPU priority (%s)", e)
+
+
+def set_thread_nice(nice: int | None) -> int | None:
+    """Set the calling thread's niceness to ``nice`` (Linux: a thread's own; threads it starts later
+    inherit it) -> the niceness it runs at (None where the OS has no per-thread priority).
+
+    FOOTGUN: Ray starts every worker process at niceness 15, so an ingress left there gets ~3 % of a
+    core beside any process at the default 0 (Linux CFS weights 36 vs 1024): a burst of POSTs then
+    waits on whatever else the node runs. Going below the current niceness needs CAP_SYS_NICE (root)
+    or RLIMIT_NICE; without it the thread keeps its niceness and this logs why."""
+    try:
+        tid = threading.get_native_id()
+        if nice is not None and os.getpriority(os.PRIO_PROCESS, tid) != nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except AttributeError:
+        return None
+    except OSError as e:
+        logger.warning("the ingress keeps niceness %d, not %s (%s): bursts of requests compete with Ray's "
+                       "workers for the CPU; grant CAP_SYS_NICE or set ingress_nice=None",
+                       os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), nice, e)
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,6 +220,8 @@ class VideoAPI:
         from sora.model_dir import read_index
 
         self.cfg = ServeConfig.from_args(cfg)
+        # first: the threads started below (journal, records, reads) inherit this thread's priority
+        self.nice = set_thread_nice(self.cfg.ingress_nice)
         key = self.cfg.api_key if self.cfg.api_key is not None else os.environ.get("SORA_API_KEY")
         self._key = key.encode("utf-8") if key else None
         if self._key is None:
@@ -226,8 +253,8 @@ class VideoAPI:
             spec, _ = parse_create(*parse_body("application/json", body), self.cfg.limits, self.model,
                                    self.cfg.http_limits)
             rec = _job_record(new_id(), spec, spec["request"])
-            JSONResponse(public_view(rec))
-            json.dumps([rec], separators=(",", ":"))  # the journal's encoding
+            FastJSONResponse(public_view(rec))
+            json_bytes([rec])  # the journal's encoding
         except APIError:  # limits that refuse the default request: the rest is warm
             pass
         except Exception:  # noqa: BLE001 - a warm-up never stops the ingress from starting
@@ -329,7 +356,7 @@ class VideoAPI:
         finally:
             if not handed:
                 self.writes.reserved -= 1
-        return JSONResponse(public_view(rec))
+        return FastJSONResponse(public_view(rec))
 
     # -- dispatch: one task per unfinished job ---------------------------------------------
 
@@ -464,7 +491,7 @@ class VideoAPI:
         self._auth(request)
         rec = await self._get(video_id)
         headers = {} if rec["status"] in FINAL else {"openai-poll-after-ms": str(self.cfg.poll_after_ms)}
-        return JSONResponse(public_view(rec), headers=headers)
+        return FastJSONResponse(public_view(rec), headers=headers)
 
     @api.delete("/v1/videos/{video_id}")
     async def delete(self, video_id: str, request: Request):

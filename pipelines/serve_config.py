@@ -45,6 +45,10 @@ class ServeConfig:
     num_gpus: float | None = None  # GPUs per generator replica (None: 1 if the Ray cluster has GPUs)
     torch_threads: int = 0  # intra-op threads per generator replica (0: torch's default)
     generator_nice: int = 10  # niceness added to generation threads (0-19; higher yields the CPU to the ingress more)
+    # niceness of the ingress's event loop and the threads it starts (Ray starts every worker at 15;
+    # 0: the API answers before Ray's workers and generation take the CPU; None: as Ray started it).
+    # Raising a priority needs CAP_SYS_NICE or RLIMIT_NICE; without them the ingress warns and keeps Ray's
+    ingress_nice: int | None = 0
     ingress_max_ongoing: int = 512  # concurrent HTTP requests per ingress replica (on http_port: connections too)
     poll_after_ms: int = 1000  # the openai-poll-after-ms hint on unfinished jobs
     fast_path: bool = True  # POST /v1/videos and GET /v1/videos/{id} skip FastAPI's routing (same answers, less CPU)
@@ -73,6 +77,9 @@ class ServeConfig:
         if not 0 <= self.generator_nice <= 19:
             raise ValueError(f"generator_nice must be 0..19 (0: the same CPU priority as the ingress), "
                              f"got {self.generator_nice}")
+        if self.ingress_nice is not None and not -20 <= self.ingress_nice <= 19:
+            raise ValueError(f"ingress_nice must be -20..19 (or None: as Ray started the replica), "
+                             f"got {self.ingress_nice}")
         if not 0.0 <= self.remix_strength <= 1.0:
             raise ValueError(f"remix_strength must be in [0, 1], got {self.remix_strength}")
 

@@ -37,6 +37,8 @@ import secrets
 import time
 from typing import Any
 
+import orjson
+
 from pipelines import storage
 from sora.request import GenerationRequest
 
@@ -100,6 +102,17 @@ def new_record(video_id: str, *, model: str, prompt: str, size: str, seconds: st
         "job": job, "attempts": 0, "history": [], "heartbeat_at": None, "worker": None,
         "started_at": None, "updated_at": now,
     }
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON of a record or an API body (str, int, float, bool, None, lists, str-keyed dicts)
+    as UTF-8, by orjson: several times faster than `json.dumps`, which a burst of POSTs pays per
+    job on the event loop. What orjson refuses (a string with a lone surrogate, an int beyond 64
+    bits) is written by `json.dumps` with escapes instead, so any value a request parsed is stored."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def heartbeat_age(record: dict[str, Any], now: float | None = None) -> float:
@@ -216,7 +229,7 @@ class JobStore:
     def journal(self, records: list[dict[str, Any]]) -> str:
         """Write new records as one journal file (named after the first id) -> its URL."""
         url = storage.join(self.root, "journal", f"{check_id(records[0]['id'])}.json")
-        storage.write_bytes_atomic(url, json.dumps(records, separators=(",", ":")).encode("utf-8"))
+        storage.write_bytes_atomic(url, json_bytes(records))
         return url
 
     def journal_files(self) -> list[str]:

@@ -224,6 +224,33 @@ def test_journal_replay_stores_answered_jobs_once(tmp_path):
     assert store.get(recs[2]["id"]) is None
 
 
+def test_records_and_answers_encode_as_json_does():
+    """`json_bytes` (orjson) writes the journal and the API's video objects: the same bytes
+    Starlette's JSONResponse renders for any prompt, and what orjson refuses still round-trips."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from starlette.responses import JSONResponse
+
+    from pipelines.serve_fastpath import FastJSONResponse
+    from pipelines.video_jobs import json_bytes, public_view
+
+    @settings(max_examples=300, deadline=None)
+    @given(prompt=st.text(st.characters(exclude_categories=["Cs"])), progress=st.integers(0, 100),
+           seed=st.integers(0, 2 ** 63 - 1), now=st.floats(0, 4e9))
+    def same(prompt, progress, seed, now):
+        rec = new_record(new_id(now=now), model="m", prompt=prompt, size="32x32", seconds="1", output_size="32x32",
+                         job={"prompt": prompt, "seed": seed, "guidance_scale": 7.5, "image": None}, now=now)
+        rec["progress"] = progress
+        view = public_view(rec)
+        assert FastJSONResponse(view).body == JSONResponse(view).body
+        assert json.loads(json_bytes([rec])) == [rec]
+
+    same()
+    # a lone surrogate (JSON can carry one as an escape) or an int beyond 64 bits: json writes them
+    odd = {"prompt": json.loads('"a\\ud800b"'), "seed": 2 ** 70}
+    assert json.loads(json_bytes(odd)) == odd
+
+
 def test_wait_for_serve_proxy_waits_for_a_late_listener():
     """`run_server` waits for Serve's HTTP proxy itself (on a starved machine Serve replaces a proxy
     that was slow to start, and `serve.start` raises with the first one): the wait returns once

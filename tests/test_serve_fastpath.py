@@ -250,6 +250,72 @@ def test_generation_yields_the_cpu_and_the_replica_does_not(apps, nice_log):
             ServeConfig(model="m", generator_nice=bad)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_the_ingress_answers_at_ingress_nice_and_its_replica_keeps_rays(apps):
+    import psutil
+
+    from pipelines.serve_config import ServeConfig
+
+    port = apps["fast-own-port"].base_url.port
+    pid = next(c.pid for c in psutil.net_connections(kind="tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == port)  # the fast app's ingress replica
+
+    def comm(tid: int) -> str:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+
+    # Python's threads carry the process title ("ray::ServeReplica..."); Ray's C++ threads, started
+    # before the worker niced itself, have names of their own (and niceness 0 already)
+    nice = {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process(pid).threads()
+            if comm(t.id).startswith("ray::")}
+    want = ServeConfig(model="m").ingress_nice
+    assert want == 0 and nice[pid] > want, nice  # Ray started the replica niced (its main thread keeps that)
+    # the event loop that serves the port and the journal/record/read threads it started
+    assert sum(n == want for n in nice.values()) >= 2, nice
+
+
+def test_set_thread_nice_sets_the_calling_thread_and_what_it_starts(monkeypatch):
+    from pipelines.serve import logger, set_thread_nice
+
+    warned = []
+    monkeypatch.setattr(logger, "warning", lambda msg, *args: warned.append(msg % args))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def worker():
+        seen["set"] = set_thread_nice(min(19, base + 4))
+        seen["kept"] = set_thread_nice(None)
+        child = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+        if os.geteuid() == 0:  # raising a priority back needs the privilege root has
+            seen["back"] = set_thread_nice(base)
+
+        def refuse(*args):
+            raise PermissionError(1, "Operation not permitted")
+
+        setpriority = os.setpriority
+
+        monkeypatch.setattr(os, "setpriority", refuse)
+        seen["refused"] = set_thread_nice(base - 1)  # kept, with a warning that says how to grant it
+        monkeypatch.setattr(os, "setpriority", setpriority)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    up = min(19, base + 4)
+    assert seen == {"set": up, "kept": up, "child": up, "refused": seen.get("back", up),
+                    **({"back": base} if os.geteuid() == 0 else {})}, seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # only that thread moved
+    assert len(warned) == 1 and "CAP_SYS_NICE" in warned[0], warned
+    from pipelines.serve_config import ServeConfig
+
+    for bad in (-21, 20):
+        with pytest.raises(ValueError, match="ingress_nice"):
+            ServeConfig(model="m", ingress_nice=bad)
+    assert ServeConfig.from_args({"model": "m", "ingress_nice": "none"}).ingress_nice is None
+
+
 def test_warm_http_sends_one_request_through_the_server():
     from pipelines.serve_fastpath import start_http_server, warm_http
 
