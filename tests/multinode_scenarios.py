@@ -214,7 +214,9 @@ def ingest_facts(data: str) -> dict:
             "files": listing(data)}
 
 
-def latents_facts(data: str) -> dict:
+def latents_facts(data: str, ray_data: bool = True) -> dict:
+    """The latents' rows and files; with ``ray_data``, also how many rows Ray Data reads (as
+    training does: a partial file would add rows)."""
     import ray
 
     from pipelines import storage, trainer
@@ -225,9 +227,11 @@ def latents_facts(data: str) -> dict:
     # workers wrote there, and `storage.read_table` asks `exists` first), so they are dropped
     storage.fs_and_path(data)[0].invalidate_cache()
     rows = sorted(read_latents(data).to_pylist(), key=lambda r: r["clip_id"])
-    fs, path = trainer.pyarrow_fs(storage.join(data, "latents"))  # as training reads them
-    ray_rows = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).count()
-    return {"rows": jsonable(rows), "ray_data_rows": ray_rows, "files": listing(storage.join(data, "latents"))}
+    out = {"rows": jsonable(rows), "files": listing(storage.join(data, "latents"))}
+    if ray_data:
+        fs, path = trainer.pyarrow_fs(storage.join(data, "latents"))  # as training reads them
+        out["ray_data_rows"] = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).count()
+    return out
 
 
 def bulk_facts(out: str) -> dict:
@@ -363,9 +367,11 @@ class Background:
         return self.result
 
 
-def lose_node_at_held_upload(nodes: Nodes, hold: UploadHold, pattern: str, run: Background) -> dict:
+def lose_node_at_held_upload(nodes: Nodes, hold: UploadHold, pattern: str, run: Background,
+                             at_hold: Callable[[], Any] | None = None) -> dict:
     """Arm the hold, wait until an upload from a worker node is held, kill that node, wait until
-    the sender is gone, let the upload go. Returns what happened."""
+    the sender is gone, let the upload go. Returns what happened (and, under "at_hold", what
+    ``at_hold()`` returned while the upload was held, before the kill)."""
     import psutil
 
     hold.arm(pattern, spare=nodes.head)
@@ -374,13 +380,14 @@ def lose_node_at_held_upload(nodes: Nodes, hold: UploadHold, pattern: str, run: 
         hold.disarm()
         run.join()
         raise RuntimeError(f"the run ended before any upload matched {pattern}")
+    seen = {"at_hold": at_hold()} if at_hold is not None else {}
     node, pid = hold.info["node"], hold.info["pid"]
     t0 = time.monotonic()
     nodes.kill(node)
     wait_for("the sender's exit", lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
     hold.release.set()
     wait_for("the held request's end", lambda: "sender_gone" in hold.info)
-    return {**hold.info, "kill_seconds": round(time.monotonic() - t0, 2)}
+    return {**hold.info, **seen, "kill_seconds": round(time.monotonic() - t0, 2)}
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -406,7 +413,7 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
     t = time.monotonic()
     res["encode"] = {"clean": {"nodes": idle_cluster()}}
     res["encode"]["clean"]["summary"] = run_encode(f"{S3}/clean", ecfg)
-    res["encode"]["clean"].update(latents_facts(f"{S3}/clean"))
+    res["encode"]["clean"].update(latents_facts(f"{S3}/clean", ray_data=False))  # the faulted run's is compared
     timing["encode_clean"] = time.monotonic() - t
     t = time.monotonic()
     res["bulk"] = {"clean": {"nodes": idle_cluster()}}
@@ -483,10 +490,10 @@ def scenario_stages(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict) -> 
 _POLL_FS: list = []
 
 
-def committed_step(run_dir: str) -> int:
-    """The step of the latest checkpoint Ray Train has registered (its manager snapshot). One
-    filesystem for every poll (a new one builds a new S3 client, costly at a few polls a second),
-    its cached listings dropped before each read."""
+def registered_checkpoint(run_dir: str) -> tuple[int, str | None]:
+    """The step and directory name of the latest checkpoint Ray Train has registered (its manager
+    snapshot). One filesystem for every poll (a new one builds a new S3 client, costly at a few
+    polls a second), its cached listings dropped before each read."""
     if not _POLL_FS:
         _POLL_FS.append(s3fs())
     fs = _POLL_FS[0]
@@ -496,8 +503,28 @@ def committed_step(run_dir: str) -> int:
         with fs.open(path, "rb") as f:
             latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
     except (OSError, ValueError):  # not there yet, or being rewritten
-        return -1
-    return int(latest.get("metrics", {}).get("checkpoint_step", -1))
+        return -1, None
+    return int(latest.get("metrics", {}).get("checkpoint_step", -1)), latest.get("checkpoint_dir_name")
+
+
+def committed_step(run_dir: str) -> int:
+    return registered_checkpoint(run_dir)[0]
+
+
+def registered_before(run_dir: str, held_path: str) -> int:
+    """The step of the checkpoint written last before the one whose upload is held (at
+    ``held_path``), once Ray Train has registered it: its uploads ended, the workers went on, so
+    the controller registers it while the held one cannot be (a checkpoint directory's name is its
+    creation time)."""
+    held = re.search(r"/(checkpoint_[^/]+)/", held_path).group(1)
+    names = [d.rsplit("/", 1)[-1] for d in s3fs().ls(run_dir.removeprefix("s3://"), detail=False)]
+    last = max(n for n in names if n.startswith("checkpoint_") and not n.endswith(".json") and n < held)
+
+    def registered():
+        step, name = registered_checkpoint(run_dir)
+        return step if name == last else None
+
+    return wait_for(f"{last} registered", registered)
 
 
 def train_workers() -> dict[int, str]:
@@ -530,7 +557,9 @@ def scenario_training(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict, w
     t = time.monotonic()
     data, vae = training_data(workdir, res, inputs)
     info = inspect_latents(data)
-    cfg = TrainConfig(preset="tiny", workers=3, cpus_per_worker=0.75, placement="spread", max_steps=6,
+    # 8 steps, a checkpoint every 2: after the first registered one, three more uploads to hold
+    # one of (steps go fast: each worker keeps its samples after the first epoch)
+    cfg = TrainConfig(preset="tiny", workers=3, cpus_per_worker=0.75, placement="spread", max_steps=8,
                       tokens_per_step=info["max_tokens"], lr=1e-3, warmup_steps=1, checkpoint_every_steps=2,
                       checkpoint_every_minutes=None, log_every_steps=1, shuffle_buffer_rows=0, max_failures=2,
                       keep_checkpoints=8, seed=0)
@@ -549,9 +578,13 @@ def scenario_training(nodes: Nodes, hold: UploadHold, res: dict, inputs: dict, w
         return wait_for(what, go, every=0.5)  # each check asks the GCS for every actor, or S3
 
     first = running("three training workers", lambda: w if len(w := train_workers()) == 3 else None)
-    step = running("a registered checkpoint", lambda: s if (s := committed_step(f"{store}/{name}")) >= 2 else None)
+    running("a registered checkpoint", lambda: committed_step(f"{store}/{name}") >= 2)
     res["seconds"]["train_first_checkpoint"] = time.monotonic() - t
-    lost = lose_node_at_held_upload(nodes, hold, rf"^/{BUCKET}/train/{name}/checkpoint_[^/]+/", run)
+    # the last checkpoint registered before the held one (the workers may have passed more
+    # checkpoints since the first was seen): the one the restarted group must resume from
+    lost = lose_node_at_held_upload(nodes, hold, rf"^/{BUCKET}/train/{name}/checkpoint_[^/]+/", run,
+                                    at_hold=lambda: registered_before(f"{store}/{name}", hold.info["path"]))
+    step = lost.pop("at_hold")
     at_loss = committed_step(f"{store}/{name}")  # the held checkpoint's upload never completed
     second = running("the restarted workers",
                      lambda: w if len(w := train_workers()) == 3 and not set(w) & set(first) else None)

@@ -247,6 +247,41 @@ def test_time_budgeted_cooldown_ends_at_the_floor_with_workers_holding_every_cpu
     assert "caching the latents" in capsys.readouterr().out
 
 
+def test_samples_mb_is_what_the_latents_take_as_samples_or_a_little_more(latents):
+    """The estimate that decides whether workers keep their samples (keep_samples_mb) never
+    falls short of the Samples themselves: every text is counted at the longest one's length."""
+    from pipelines.latents import read_latents
+    from pipelines.train import inspect_latents, sample_from_row
+    from pipelines.train.data import samples_mb
+
+    data, _ = latents
+    samples = [sample_from_row(row) for row in read_latents(data).to_pylist()]
+    actual = sum(s.tokens.nbytes + s.positions.nbytes + s.text.nbytes for s in samples) / 1e6
+    assert actual <= samples_mb(inspect_latents(data)) < 2 * actual
+
+
+def test_a_resumed_epoch_trains_on_the_rows_past_its_skip_and_keeps_the_whole_shard(latents):
+    from pipelines.latents import read_latents
+    from pipelines.train import iter_packs
+
+    class Shard:  # a worker's shard as Ray Train hands it over, in order (no shuffle buffer)
+        def __init__(self, table):
+            self.table = table
+
+        def iter_batches(self, batch_size, **_):
+            for i in range(0, len(self.table), batch_size):
+                yield self.table.slice(i, batch_size)
+
+    table = read_latents(latents[0])
+    ids = table.column("clip_id").to_pylist()
+    cfg = small_config(tokens_per_step=4096, shuffle_buffer_rows=0)
+    trained = lambda packs: sorted(s.metadata["clip_id"] for p in packs for s in p)  # noqa: E731
+    kept: list = []
+    assert trained(iter_packs(Shard(table), cfg, 0, 0, skip_rows=5, keep=kept)) == sorted(ids[5:])
+    assert [s.metadata["clip_id"] for s in kept] == ids
+    assert trained(iter_packs(Shard(table), cfg, 0, 0, skip_rows=5)) == sorted(ids[5:])
+
+
 def test_cached_epochs_reshuffle_deterministically_and_resume_inside_an_epoch():
     from pipelines.train import iter_cached_packs
     from sora.packing import Sample

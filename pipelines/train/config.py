@@ -75,6 +75,10 @@ class TrainConfig:
     # read DATA/latents into Ray's object store once and keep each worker's samples in memory
     # after the first epoch (only for data that fits in memory)
     cache_data: bool = False
+    # without cache_data: each worker still keeps its samples in memory after its first whole epoch,
+    # and reshuffles them there instead of reading DATA/latents again, when all the latents take at
+    # most this many MB as float32 samples (0: read every epoch)
+    keep_samples_mb: float = 256.0
     bf16: bool = True  # GPU: autocast to bfloat16 (FSDP: bf16 compute, fp32 reduce)
     fsdp: bool = True  # GPU with 2+ workers: FSDP2 (fully_shard per block, then the root) instead of DDP
     activation_checkpointing: bool = False  # GPU: recompute each block in backward

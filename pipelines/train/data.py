@@ -53,14 +53,16 @@ def _batches(samples: Iterable[Sample], cfg: TrainConfig, by_grid: bool) -> Iter
     return batch_by_token_budget(samples, cfg.tokens_per_step, max_samples=cfg.max_samples_per_pack)
 
 
-def iter_packs(shard, cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 0, by_grid: bool = False
-               ) -> Iterator[list[Sample]]:
+def iter_packs(shard, cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 0, by_grid: bool = False,
+               keep: list[Sample] | None = None) -> Iterator[list[Sample]]:
     """One epoch of this worker's shard as packs (lists of Samples within the token budget;
     same-shape batches with ``by_grid``, see `batch_by_grid`).
 
     ``skip_rows`` rows are read and dropped first: the resume point inside an epoch. Ray
     Data's streaming split does not promise the same rows to the same worker on a re-run, so
-    this resumes the *amount* of data seen in the epoch, not the exact rows."""
+    this resumes the *amount* of data seen in the epoch, not the exact rows. ``keep``: every
+    sample read is appended to it, the skipped ones too (the whole shard once the packs are
+    exhausted)."""
     shuffle = cfg.shuffle_buffer_rows or None
     batches = shard.iter_batches(batch_size=16, batch_format="pyarrow", local_shuffle_buffer_size=shuffle,
                                  local_shuffle_seed=(cfg.seed * 1000003 + epoch * 1009 + rank) if shuffle else None)
@@ -69,10 +71,16 @@ def iter_packs(shard, cfg: TrainConfig, epoch: int, rank: int, skip_rows: int = 
         skip = skip_rows
         for table in batches:
             for row in table.to_pylist():
-                if skip > 0:
+                if skip > 0 and keep is None:
                     skip -= 1
                     continue
-                yield sample_from_row(row)
+                sample = sample_from_row(row)
+                if keep is not None:
+                    keep.append(sample)
+                if skip > 0:
+                    skip -= 1
+                else:
+                    yield sample
 
     yield from _batches(samples(), cfg, by_grid)
 
@@ -86,11 +94,12 @@ def iter_cached_packs(cached: list[Sample], cfg: TrainConfig, epoch: int, rank: 
     yield from _batches((cached[i] for i in order), cfg, by_grid)
 
 
-def collecting(packs: Iterator[list[Sample]], into: list[Sample]) -> Iterator[list[Sample]]:
-    """Pass packs through, remembering every sample in `into`."""
-    for p in packs:
-        into.extend(p)
-        yield p
+def samples_mb(info: dict[str, Any]) -> float:
+    """What all the latents of `inspect_latents` ``info`` take in memory as Samples (float32
+    tokens and text states, int64 positions), in MB."""
+    token_dim = info["latent_channels"] * int(np.prod(info["patch_size"]))
+    per_row = info["mean_tokens"] * (4 * token_dim + 8 * 3) + 4 * info["max_text_tokens"] * info["text_dim"]
+    return info["rows"] * per_row / 1e6
 
 
 def inspect_latents(data: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 from pipelines import storage, trainer
 from pipelines.train.checkpoint import export_model
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import inspect_latents
+from pipelines.train.data import inspect_latents, samples_mb
 from pipelines.train.loop import LossFn, train_loop_per_worker
 from pipelines.train.models import check_resumable, export_wan, plan_model
 
@@ -96,7 +96,8 @@ def run_training(data: str, out: str, vae: str | None, cfg: TrainConfig, *, stor
         cfg = replace(cfg, cache_data=True)
     if cfg.cache_data:
         ds = ds.materialize()
-    loop_config = ({"train": asdict(cfg), "model": plan.identity(), **plan.loop_config()}
+    keep_samples = cfg.cache_data or samples_mb(info) <= cfg.keep_samples_mb
+    loop_config = ({"train": asdict(cfg), "model": plan.identity(), "keep_samples": keep_samples, **plan.loop_config()}
                    | ({"loss_fn": loss_fn} if loss_fn else {}))
     result = trainer.run_trainer(
         train_loop_per_worker, loop_config, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker,

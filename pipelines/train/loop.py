@@ -14,7 +14,7 @@ from torch import nn
 from pipelines import trainer
 from pipelines.train.checkpoint import EMA, load_checkpoint
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import collecting, iter_cached_packs, iter_packs
+from pipelines.train.data import iter_cached_packs, iter_packs
 from sora.dit import DiT, DiTConfig, pack_flops, peak_bf16_flops
 from sora.flow import FlowConfig, flow_matching_loss
 from sora.optim import Optimizers, lr_at, make_optimizers
@@ -181,7 +181,8 @@ def build_model(config: dict, cfg: TrainConfig, device: torch.device, world: int
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config = {"train": asdict(TrainConfig), "model": ModelPlan.identity(),
     "dit": asdict(DiTConfig)}`` or ``"wan": {...}`` (``ModelPlan.loop_config``), and optionally
-    ``"loss_fn"`` (see `train_step`; default sora.flow.flow_matching_loss)."""
+    ``"loss_fn"`` (see `train_step`; default sora.flow.flow_matching_loss), ``"keep_samples"``
+    (each worker keeps its samples after its first whole epoch; default ``cache_data``)."""
     import ray.train
     import ray.train.torch
 
@@ -234,17 +235,18 @@ def train_loop_per_worker(config: dict) -> None:
                        state={**state, "ema_updates": ema.updates}, extra=ema.shadow, trainable_only=trainable_only)
         t_ckpt, last_ckpt_step, reported_checkpoint = time.monotonic(), state["step"], True
 
-    cached: list[Sample] | None = None  # this worker's samples, once a whole epoch was read (cache_data)
+    # this worker's samples, once it has read a whole epoch of its shard (a restarted group starts
+    # without them: its first epoch, whole or resumed inside, reads the shard)
+    keep = config.get("keep_samples", cfg.cache_data)
+    cached: list[Sample] | None = None
     while not done:
         # the resume point inside an epoch, in rows per worker (the rows seen are a global count)
         skip = state["epoch_rows"] // world
-        collected: list[Sample] | None = [] if cached is None and cfg.cache_data and skip == 0 else None
+        collected: list[Sample] | None = [] if cached is None and keep else None
         if cached is not None:
             packs = iter_cached_packs(cached, cfg, state["epoch"], rank, skip_rows=skip, by_grid=by_grid)
-        elif collected is not None:  # a whole epoch from the shard: keep it
-            packs = collecting(iter_packs(shard, cfg, state["epoch"], rank, by_grid=by_grid), collected)
-        else:
-            packs = iter_packs(shard, cfg, state["epoch"], rank, skip_rows=skip, by_grid=by_grid)
+        else:  # from the shard; ``collected`` gets all of it, the rows skipped too
+            packs = iter_packs(shard, cfg, state["epoch"], rank, skip_rows=skip, by_grid=by_grid, keep=collected)
         steps_this_epoch = 0
         while not done:
             samples = next(packs, None)
@@ -298,7 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
             assert steps_this_epoch > 0 or state["epoch_rows"] > 0, (
                 "an epoch produced no step: some worker got no data (fewer latents rows than workers?)")
             if collected is not None:
-                for _ in packs:  # read what the lockstep stop left unread (collecting keeps it)
+                for _ in packs:  # read what the lockstep stop left unread (into ``collected``)
                     pass
                 cached = collected
             state["epoch"] += 1
