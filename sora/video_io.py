@@ -351,11 +351,13 @@ def _encoder_options(codec: str, crf: int) -> tuple[str, dict[str, str]]:
     Every option that could let a thread schedule decide the bits is pinned: one encoder
     thread (also set on the codec context), and for the encoders with their own thread pools
     no lookahead, slice or row threads. `flags=+bitexact` keeps the FFmpeg version out of
-    the bitstream (MPEG-4 and MJPEG write it as user data otherwise)."""
+    the bitstream (MPEG-4 and MJPEG write it as user data otherwise). x264 runs without its
+    macroblock tree (`mbtree=0`): on some small frames (32 pixels wide, say) it reads memory it
+    never wrote, so the same frames gave other bytes depending on what the heap held."""
     if codec in ("h264", "libx264"):
         return "yuv420p", {"crf": str(crf), "preset": "medium", "flags": "+bitexact",
                            "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:"
-                                          "sync-lookahead=0"}
+                                          "sync-lookahead=0:mbtree=0"}
     if codec in ("libvpx-vp9", "vp9"):
         # crf with b:v 0 is VP9's constant-quality mode.
         return "yuv420p", {"crf": str(crf), "b:v": "0", "row-mt": "0", "cpu-used": "4",
@@ -385,7 +387,8 @@ def write_video(
     MPEG-4 part 2 ("mpeg4") for avi. Any other FFmpeg encoder name works too, e.g. "mjpeg".
     All codecs write 4:2:0 chroma, so width and height must be even: we raise ValueError
     rather than pad, because silent padding would change the size the caller asked for.
-    Output is deterministic: the same frames give the same bytes, however busy the machine.
+    Output is deterministic: the same frames give the same bytes, however busy the machine and
+    whatever the process's memory held before.
     Nothing on the way runs on a thread pool: the RGB -> YUV conversion is single-threaded
     (swscale's automatic slice threads hand out slices in whatever order threads come free),
     the encoder has one thread (see `_encoder_options`), and `+bitexact` on the muxer writes no

@@ -396,6 +396,43 @@ def test_write_video_is_deterministic(tmp_path, ext, codec):
     assert len(digests) == 1
 
 
+# Writes a small clip (32 pixels wide: x264's macroblock tree read memory it never wrote on
+# such frames) with every default codec and prints {ext: sha256} as JSON.
+_SMALL_ENCODE_SCRIPT = """
+import hashlib, json, sys
+import numpy as np
+from sora.video_io import write_video
+rng = np.random.default_rng(1)
+base = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+frames = np.stack([np.roll(base, 2 * t, axis=1) for t in range(9)])
+out = {}
+for ext, codec in ((".mp4", None), (".webm", None), (".avi", None), (".mov", "mjpeg")):
+    path = f"{sys.argv[1]}/small{ext}"
+    write_video(path, frames, 8, codec=codec)
+    out[ext] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_write_video_bytes_do_not_depend_on_what_the_heap_held(tmp_path):
+    """The same frames give the same bytes in processes whose fresh allocations hold different
+    garbage (glibc's MALLOC_PERTURB_ fills them with a set byte): an encoder reading memory it
+    never wrote shows here (x264's macroblock tree did on small frames; a bulk run's videos
+    then differed from a re-run's)."""
+    import json
+
+    digests = []
+    for byte in ("85", "165"):
+        d = tmp_path / byte
+        d.mkdir()
+        env = dict(os.environ, MALLOC_PERTURB_=byte)
+        proc = subprocess.run([sys.executable, "-c", _SMALL_ENCODE_SCRIPT, str(d)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        digests.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert digests[0] == digests[1]
+
+
 # Encodes shapes-world clips with every default codec and prints {file: sha256} as JSON.
 _ENCODE_SCRIPT = """
 import hashlib, json, sys
