@@ -11,8 +11,7 @@ state cross a process boundary), so the same functions run in `run_sequential` (
 baseline) and on Ray. On Ray the sources travel in blocks of a few (`source_blocks`: fewer
 tasks, blocks shrinking toward the end so the workers finish together, and a number of blocks
 that does not grow with the corpus) through ONE operator: plain tasks when no model is
-configured (warm Ray workers, each with its own decode worker and two of its block's sources
-in progress at once: one decodes while the other's arrays are worked on), else an actor pool
+configured (warm Ray workers, each with its own decode worker), else an actor pool
 (`IngestStage`) whose actors load the models once. Only each source's small summary comes back
 to the driver, which adds it to running totals (`SummaryTotals`) and never holds a list of them.
 
@@ -32,7 +31,6 @@ import json
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Callable, Iterable, Iterator
@@ -512,25 +510,11 @@ def prepare_worker() -> None:
     keep_freed_memory()
 
 
-# Sources of a block in progress at once in one Ray task: a source alternates between the
-# decode worker (a child process) and numpy in this process, so a second source keeps the
-# decoder busy while the first one's arrays are worked on, and this task fills a core another
-# task leaves idle (between its blocks, at the start and the end of a run). A source's stage
-# seconds in its summary then include its waits for the shared decode worker.
-SOURCES_IN_FLIGHT = 2
-
-
 def ingest_block(batch: dict, out: str, cfg: dict) -> dict:
-    """A Ray Data task (no model configured): every stage for each source of a block, up to
-    `SOURCES_IN_FLIGHT` sources at a time on threads (they share the process's decode worker,
-    one job at a time); summaries in the block's order."""
+    """A Ray Data task (no model configured): every stage for each source of a block."""
     prepare_worker()
     cfg = IngestConfig(**cfg)
-    sources = [str(s) for s in batch["source"]]
-    if len(sources) < 2:
-        return {"summary": [json.dumps(ingest_source(s, out, cfg)) for s in sources]}
-    with ThreadPoolExecutor(min(SOURCES_IN_FLIGHT, len(sources)), thread_name_prefix="ingest-source") as pool:
-        return {"summary": [json.dumps(s) for s in pool.map(lambda s: ingest_source(s, out, cfg), sources)]}
+    return {"summary": [json.dumps(ingest_source(str(s), out, cfg)) for s in batch["source"]]}
 
 
 class IngestStage(Stage):

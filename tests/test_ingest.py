@@ -441,35 +441,3 @@ def test_summary_totals_equal_the_sums_of_the_summaries():
     assert r["sources_with_quarantine_by_stage"] == {"split": 1, "probe": 1}
     assert r["stage_cpu_seconds"] == {"probe": 1.0, "split": 2.0}
     assert r["sources_per_second"] == 1.0
-
-
-def test_a_task_works_on_two_sources_of_its_block_at_once_and_keeps_their_order(mixed, tmp_path, monkeypatch):
-    """A block's sources run two at a time in one task (one decodes while the other's arrays
-    are worked on); the summaries come back in the block's order, with the loop's rows."""
-    from dataclasses import asdict
-
-    import pipelines.ingest as ingest
-
-    root, good, _ = mixed
-    sources = sorted(p for p in good if p.endswith(".mp4"))[:3]
-    assert len(sources) == 3
-    cfg = asdict(IngestConfig())
-    real = ingest.ingest_source
-    together = threading.Barrier(2, timeout=20)  # broken (an error) unless two sources are in progress at once
-    seen = []
-
-    def paired(source, out, cfg, *a, **k):
-        if len(seen) < 2:
-            seen.append(source)
-            together.wait()
-        return real(source, out, cfg, *a, **k)
-
-    monkeypatch.setattr(ingest, "ingest_source", paired)
-    data = str(tmp_path / "data")
-    rows = [json.loads(s)["source"] for s in ingest.ingest_block({"source": sources}, data, cfg)["summary"]]
-    assert rows == sources and sorted(seen) == sources[:2]
-    monkeypatch.setattr(ingest, "ingest_source", real)
-    seq = str(tmp_path / "seq")
-    for s in sources:
-        real(s, seq, IngestConfig())
-    assert clip_rows(data) == clip_rows(seq) and len(clip_rows(data)) > 0
