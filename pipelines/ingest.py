@@ -498,18 +498,21 @@ def source_blocks(n: int, workers: int, max_block: int = 16, max_blocks: int = 2
     return sizes
 
 
-def pin_decode_threads() -> None:
-    """One decoder thread per task or actor: on Ray the parallelism comes from one process per
-    CPU, and FFmpeg's default (a thread per core in every decoder) would make the decoders of
-    parallel tasks contend for the same cores. The sequential loop keeps the default."""
+def prepare_worker() -> None:
+    """Set in a Ray task's or actor's process (the sequential loop keeps the defaults): one
+    thread per decoder (the parallelism comes from one process per CPU; FFmpeg's thread per
+    core would make parallel tasks' decoders contend), and freed memory kept for the next source
+    (`pipelines.process_memory`: else a fresh worker faults each source's arrays in again)."""
+    from pipelines.process_memory import keep_freed_memory
     from sora.video_io import set_decode_threads
 
     set_decode_threads(1)
+    keep_freed_memory()
 
 
 def ingest_block(batch: dict, out: str, cfg: dict) -> dict:
     """A Ray Data task (no model configured): every stage for each source of a block."""
-    pin_decode_threads()
+    prepare_worker()
     cfg = IngestConfig(**cfg)
     return {"summary": [json.dumps(ingest_source(str(s), out, cfg)) for s in batch["source"]]}
 
@@ -522,7 +525,7 @@ class IngestStage(Stage):
     config_cls = IngestConfig
 
     def setup(self) -> None:
-        pin_decode_threads()
+        prepare_worker()
         self.shots, self.scores = load_models(self.cfg)
 
     def process(self, items: list[dict]) -> StageOutput:

@@ -156,15 +156,20 @@ def test_rerun_is_idempotent_and_matches_sequential(mixed, tmp_path, ray_session
     assert clip_rows(seq) == rows
 
 
-def test_ray_ingest_pins_decoders_and_keeps_its_scheduling_settings_to_itself(mixed, tmp_path, ray_session):
-    """A Ray task decodes with one thread per decoder (the parallelism comes from the tasks);
+def test_ray_ingest_pins_decoders_keeps_freed_memory_and_its_scheduling_settings_to_itself(mixed, tmp_path,
+                                                                                           ray_session):
+    """A Ray task decodes with one thread per decoder (the parallelism comes from the tasks) and
+    keeps the memory a source's arrays freed for the next source (no page faults for them);
     the dataset's scheduling settings live on its own context, not the process's DataContext."""
     from dataclasses import asdict
 
+    import memory_faults
     import ray
+    from memory_faults import steady_state_faults
     from ray.data.context import DataContext
 
     from pipelines.ingest import build_ingest_dataset, ingest_block
+    from pipelines.process_memory import _glibc
 
     root, good, _ = mixed
     sources = sorted(good)
@@ -177,15 +182,20 @@ def test_ray_ingest_pins_decoders_and_keeps_its_scheduling_settings_to_itself(mi
     assert DataContext.get_current().downstream_capacity_backpressure_ratio == ratio_before
     assert sorted(json.loads(r["summary"])["source"] for r in ds.take_all()) == sources
 
+    ray.cloudpickle.register_pickle_by_value(memory_faults)  # the workers import no test module
+
     @ray.remote(num_cpus=1)
-    def decode_threads_in_a_task(source: str, out: str) -> int:
+    def decode_threads_and_faults_in_a_task(source: str, out: str) -> tuple[int, int]:
         from sora import video_io
 
         video_io.set_decode_threads(None)  # whatever an earlier task of this worker left
         ingest_block({"source": [source]}, out, asdict(IngestConfig()))
-        return video_io._decode_threads
+        return video_io._decode_threads, steady_state_faults()
 
-    assert ray.get(decode_threads_in_a_task.remote(sources[0], str(tmp_path / "one"))) == 1
+    threads, faults = ray.get(decode_threads_and_faults_in_a_task.remote(sources[0], str(tmp_path / "one")))
+    assert threads == 1
+    if _glibc() is not None:  # 20,480 pages touched: every one faults where freed memory goes back
+        assert faults < 400, f"{faults} page faults in an ingest worker for arrays freed and allocated again"
     assert video_io._decode_threads == 0  # the driver's own decoders keep the default
 
 
