@@ -28,7 +28,7 @@ _M_MMAP_THRESHOLD = -3
 # glibc refuses an mmap threshold above HEAP_MAX/2: 32 MiB on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 MMAP_MB_MAX = 4 * ctypes.sizeof(ctypes.c_long)
 
-_done_in: int | None = None  # the pid that applied the setting (a forked child applies its own)
+_done_in: tuple[int, int, int] | None = None  # (pid, trim_mb, mmap_mb) applied (a forked child applies its own)
 
 
 def keep_freed_memory(trim_mb: int = 64, mmap_mb: int = MMAP_MB_MAX) -> bool:
@@ -39,18 +39,18 @@ def keep_freed_memory(trim_mb: int = 64, mmap_mb: int = MMAP_MB_MAX) -> bool:
     setting is in force (False where the C library is not glibc). The memory kept is what the
     process already used at its peak, never more."""
     global _done_in
-    if _done_in == os.getpid():
-        return True
     if not 0 < mmap_mb <= MMAP_MB_MAX:
         raise ValueError(f"mmap_mb must be in (0, {MMAP_MB_MAX}] (glibc's limit), got {mmap_mb}")
     if trim_mb < mmap_mb:
         raise ValueError(f"trim_mb ({trim_mb}) below mmap_mb ({mmap_mb}) would give back what the heap just served")
+    if _done_in == (os.getpid(), trim_mb, mmap_mb):
+        return True
     libc = _glibc()
     if libc is None:
         return False
     ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim_mb << 20) == 1
     if ok:
-        _done_in = os.getpid()
+        _done_in = (os.getpid(), trim_mb, mmap_mb)
     return ok
 
 
