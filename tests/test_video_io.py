@@ -396,8 +396,8 @@ def test_write_video_is_deterministic(tmp_path, ext, codec):
     assert len(digests) == 1
 
 
-# Writes a small clip (32 pixels wide: x264's macroblock tree read memory it never wrote on
-# such frames) with every default codec and prints {ext: sha256} as JSON.
+# Writes a small clip (32 pixels wide: with B-frames, x264's lookahead read memory it never
+# wrote on such frames) with every default codec and prints {ext: sha256} as JSON.
 _SMALL_ENCODE_SCRIPT = """
 import hashlib, json, sys
 import numpy as np
@@ -417,8 +417,8 @@ print(json.dumps(out))
 def test_write_video_bytes_do_not_depend_on_what_the_heap_held(tmp_path):
     """The same frames give the same bytes in processes whose fresh allocations hold different
     garbage (glibc's MALLOC_PERTURB_ fills them with a set byte): an encoder reading memory it
-    never wrote shows here (x264's macroblock tree did on small frames; a bulk run's videos
-    then differed from a re-run's)."""
+    never wrote shows here (x264 with B-frames did; a bulk run's videos then differed from a
+    re-run's)."""
     import json
 
     digests = []
