@@ -327,6 +327,7 @@ def main() -> None:
                 **{k: v for k, v in AUTOSCALING.items() if k != "initial_replicas"}}
     if args.ingress_nice is not None:
         ours_cfg["ingress_nice"] = args.ingress_nice  # a string: ServeConfig reads it as it reads `serve run` args
+    ours_nice = ServeConfig.from_args(ours_cfg).ingress_nice
     own = {"sora": free_port(), "noop-own": free_port()} if args.ingress_port else {}
     if own:
         ours_cfg["http_port"] = own["sora"]
@@ -340,8 +341,8 @@ def main() -> None:
         serve.run(Noop.options(ray_actor_options={"num_cpus": 0}).bind(), name="noop", route_prefix="/noop",
                   blocking=False)
         if own:
-            serve.run(NoopOwnPort.bind(own["noop-own"], ServeConfig.from_args(ours_cfg).ingress_nice), name="noop-own",
-                      route_prefix=None, blocking=False)
+            serve.run(NoopOwnPort.bind(own["noop-own"], ours_nice), name="noop-own", route_prefix=None,
+                      blocking=False)
         sides = {"naive": ("naive", "/naive", None, False, "NaiveSync"),
                  "ours": ("sora", "", key, True, "VideoGenerator")}
         ports = {app: app_port(app, port, args.direct_ingress) for app in ("naive", "sora", "noop")}
@@ -393,7 +394,7 @@ def main() -> None:
     http = "direct ingress (no proxy)" if args.direct_ingress else "Serve's proxy"
     if own:
         http = f"ours: its ingress replica's own port (uvicorn); naive: {http}"
-    extra = {"clients": n, "http": http, "ours_ingress_nice": ServeConfig.from_args(ours_cfg).ingress_nice,
+    extra = {"clients": n, "http": http, "ours_ingress_nice": ours_nice,
              "runs": repeats, "steps": args.steps, "size": "32x32x9",
              "autoscaling": {k: AUTOSCALING[k] for k in ("min_replicas", "max_replicas", "target_ongoing_requests",
                                                           "upscale_delay_s")},

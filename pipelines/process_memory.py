@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 # mallopt parameter numbers (glibc's malloc.h)
@@ -54,6 +55,7 @@ def keep_freed_memory(trim_mb: int = 64, mmap_mb: int = MMAP_MB_MAX) -> bool:
     return ok
 
 
+@functools.cache
 def _glibc():
     """The process's C library when it is glibc (it has mallopt and gnu_get_libc_version)."""
     try:

@@ -122,10 +122,10 @@ def set_thread_nice(nice: int | None) -> int | None:
     except AttributeError:
         return None
     except OSError as e:
+        kept = os.getpriority(os.PRIO_PROCESS, tid)
         logger.warning("the ingress keeps niceness %d, not %s (%s): bursts of requests compete with Ray's "
-                       "workers for the CPU; grant CAP_SYS_NICE or set ingress_nice=None",
-                       os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), nice, e)
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+                       "workers for the CPU; grant CAP_SYS_NICE or set ingress_nice=None", kept, nice, e)
+        return kept
 
 
 # ----------------------------------------------------------------------------------------

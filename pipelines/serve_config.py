@@ -93,7 +93,13 @@ class ServeConfig:
             raise ValueError(f"unknown serve options {sorted(unknown)}; known: {sorted(known)}")
         if "model" not in args:
             raise ValueError("serve needs model=MODEL_DIR")
-        values = {k: _coerce(known[k].type, v) for k, v in args.items() if k not in ("limits", "http_limits")}
+        values = {}
+        for k, v in args.items():
+            if k not in ("limits", "http_limits"):
+                try:
+                    values[k] = _coerce(known[k].type, v)
+                except ValueError as e:
+                    raise ValueError(f"serve option {k}={v!r}: {e}") from e
         nested = {"limits": Limits, "http_limits": HTTPLimits}
         for key, kind in nested.items():
             given = args.get(key) or {}

@@ -305,6 +305,8 @@ def test_serve_config_from_args_flags_and_old_records(tmp_path):
                                  "http_limits": {"max_body_bytes": 1000}})
     assert (cfg.max_queue, cfg.num_gpus, cfg.limits.max_side, cfg.http_limits.max_body_bytes) == (8, None, 64, 1000)
     assert ServeConfig.from_args(cfg.to_args()) == cfg  # what build_app hands its deployments
+    with pytest.raises(ValueError, match=r"serve option ingress_nice='abc'"):  # the option named, not only int()'s words
+        ServeConfig.from_args({"model": "m", "ingress_nice": "abc"})
     with pytest.raises(ValueError, match="belong in http_limits"):
         ServeConfig.from_args({"model": "m", "limits": {"max_body_bytes": 1}})
     with pytest.raises(ValueError, match="stale_after_s"):

@@ -258,6 +258,8 @@ def test_samples_mb_is_what_the_latents_take_as_samples_or_a_little_more(latents
     samples = [sample_from_row(row) for row in read_latents(data).to_pylist()]
     actual = sum(s.tokens.nbytes + s.positions.nbytes + s.text.nbytes for s in samples) / 1e6
     assert actual <= samples_mb(inspect_latents(data)) < 2 * actual
+    with pytest.raises(ValueError, match="keep_samples_mb must be >= 0"):
+        TrainConfig(keep_samples_mb=-1)
 
 
 def test_a_resumed_epoch_trains_on_the_rows_past_its_skip_and_keeps_the_whole_shard(latents):

@@ -96,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, muon_lr={self.muon_lr}")
         if self.placement not in ("pack", "spread"):
             raise ValueError(f"placement must be pack or spread, got {self.placement!r}")
+        if self.keep_samples_mb < 0:
+            raise ValueError(f"keep_samples_mb must be >= 0 (0: read the latents every epoch), got {self.keep_samples_mb}")
         if self.tokens_per_step <= 0 or self.workers < 1:
             raise ValueError(f"need tokens_per_step > 0 and workers >= 1, got {self.tokens_per_step}, {self.workers}")
         self.lr_schedule()  # checks schedule, min_lr_ratio, cooldown_fraction, warmup_steps
