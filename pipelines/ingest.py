@@ -43,10 +43,11 @@ from pipelines.ingest_config import IngestConfig
 from pipelines.clips import CLIPS_SCHEMA, QUARANTINE_SCHEMA, read_clips, read_quarantine, require_clips  # noqa: F401
 from pipelines.ray_utils import node_id
 from pipelines.stage import Stage, StageOutput
+from pipelines.worker_cpu import claim_cpu
 from sora.buckets import assign_bucket
 from sora.curation.letterbox import content_box, scale_box
 from sora.curation.shots import find_shots, frame_differences  # noqa: F401  (re-exported)
-from sora.video_io import VideoError, probe, read_frames
+from sora.video_io import VideoError, decoder_pid, probe, read_frames
 
 
 # Files a directory listing skips: sidecars and metadata that travel with videos. A file named
@@ -510,11 +511,28 @@ def prepare_worker() -> None:
     keep_freed_memory()
 
 
+@contextmanager
+def own_cpu(cfg: IngestConfig) -> Iterator[None]:
+    """With `cfg.pin_cpu`, this thread and its decode worker on one free CPU of the machine while
+    they work on a block (`pipelines.worker_cpu`), unpinned again after it."""
+
+    def decoder() -> tuple[int, ...]:
+        return tuple(p for p in (decoder_pid(),) if p is not None)
+
+    claim = claim_cpu(decoder()) if cfg.pin_cpu else None
+    try:
+        yield
+    finally:
+        if claim is not None:
+            claim.release(decoder())  # a decoder started (or restarted) since inherited the CPU
+
+
 def ingest_block(batch: dict, out: str, cfg: dict) -> dict:
     """A Ray Data task (no model configured): every stage for each source of a block."""
     prepare_worker()
     cfg = IngestConfig(**cfg)
-    return {"summary": [json.dumps(ingest_source(str(s), out, cfg)) for s in batch["source"]]}
+    with own_cpu(cfg):
+        return {"summary": [json.dumps(ingest_source(str(s), out, cfg)) for s in batch["source"]]}
 
 
 class IngestStage(Stage):
@@ -529,8 +547,9 @@ class IngestStage(Stage):
         self.shots, self.scores = load_models(self.cfg)
 
     def process(self, items: list[dict]) -> StageOutput:
-        return StageOutput([{"summary": json.dumps(ingest_source(str(i["source"]), self.out, self.cfg, self.shots,
-                                                                 self.scores))} for i in items])
+        with own_cpu(self.cfg):
+            return StageOutput([{"summary": json.dumps(ingest_source(str(i["source"]), self.out, self.cfg,
+                                                                     self.shots, self.scores))} for i in items])
 
 
 def build_ingest_dataset(sources: list[str], out: str, cfg: IngestConfig):

@@ -71,6 +71,9 @@ class IngestConfig(StageResources):
     actors: int | None = None
     # GPUs per actor for the scorers' models (TransNetV2, CLIP); decoding runs on the CPU.
     num_gpus: float | None = 0.0
+    # Each worker and its decode child, which work in turns, share one CPU of the machine while they
+    # work on a block (a free one; none free: unpinned); off leaves their placement to the kernel.
+    pin_cpu: bool = True
 
     def __post_init__(self):
         super().__post_init__()

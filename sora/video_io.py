@@ -278,6 +278,11 @@ def start_decoder() -> None:
     _WORKER.start()
 
 
+def decoder_pid() -> int | None:
+    """The pid of this process's decode worker, or None when none is running."""
+    return _WORKER.pid
+
+
 def _run_job(uri: str, job: dict, timeout: float) -> tuple[dict, np.ndarray | None]:
     """Fetch `uri` if remote, check the obvious, then run `job` in the decode worker."""
     uri = os.fspath(uri)
