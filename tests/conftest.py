@@ -21,6 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # run; the controller polls its workers every 0.5 s instead of 2 s (a run ends that much sooner)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# A test session runs stage after stage on one Ray: its idle worker processes stay up for the next
+# one (Ray kills those past one per CPU after a second idle, and each new one boots and imports
+# again: test_train.py 139-149 busy CPU-s with them kept against 155-161)
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 # the commands tests start run on a Ray of their own, never on a cluster that another process
 # (another test session, a test's ray.cluster_utils.Cluster) runs on this machine
 os.environ.setdefault("RAY_ADDRESS", "local")

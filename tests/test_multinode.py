@@ -8,8 +8,8 @@ left resumes from the last registered checkpoint and trains to the last step. Th
 in a subprocess (tests/multinode_scenarios.py: a process connects to one Ray, and this session
 has its own), once for both tests; they assert on the facts it writes.
 
-Marked `multinode`, apart from the default run for their time: together they take minutes on
-2 cores, more than the whole suite's budget leaves. Run them with `pytest -m multinode`."""
+Marked `multinode` (part of the default run; the README's command starts this file first, it
+is the longest): `pytest -m multinode` runs them alone, about 3 minutes on 2 cores."""
 
 from __future__ import annotations
 
