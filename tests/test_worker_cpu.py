@@ -134,3 +134,12 @@ def test_an_ingest_worker_and_its_decoder_share_a_cpu_while_on_a_block(pin, tmp_
     finally:
         worker.close()
         on.close()
+
+
+def test_a_claims_directory_that_cannot_be_made_leaves_the_worker_unpinned(tmp_path):
+    (tmp_path / "file").write_text("")  # a path under a file: no directory can be made there
+    on = OnThread()
+    try:
+        assert on(lambda: (claim_cpu(root=str(tmp_path / "file" / "claims")), os.sched_getaffinity(0))) == (None, ALLOWED)
+    finally:
+        on.close()
