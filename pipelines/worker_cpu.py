@@ -16,7 +16,6 @@ their CPUs back.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import tempfile
 from dataclasses import dataclass
@@ -53,8 +52,10 @@ def claim_cpu(children: tuple[int, ...] = (), root: str | None = None) -> CpuCla
     worker), to a CPU no other claimant on this machine holds; children started later from this
     thread inherit it. None (nothing changed) when every CPU this thread may use is claimed or
     the platform has no CPU affinity. `root`: the lock files' directory (`claims_dir()`)."""
-    if not hasattr(os, "sched_setaffinity"):
+    if not hasattr(os, "sched_setaffinity"):  # Linux only (also fcntl's flock below)
         return None
+    import fcntl
+
     before = os.sched_getaffinity(0)
     if len(before) < 2:
         return None  # already on one CPU: nothing to gain, and no CPU taken from another worker
