@@ -517,7 +517,8 @@ def own_cpu(cfg: IngestConfig) -> Iterator[None]:
     they work on a block (`pipelines.worker_cpu`), unpinned again after it."""
 
     def decoder() -> tuple[int, ...]:
-        return tuple(p for p in (decoder_pid(),) if p is not None)
+        pid = decoder_pid()
+        return () if pid is None else (pid,)
 
     claim = claim_cpu(decoder()) if cfg.pin_cpu else None
     try:

@@ -60,9 +60,12 @@ def claim_cpu(children: tuple[int, ...] = (), root: str | None = None) -> CpuCla
     if len(before) < 2:
         return None  # already on one CPU: nothing to gain, and no CPU taken from another worker
     root = root or claims_dir()
+    try:  # best effort: a directory that cannot be made leaves the worker unpinned
+        os.makedirs(root, exist_ok=True)
+    except OSError:
+        return None
     for cpu in sorted(before):
-        try:  # best effort: a directory that cannot be written leaves the worker unpinned
-            os.makedirs(root, exist_ok=True)
+        try:
             fd = os.open(os.path.join(root, f"cpu{cpu}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
         except OSError:
             return None
