@@ -503,8 +503,8 @@ def prepare_worker() -> None:
     """Set in a Ray task's or actor's process (the sequential loop keeps the defaults): one
     thread per decoder (the parallelism comes from one process per CPU; FFmpeg's thread per
     core would make parallel tasks' decoders contend), and freed memory kept for the next source
-    (`pipelines.process_memory`: else a fresh worker faults each source's arrays in again)."""
-    from pipelines.process_memory import keep_freed_memory
+    (`sora.process_memory`: else a fresh worker faults each source's arrays in again)."""
+    from sora.process_memory import keep_freed_memory
     from sora.video_io import set_decode_threads
 
     set_decode_threads(1)

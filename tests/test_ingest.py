@@ -169,7 +169,7 @@ def test_ray_ingest_pins_decoders_keeps_freed_memory_and_its_scheduling_settings
     from ray.data.context import DataContext
 
     from pipelines.ingest import build_ingest_dataset, ingest_block
-    from pipelines.process_memory import _glibc
+    from sora.process_memory import _glibc
 
     root, good, _ = mixed
     sources = sorted(good)

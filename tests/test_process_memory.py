@@ -1,4 +1,6 @@
-"""pipelines.process_memory: a worker keeps its freed heap memory for the next item."""
+"""sora.process_memory: a worker keeps its freed heap memory for the next item, large blocks
+(a model's activations, a decoded clip) included where it asks for every block from the heap;
+the decode worker does."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import sys
 
 import pytest
 
-from memory_faults import ARRAY_BYTES, ARRAYS, ROUNDS
-from pipelines.process_memory import MMAP_MB_MAX, _glibc, keep_freed_memory
+from memory_faults import ARRAY_BYTES, ARRAYS, LARGE_BYTES, ROUNDS
+from sora.process_memory import MMAP_MB_MAX, MODEL_TRIM_MB, _glibc, keep_freed_memory, kept_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ROUNDS * ARRAYS * ARRAY_BYTES // 4096
@@ -17,13 +19,13 @@ PAGES = ROUNDS * ARRAYS * ARRAY_BYTES // 4096
 glibc_only = pytest.mark.skipif(_glibc() is None, reason="mallopt's thresholds are glibc's")
 
 
-def faults_in_fresh_process(keep: bool) -> int:
-    """steady_state_faults() in a new interpreter, with or without keep_freed_memory() first."""
+def faults_in_fresh_process(keep: bool, count: str = "steady_state_faults", setting: str = "") -> int:
+    """memory_faults.COUNT() in a new interpreter, with or without keep_freed_memory(SETTING) first."""
     code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-            "from memory_faults import steady_state_faults\n"
-            "from pipelines.process_memory import keep_freed_memory\n"
-            "assert keep_freed_memory() if sys.argv[3] == '1' else True\n"
-            "print(steady_state_faults())")
+            f"from memory_faults import {count}\n"
+            "from sora.process_memory import keep_freed_memory\n"
+            f"assert keep_freed_memory({setting}) if sys.argv[3] == '1' else True\n"
+            f"print({count}())")
     out = subprocess.run([sys.executable, "-c", code, ROOT, os.path.join(ROOT, "tests"), "1" if keep else "0"],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
@@ -45,3 +47,35 @@ def test_keep_freed_memory_checks_its_limits_and_is_idempotent():
     first = keep_freed_memory()
     assert first == (_glibc() is not None)
     assert keep_freed_memory() == first
+
+
+@glibc_only
+def test_blocks_above_the_mmap_ceiling_stay_only_when_every_block_comes_from_the_heap():
+    pages = ROUNDS * LARGE_BYTES // 4096
+    given_back = faults_in_fresh_process(keep=False, count="large_block_faults")
+    thresholds = faults_in_fresh_process(keep=True, count="large_block_faults")  # ingest's setting: 32 MiB at most
+    kept = faults_in_fresh_process(keep=True, count="large_block_faults", setting=f"{MODEL_TRIM_MB}, mmap_mb=None")
+    assert given_back > pages // 2 and thresholds > pages // 2, (given_back, thresholds, pages)
+    assert kept < pages // 50, f"{kept} faults for {pages} pages with every block from the heap"
+
+
+def test_the_setting_in_force_is_reported_and_checked():
+    with pytest.raises(ValueError, match="mmap_mb"):
+        keep_freed_memory(mmap_mb=0)
+    with pytest.raises(ValueError, match="trim_mb"):
+        keep_freed_memory(trim_mb=16, mmap_mb=None)  # below the heap's own 32 MiB blocks
+    if _glibc() is not None:
+        assert keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None) and kept_memory() == (MODEL_TRIM_MB, None)
+        assert keep_freed_memory() and kept_memory() == (64, MMAP_MB_MAX)  # a later setting replaces it
+
+
+@glibc_only
+def test_the_decode_worker_keeps_every_block_it_frees():
+    from sora.video_worker import DecodeWorker
+
+    worker = DecodeWorker(handler="memory_faults:decode_worker_memory", sys_path=[ROOT, os.path.join(ROOT, "tests")])
+    try:
+        header, frames = worker.run({"op": "memory"}, timeout=60)
+    finally:
+        worker.close()
+    assert frames is None and tuple(header["kept"]) == (MODEL_TRIM_MB, None)
