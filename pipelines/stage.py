@@ -29,7 +29,9 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
   batch at a time (two for a stage with `load_item`, below): the work spreads over the whole
   pool, and every node of it, however short the job;
 - the device is resolved once per actor and the model loaded once (`setup`), counted per
-  stage name in `loads_in_process` so a test or a stats row can show it;
+  stage name in `loads_in_process` so a test or a stats row can show it; the process keeps the
+  memory its models free for the next item (`sora.process_memory`: a model's large activations
+  would otherwise come back from the kernel as fresh pages on every item);
 - `process` maps one batch; by default it calls `process_item` on each item, and an item that
   raises becomes a quarantine row (`DATA/quarantine/<stage>-<hash>.parquet`) - never a crash;
 - a stage whose items wait on another process or on I/O (a decode subprocess, a remote read)
@@ -57,6 +59,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from typing import TYPE_CHECKING
+
+from sora.process_memory import MODEL_TRIM_MB, keep_freed_memory
 
 if TYPE_CHECKING:  # imported where used: a config built for command-line flags loads no pyarrow
     import numpy as np
@@ -259,6 +263,9 @@ class Stage:
         self.node = node_id()
         if getattr(self.cfg, "torch_threads", None):
             torch.set_num_threads(self.cfg.torch_threads)
+        # a model's activations, freed after each item, stay in the process for the next one
+        # instead of coming back from the kernel as fresh pages (`sora.process_memory`)
+        keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None)
         self.device = device_for(getattr(self.cfg, "num_gpus", None))
         # of the batches in this actor at once (`calls_per_actor`), the one whose items go
         # through `process_item` now (the oldest); the others' items load meanwhile
