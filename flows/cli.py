@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {n.replace("_", "-") for n in command_modules()}
     args = build_parser(first if first in known else None).parse_args(argv)
+    # a command's models and decoders free large blocks item after item: keep them in the process
+    # instead of taking them back from the kernel as fresh pages each time (`sora.process_memory`)
+    from sora.process_memory import MODEL_TRIM_MB, keep_freed_memory
+
+    keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None)
     return int(args.func(args) or 0)
 
 

@@ -173,3 +173,21 @@ def test_a_stale_ray_address_file_does_not_hang_a_command(monkeypatch):
         ray_utils.ensure_ray(num_cpus=1)
         assert [kw.get("address") for kw in asked] == ["local", f"127.0.0.1:{live.getsockname()[1]}"], asked
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_command_keeps_the_large_blocks_its_work_frees(tmp_path):
+    """A `sora` command's process serves every block from the heap and keeps what it frees
+    (`sora.process_memory`): a model's activations and decoded frames are not faulted in again
+    item after item. A fresh interpreter: the setting is per process."""
+    from sora.process_memory import MODEL_TRIM_MB, _glibc
+
+    code = ("import sys; from flows.cli import main; from sora.process_memory import kept_memory\n"
+            "assert kept_memory() is None\n"
+            "main(['synth', '--out', sys.argv[1], '--n', '1'])\n"
+            "print(kept_memory())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "raw")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "raw" / "captions.jsonl").exists()
+    expected = (MODEL_TRIM_MB, None) if _glibc() is not None else None
+    assert out.stdout.strip().splitlines()[-1] == str(expected), out.stdout
