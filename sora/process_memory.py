@@ -16,8 +16,9 @@ twice the threshold is free there. Two cases, two settings of `keep_freed_memory
   about 1 GB of fresh pages; a decoded clip at 720p is 135 MB) are mapped on their own in every
   process, long-lived or not, whatever the threshold. ``mmap_mb=None`` serves every block from
   the heap: with the freed memory kept, the VAE's kernel time per clip fell from 0.57 to 0.02
-  CPU-s (1.56 -> 0.97 s a clip at one thread, 0.87 -> 0.64 s at two; peak RSS 1.25 -> 1.42 GiB).
-  The stages' workers (`pipelines.stage.Stage`) and the decode worker run so.
+  CPU-s (1.56 -> 1.03 s a clip at one thread, 0.87 -> 0.55 s at two; peak RSS 1.25 -> 1.42 GiB).
+  The stages' workers (`pipelines.stage.Stage`), the decode worker, Serve's generator replicas
+  and every `sora` command run so.
 
 The memory kept is what the process already used at its peak, never more. Only glibc has these
 knobs (mallopt M_TRIM_THRESHOLD / M_MMAP_THRESHOLD / M_MMAP_MAX); elsewhere nothing changes.
@@ -35,6 +36,7 @@ import os
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
+_DEFAULT_MMAP_MAX = 65536  # glibc's own limit on blocks mapped at once (DEFAULT_MMAP_MAX)
 # glibc refuses an mmap threshold above HEAP_MAX/2: 32 MiB on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 MMAP_MB_MAX = 4 * ctypes.sizeof(ctypes.c_long)
 
@@ -66,7 +68,7 @@ def keep_freed_memory(trim_mb: int = 64, mmap_mb: int | None = MMAP_MB_MAX) -> b
     if mmap_mb is None:  # no block mapped on its own; glibc still maps more heap when brk cannot grow
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
     else:
-        ok = libc.mallopt(_M_MMAP_MAX, 65536) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20) == 1
+        ok = libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20) == 1
     ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_mb << 20) == 1
     _done_in = (os.getpid(), trim_mb, mmap_mb) if ok else None
     return ok
