@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from sora.process_memory import MODEL_TRIM_MB, _glibc
 from test_serve import CONFIG, FINAL, KEY, hostile_cases
 from tiny_model import build_tiny_model
 
@@ -62,6 +63,10 @@ def apps(ray_session, tmp_path_factory, nice_log):
         with open(nice_log, "a") as f:  # this thread's and the replica's main thread's (tid = pid)
             f.write(f"{os.getpriority(os.PRIO_PROCESS, threading.get_native_id())} "
                     f"{os.getpriority(os.PRIO_PROCESS, os.getpid())}\n")
+        from sora.process_memory import kept_memory
+
+        with open(nice_log.with_name("generation-memory.txt"), "a") as f:  # the replica's heap setting
+            f.write(f"{kept_memory()}\n")
 
     base = {**CONFIG, "model": model, "max_queue": 4, "max_replicas": 1}
     for name, extra in (("plain", {"fast_path": False}), ("fast", {"http_port": own})):
@@ -229,6 +234,9 @@ def test_generation_yields_the_cpu_and_the_replica_does_not(apps, nice_log):
     nice = ServeConfig(model="m").generator_nice
     ran = {tuple(int(x) for x in line.split()) for line in nice_log.read_text().splitlines()}
     assert ran and all(step == min(19, replica + nice) and replica < 19 for step, replica in ran), ran
+    # the replica keeps its model's large freed blocks for the next job (sora.process_memory)
+    kept = set(nice_log.with_name("generation-memory.txt").read_text().splitlines())
+    assert kept == {str((MODEL_TRIM_MB, None) if _glibc() is not None else None)}, kept
     base = os.getpriority(os.PRIO_PROCESS, 0)
     # only the calling thread (and what it starts) is lowered
     seen = {}
