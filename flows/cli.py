@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(first if first in known else None).parse_args(argv)
     # a command's models and decoders free large blocks item after item: keep them in the process
     # instead of taking them back from the kernel as fresh pages each time (`sora.process_memory`)
-    from sora.process_memory import MODEL_TRIM_MB, keep_freed_memory
+    from sora.process_memory import keep_model_memory
 
-    keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None)
+    keep_model_memory()
     return int(args.func(args) or 0)
 
 

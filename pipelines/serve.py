@@ -77,7 +77,7 @@ from pipelines.video_jobs import (FINAL, VARIANTS, JobStore, heartbeat_age, is_i
 from pipelines.video_requests import (APIError, ModelInfo, parse_body, parse_create, parse_list_query, parse_remix,
                                       parse_variant)
 from pipelines.video_runner import JobRunner, StepHook
-from sora.process_memory import MODEL_TRIM_MB, keep_freed_memory
+from sora.process_memory import keep_model_memory
 
 __all__ = ["ServeConfig", "JobRunner", "VideoGenerator", "VideoAPI", "build_app", "application", "run_server"]
 
@@ -142,7 +142,7 @@ class VideoGenerator:
         config = ServeConfig.from_args(cfg)
         # the model's activations (a video's VAE decode: hundreds of MB) stay in the process for
         # the next job instead of coming back from the kernel as fresh pages (`sora.process_memory`)
-        keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None)
+        keep_model_memory()
         try:
             worker = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (unit tests)

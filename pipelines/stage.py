@@ -60,7 +60,7 @@ from typing import Any, Callable, ClassVar
 
 from typing import TYPE_CHECKING
 
-from sora.process_memory import MODEL_TRIM_MB, keep_freed_memory
+from sora.process_memory import keep_model_memory
 
 if TYPE_CHECKING:  # imported where used: a config built for command-line flags loads no pyarrow
     import numpy as np
@@ -265,7 +265,7 @@ class Stage:
             torch.set_num_threads(self.cfg.torch_threads)
         # a model's activations, freed after each item, stay in the process for the next one
         # instead of coming back from the kernel as fresh pages (`sora.process_memory`)
-        keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None)
+        keep_model_memory()
         self.device = device_for(getattr(self.cfg, "num_gpus", None))
         # of the batches in this actor at once (`calls_per_actor`), the one whose items go
         # through `process_item` now (the oldest); the others' items load meanwhile

@@ -74,6 +74,12 @@ def keep_freed_memory(trim_mb: int = 64, mmap_mb: int | None = MMAP_MB_MAX) -> b
     return ok
 
 
+def keep_model_memory() -> bool:
+    """`keep_freed_memory` as a process that runs models or decodes video uses it: every block
+    from the heap, up to `MODEL_TRIM_MB` kept free at its top."""
+    return keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None)
+
+
 def kept_memory() -> tuple[int, int | None] | None:
     """(trim_mb, mmap_mb) of the `keep_freed_memory` setting in force in this process, or None."""
     return _done_in[1:] if _done_in is not None and _done_in[0] == os.getpid() else None

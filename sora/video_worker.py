@@ -217,9 +217,9 @@ def worker_main(handler: str = DEFAULT_HANDLER) -> None:
     in_fd = sys.stdin.buffer.fileno()
     # each job's frames (135 MB for 49 frames at 720p), freed once sent, stay for the next job
     # instead of coming back from the kernel as fresh pages (`sora.process_memory`)
-    from sora.process_memory import MODEL_TRIM_MB, keep_freed_memory
+    from sora.process_memory import keep_model_memory
 
-    keep_freed_memory(MODEL_TRIM_MB, mmap_mb=None)
+    keep_model_memory()
     module, name = handler.split(":", 1)
     serve = getattr(importlib.import_module(module), name)
 
