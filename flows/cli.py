@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(first if first in known else None).parse_args(argv)
     # a command's models and decoders free large blocks item after item: keep them in the process
     # instead of taking them back from the kernel as fresh pages each time (`sora.process_memory`)
-    from sora.process_memory import keep_model_memory
+    # and the command's exit skips the collector's last walk over torch's and the models' objects
+    from sora.process_memory import freeze_at_exit, keep_model_memory
 
     keep_model_memory()
+    freeze_at_exit()
     return int(args.func(args) or 0)
 
 

@@ -79,6 +79,13 @@ def node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
+def in_actor() -> bool:
+    """Whether this process is a Ray actor's (a stage's pool member, a Serve replica): a process
+    that exists for that work and ends with it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def has_gpus() -> bool:
     """Whether the Ray cluster has GPUs (stages then ask for `num_gpus`)."""
     import ray

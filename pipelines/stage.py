@@ -60,7 +60,7 @@ from typing import Any, Callable, ClassVar
 
 from typing import TYPE_CHECKING
 
-from sora.process_memory import keep_model_memory
+from sora.process_memory import keep_model_memory, loading_paused
 
 if TYPE_CHECKING:  # imported where used: a config built for command-line flags loads no pyarrow
     import numpy as np
@@ -253,6 +253,15 @@ class Stage:
     prefetch: int = 1
 
     def __init__(self, cfg: Any, out: str | None = None):
+        from pipelines.ray_utils import in_actor
+
+        # the imports and models a set-up makes are kept to the actor's end: the collector does
+        # not walk them while they load, nor after (frozen) where this process is the stage's
+        # actor; elsewhere (a loop, a test) it is only paused (`sora.process_memory.loading_paused`)
+        with loading_paused(freeze=in_actor()):
+            self._set_up(cfg, out)
+
+    def _set_up(self, cfg: Any, out: str | None) -> None:
         import torch
 
         from pipelines.ray_utils import node_id

@@ -178,10 +178,14 @@ def test_a_stale_ray_address_file_does_not_hang_a_command(monkeypatch):
 def test_a_command_keeps_the_large_blocks_its_work_frees(tmp_path):
     """A `sora` command's process serves every block from the heap and keeps what it frees
     (`sora.process_memory`): a model's activations and decoded frames are not faulted in again
-    item after item. A fresh interpreter: the setting is per process."""
+    item after item; and its exit skips the collector's last walk over what it loaded (an object
+    in a cycle is not finalized there). A fresh interpreter: both are per process."""
     from sora.process_memory import MODEL_TRIM_MB, _glibc
 
     code = ("import sys; from flows.cli import main; from sora.process_memory import kept_memory\n"
+            "class Cycle:\n"
+            "    def __del__(self): print('walked at exit', flush=True)\n"
+            "c = Cycle(); c.me = c\n"
             "assert kept_memory() is None\n"
             "main(['synth', '--out', sys.argv[1], '--n', '1'])\n"
             "print(kept_memory())")
@@ -191,3 +195,4 @@ def test_a_command_keeps_the_large_blocks_its_work_frees(tmp_path):
     assert (tmp_path / "raw" / "captions.jsonl").exists()
     expected = (MODEL_TRIM_MB, None) if _glibc() is not None else None
     assert out.stdout.strip().splitlines()[-1] == str(expected), out.stdout
+    assert "walked at exit" not in out.stdout, out.stdout

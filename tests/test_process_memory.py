@@ -79,3 +79,64 @@ def test_the_decode_worker_keeps_every_block_it_frees():
     finally:
         worker.close()
     assert frames is None and tuple(header["kept"]) == (MODEL_TRIM_MB, None)
+
+
+# -- Python's collector: paused while a process loads what it keeps, frozen after ------------------
+
+def run_fresh(code: str) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter (freezing is per process and cannot be undone in this one)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_loading_paused_collects_the_loads_garbage_once_and_freezes_what_it_keeps():
+    code = ("import gc, weakref\n"
+            "from sora.process_memory import frozen_objects, loading_paused\n"
+            "class Node: pass\n"
+            "assert frozen_objects() == 0 and gc.isenabled()\n"
+            "with loading_paused():\n"
+            "    assert not gc.isenabled()\n"
+            "    kept = [Node() for _ in range(1000)]\n"
+            "    a = Node(); a.me = a; dead = weakref.ref(a); del a\n"  # a cycle: only the collector frees it
+            "    assert dead() is not None\n"
+            "assert gc.isenabled() and dead() is None\n"
+            "assert frozen_objects() >= 1000\n"
+            "assert not any(o is kept[0] for o in gc.get_objects())\n"  # no generation holds it: not walked
+            "print('ok')")
+    out = run_fresh(code)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_loading_paused_without_freeze_only_pauses_and_restores_the_collector():
+    import gc
+
+    from sora.process_memory import frozen_objects, loading_paused
+
+    before = frozen_objects()
+    with loading_paused(freeze=False):
+        assert not gc.isenabled()
+    assert gc.isenabled() and frozen_objects() == before
+    gc.disable()
+    try:
+        with loading_paused(freeze=False):
+            pass
+        assert not gc.isenabled()  # a collector the caller had off stays off
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="load failed"), loading_paused():  # a failed load: nothing frozen
+        raise RuntimeError("load failed")
+    assert gc.isenabled() and frozen_objects() == before
+
+
+FINALIZER_AT_EXIT = ("class Cycle:\n"
+                     "    def __del__(self):\n"
+                     "        print('walked at exit', flush=True)\n"
+                     "c = Cycle(); c.me = c\n")  # freed at exit only by the collector's last walk
+
+
+def test_freeze_at_exit_skips_the_collectors_last_walk():
+    plain = run_fresh(FINALIZER_AT_EXIT)
+    assert plain.returncode == 0 and "walked at exit" in plain.stdout, plain  # what the hook saves
+    hooked = run_fresh("from sora.process_memory import freeze_at_exit\nfreeze_at_exit()\nfreeze_at_exit()\n" +
+                       FINALIZER_AT_EXIT)
+    assert hooked.returncode == 0 and "walked at exit" not in hooked.stdout, hooked

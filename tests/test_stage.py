@@ -75,8 +75,13 @@ def data(shapes_ds, tmp_path):
 def test_a_scorer_adds_a_column_loads_once_and_quarantines_a_bad_clip(data, tmp_path):
     clips = read_clips(data).to_pylist()[:5]
     broken = dict(clips[2], source=str(tmp_path / "gone.mp4"))  # its file vanished after ingest
-    before = loads_in_process("brightness")
+    import gc
+
+    from sora.process_memory import frozen_objects
+
+    before, frozen = loads_in_process("brightness"), frozen_objects()
     scorer = BrightnessScorer({"size": 8}, out=data)
+    assert gc.isenabled() and frozen_objects() == frozen  # outside an actor its set-up only pauses the collector
     first = scorer(as_batch(clips[:2] + [broken]))
     second = scorer(as_batch(clips[3:]))
     assert loads_in_process("brightness") == before + 1  # one setup, however many batches
@@ -211,10 +216,10 @@ class SlowModel(Stage):
 
         start = time.time()
         time.sleep(0.5)
-        from sora.process_memory import kept_memory
+        from sora.process_memory import frozen_objects, kept_memory
 
         return {"clip_id": clip["clip_id"], "load_start": load_start, "model_start": start, "model_end": time.time(),
-                "pid": os.getpid(), "kept_memory": str(kept_memory())}
+                "pid": os.getpid(), "kept_memory": str(kept_memory()), "frozen": frozen_objects()}
 
     def process(self, items):
         out = super().process(items)
@@ -239,6 +244,8 @@ def test_an_actor_loads_its_next_batch_while_this_one_is_in_the_models(ray_sessi
     assert sorted(r["clip_id"] for r in rows) == [f"c{i}" for i in range(9)] and len({r["pid"] for r in rows}) == 1
     if _glibc() is not None:  # the actor keeps its models' freed activations for the next item
         assert {r["kept_memory"] for r in rows} == {str((MODEL_TRIM_MB, None))}
+    # what the actor's set-up loaded (torch, its model) is frozen: the collector does not walk it again
+    assert min(r["frozen"] for r in rows) > 100_000, rows
     for a, b in zip(rows, rows[1:]):
         assert a["model_end"] <= b["model_start"], (a, b)  # one model call at a time
     order = [r["batch"] for r in rows]
