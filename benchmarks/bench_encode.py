@@ -153,7 +153,7 @@ def main() -> None:
             "s", time.perf_counter() - t0)))
         rows["ours"] = {r["clip_id"]: r for r in read_latents(d).to_pylist()}
 
-    tb, to = side_by_side(baseline, ours, repeats=args.repeats, warmup=1)
+    tb, to = side_by_side(baseline, ours, repeats=args.repeats, warmup=1, settled=True)
     equal = compare(rows["baseline"], rows["ours"])
     clips = read_latents(os.path.join(work, "runs", f"r{counter['i']}"), columns=["bucket"])
     buckets = {d["values"]: d["counts"] for d in pc.value_counts(clips["bucket"]).to_pylist()}

@@ -72,7 +72,7 @@ def main() -> None:
     def ray_run():
         clips["ray"] = run_ingest([raw], out(), cfg)["clips"]
 
-    tb, to = side_by_side(seq, ray_run, repeats=args.repeats, warmup=1)
+    tb, to = side_by_side(seq, ray_run, repeats=args.repeats, warmup=1, settled=True)
     assert clips["seq"] == clips["ray"], clips
     report(
         "ingest",

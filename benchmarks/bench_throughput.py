@@ -218,7 +218,7 @@ def bench_caption(work: str, videos: int, repeats: int, warmup: int) -> dict:
         caps = read_captions(data)
         got["ray"] = dict(zip(caps["clip_id"].to_pylist(), caps["caption"].to_pylist()))
 
-    tb, to = side_by_side(loop, ray_run, repeats=repeats, warmup=warmup)
+    tb, to = side_by_side(loop, ray_run, repeats=repeats, warmup=warmup, settled=True)
     assert got["loop"].keys() == got["ray"].keys()
     same = sum(got["loop"][k] == got["ray"][k] for k in got["loop"]) / len(clips)
     n = len(clips)
@@ -285,7 +285,7 @@ def bench_generate(work: str, n: int, repeats: int, warmup: int) -> dict:
         runs["ours"].append(marks)
         assert result["generated"] == n and result["errors"] == 0, result
 
-    tb, to = side_by_side(loop, ray_run, repeats=repeats, warmup=warmup)
+    tb, to = side_by_side(loop, ray_run, repeats=repeats, warmup=warmup, settled=True)
     return report(
         "generate_bulk", "videos/s",
         (f"one-process loop: SoraPipeline.generate per same-shape unit, {threads()} threads", n / median(tb)),

@@ -77,17 +77,50 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def settle(timeout_s: float = 30.0, window_s: float = 0.5, busy_cores: float = 0.15) -> float:
+    """Wait until this process's descendants (a Ray started here: its workers, its daemons) use
+    less than ``busy_cores`` of CPU over ``window_s`` - the processes of an earlier run finishing
+    their exit - or ``timeout_s`` passed; return the seconds waited."""
+    import psutil
+
+    def cpu() -> float:
+        total = 0.0
+        for p in psutil.Process().children(recursive=True):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:  # gone meanwhile
+                pass
+        return total
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        before = cpu()
+        time.sleep(window_s)
+        if cpu() - before < busy_cores * window_s:
+            break
+    return time.perf_counter() - t0
+
+
 def side_by_side(
-    baseline: Callable[[], Any], ours: Callable[[], Any], *, repeats: int = 3, warmup: int = 1
+    baseline: Callable[[], Any], ours: Callable[[], Any], *, repeats: int = 3, warmup: int = 1,
+    settled: bool = False
 ) -> tuple[list[float], list[float]]:
-    """Run baseline and ours alternately; return their wall-clock seconds per repeat."""
+    """Run baseline and ours alternately; return their wall-clock seconds per repeat. With
+    ``settled``, each run starts once the processes an earlier run started here are idle
+    (`settle`: a Ray pool's actors finishing their exit would otherwise run into the next timing)."""
+    def run(fn: Callable[[], Any]) -> float:
+        if settled:
+            settle()
+        return timed(fn)[0]
+
     for _ in range(warmup):
-        baseline()
-        ours()
+        run(baseline)
+        run(ours)
     tb, to = [], []
     for _ in range(repeats):
-        tb.append(timed(baseline)[0])
-        to.append(timed(ours)[0])
+        tb.append(run(baseline))
+        to.append(run(ours))
     return tb, to
 
 
