@@ -115,7 +115,10 @@ def clip_frames(clip: dict[str, Any], cfg: CaptionConfig):
 
 
 class CaptionStage(Stage):
-    """One captioner per actor; per batch: decode each clip's sampled frames, caption them in one call."""
+    """One captioner per actor; per batch: decode each clip's sampled frames, caption them in one
+    call. An actor holds two batches at once: the next one decodes (and is already there when
+    this one ends) while this one is in the models, one batch in the models at a time, the
+    oldest first (``models_turn``)."""
 
     name = "caption"
     config_cls = CaptionConfig
@@ -133,19 +136,25 @@ class CaptionStage(Stage):
     def frames(self, clip: dict[str, Any]):
         return clip_frames(clip, self.cfg)
 
+    @classmethod
+    def calls_per_actor(cls, cfg: Any) -> int:
+        return 2  # the next batch decodes while this one is in the models
+
     def process(self, items: list[dict[str, Any]]) -> StageOutput:
         from sora.curation.clip_scores import alignment_or_none
 
-        decoded, errors = self.each(items, self.frames)
-        if self.captioner is not None:
-            captions = self.captioner.caption([f for _, f in decoded]) if decoded else []
-            names = [self.captioner.name] * len(captions)
-        else:
-            captions = [str(clip["caption"]) for clip, _ in decoded]
-            names = [str(clip["captioner"]) for clip, _ in decoded]
-        rows = [{"clip_id": str(clip["clip_id"]), "caption": text, "captioner": name,
-                 "alignment": alignment_or_none(self.clip, frames, text)}
-                for (clip, frames), text, name in zip(decoded, captions, names)]
+        with self.models_turn.queued() as ticket:
+            decoded, errors = self.each(items, self.frames)  # beside an older batch in the models
+            self.models_turn.wait(ticket)
+            if self.captioner is not None:
+                captions = self.captioner.caption([f for _, f in decoded]) if decoded else []
+                names = [self.captioner.name] * len(captions)
+            else:
+                captions = [str(clip["caption"]) for clip, _ in decoded]
+                names = [str(clip["captioner"]) for clip, _ in decoded]
+            rows = [{"clip_id": str(clip["clip_id"]), "caption": text, "captioner": name,
+                     "alignment": alignment_or_none(self.clip, frames, text)}
+                    for (clip, frames), text, name in zip(decoded, captions, names)]
         return StageOutput(rows, errors)
 
 

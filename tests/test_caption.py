@@ -128,3 +128,57 @@ def test_a_model_captions_on_a_pool_sized_from_the_cluster_as_one_process_would(
             batch = clips[i: i + cfg.batch_size]
             want.update(zip([c["clip_id"] for c in batch], captioner.caption([clip_frames(c, cfg) for c in batch])))
     assert got == want
+
+
+def test_an_actors_next_batch_decodes_while_this_one_is_in_the_captioner(shapes_ds, tmp_path):
+    """An actor holds two batches (`calls_per_actor`): the second one's clips decode while the
+    first one is in the captioner, the captioner takes one batch at a time, the older first, and
+    each batch gets the captions it gets alone."""
+    import threading
+    import time
+
+    import torch
+
+    from pipelines.caption import CaptionConfig, CaptionStage
+    from sora.captioner import CaptionerConfig, build_captioner, save_captioner
+
+    torch.manual_seed(0)
+    cap_cfg = CaptionerConfig.preset("debug")
+    model, processor = build_captioner(cap_cfg, ["A red circle moves up.", "A blue square moves left."])
+    save_captioner(model, processor, str(tmp_path / "cap"), cap_cfg, {"note": "untrained"})
+    cfg = CaptionConfig(model=str(tmp_path / "cap"), batch_size=3, torch_threads=1)
+    assert CaptionStage.calls_per_actor(cfg) == 2
+    clips = sorted(read_clips(shapes_ds).to_pylist(), key=lambda c: c["clip_id"])[:6]
+    first, second = clips[:3], clips[3:]
+    stage = CaptionStage(cfg)
+    alone = {tuple(c["clip_id"] for c in b): stage.process(b).rows for b in (first, second)}
+
+    spans: dict[str, list[tuple[float, float]]] = {"decode": [], "caption": []}
+    captioning = threading.Event()
+    frames, caption = stage.frames, stage.captioner.caption
+
+    def timed(kind, fn, hold=0.0):
+        def run(*args):
+            t0 = time.perf_counter()
+            if kind == "caption":
+                captioning.set()
+            out = fn(*args)
+            time.sleep(hold)  # the captioner's call held open: a window the other batch's decodes fall in
+            spans[kind].append((t0, time.perf_counter()))
+            return out
+        return run
+
+    stage.frames, stage.captioner.caption = timed("decode", frames), timed("caption", caption, hold=1.0)
+    out = {}
+    a = threading.Thread(target=lambda: out.update(first=stage.process(first)))
+    a.start()
+    assert captioning.wait(60)  # the first batch (the older ticket) is in the captioner
+    b = threading.Thread(target=lambda: out.update(second=stage.process(second)))
+    b.start()
+    a.join(60), b.join(60)
+    (c1, c2) = sorted(spans["caption"])
+    assert c1[1] <= c2[0]  # one batch in the captioner at a time
+    later = sorted(spans["decode"])[3:]  # the second batch's decodes
+    assert any(c1[0] < s and e < c1[1] for s, e in later), (spans, c1)  # ... while the first one captioned
+    assert out["first"].rows == alone[tuple(c["clip_id"] for c in first)]
+    assert out["second"].rows == alone[tuple(c["clip_id"] for c in second)]
