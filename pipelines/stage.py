@@ -26,12 +26,15 @@ stage interface; Ray's batch-inference pattern underneath: a callable class per 
   busy), without touching the caller's config;
 - the pool hands out no batch before its actors have loaded their models (as many as the
   cluster holds; it grows to the configured size as nodes join), and each actor holds one
-  batch at a time (two for a stage with `load_item`, below): the work spreads over the whole
+  batch at a time (two for a stage with `load_item`, below, or that says so in
+  `calls_per_actor`, as captioning does): the work spreads over the whole
   pool, and every node of it, however short the job;
 - the device is resolved once per actor and the model loaded once (`setup`), counted per
   stage name in `loads_in_process` so a test or a stats row can show it; the process keeps the
   memory its models free for the next item (`sora.process_memory`: a model's large activations
-  would otherwise come back from the kernel as fresh pages on every item);
+  would otherwise come back from the kernel as fresh pages on every item), and its set-up runs
+  with Python's collector paused, what it loaded frozen after it in an actor (never walked
+  again, at the actor's exit neither);
 - `process` maps one batch; by default it calls `process_item` on each item, and an item that
   raises becomes a quarantine row (`DATA/quarantine/<stage>-<hash>.parquet`) - never a crash;
 - a stage whose items wait on another process or on I/O (a decode subprocess, a remote read)
