@@ -248,7 +248,9 @@ def _row(req: BulkRequest | None, *, rid: str, row: int, unit: str, status: str,
 
 class GenerateStage(Stage):
     """One SoraPipeline per actor, one unit (a same-shape batch of requests, as JSON) per
-    call, written as one manifest file. Per-request failures become error rows, never a crash."""
+    call, written as one manifest file. Per-request failures become error rows, never a crash.
+    An actor holds two units at once: one generates (the models: one unit at a time, the older
+    first, ``models_turn``) while the other's videos are written."""
 
     name = "generate"
     config_cls = BulkConfig
@@ -277,9 +279,14 @@ class GenerateStage(Stage):
         ok = sum(r["status"] == "ok" for r in rows)
         return StageOutput(rows, counters={"ok": ok, "failed": len(rows) - ok})
 
+    @classmethod
+    def calls_per_actor(cls, cfg: Any) -> int:
+        return 2  # one unit in the models while the other's videos are written
+
     def run_unit(self, reqs: list[BulkRequest], unit_id: str) -> list[dict]:
-        """Generate a same-shape batch; on a batch failure, retry its requests one by one so
-        that only the request at fault becomes an error row."""
+        """Generate a same-shape batch in the models' turn; on a batch failure, retry its
+        requests one by one so that only the request at fault becomes an error row. Then, the
+        turn given up, write its videos (a video that cannot be written is its request's error)."""
         from sora.pipeline import to_frames
 
         rows, good, images = [], [], []
@@ -292,33 +299,45 @@ class GenerateStage(Stage):
                                  error=f"image {r.image!r}: {type(e).__name__}: {e}"))
         if not good:
             return rows
-        try:
-            rows += self._generate(good, images, unit_id)
-        except Exception:  # noqa: BLE001
-            for r, im in zip(good, images):
+        made = []  # (request, frames, info, seconds)
+        with self.models_turn.queued() as ticket:
+            self.models_turn.wait(ticket)
+            try:
+                made += self._generate(good, images)
+            except Exception:  # noqa: BLE001
+                for r, im in zip(good, images):
+                    try:
+                        made += self._generate([r], [im])
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(_row(r, rid=r.id, row=r.row, unit=unit_id, status="error",
+                                         error=f"{type(e).__name__}: {e}"))
+            self.models_turn.leave(ticket)
+            for r, frames, info, seconds in made:
                 try:
-                    rows += self._generate([r], [im], unit_id)
+                    rows.append(self._write(r, frames, info, unit_id, seconds))
                 except Exception as e:  # noqa: BLE001
                     rows.append(_row(r, rid=r.id, row=r.row, unit=unit_id, status="error",
-                                     error=f"{type(e).__name__}: {e}"))
+                                     error=f"writing its video: {type(e).__name__}: {e}"))
         return rows
 
-    def _generate(self, reqs: list[BulkRequest], images: list, unit_id: str) -> list[dict]:
+    def _generate(self, reqs: list[BulkRequest], images: list) -> list[tuple[BulkRequest, Any, dict, float]]:
+        t0 = time.perf_counter()
+        out = self.pipe.generate([replace(r, image=im) for r, im in zip(reqs, images)])
+        share = (time.perf_counter() - t0) / len(reqs)  # one packed batch: an equal share each
+        return [(r, frames, info, share) for r, frames, info in zip(reqs, out.frames, out.info)]
+
+    def _write(self, r: BulkRequest, frames, info: dict, unit_id: str, seconds: float) -> dict:
         from sora.video_io import write_video
 
         t0 = time.perf_counter()
-        out = self.pipe.generate([replace(r, image=im) for r, im in zip(reqs, images)])
-        rows = []
-        for r, frames, info in zip(reqs, out.frames, out.info):
-            path = storage.join(self.out, "videos", f"{safe_name(r.id)}.mp4")
-            with tempfile.TemporaryDirectory(prefix="sora-bulk-") as tmp:  # encoded locally, then moved in whole
-                local = os.path.join(tmp, "video.mp4")
-                write_video(local, frames, info["fps"])
-                storage.put_file_atomic(local, path)
-            resolved = {k: info[k] for k in ("width", "height", "num_frames", "fps", "steps", "guidance_scale")}
-            rows.append(_row(r, rid=r.id, row=r.row, unit=unit_id, status="ok", path=path, resolved=resolved))
-        share = (time.perf_counter() - t0) / len(reqs)  # one packed batch: an equal share each
-        return [{**row, "seconds": share} for row in rows]
+        path = storage.join(self.out, "videos", f"{safe_name(r.id)}.mp4")
+        with tempfile.TemporaryDirectory(prefix="sora-bulk-") as tmp:  # encoded locally, then moved in whole
+            local = os.path.join(tmp, "video.mp4")
+            write_video(local, frames, info["fps"])
+            storage.put_file_atomic(local, path)
+        resolved = {k: info[k] for k in ("width", "height", "num_frames", "fps", "steps", "guidance_scale")}
+        return _row(r, rid=r.id, row=r.row, unit=unit_id, status="ok", path=path, resolved=resolved,
+                    seconds=seconds + time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -196,12 +196,14 @@ def batch_items(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 class InTurn:
     """Batches take turns, in the order they arrived: the oldest batch still running has the
-    turn until it ends (``queued`` when a batch starts, ``wait`` before each use of what they
-    share).
+    turn until it ends or gives it up (``queued`` when a batch starts, ``wait`` before each use of
+    what they share, ``leave`` once it no longer needs it).
 
         with turns.queued() as ticket:
             load(...)           # any time
-            turns.wait(ticket)  # then the models, once every older batch has ended
+            turns.wait(ticket)  # then the models, once every older batch has ended (or left)
+            ...
+            turns.leave(ticket) # optional: the rest (writing) runs beside the next batch's models
     """
 
     def __init__(self) -> None:
@@ -219,13 +221,20 @@ class InTurn:
         try:
             yield ticket
         finally:
-            with self._changed:
-                self._queue.remove(ticket)
-                self._changed.notify_all()
+            self.leave(ticket)
 
     def wait(self, ticket: object) -> None:
         with self._changed:
+            if ticket not in self._queue:
+                raise RuntimeError("this batch left its turn: it cannot wait for it again")
             self._changed.wait_for(lambda: self._queue[0] is ticket)
+
+    def leave(self, ticket: object) -> None:
+        """Give the turn up (or the place in line) before the batch ends; no-op when done already."""
+        with self._changed:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
 
 
 @dataclass

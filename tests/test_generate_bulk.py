@@ -120,6 +120,65 @@ def test_one_failing_request_does_not_fail_its_batch(model_dir, tmp_path):
     assert "poisoned prompt" in rows["r1"]["error"] and os.path.isfile(rows["r0"]["path"])
 
 
+def test_a_units_videos_are_written_while_the_next_unit_generates(model_dir, tmp_path):
+    """An actor holds two units (`calls_per_actor`): the second one generates while the first
+    one's videos are written, one unit in the models at a time, the older first; each unit's
+    rows and videos are what it makes alone; a video that cannot be written fails its own
+    request only, without generating again."""
+    import threading
+    import time
+
+    cfg = BulkConfig(size="32x32", frames=5, steps=1)
+    assert GenerateStage.calls_per_actor(cfg) == 2
+    reqs = [BulkRequest(id=f"r{i}", row=i, prompt=f"a red circle, take {i}", seed=i, width=32, height=32,
+                        num_frames=5, steps=1) for i in range(4)]
+    alone = GenerateStage(model_dir, str(tmp_path / "alone"), cfg.__dict__)
+    want = {r["id"]: r for u in (reqs[:2], reqs[2:]) for r in alone.run_unit(u, "u")}
+
+    stage = GenerateStage(model_dir, str(tmp_path / "out"), cfg.__dict__)
+    spans: dict[str, list] = {"generate": [], "write": []}
+    writing = threading.Event()
+    real_generate, real_write = stage.pipe.__class__.generate, stage._write
+
+    def generate(pipe, requests, **kw):
+        t0 = time.perf_counter()
+        out = real_generate(pipe, requests, **kw)
+        spans["generate"].append((requests[0].prompt, t0, time.perf_counter()))
+        return out
+
+    def write(r, *args):
+        t0 = time.perf_counter()
+        writing.set()
+        if r.id == "r1":
+            raise OSError("disk full")
+        time.sleep(0.5)  # a slow write: a window for the other unit's generation
+        row = real_write(r, *args)
+        spans["write"].append((r.id, t0, time.perf_counter()))
+        return row
+
+    stage.pipe.__class__ = type("Timed", (stage.pipe.__class__,), {"generate": generate})
+    stage._write = write
+    rows = {}
+    first = threading.Thread(target=lambda: rows.update({r["id"]: r for r in stage.run_unit(reqs[:2], "u")}))
+    first.start()
+    assert writing.wait(60)  # the first unit generated and is writing
+    second = threading.Thread(target=lambda: rows.update({r["id"]: r for r in stage.run_unit(reqs[2:], "u")}))
+    second.start()
+    first.join(60), second.join(60)
+    (p1, s1, e1), (p2, s2, e2) = sorted(spans["generate"], key=lambda g: g[1])
+    assert p1 == reqs[0].prompt and e1 <= s2  # one unit in the models at a time, the older first
+    r0_write = next(w for w in spans["write"] if w[0] == "r0")
+    assert s2 < r0_write[2], spans  # the second unit generated while the first one's video was written
+    assert len(spans["generate"]) == 2  # the failed write generated nothing again
+    assert rows["r1"]["status"] == "error" and "writing its video: OSError: disk full" in rows["r1"]["error"]
+    for rid in ("r0", "r2", "r3"):
+        assert rows[rid]["status"] == "ok"
+        with open(rows[rid]["path"], "rb") as got, open(want[rid]["path"], "rb") as exp:
+            assert got.read() == exp.read(), rid  # the same video as the unit made alone
+        assert {k: v for k, v in rows[rid].items() if k not in ("path", "seconds")} == \
+            {k: v for k, v in want[rid].items() if k not in ("path", "seconds")}
+
+
 def test_jsonl_csv_and_parquet_give_the_same_requests(tmp_path):
     records = [{"id": "a", "prompt": "a red circle", "size": "64x48", "frames": 9, "seed": 1},
                {"id": "b", "prompt": "a blue square", "width": 32, "height": 32, "seconds": 2, "fps": 4},

@@ -286,3 +286,40 @@ def test_in_turn_lets_the_oldest_batch_use_the_models_until_it_ends():
     a.join(timeout=10), b.join(timeout=10)
     assert log.index("b loads") < log.index("a model 1")
     assert [e for e in log if "model" in e] == ["a model 0", "a model 1", "b model 0", "b model 1"]
+
+
+def test_a_batch_that_leaves_its_turn_lets_the_next_one_in_while_it_goes_on():
+    import threading
+
+    from pipelines.stage import InTurn
+
+    turns, log = InTurn(), []
+    a_left, b_done = threading.Event(), threading.Event()
+
+    def a() -> None:
+        with turns.queued() as ticket:
+            turns.wait(ticket)
+            log.append("a model")
+            b_thread.start()
+            turns.leave(ticket)
+            turns.leave(ticket)  # twice: no-op
+            a_left.set()
+            assert b_done.wait(timeout=10)  # b had the models while a was still running
+            log.append("a writes")
+            try:
+                turns.wait(ticket)
+            except RuntimeError as e:
+                log.append(f"a cannot wait again: {e}")
+
+    def b() -> None:
+        with turns.queued() as ticket:
+            turns.wait(ticket)
+            log.append("b model")
+        b_done.set()
+
+    b_thread = threading.Thread(target=b)
+    a_thread = threading.Thread(target=a)
+    a_thread.start()
+    a_thread.join(timeout=20), b_thread.join(timeout=20)
+    assert log == ["a model", "b model", "a writes",
+                   "a cannot wait again: this batch left its turn: it cannot wait for it again"], log
