@@ -8,6 +8,7 @@
       -> actor pool: one SoraPipeline per actor (loaded in __init__, GPUs where present);
          one packed batch per unit -> OUT/videos/<id>.mp4
                                    -> OUT/manifest/<unit-id>.parquet        [Ray Data]
+         (two units per actor: one generates while the other's videos are encoded and written)
 
 Prompt rows: `prompt` (required); optional `id`, `negative_prompt`, `size` ("WxH") or
 `width` + `height`, `frames` / `num_frames` or `seconds`, `fps`, `seed`, `image` (a path/URL: the
