@@ -28,7 +28,7 @@ Python's cyclic garbage collector walks every object of a generation on each of 
 Importing torch and transformers and loading a text encoder and a VAE makes about half a million
 objects, and the collector's passes while they are made cost about a fifth of that set-up (4.5-4.9
 against 3.7-3.9 CPU-s with it paused); at exit the interpreter's last pass and teardown over them
-cost another ~1.2 CPU-s (8.5 against 7.3 CPU-s for the whole process). `loading_paused` runs a
+cost another 1.2-1.4 CPU-s (0.2 with them frozen, as little as `os._exit`). `loading_paused` runs a
 set-up with the collector paused, then collects its garbage once and freezes what is left
 (`gc.freeze`: objects a process keeps to its end are not walked again, by a later full pass nor
 at exit); `freeze_at_exit` has the interpreter's exit skip the walk for what is alive then (Python
