@@ -203,7 +203,7 @@ class InTurn:
             load(...)           # any time
             turns.wait(ticket)  # then the models, once every older batch has ended (or left)
             ...
-            turns.leave(ticket) # optional: the rest (writing) runs beside the next batch's models
+            turns.leave(ticket) # optional, as leaving the block: what follows runs beside the next batch's models
     """
 
     def __init__(self) -> None:
