@@ -247,6 +247,64 @@ def test_time_budgeted_cooldown_ends_at_the_floor_with_workers_holding_every_cpu
     assert "caching the latents" in capsys.readouterr().out
 
 
+def _processes_under_this_one() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_the_latents_read_boots_no_worker_per_file(ray_session, latents, tmp_path):
+    """The latents read asks for no CPU, so nothing but its concurrency cap (one task per CPU)
+    bounds how many read tasks run at once. Uncapped (a plain 0-CPU read_parquet), Ray Data
+    starts them all at once and Ray boots a worker process for each; capped, the read runs on
+    the worker processes there are. (Ray Data reads about a block per MiB: the blocks' floor is
+    lowered here so that 48 small rows make 48 read tasks, as 50 MB of latents would.)"""
+    from ray.data import DataContext
+
+    from pipelines.train.driver import read_latents_dataset
+
+    data, _ = latents
+    many = tmp_path / "latents"
+    many.mkdir()
+    table = pq.read_table(os.path.join(data, "latents"))
+    for i in range(0, table.num_rows, 2):  # 24 files of 2 rows
+        pq.write_table(table.slice(i, 2), many / f"part-{i:03d}.parquet")
+    ray_session.data.range(4).materialize()  # Ray Data's own actors exist before counting
+    ctx = DataContext.get_current()
+    floor, ctx.target_min_block_size = ctx.target_min_block_size, 1024
+
+    def new_processes(read):
+        before, seen, done = _processes_under_this_one(), set(), threading.Event()
+
+        def watch():
+            while not done.is_set():
+                seen.update(_processes_under_this_one())
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            ds = read().materialize()
+        finally:
+            done.set()
+            watcher.join()
+        assert ds.count() == table.num_rows
+        return len(seen - before)
+
+    try:
+        capped = new_processes(lambda: read_latents_dataset(str(many), None, small_config()))
+        ctx.use_datasource_v2, v2 = False, ctx.use_datasource_v2  # the reader read_latents_dataset uses
+        try:
+            uncapped = new_processes(lambda: ray_session.data.read_parquet(str(many), num_cpus=0))
+        finally:
+            ctx.use_datasource_v2 = v2
+    finally:
+        ctx.target_min_block_size = floor
+    print(f"processes booted by the read: {capped} capped, {uncapped} uncapped")
+    assert capped <= 2, f"a read of 2 tasks at once (2 CPUs) booted {capped} processes"
+    assert uncapped > capped + 4  # what the cap prevents (and what this test can see)
+
+
 def test_samples_mb_is_what_the_latents_take_as_samples_or_a_little_more(latents):
     """The estimate that decides whether workers keep their samples (keep_samples_mb) never
     falls short of the Samples themselves: every text is counted at the longest one's length."""
