@@ -254,8 +254,8 @@ def _processes_under_this_one() -> set[int]:
 
 
 def test_the_latents_read_boots_no_worker_per_file(ray_session, latents, tmp_path):
-    """The latents read asks for no CPU, so nothing but its concurrency cap (one task per CPU)
-    bounds how many read tasks run at once. Uncapped (a plain 0-CPU read_parquet), Ray Data
+    """The latents read asks for no CPU, so nothing but its concurrency cap (one task per CPU, or
+    two per training worker: here 2) bounds how many read tasks run at once. Uncapped (a plain 0-CPU read_parquet), Ray Data
     starts them all at once and Ray boots a worker process for each; capped, the read runs on
     the worker processes there are. (Ray Data reads about a block per MiB: the blocks' floor is
     lowered here so that 48 small rows make 48 read tasks, as 50 MB of latents would.)"""
@@ -292,7 +292,7 @@ def test_the_latents_read_boots_no_worker_per_file(ray_session, latents, tmp_pat
         return len(seen - before)
 
     try:
-        capped = new_processes(lambda: read_latents_dataset(str(many), None, small_config()))
+        capped = new_processes(lambda: read_latents_dataset(str(many), None, small_config(workers=1)))
         ctx.use_datasource_v2, v2 = False, ctx.use_datasource_v2  # the reader read_latents_dataset uses
         try:
             uncapped = new_processes(lambda: ray_session.data.read_parquet(str(many), num_cpus=0))

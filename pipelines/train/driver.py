@@ -29,9 +29,10 @@ def claim_run(run_dir: str, identity: dict[str, Any]) -> None:
 
 def read_latents_dataset(path: str, filesystem, cfg: TrainConfig):
     """The streaming Ray Data read of DATA/latents the workers train on, at most one read task
-    per CPU of the cluster at once. It must never wait for a CPU the training workers hold,
-    also after a lost node, when Ray Train restarts the group on the nodes left. Two Ray Data
-    (2.60) behaviours make it wait forever there:
+    per CPU of the cluster at once, or two per training worker where that is more (a cluster
+    whose nodes are still being added when training starts). It must never wait for a CPU the
+    training workers hold, also after a lost node, when Ray Train restarts the group on the
+    nodes left. Two Ray Data (2.60) behaviours make it wait forever there:
 
     - Under Ray Train, Ray Data runs on what its AutoscalingCoordinator reserves for it: each
       node's CPUs left beside the workers, rounded DOWN to whole CPUs (the leftover is split
@@ -55,7 +56,7 @@ def read_latents_dataset(path: str, filesystem, cfg: TrainConfig):
     ctx.use_datasource_v2 = False  # read by read_parquet when it builds the dataset
     try:
         return ray.data.read_parquet(path, filesystem=filesystem, file_extensions=["parquet"], num_cpus=cfg.read_cpus,
-                                     concurrency=max(1, int(ray.cluster_resources().get("CPU", 1))))
+                                     concurrency=max(int(ray.cluster_resources().get("CPU", 0)), 2 * cfg.workers))
     finally:
         ctx.use_datasource_v2 = v2
 
