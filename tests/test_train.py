@@ -255,10 +255,11 @@ def _processes_under_this_one() -> set[int]:
 
 def test_the_latents_read_boots_no_worker_per_file(ray_session, latents, tmp_path):
     """The latents read asks for no CPU, so nothing but its concurrency cap (one task per CPU, or
-    two per training worker: here 2) bounds how many read tasks run at once. Uncapped (a plain 0-CPU read_parquet), Ray Data
-    starts them all at once and Ray boots a worker process for each; capped, the read runs on
-    the worker processes there are. (Ray Data reads about a block per MiB: the blocks' floor is
-    lowered here so that 48 small rows make 48 read tasks, as 50 MB of latents would.)"""
+    two per training worker: here 2) bounds how many read tasks run at once. Uncapped (a plain
+    0-CPU read_parquet), Ray Data starts them all at once and Ray boots a worker process for
+    each; capped, the read runs on the worker processes there are. (Ray Data reads about a block
+    per MiB: the blocks' floor is lowered here so that 48 small rows make 48 read tasks, as 50 MB
+    of latents would.)"""
     from ray.data import DataContext
 
     from pipelines.train.driver import read_latents_dataset
@@ -271,7 +272,8 @@ def test_the_latents_read_boots_no_worker_per_file(ray_session, latents, tmp_pat
         pq.write_table(table.slice(i, 2), many / f"part-{i:03d}.parquet")
     ray_session.data.range(4).materialize()  # Ray Data's own actors exist before counting
     ctx = DataContext.get_current()
-    floor, ctx.target_min_block_size = ctx.target_min_block_size, 1024
+    floor, v2 = ctx.target_min_block_size, ctx.use_datasource_v2
+    ctx.target_min_block_size = 1024
 
     def new_processes(read):
         before, seen, done = _processes_under_this_one(), set(), threading.Event()
@@ -293,13 +295,10 @@ def test_the_latents_read_boots_no_worker_per_file(ray_session, latents, tmp_pat
 
     try:
         capped = new_processes(lambda: read_latents_dataset(str(many), None, small_config(workers=1)))
-        ctx.use_datasource_v2, v2 = False, ctx.use_datasource_v2  # the reader read_latents_dataset uses
-        try:
-            uncapped = new_processes(lambda: ray_session.data.read_parquet(str(many), num_cpus=0))
-        finally:
-            ctx.use_datasource_v2 = v2
+        ctx.use_datasource_v2 = False  # the reader read_latents_dataset uses
+        uncapped = new_processes(lambda: ray_session.data.read_parquet(str(many), num_cpus=0))
     finally:
-        ctx.target_min_block_size = floor
+        ctx.target_min_block_size, ctx.use_datasource_v2 = floor, v2
     print(f"processes booted by the read: {capped} capped, {uncapped} uncapped")
     assert capped <= 2, f"a read of 2 tasks at once (2 CPUs) booted {capped} processes"
     assert uncapped > capped + 4  # what the cap prevents (and what this test can see)
