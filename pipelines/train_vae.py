@@ -102,11 +102,21 @@ def load_clip_frames(rows: list[dict], timeout: float = 60.0) -> list[np.ndarray
     return out
 
 
-def random_batch(clips: list[np.ndarray], cfg: VAETrainConfig, rng: np.random.Generator):
-    """A (B, 3, T, h, w) float batch in [-1, 1] of random windows and crops (one shape per batch)."""
+def image_step(cfg: VAETrainConfig, step: int) -> bool:
+    """Whether 1-based ``step`` trains on single images (else on video windows): drawn from the
+    seed and the step alone, so every data-parallel rank makes the same choice. A rank with an
+    image batch beside one with a video window would wait for it at the gradient all-reduce."""
+    return bool(np.random.default_rng([cfg.seed, step]).random() < cfg.image_prob)
+
+
+def random_batch(clips: list[np.ndarray], cfg: VAETrainConfig, rng: np.random.Generator, image: bool | None = None):
+    """A (B, 3, T, h, w) float batch in [-1, 1] of random windows and crops (one shape per batch):
+    single frames (T = 1) where ``image`` (None: drawn from ``rng`` with ``cfg.image_prob``),
+    else ``cfg.window_frames``-frame windows."""
     import torch
 
-    image = rng.random() < cfg.image_prob
+    if image is None:
+        image = rng.random() < cfg.image_prob
     t = 1 if image else cfg.window_frames
     pool = [c for c in clips if c.shape[0] >= t]
     hs = min(min(c.shape[1] for c in pool), cfg.crop) // 8 * 8
@@ -214,7 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
         if flag.item() > 0:
             break
         opt.set_lr(lr_at(step + 1, schedule, minutes_used() / budget))
-        x = random_batch(frames, cfg, rng)
+        x = random_batch(frames, cfg, rng, image=image_step(cfg, step + 1))
         model.train()
         opt.zero_grad(set_to_none=True)
         loss, metrics = vae_loss(ddp, x, loss_cfg)  # through DDP: gradients are all-reduced

@@ -6,10 +6,12 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from pipelines.train_vae import VAETrainConfig, load_vae_checkpoint, make_vae_optimizer, run_train_vae, split_clips
+from pipelines.train_vae import (VAETrainConfig, image_step, load_vae_checkpoint, make_vae_optimizer, random_batch,
+                                 run_train_vae, split_clips)
 from sora.vae import CausalVideoVAE, VAEConfig
 
 
@@ -34,6 +36,26 @@ def test_split_is_deterministic_and_disjoint():
     train, held = split_clips(ids, 10)
     assert len(held) == 10 and not train & held and train | held == set(ids)
     assert split_clips(list(reversed(ids)), 10) == (train, held)
+
+
+def test_every_rank_trains_on_images_or_on_windows_at_the_same_step():
+    """Data-parallel ranks draw their crops from their own clips with their own generators, but
+    a step is an image step or a video step on all of them (a rank with single frames beside one
+    with 9-frame windows would idle at the all-reduce), and both kinds occur at about image_prob."""
+    cfg = VAETrainConfig(data="unused", out="unused", image_prob=0.6, batch_size=2)
+    ranks = []
+    for rank in range(2):
+        g = np.random.default_rng(rank)
+        clips = [g.integers(0, 255, (12, 40 + 8 * i, 56, 3), dtype=np.uint8) for i in range(3)]
+        ranks.append((clips, np.random.default_rng(1000 + rank)))
+    frames = [[random_batch(clips, cfg, rng, image=image_step(cfg, step)).shape[2] for clips, rng in ranks]
+              for step in range(1, 401)]
+    assert all(a == b for a, b in frames), "ranks trained on different kinds of batch at the same step"
+    images = sum(a == 1 for a, _ in frames)
+    assert {a for a, _ in frames} == {1, cfg.window_frames}
+    assert 0.5 < images / len(frames) < 0.7
+    # the choice is the seed's and the step's: the same on a resumed run
+    assert [image_step(cfg, s) for s in range(1, 401)] == [a == 1 for a, _ in frames]
 
 
 def test_train_vae_two_workers_checkpoints_and_resumes(shapes_ds, tmp_path, ray_session):
