@@ -59,8 +59,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])  # the same model on every rank (DDP also broadcasts rank 0's)
     model, processor = build_captioner(cfg, captions)
 
+    reports = trainer.MetricsReports(world, ray.train.torch.get_device())
+
     def progress(step: int, total: int, loss: float) -> None:  # every rank, the same steps
-        trainer.report({"step": step, "loss": loss})
+        reports({"step": step, "loss": loss})
         if rank == 0 and step % 100 == 0:
             print(f"[train-captioner] step {step}/{total} loss {loss:.3f}", flush=True)
 

@@ -37,8 +37,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])  # the same model on every rank (DDP also broadcasts rank 0's)
     model, tok = build_upsampler(cfg, [t for p in pairs for t in p])
 
+    reports = trainer.MetricsReports(world, ray.train.torch.get_device())
+
     def progress(step: int, total: int, loss: float) -> None:  # every rank, the same steps
-        trainer.report({"step": step, "loss": loss})
+        reports({"step": step, "loss": loss})
         if rank == 0 and step % 100 == 0:
             print(f"[train-upsampler] step {step}/{total} loss {loss:.3f}", flush=True)
 

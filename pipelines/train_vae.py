@@ -210,10 +210,16 @@ def train_loop_per_worker(config: dict) -> None:
     def minutes_used() -> float:
         return elapsed_before + (time.monotonic() - t_start) / 60
 
+    reports = trainer.MetricsReports(world, ray.train.torch.get_device())
+
     def report(metrics: dict, checkpoint: bool) -> None:  # every rank, the same steps
         state.update(step=step, elapsed_minutes=minutes_used())
         metrics = {"step": step, **metrics, "minutes": state["elapsed_minutes"]}
-        trainer.report(metrics, **({"model": model, "optimizers": opt, "state": state} if checkpoint else {}))
+        if checkpoint:
+            trainer.report(metrics, model=model, optimizers=opt, state=state)
+            reports.reported()
+        else:
+            reports(metrics)  # at most every 10 s
 
     while True:
         out_of_time = minutes_used() >= budget and step >= cfg.min_steps

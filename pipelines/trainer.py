@@ -6,7 +6,7 @@ the one training-checkpoint format.
              checkpoint = ray.train.get_checkpoint()             # set on a re-run or a restart
              state = load_checkpoint(checkpoint_url(checkpoint), model, optimizers) if checkpoint else {...}
              ... steps ...
-             report(metrics)                                     # every rank, the same steps
+             metrics_reports(metrics)                            # every rank, the same steps; at most every 10 s
              report(metrics, model=model, optimizers=optimizers, state=state)   # with a checkpoint
 
 A checkpoint is written with ``torch.distributed.checkpoint`` (DCP): model and optimizer state
@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from typing import Any, Callable
 
@@ -39,6 +40,12 @@ from torch import nn
 from pipelines import storage
 
 STATE_FILE = "state.json"
+
+# Ray Train's controller takes a worker's next report when it polls the workers (its health
+# check, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 2 s by default) and a worker holds one report at
+# a time, so a report made sooner than a poll after the one before waits for that poll, and the
+# training loop with it. Metrics-only reports are kept at least this far apart (`MetricsReports`).
+METRICS_EVERY_S = 10.0
 
 
 def pyarrow_fs(url: str):
@@ -190,6 +197,37 @@ def report(metrics: dict[str, Any], *, model: nn.Module | None = None, optimizer
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(d, model, optimizers, state or {}, extra, trainable_only=trainable_only)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+class MetricsReports:
+    """Metrics-only `report` calls, at most one every ``every_s`` seconds of rank 0's clock, so a
+    loop that logs often never waits on the controller. Call it at the same steps on every rank:
+    rank 0's decision is broadcast (one float, on ``device``), then all ranks report or none does
+    (a report is a barrier). `reported` restarts the clock (after a report with a checkpoint)."""
+
+    def __init__(self, world: int, device: torch.device | str = "cpu", every_s: float = METRICS_EVERY_S):
+        self.world, self.device, self.every_s = world, device, every_s
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether ``every_s`` has passed since the last report, by rank 0's clock (a collective)."""
+        due = time.monotonic() - self.last >= self.every_s
+        if self.world > 1:
+            flag = torch.tensor([float(due)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def reported(self) -> None:
+        self.last = time.monotonic()
+
+    def __call__(self, metrics: dict[str, Any]) -> bool:
+        """Report ``metrics`` if one is due; returns whether it did."""
+        if not self.due():
+            return False
+        report(metrics)
+        self.reported()
+        return True
 
 
 def report_directory(metrics: dict[str, Any], directory: str | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -245,6 +246,52 @@ def test_time_budgeted_cooldown_ends_at_the_floor_with_workers_holding_every_cpu
     with open(tmp_path / "out" / "model_index.json") as f:
         assert json.load(f)["training"]["schedule"] == "cooldown"
     assert "caching the latents" in capsys.readouterr().out
+
+
+def _often_reporting_loop(config: dict) -> None:
+    """Ray Train loop: a metrics report offered every step, each rank with its own idea of the
+    interval (rank 1 would report at every step on its own clock)."""
+    import ray.train
+
+    from pipelines import trainer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    reports = trainer.MetricsReports(world, every_s=config["every_s"][rank])
+    made = 0
+    for step in range(1, config["steps"] + 1):
+        time.sleep(config["gap_s"])
+        made += reports({"step": step})
+    counts = torch.zeros(world)
+    counts[rank] = made
+    torch.distributed.all_reduce(counts)
+    with tempfile.TemporaryDirectory() as d:  # a run's metrics come back with its last checkpoint
+        trainer.report_directory({"made": counts.tolist()}, d if rank == 0 else None)
+
+
+def test_metrics_reports_are_spaced_by_rank_0s_clock_on_every_rank(ray_session, tmp_path):
+    """A loop that offers a report every step reports at most once per interval of rank 0's
+    clock, and every rank reports at the same steps (a report is a barrier: a rank reporting
+    alone would hang the run), even where another rank's clock says otherwise."""
+    import sys
+
+    import ray
+
+    from pipelines import trainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers import no test module
+    steps, gap_s, every_s = 30, 0.05, 0.5
+    results: list = []
+    run = threading.Thread(target=lambda: results.append(trainer.run_trainer(
+        _often_reporting_loop, {"steps": steps, "gap_s": gap_s, "every_s": [every_s, 0.0]}, workers=2,
+        storage_path=str(tmp_path), name="reports", max_failures=0)), daemon=True)
+    run.start()
+    run.join(timeout=180)
+    assert results, "the run did not end: ranks that report at different steps wait for each other for ever"
+    made = results[0].metrics["made"]
+    assert made[0] == made[1], made
+    # 30 steps of >= 50 ms: at least 1.5 s, so at least 2 intervals of 0.5 s passed; far from one a step
+    assert 2 <= made[0] < steps // 2, made
 
 
 def _processes_under_this_one() -> set[int]:

@@ -59,7 +59,8 @@ class TrainConfig:
     checkpoint_every_minutes: float | None = 15.0  # and every this many minutes (None: by steps only)
     keep_checkpoints: int = 2  # checkpoints kept in storage (older ones are deleted)
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
-    log_every_steps: int = 10  # a metrics report and one progress line from rank 0 every this many steps
+    # a progress line from rank 0 every this many steps (with it a metrics report, at most every 10 s)
+    log_every_steps: int = 10
     p_uncond: float = 0.1  # probability that a video's prompt is dropped (classifier-free guidance)
     # probability of each conditioning mode (sora.flow.CONDITIONING_MODES): clean frames the model learns to fill
     # around (None: DEFAULT_COND_MODES, less the modes the model cannot take, e.g. all but "none" for Wan 2.1 T2V)

@@ -221,13 +221,14 @@ def train_loop_per_worker(config: dict) -> None:
               f"{'resuming at step ' + str(state['step']) if checkpoint else 'from scratch'}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
-    t_start = t_ckpt = time.monotonic()
+    t_start = t_ckpt = t_report = time.monotonic()
     window, metrics = Window(), {}
     last_ckpt_step, reported_checkpoint = state["step"], False
     done = cfg.max_steps is not None and state["step"] >= cfg.max_steps
 
     def report(with_checkpoint: bool) -> None:  # every rank, at the same steps (a barrier)
-        nonlocal t_ckpt, last_ckpt_step, reported_checkpoint
+        nonlocal t_ckpt, t_report, last_ckpt_step, reported_checkpoint
+        t_report = time.monotonic()
         if not with_checkpoint:
             trainer.report(metrics)
             return
@@ -253,12 +254,13 @@ def train_loop_per_worker(config: dict) -> None:
             now = time.monotonic()
             # One collective decides for everyone (clocks and shards differ between workers):
             # [workers with a pack, time is up, time to checkpoint, elapsed fraction of max_minutes
-            # (the schedule's clock)], the last three by rank 0's clock
-            have, out_of_time, ckpt_due, time_progress = _all_reduce([
+            # (the schedule's clock), a metrics report may be sent], the last four by rank 0's clock
+            have, out_of_time, ckpt_due, time_progress, report_due = _all_reduce([
                 samples is not None,
                 rank == 0 and cfg.max_minutes is not None and now - t_start >= 60 * cfg.max_minutes,
                 rank == 0 and cfg.checkpoint_every_minutes is not None and now - t_ckpt >= 60 * cfg.checkpoint_every_minutes,
                 (now - t_start) / (60 * cfg.max_minutes) if rank == 0 and cfg.max_minutes else 0.0,
+                rank == 0 and now - t_report >= trainer.METRICS_EVERY_S,
             ], device, world)
             if have < world:
                 break  # a worker's shard is exhausted: the epoch ends for all (lockstep DDP)
@@ -294,7 +296,8 @@ def train_loop_per_worker(config: dict) -> None:
                           f"{state['epoch']} | loss {metrics['loss_window']:.4f} | {metrics['tokens_per_s']:.0f} tok/s"
                           f" | pad {100 * metrics['padding_fraction']:.1f}% | grad {out['grad_norm']:.3f} | lr "
                           f"{metrics['lr']:.2e}{muon}{mfu} | nonfinite {state['nonfinite']}", flush=True)
-                report(with_checkpoint=ckpt_now)
+                if ckpt_now or report_due:  # metrics alone at most every METRICS_EVERY_S (see trainer)
+                    report(with_checkpoint=ckpt_now)
                 window = Window()
         if not done:
             assert steps_this_epoch > 0 or state["epoch_rows"] > 0, (
