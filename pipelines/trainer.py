@@ -5,8 +5,9 @@ the one training-checkpoint format.
     worker:  ctx = ray.train.get_context()                       # rank, world size
              checkpoint = ray.train.get_checkpoint()             # set on a re-run or a restart
              state = load_checkpoint(checkpoint_url(checkpoint), model, optimizers) if checkpoint else {...}
+             reports = MetricsReports(world, device)
              ... steps ...
-             metrics_reports(metrics)                            # every rank, the same steps; at most every 10 s
+             reports(metrics)                                    # every rank, the same steps; sent at most every 10 s
              report(metrics, model=model, optimizers=optimizers, state=state)   # with a checkpoint
 
 A checkpoint is written with ``torch.distributed.checkpoint`` (DCP): model and optimizer state
