@@ -182,6 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = VAETrainConfig(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # prepare_model puts the model there
     torch.manual_seed(cfg.seed + rank)
     rng = np.random.default_rng(cfg.seed * 1000 + rank)
     t_start = time.monotonic()
@@ -210,7 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
     def minutes_used() -> float:
         return elapsed_before + (time.monotonic() - t_start) / 60
 
-    reports = trainer.MetricsReports(world, ray.train.torch.get_device())
+    reports = trainer.MetricsReports(world, device)
 
     def report(metrics: dict, checkpoint: bool) -> None:  # every rank, the same steps
         state.update(step=step, elapsed_minutes=minutes_used())
@@ -224,13 +225,13 @@ def train_loop_per_worker(config: dict) -> None:
     while True:
         out_of_time = minutes_used() >= budget and step >= cfg.min_steps
         done = out_of_time or (cfg.max_steps is not None and step >= cfg.max_steps)
-        flag = torch.tensor(float(done))
+        flag = torch.tensor(float(done), device=device)  # NCCL (GPUs) reduces device tensors only
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops on the same step
         if flag.item() > 0:
             break
         opt.set_lr(lr_at(step + 1, schedule, minutes_used() / budget))
-        x = random_batch(frames, cfg, rng, image=image_step(cfg, step + 1))
+        x = random_batch(frames, cfg, rng, image=image_step(cfg, step + 1)).to(device)
         model.train()
         opt.zero_grad(set_to_none=True)
         loss, metrics = vae_loss(ddp, x, loss_cfg)  # through DDP: gradients are all-reduced
